@@ -1,0 +1,319 @@
+//! Wire types: everything that crosses MQTT or is stored signed. Only this crate derives serde for them.
+//!
+//! A change to any type here changes the encoding and must bump [`crate::codec::PROTOCOL_VERSION`]. Field order
+//! matters (postcard has no field names), so new fields go at the end together with a version bump.
+
+use crate::ids::{DeviceId, Digest, Label, WorkloadName};
+use serde::{Deserialize, Serialize};
+
+/// Seconds since the Unix epoch. All protocol timestamps use it; cores receive `now` from their shell.
+pub type UnixSecs = u64;
+
+/// One ed25519 signature and the id of the key that made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureEntry {
+    /// First 8 bytes of SHA-256 of the public key; selects the key, never trusted on its own.
+    pub key_id: [u8; 8],
+    /// 64 signature bytes (a `Vec` because serde has no 64-byte arrays; the length is checked on verification).
+    pub sig: Vec<u8>,
+}
+
+/// A signed document: the exact encoded body bytes and the signatures over them.
+///
+/// Signatures cover a domain-separation prefix plus `body`, never a re-encoding, so verification is over the
+/// exact bytes that were signed. The body is decoded only after the signatures check out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signed {
+    pub body: Vec<u8>,
+    pub signatures: Vec<SignatureEntry>,
+}
+
+/// An ed25519 public key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PublicKey(pub [u8; 32]);
+
+/// The trust root: who may sign what. Signed by a threshold of its own root keys (and, for rotation, the previous
+/// root's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Root {
+    pub version: u32,
+    pub expires_at: UnixSecs,
+    pub root_keys: Vec<PublicKey>,
+    pub root_threshold: u8,
+    pub release_keys: Vec<PublicKey>,
+    pub release_threshold: u8,
+    pub hub_keys: Vec<PublicKey>,
+    pub hub_threshold: u8,
+}
+
+/// What kind of artifact a workload runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WorkloadKind {
+    Wasm,
+    Container,
+}
+
+/// A module compiled ahead of time for one target and engine, signed as part of its [`Release`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Precompiled {
+    pub target: String,
+    pub engine_fingerprint: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// A release: says that an artifact exists and may run. Signed by a threshold of release keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub name: WorkloadName,
+    pub version: String,
+    /// Security epoch: a device never accepts a release of a lower epoch than it has accepted for this name.
+    pub epoch: u32,
+    pub kind: WorkloadKind,
+    pub artifact_digest: Digest,
+    pub artifact_size: u64,
+    pub precompiled: Vec<Precompiled>,
+}
+
+/// How a workload is restarted when it exits or fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    Never,
+    OnFailure,
+    Always,
+}
+
+/// How the agent decides a workload is healthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HealthRule {
+    /// Healthy once it has been running for this many seconds without a failure.
+    RunningFor(u32),
+    /// A ticked module is healthy while its last `n` ticks succeeded.
+    TicksOk(u16),
+}
+
+/// Resource limits for one workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Linear-memory (WASM) or cgroup (container) limit in MiB.
+    pub memory_mib: u32,
+    /// CPU budget per run or per tick, in milliseconds of wall-clock execution before the guest is interrupted.
+    pub cpu_ms: u32,
+}
+
+/// A geographic position in degrees (WGS84).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LatLon {
+    pub lat: f64,
+    pub lon: f64,
+}
+
+/// A region of the earth a workload is confined to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Geofence {
+    Circle {
+        center: LatLon,
+        radius_m: f64,
+    },
+    Polygon(Vec<LatLon>),
+    /// H3 cell indexes (any resolution); the fence is their union.
+    H3Cells(Vec<u64>),
+}
+
+/// One workload as the hub wants it to run on a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadSpec {
+    pub name: WorkloadName,
+    pub kind: WorkloadKind,
+    /// Digest of the signed [`Release`] body; the release in turn names the artifact.
+    pub release: Digest,
+    /// Opaque configuration handed to the guest (key=value lines by convention).
+    pub config: Vec<u8>,
+    pub resources: Resources,
+    pub restart: RestartPolicy,
+    pub health: HealthRule,
+    /// For ticked modules: how often the host calls the guest's `tick` export. `0` means run `_start` once.
+    pub tick_ms: u32,
+    pub geofence: Option<Geofence>,
+}
+
+/// The full desired state of one device. Signed by a threshold of hub keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub device: DeviceId,
+    /// Strictly increasing per device; equal only for byte-identical documents.
+    pub generation: u64,
+    pub issued_at: UnixSecs,
+    pub expires_at: UnixSecs,
+    pub workloads: Vec<WorkloadSpec>,
+}
+
+/// Delivers root rotations: each entry is signed by its predecessor's and its own root keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootUpdate {
+    pub chain: Vec<Signed>,
+}
+
+/// Observed state of one workload on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkloadState {
+    /// Waiting for artifact bytes.
+    Downloading,
+    Starting,
+    Running,
+    /// Ran to completion (command-style guest) and the restart policy says stay down.
+    Exited,
+    /// Failed and waiting for its backoff to expire before the next start.
+    BackingOff,
+    /// Failed and the restart policy says stay down.
+    Failed,
+    /// Not running because the device is outside the workload's geofence.
+    HeldByGeofence,
+}
+
+/// Why a desired state, release or artifact was refused. Reported to the hub and shown by `flotilla why`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectReason {
+    Malformed,
+    Unsigned,
+    UnknownKey,
+    BadSignature,
+    BelowThreshold { valid: u8, needed: u8 },
+    WrongDevice,
+    StaleGeneration { floor: u64, got: u64 },
+    Expired { expires_at: UnixSecs, now: UnixSecs },
+    RootExpired,
+    ReleaseMissing,
+    ReleaseMismatch,
+    EpochDowngrade { floor: u32, got: u32 },
+    ArtifactDigestMismatch,
+    ArtifactTooLarge,
+    ArtifactStalled,
+    InsufficientDisk { needed: u64, free: u64 },
+    UnsupportedKind,
+    InvalidSpec(String),
+}
+
+/// Per-workload observed state in a report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadStatus {
+    pub name: WorkloadName,
+    pub release: Digest,
+    pub state: WorkloadState,
+    pub healthy: bool,
+    pub restarts: u32,
+    pub last_error: Option<String>,
+    /// A release the workload could not use, with the reason (the previous one keeps running).
+    pub rejected: Option<RejectReason>,
+}
+
+/// A rejected desired state: the generation and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub generation: u64,
+    pub reason: RejectReason,
+}
+
+/// What a device is and can do. Sent at enrollment and in reports when it changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub labels: Vec<(String, String)>,
+    pub region: Option<Label>,
+    pub zone: Option<Label>,
+    pub location: Option<LatLon>,
+    pub arch: String,
+    pub runtimes: Vec<WorkloadKind>,
+    pub memory_mib: u32,
+    pub agent_version: String,
+}
+
+/// Level-based report: the device's whole observed state. Signed by the device key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub device: DeviceId,
+    /// Strictly increasing across the device's lifetime (persisted), so replays are detectable.
+    pub counter: u64,
+    pub sent_at: UnixSecs,
+    /// Generation of the desired state the device has accepted and is applying.
+    pub applied_generation: u64,
+    pub last_rejection: Option<Rejection>,
+    pub workloads: Vec<WorkloadStatus>,
+    pub inventory: Option<Inventory>,
+    /// Telemetry records dropped from the offline outbox because its byte cap was hit.
+    pub telemetry_dropped: u64,
+}
+
+/// Online/offline marker (the offline form is the MQTT last will).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub online: bool,
+    pub at: UnixSecs,
+    pub agent_version: String,
+}
+
+/// Which bytes an agent asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ArtifactRef {
+    /// A signed release document, by the digest of its body.
+    Release(Digest),
+    /// Artifact bytes, by content digest.
+    Blob(Digest),
+}
+
+/// A request for a range of an artifact (resumable: the agent asks from the offset it already has).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRequest {
+    pub what: ArtifactRef,
+    pub offset: u64,
+    pub max_len: u32,
+}
+
+/// One chunk of an artifact, or a refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ArtifactChunk {
+    Data {
+        what: ArtifactRef,
+        offset: u64,
+        total: u64,
+        data: Vec<u8>,
+    },
+    NotFound {
+        what: ArtifactRef,
+    },
+}
+
+/// One telemetry sample: from a guest (its stream) or from the agent itself (stream `agent`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryRecord {
+    pub device: DeviceId,
+    pub stream: Label,
+    /// Per-device sequence number; consumers see gaps when the outbox dropped records.
+    pub seq: u64,
+    pub at: UnixSecs,
+    pub payload: TelemetryPayload,
+}
+
+/// A telemetry value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TelemetryPayload {
+    /// Opaque bytes published by a guest.
+    Bytes(Vec<u8>),
+    /// Named numeric metrics (agent metrics, or guest gauges and counters).
+    Metrics(Vec<(String, f64)>),
+}
+
+/// Enrollment: the agent presents a one-time token and its freshly generated public key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub token: String,
+    pub public_key: PublicKey,
+    pub requested_id: Option<DeviceId>,
+    pub inventory: Inventory,
+}
+
+/// The hub's answer to an enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollResponse {
+    Accepted { device: DeviceId, root: Signed },
+    Refused { reason: String },
+}
