@@ -1,1 +1,4 @@
-//! x
+//! The Flotilla hub: fleet registry, placement, signed desired state over MQTT, and the operator CLI.
+
+pub mod keyfile;
+pub mod keys_cli;

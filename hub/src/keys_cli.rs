@@ -1,0 +1,268 @@
+//! `flotilla keys|root|release sign`: the offline key tool for the two-key trust model.
+
+use crate::keyfile;
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use flotilla_shared::trust::{self, DocType};
+use flotilla_shared::wire::{Release, Root, WorkloadKind};
+use flotilla_shared::{Digest, WorkloadName};
+use std::path::PathBuf;
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Generate an ed25519 key pair: OUT.key (mode 0600) and OUT.pub.
+    Gen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RootCmd {
+    /// Create and sign a root (version 1, or the next version of --previous for a rotation).
+    Create(RootCreate),
+    /// Add a signature to an existing root file (for thresholds above one).
+    Sign {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Verify a root file (self-signed, or as a rotation of --previous) and print it.
+    Show {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        previous: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RootCreate {
+    /// Root signing keys (private) that sign this root; their public halves become the root keys.
+    #[arg(long = "root-key", required = true)]
+    pub root_keys: Vec<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub root_threshold: u8,
+    /// Release public keys (repeatable).
+    #[arg(long = "release-pub", required = true)]
+    pub release_pubs: Vec<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub release_threshold: u8,
+    /// Hub public keys (repeatable).
+    #[arg(long = "hub-pub", required = true)]
+    pub hub_pubs: Vec<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub hub_threshold: u8,
+    #[arg(long, default_value_t = 365)]
+    pub expires_in_days: u64,
+    /// For a rotation: the current root; the new one gets its version + 1 and must also be signed by its keys.
+    #[arg(long)]
+    pub previous: Option<PathBuf>,
+    /// Private keys of the previous root that co-sign a rotation.
+    #[arg(long = "previous-key")]
+    pub previous_keys: Vec<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleaseSign {
+    /// The artifact (a .wasm module, or a container image tarball).
+    pub artifact: PathBuf,
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub version: String,
+    #[arg(long, default_value_t = 0)]
+    pub epoch: u32,
+    #[arg(long, default_value = "wasm")]
+    pub kind: String,
+    /// Release signing keys (repeatable to meet a threshold).
+    #[arg(long = "key", required = true)]
+    pub keys: Vec<PathBuf>,
+    /// Where to write the signed release (default: ARTIFACT.release).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub fn parse_kind(s: &str) -> Result<WorkloadKind> {
+    match s {
+        "wasm" => Ok(WorkloadKind::Wasm),
+        "container" => Ok(WorkloadKind::Container),
+        other => bail!("unknown workload kind {other:?}: expected wasm or container"),
+    }
+}
+
+pub fn run_keys(cmd: KeysCmd) -> Result<()> {
+    match cmd {
+        KeysCmd::Gen { out } => {
+            let (key, secret, public) = keyfile::generate(&out)?;
+            println!("private key: {} (mode 0600)", secret.display());
+            println!("public key:  {}", public.display());
+            println!("key id:      {}", hex::encode(trust::key_id(&key.public())));
+        }
+    }
+    Ok(())
+}
+
+/// Builds and signs a release for an artifact on disk.
+pub fn sign_release(args: &ReleaseSign) -> Result<(flotilla_shared::wire::Signed, Release)> {
+    let bytes = std::fs::read(&args.artifact)
+        .with_context(|| format!("reading {}", args.artifact.display()))?;
+    let release = Release {
+        name: WorkloadName::new(args.name.clone()).context("--name")?,
+        version: args.version.clone(),
+        epoch: args.epoch,
+        kind: parse_kind(&args.kind)?,
+        artifact_digest: Digest::of(&bytes),
+        artifact_size: bytes.len() as u64,
+        precompiled: vec![],
+    };
+    let keys = args
+        .keys
+        .iter()
+        .map(|p| keyfile::read_signing_key(p))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<_> = keys.iter().collect();
+    Ok((trust::sign(DocType::Release, &release, &refs), release))
+}
+
+pub fn run_release_sign(args: ReleaseSign) -> Result<()> {
+    let (signed, release) = sign_release(&args)?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.artifact.with_extension("release"));
+    keyfile::write_signed(&out, &signed)?;
+    println!(
+        "release {} {} (epoch {}) artifact {} ({} bytes)",
+        release.name,
+        release.version,
+        release.epoch,
+        release.artifact_digest,
+        release.artifact_size
+    );
+    println!("release digest {}", trust::document_digest(&signed));
+    println!("written to {}", out.display());
+    Ok(())
+}
+
+pub fn run_root(cmd: RootCmd) -> Result<()> {
+    match cmd {
+        RootCmd::Create(a) => {
+            let signers = a
+                .root_keys
+                .iter()
+                .map(|p| keyfile::read_signing_key(p))
+                .collect::<Result<Vec<_>>>()?;
+            let pubs = |paths: &[PathBuf]| {
+                paths
+                    .iter()
+                    .map(|p| keyfile::read_public_key(p))
+                    .collect::<Result<Vec<_>>>()
+            };
+            let version = match &a.previous {
+                Some(p) => {
+                    let prev: Root =
+                        flotilla_shared::codec::decode_exact(&keyfile::read_signed(p)?.body)
+                            .context("decoding previous root")?;
+                    prev.version + 1
+                }
+                None => 1,
+            };
+            let root = Root {
+                version,
+                expires_at: now() + a.expires_in_days * 86_400,
+                root_keys: signers.iter().map(|k| k.public()).collect(),
+                root_threshold: a.root_threshold,
+                release_keys: pubs(&a.release_pubs)?,
+                release_threshold: a.release_threshold,
+                hub_keys: pubs(&a.hub_pubs)?,
+                hub_threshold: a.hub_threshold,
+            };
+            let prev_keys = a
+                .previous_keys
+                .iter()
+                .map(|p| keyfile::read_signing_key(p))
+                .collect::<Result<Vec<_>>>()?;
+            let all: Vec<_> = signers.iter().chain(prev_keys.iter()).collect();
+            let signed = trust::sign(DocType::Root, &root, &all);
+            // Check what we produce with the same code the device runs, so a bad threshold fails here, not there.
+            match &a.previous {
+                Some(p) => {
+                    let prev = keyfile::read_signed(p)?;
+                    let prev_root = flotilla_shared::codec::decode_exact(&prev.body)
+                        .context("previous root")?;
+                    if let Err(e) = trust::verify_root_rotation(&prev_root, &signed, now()) {
+                        eprintln!(
+                            "note: rotation does not verify yet ({e}); add signatures with `flotilla root sign`"
+                        );
+                    }
+                }
+                None => {
+                    if let Err(e) = trust::verify_initial_root(&signed, now()) {
+                        eprintln!(
+                            "note: root does not verify yet ({e}); add signatures with `flotilla root sign`"
+                        );
+                    }
+                }
+            }
+            keyfile::write_signed(&a.out, &signed)?;
+            println!(
+                "root version {} written to {}",
+                root.version,
+                a.out.display()
+            );
+        }
+        RootCmd::Sign { root, key } => {
+            let mut signed = keyfile::read_signed(&root)?;
+            let k = keyfile::read_signing_key(&key)?;
+            trust::add_signature(DocType::Root, &mut signed, &k);
+            keyfile::write_signed(&root, &signed)?;
+            println!(
+                "{} now carries {} signatures",
+                root.display(),
+                signed.signatures.len()
+            );
+        }
+        RootCmd::Show { root, previous } => {
+            let signed = keyfile::read_signed(&root)?;
+            let verified = match previous {
+                Some(p) => {
+                    let prev = keyfile::read_signed(&p)?;
+                    let prev_root =
+                        trust::verify_initial_root(&prev, now()).context("previous root")?;
+                    trust::verify_root_rotation(&prev_root, &signed, now())?
+                }
+                None => trust::verify_initial_root(&signed, now())?,
+            };
+            println!(
+                "root version {} (verified), expires at {}",
+                verified.version, verified.expires_at
+            );
+            println!(
+                "  root keys: {} (threshold {})",
+                verified.root_keys.len(),
+                verified.root_threshold
+            );
+            println!(
+                "  release keys: {} (threshold {})",
+                verified.release_keys.len(),
+                verified.release_threshold
+            );
+            println!(
+                "  hub keys: {} (threshold {})",
+                verified.hub_keys.len(),
+                verified.hub_threshold
+            );
+        }
+    }
+    Ok(())
+}
