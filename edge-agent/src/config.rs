@@ -1,0 +1,378 @@
+//! Agent configuration: a versioned TOML file; unknown fields and bad values are rejected at start, naming the field.
+
+use flotilla_shared::wire::LatLon;
+use flotilla_shared::{DeviceId, Label};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The only config file version this build reads.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// Why a configuration was refused. Always fatal: the agent exits with the "bad configuration" code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: field `{field}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    version: u32,
+    device_id: Option<String>,
+    data_dir: PathBuf,
+    broker: String,
+    trust_root: Option<PathBuf>,
+    enroll_token: Option<String>,
+    region: Option<String>,
+    zone: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    position: Option<RawPosition>,
+    #[serde(default)]
+    tls: Option<RawTls>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPosition {
+    lat: Option<f64>,
+    lon: Option<f64>,
+    file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: PathBuf,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_workloads: u32,
+    max_memory_mib: u32,
+    keepalive_secs: u16,
+    report_interval_secs: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_workloads: 32,
+            max_memory_mib: 512,
+            keepalive_secs: 60,
+            report_interval_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTelemetry {
+    outbox_bytes: u64,
+    metrics_interval_secs: u32,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> Self {
+        Self {
+            outbox_bytes: 4 * 1024 * 1024,
+            metrics_interval_secs: 30,
+        }
+    }
+}
+
+/// Where the device's position comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PositionSource {
+    None,
+    Static(LatLon),
+    /// A JSON file `{"lat": .., "lon": ..}` rewritten by a GPS daemon; re-read every second.
+    File(PathBuf),
+}
+
+/// Broker address and transport.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+/// TLS material for `mqtts://`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub ca_file: PathBuf,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub device_id: Option<DeviceId>,
+    pub data_dir: PathBuf,
+    pub broker: BrokerUrl,
+    pub tls: Option<TlsFiles>,
+    pub trust_root: Option<PathBuf>,
+    pub enroll_token: Option<String>,
+    pub region: Option<Label>,
+    pub zone: Option<Label>,
+    pub labels: BTreeMap<String, String>,
+    pub position: PositionSource,
+    pub max_workloads: u32,
+    pub max_memory_mib: u32,
+    pub keepalive_secs: u16,
+    pub report_interval_secs: u32,
+    pub outbox_bytes: u64,
+    pub metrics_interval_secs: u32,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// Command-line and environment overrides for the common settings.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub broker: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub device_id: Option<String>,
+    pub enroll_token: Option<String>,
+    pub region: Option<String>,
+}
+
+/// Parses `mqtt://host:port` or `mqtts://host:port`.
+pub fn parse_broker_url(s: &str) -> Result<BrokerUrl, String> {
+    let (tls, rest) = if let Some(r) = s.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = s.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!("{s:?} must start with mqtt:// or mqtts://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?),
+        None => (rest, if tls { 8883 } else { 1883 }),
+    };
+    if host.is_empty() {
+        return Err("missing host".into());
+    }
+    Ok(BrokerUrl {
+        host: host.to_owned(),
+        port,
+        tls,
+    })
+}
+
+impl Config {
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text, overrides)
+    }
+
+    pub fn parse(path: &Path, text: &str, ov: &Overrides) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let invalid = |field: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        if raw.version != CONFIG_VERSION {
+            return Err(invalid(
+                "version",
+                format!(
+                    "{} is not supported (expected {CONFIG_VERSION})",
+                    raw.version
+                ),
+            ));
+        }
+        let device_id = ov
+            .device_id
+            .clone()
+            .or(raw.device_id)
+            .map(DeviceId::new)
+            .transpose()
+            .map_err(|e| invalid("device_id", e.to_string()))?;
+        let broker_s = ov.broker.clone().unwrap_or(raw.broker);
+        let broker = parse_broker_url(&broker_s).map_err(|m| invalid("broker", m))?;
+        let tls = raw.tls.map(|t| TlsFiles {
+            ca_file: t.ca_file,
+            client_cert: t.client_cert,
+            client_key: t.client_key,
+        });
+        if broker.tls && tls.is_none() {
+            return Err(invalid("tls", "mqtts:// needs [tls] ca_file".into()));
+        }
+        let label = |field: &'static str, v: Option<String>| {
+            v.map(Label::new)
+                .transpose()
+                .map_err(|e| invalid(field, e.to_string()))
+        };
+        let region = label("region", ov.region.clone().or(raw.region))?;
+        let zone = label("zone", raw.zone)?;
+        let position = match raw.position {
+            None => PositionSource::None,
+            Some(RawPosition {
+                lat: Some(lat),
+                lon: Some(lon),
+                file: None,
+            }) => {
+                if !(-90.0..=90.0).contains(&lat) {
+                    return Err(invalid("position.lat", format!("{lat} is outside -90..90")));
+                }
+                if !(-180.0..=180.0).contains(&lon) {
+                    return Err(invalid(
+                        "position.lon",
+                        format!("{lon} is outside -180..180"),
+                    ));
+                }
+                PositionSource::Static(LatLon { lat, lon })
+            }
+            Some(RawPosition {
+                lat: None,
+                lon: None,
+                file: Some(f),
+            }) => PositionSource::File(f),
+            Some(_) => {
+                return Err(invalid(
+                    "position",
+                    "give either lat and lon, or file".into(),
+                ));
+            }
+        };
+        if raw.limits.max_workloads == 0 {
+            return Err(invalid("limits.max_workloads", "must be at least 1".into()));
+        }
+        if raw.telemetry.outbox_bytes < 4096 {
+            return Err(invalid(
+                "telemetry.outbox_bytes",
+                "must be at least 4096".into(),
+            ));
+        }
+        Ok(Self {
+            device_id,
+            data_dir: ov.data_dir.clone().unwrap_or(raw.data_dir),
+            broker,
+            tls,
+            trust_root: raw.trust_root,
+            enroll_token: ov.enroll_token.clone().or(raw.enroll_token),
+            region,
+            zone,
+            labels: raw.labels,
+            position,
+            max_workloads: raw.limits.max_workloads,
+            max_memory_mib: raw.limits.max_memory_mib,
+            keepalive_secs: raw.limits.keepalive_secs.max(5),
+            report_interval_secs: raw.limits.report_interval_secs.max(1),
+            outbox_bytes: raw.telemetry.outbox_bytes,
+            metrics_interval_secs: raw.telemetry.metrics_interval_secs.max(1),
+            metrics_listen: raw.metrics_listen,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("agent.toml"), text, &Overrides::default())
+    }
+
+    const BASE: &str = "version = 1\ndata_dir = \"/tmp/x\"\nbroker = \"mqtt://127.0.0.1:1883\"\n";
+
+    /// Bad configurations are refused with a message that names the field.
+    #[test]
+    fn rejects_bad_config_naming_the_field() {
+        let cases = [
+            (
+                "version = 2\ndata_dir = \"/x\"\nbroker = \"mqtt://a\"\n",
+                "version",
+            ),
+            (
+                &format!("{BASE}colour = \"red\"\n"),
+                "unknown field `colour`",
+            ),
+            (
+                "version = 1\ndata_dir = \"/x\"\nbroker = \"http://a\"\n",
+                "broker",
+            ),
+            (&format!("{BASE}device_id = \"GW/1\"\n"), "device_id"),
+            (&format!("{BASE}region = \"eu west\"\n"), "region"),
+            (
+                &format!("{BASE}[position]\nlat = 91.0\nlon = 0.0\n"),
+                "position.lat",
+            ),
+            (&format!("{BASE}[position]\nlat = 1.0\n"), "position"),
+            (
+                &format!("{BASE}[telemetry]\noutbox_bytes = 10\n"),
+                "telemetry.outbox_bytes",
+            ),
+            (
+                "version = 1\ndata_dir = \"/x\"\nbroker = \"mqtts://a:8883\"\n",
+                "tls",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(field), "{err:?} should name {field:?}");
+        }
+    }
+
+    /// A good configuration parses, with defaults and overrides applied.
+    #[test]
+    fn parses_and_overrides() {
+        let c = parse(&format!(
+            "{BASE}region = \"eu-west\"\n[position]\nlat = 52.5\nlon = 13.4\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.broker,
+            BrokerUrl {
+                host: "127.0.0.1".into(),
+                port: 1883,
+                tls: false
+            }
+        );
+        assert_eq!(
+            c.position,
+            PositionSource::Static(LatLon {
+                lat: 52.5,
+                lon: 13.4
+            })
+        );
+        let ov = Overrides {
+            broker: Some("mqtt://10.0.0.1:2000".into()),
+            ..Overrides::default()
+        };
+        let c = Config::parse(Path::new("a"), BASE, &ov).expect("valid");
+        assert_eq!(c.broker.port, 2000);
+    }
+}

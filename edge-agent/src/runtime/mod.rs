@@ -1,0 +1,63 @@
+//! Workload runtimes behind one trait, so the container runtime plugs in beside WASM.
+
+pub mod wasm;
+
+use flotilla_agent_core::{Exit, OpId};
+use flotilla_shared::WorkloadName;
+use flotilla_shared::wire::WorkloadSpec;
+use std::path::PathBuf;
+
+/// What a runtime reports back to the agent loop.
+#[derive(Debug)]
+pub enum RuntimeEvent {
+    /// The start operation `op` finished: the workload is running, or could not be started.
+    Started {
+        name: WorkloadName,
+        op: OpId,
+        result: Result<(), String>,
+    },
+    /// The run launched by start operation `op` ended by itself.
+    Exited {
+        name: WorkloadName,
+        op: OpId,
+        exit: Exit,
+    },
+    /// The stop operation `op` finished; the workload no longer runs.
+    Stopped { name: WorkloadName, op: OpId },
+    /// A guest published telemetry through the host API.
+    Telemetry {
+        name: WorkloadName,
+        stream: String,
+        payload: Vec<u8>,
+    },
+}
+
+/// One workload start request: the verified artifact on disk and the spec it runs under.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    pub name: WorkloadName,
+    pub op: OpId,
+    pub spec: WorkloadSpec,
+    pub artifact_path: PathBuf,
+    pub artifact: flotilla_shared::Digest,
+}
+
+/// A runtime that can start and stop workloads. Starts and stops never block the caller; results arrive as
+/// [`RuntimeEvent`]s on the channel given at start.
+pub trait Runtime: Send + Sync {
+    fn start(
+        &self,
+        req: StartRequest,
+        events: tokio::sync::mpsc::Sender<RuntimeEvent>,
+    ) -> Box<dyn RunningWorkload>;
+    /// Identifies the engine for precompiled artifacts (target triple + engine settings).
+    fn fingerprint(&self) -> &str;
+}
+
+/// A handle to a started workload.
+pub trait RunningWorkload: Send {
+    /// Asks the workload to stop; a [`RuntimeEvent::Stopped`] with `op` follows.
+    fn stop(&mut self, op: OpId);
+    /// The bounded stdout/stderr capture of the workload, newest last.
+    fn logs(&self) -> String;
+}

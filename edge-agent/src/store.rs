@@ -1,0 +1,487 @@
+//! The agent's SQLite state: identity, trust root and floor, the accepted desired state (signed bytes, verbatim),
+//! verified releases, the artifact index, counters and the telemetry outbox.
+//!
+//! Owned by the main loop alone (one writer). WAL with `synchronous=FULL`, because acknowledgements (reports of the
+//! applied generation) depend on what is committed here. A database that fails its integrity check at open is
+//! moved aside (quarantined) and a fresh one is created, so a corrupt file never crash-loops the agent.
+
+use flotilla_shared::codec::decode_exact;
+use flotilla_shared::trust::TrustFloor;
+use flotilla_shared::wire::{Rejection, Signed};
+use flotilla_shared::{DeviceId, Digest, WorkloadName};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::{Path, PathBuf};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored value is corrupt: {0}")]
+    Corrupt(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "CREATE TABLE identity (id INTEGER PRIMARY KEY CHECK (id = 1), device_id TEXT NOT NULL, secret TEXT NOT NULL);
+     CREATE TABLE roots (version INTEGER PRIMARY KEY, signed BLOB NOT NULL);
+     CREATE TABLE floor (id INTEGER PRIMARY KEY CHECK (id = 1), generation INTEGER NOT NULL, issued_at INTEGER NOT NULL);
+     CREATE TABLE epochs (name TEXT PRIMARY KEY, epoch INTEGER NOT NULL);
+     CREATE TABLE desired (id INTEGER PRIMARY KEY CHECK (id = 1), generation INTEGER NOT NULL, signed BLOB NOT NULL);
+     CREATE TABLE releases (digest BLOB PRIMARY KEY, signed BLOB NOT NULL);
+     CREATE TABLE artifacts (digest BLOB PRIMARY KEY, size INTEGER NOT NULL, last_used INTEGER NOT NULL);
+     CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+     CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+     CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL);",
+];
+
+/// An open agent database.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    /// Whether `open` had to quarantine a corrupt file (reported once, so operators learn about it).
+    pub quarantined: Option<PathBuf>,
+}
+
+fn open_conn(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+fn integrity_ok(conn: &Connection) -> bool {
+    conn.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
+        .is_ok_and(|s| s == "ok")
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: usize = conn
+        .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))?
+        .try_into()
+        .unwrap_or(0);
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (or creates) `dir/agent.db`, checking integrity first.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("agent.db");
+        let mut quarantined = None;
+        let healthy = path.exists() && open_conn(&path).map(|c| integrity_ok(&c)).unwrap_or(false);
+        if path.exists() && !healthy {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let aside = dir.join(format!("agent.db.corrupt-{stamp}"));
+            std::fs::rename(&path, &aside)?;
+            for ext in ["-wal", "-shm"] {
+                let side = dir.join(format!("agent.db{ext}"));
+                if side.exists() {
+                    std::fs::rename(&side, dir.join(format!("agent.db.corrupt-{stamp}{ext}")))?;
+                }
+            }
+            quarantined = Some(aside);
+        }
+        let mut conn = open_conn(&path)?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn,
+            path,
+            quarantined,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `PRAGMA integrity_check` (used by the crash campaign and at start).
+    pub fn integrity_ok(&self) -> bool {
+        integrity_ok(&self.conn)
+    }
+
+    pub fn identity(&self) -> Result<Option<(DeviceId, String)>> {
+        let row: Option<(String, String)> = self
+            .conn
+            .query_row(
+                "SELECT device_id, secret FROM identity WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(id, secret)| {
+            DeviceId::new(id)
+                .map(|id| (id, secret))
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .transpose()
+    }
+
+    /// Stores the identity and the pinned root in one transaction (enrollment).
+    pub fn save_identity(
+        &mut self,
+        device: &DeviceId,
+        secret: &str,
+        root: &Signed,
+        root_version: u32,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO identity (id, device_id, secret) VALUES (1, ?1, ?2)",
+            params![device.as_str(), secret],
+        )?;
+        tx.execute(
+            "INSERT OR REPLACE INTO roots (version, signed) VALUES (?1, ?2)",
+            params![root_version, encode(root)],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn save_root(&mut self, version: u32, signed: &Signed) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO roots (version, signed) VALUES (?1, ?2)",
+            params![version, encode(signed)],
+        )?;
+        Ok(())
+    }
+
+    /// All stored roots, oldest first (the first is the pinned one; the rest a rotation chain re-verified at boot).
+    pub fn roots(&self) -> Result<Vec<Signed>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT signed FROM roots ORDER BY version")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        rows.map(|b| decode_signed(&b?)).collect()
+    }
+
+    pub fn floor(&self) -> Result<TrustFloor> {
+        let (generation, issued_at) = self
+            .conn
+            .query_row(
+                "SELECT generation, issued_at FROM floor WHERE id = 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()?
+            .unwrap_or((0, 0));
+        let mut stmt = self.conn.prepare("SELECT name, epoch FROM epochs")?;
+        let mut epochs = std::collections::BTreeMap::new();
+        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (name, epoch) = row?;
+            let name = WorkloadName::new(name).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            epochs.insert(
+                name,
+                u32::try_from(epoch).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            );
+        }
+        Ok(TrustFloor {
+            generation: u64::try_from(generation).unwrap_or(0),
+            issued_at: u64::try_from(issued_at).unwrap_or(0),
+            epochs,
+        })
+    }
+
+    /// Commits a newly accepted desired state and raises the floor, atomically. Returns only once durable.
+    pub fn accept_desired(
+        &mut self,
+        generation: u64,
+        issued_at: u64,
+        signed: &Signed,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO desired (id, generation, signed) VALUES (1, ?1, ?2)",
+            params![to_i64(generation), encode(signed)],
+        )?;
+        tx.execute(
+            "INSERT INTO floor (id, generation, issued_at) VALUES (1, ?1, ?2)
+             ON CONFLICT(id) DO UPDATE SET generation = max(generation, ?1), issued_at = max(issued_at, ?2)",
+            params![to_i64(generation), to_i64(issued_at)],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn desired(&self) -> Result<Option<Signed>> {
+        let bytes: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT signed FROM desired WHERE id = 1", [], |r| r.get(0))
+            .optional()?;
+        bytes.map(|b| decode_signed(&b)).transpose()
+    }
+
+    /// Stores a verified release and raises the workload's epoch floor in one transaction.
+    pub fn accept_release(
+        &mut self,
+        digest: &Digest,
+        signed: &Signed,
+        name: &WorkloadName,
+        epoch: u32,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO releases (digest, signed) VALUES (?1, ?2)",
+            params![digest.0.as_slice(), encode(signed)],
+        )?;
+        tx.execute(
+            "INSERT INTO epochs (name, epoch) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET epoch = max(epoch, ?2)",
+            params![name.as_str(), epoch],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn release(&self, digest: &Digest) -> Result<Option<Signed>> {
+        let bytes: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT signed FROM releases WHERE digest = ?1",
+                [digest.0.as_slice()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        bytes.map(|b| decode_signed(&b)).transpose()
+    }
+
+    pub fn add_artifact(&mut self, digest: &Digest, size: u64, now: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO artifacts (digest, size, last_used) VALUES (?1, ?2, ?3)
+             ON CONFLICT(digest) DO UPDATE SET last_used = ?3",
+            params![digest.0.as_slice(), to_i64(size), to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    pub fn has_artifact(&self, digest: &Digest) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM artifacts WHERE digest = ?1",
+                [digest.0.as_slice()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// Forgets artifacts not in `keep` and returns their digests so the caller can delete the files.
+    pub fn collect_artifacts(&mut self, keep: &[Digest]) -> Result<Vec<Digest>> {
+        let mut stmt = self.conn.prepare("SELECT digest FROM artifacts")?;
+        let all: Vec<Vec<u8>> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<std::result::Result<_, _>>()?;
+        drop(stmt);
+        let mut gone = Vec::new();
+        for raw in all {
+            let Ok(arr) = <[u8; 32]>::try_from(raw.as_slice()) else {
+                continue;
+            };
+            let d = Digest(arr);
+            if !keep.contains(&d) {
+                self.conn
+                    .execute("DELETE FROM artifacts WHERE digest = ?1", [raw.as_slice()])?;
+                gone.push(d);
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Increments and returns a persisted counter (report counter, telemetry sequence). Durable before use.
+    pub fn next_counter(&mut self, name: &str) -> Result<u64> {
+        let v: i64 = self.conn.query_row(
+            "INSERT INTO counters (name, value) VALUES (?1, 1)
+             ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value",
+            [name],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(v).unwrap_or(0))
+    }
+
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let v: Option<i64> = self
+            .conn
+            .query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0))
+    }
+
+    pub fn set_rejection(&mut self, rejection: Option<&Rejection>) -> Result<()> {
+        match rejection {
+            Some(r) => {
+                let bytes =
+                    postcard::to_stdvec(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('rejection', ?1)",
+                    [bytes],
+                )?;
+            }
+            None => {
+                self.conn
+                    .execute("DELETE FROM meta WHERE key = 'rejection'", [])?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn rejection(&self) -> Result<Option<Rejection>> {
+        let b: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'rejection'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(b.and_then(|b| decode_exact(&b).ok()))
+    }
+
+    /// Appends to the outbox, then drops the oldest records while over `cap_bytes`. Returns how many were dropped.
+    pub fn outbox_push(&mut self, topic: &str, payload: &[u8], cap_bytes: u64) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO outbox (topic, payload) VALUES (?1, ?2)",
+            params![topic, payload],
+        )?;
+        let mut dropped = 0;
+        loop {
+            let total: i64 = tx.query_row(
+                "SELECT COALESCE(SUM(length(payload) + length(topic)), 0) FROM outbox",
+                [],
+                |r| r.get(0),
+            )?;
+            if u64::try_from(total).unwrap_or(0) <= cap_bytes {
+                break;
+            }
+            tx.execute(
+                "DELETE FROM outbox WHERE seq = (SELECT MIN(seq) FROM outbox)",
+                [],
+            )?;
+            dropped += 1;
+        }
+        if dropped > 0 {
+            tx.execute(
+                "INSERT INTO counters (name, value) VALUES ('telemetry_dropped', ?1)
+                 ON CONFLICT(name) DO UPDATE SET value = value + ?1",
+                [dropped],
+            )?;
+        }
+        tx.commit()?;
+        Ok(u64::try_from(dropped).unwrap_or(0))
+    }
+
+    /// The oldest `limit` outbox records, in order.
+    pub fn outbox_peek(&self, limit: usize) -> Result<Vec<(i64, String, Vec<u8>)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, topic, payload FROM outbox ORDER BY seq LIMIT ?1")?;
+        let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    pub fn outbox_delete_through(&mut self, seq: i64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM outbox WHERE seq <= ?1", [seq])?;
+        Ok(())
+    }
+
+    pub fn outbox_len(&self) -> Result<u64> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn encode(signed: &Signed) -> Vec<u8> {
+    postcard::to_stdvec(signed).unwrap_or_default()
+}
+
+fn decode_signed(bytes: &[u8]) -> Result<Signed> {
+    decode_exact(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The outbox keeps order and, past its byte cap, drops the oldest records and counts them.
+    #[test]
+    fn outbox_cap_drops_oldest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store::open(dir.path()).expect("open");
+        let mut dropped = 0;
+        for i in 0..10u8 {
+            dropped += s.outbox_push("t", &[i; 100], 350).expect("push");
+        }
+        assert_eq!(dropped, 7);
+        assert_eq!(s.counter("telemetry_dropped").expect("counter"), 7);
+        let rows = s.outbox_peek(10).expect("peek");
+        assert_eq!(
+            rows.iter().map(|r| r.2[0]).collect::<Vec<_>>(),
+            vec![7, 8, 9]
+        );
+    }
+
+    /// A corrupt database file is quarantined and replaced instead of failing the agent.
+    #[test]
+    fn corrupt_database_is_quarantined() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("agent.db"),
+            b"this is not a database, it is garbage ".repeat(200),
+        )
+        .expect("write");
+        let s = Store::open(dir.path()).expect("open recovers");
+        assert!(s.quarantined.is_some());
+        assert!(s.integrity_ok());
+        assert_eq!(s.desired().expect("query"), None);
+    }
+
+    /// The floor only ever rises, whatever order commits arrive in.
+    #[test]
+    fn floor_only_rises() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store::open(dir.path()).expect("open");
+        let doc = Signed {
+            body: vec![1],
+            signatures: vec![],
+        };
+        s.accept_desired(5, 100, &doc).expect("commit");
+        s.accept_desired(3, 50, &doc).expect("commit");
+        let f = s.floor().expect("floor");
+        assert_eq!((f.generation, f.issued_at), (5, 100));
+        let n = WorkloadName::new("a").expect("name");
+        s.accept_release(&Digest([1; 32]), &doc, &n, 4)
+            .expect("release");
+        s.accept_release(&Digest([2; 32]), &doc, &n, 2)
+            .expect("release");
+        assert_eq!(s.floor().expect("floor").epochs.get(&n), Some(&4));
+    }
+}
