@@ -1,2 +1,135 @@
-//! x
-fn main() {}
+//! `flotilla-agent`: parses flags, loads the config, enrolls if needed, restores state and runs the main loop.
+//! Exit codes: 0 clean stop, 78 bad configuration (do not restart), 75 transient failure (restart later).
+
+use clap::Parser;
+use flotilla_agent::agent::{self, Agent, EnrollError};
+use flotilla_agent::config::{Config, Overrides};
+use flotilla_agent::runtime::wasm::WasmRuntime;
+use flotilla_agent::store::Store;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+const EXIT_CONFIG: u8 = 78;
+const EXIT_TEMPFAIL: u8 = 75;
+
+#[derive(Debug, Parser)]
+#[command(name = "flotilla-agent", version, about = "Flotilla edge agent")]
+struct Cli {
+    #[arg(
+        long,
+        env = "FLOTILLA_AGENT_CONFIG",
+        default_value = "/etc/flotilla/agent.toml"
+    )]
+    config: PathBuf,
+    #[arg(long, env = "FLOTILLA_BROKER")]
+    broker: Option<String>,
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, env = "FLOTILLA_DEVICE_ID")]
+    device_id: Option<String>,
+    #[arg(long, env = "FLOTILLA_ENROLL_TOKEN")]
+    enroll_token: Option<String>,
+    #[arg(long, env = "FLOTILLA_REGION")]
+    region: Option<String>,
+    /// `json` (one object per line, for journald) or `text`.
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT", default_value = "json")]
+    log_format: String,
+}
+
+enum Failure {
+    Config(String),
+    Transient(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_format == "text" {
+        builder.init();
+    } else {
+        builder.json().init();
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::from(EXIT_TEMPFAIL);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(m)) => {
+            tracing::error!(error = %m, "bad configuration");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Transient(m)) => {
+            tracing::error!(error = %m, "transient failure");
+            ExitCode::from(EXIT_TEMPFAIL)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let overrides = Overrides {
+        broker: cli.broker,
+        data_dir: cli.data_dir,
+        device_id: cli.device_id,
+        enroll_token: cli.enroll_token,
+        region: cli.region,
+    };
+    let cfg = Config::load(&cli.config, &overrides).map_err(|e| Failure::Config(e.to_string()))?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut store = Store::open(&cfg.data_dir).map_err(|e| Failure::Transient(e.to_string()))?;
+    if let Some(q) = &store.quarantined {
+        tracing::error!(path = %q.display(), "database failed its integrity check; quarantined, re-bootstrapping");
+    }
+    if store
+        .identity()
+        .map_err(|e| Failure::Transient(e.to_string()))?
+        .is_none()
+    {
+        agent::enroll(&cfg, &mut store).await.map_err(|e| match e {
+            EnrollError::NoToken | EnrollError::Refused(_) | EnrollError::Config(_) => {
+                Failure::Config(e.to_string())
+            }
+            EnrollError::Transient(_) => Failure::Transient(e.to_string()),
+        })?;
+    }
+    let wasm = WasmRuntime::new(&cfg.data_dir.join("modules"))
+        .map_err(|e| Failure::Transient(e.to_string()))?;
+    let mut agent =
+        Agent::new(cfg, store, Arc::new(wasm)).map_err(|e| Failure::Transient(format!("{e:#}")))?;
+    tracing::info!(device = %agent.device(), version = env!("CARGO_PKG_VERSION"), "agent starting");
+    // Workloads come back from SQLite before any network is attempted.
+    agent
+        .restore()
+        .map_err(|e| Failure::Transient(format!("{e:#}")))?;
+    agent
+        .connect()
+        .map_err(|e| Failure::Config(format!("{e:#}")))?;
+    agent
+        .run(shutdown_signal())
+        .await
+        .map_err(|e| Failure::Transient(format!("{e:#}")))
+}

@@ -44,6 +44,9 @@ const MIGRATIONS: &[&str] = &[
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    /// A second connection with `synchronous=NORMAL` for the telemetry outbox: telemetry is not what any
+    /// acknowledgement depends on, and an fsync per record would wear flash and cost milliseconds.
+    outbox: Connection,
     path: PathBuf,
     /// Whether `open` had to quarantine a corrupt file (reported once, so operators learn about it).
     pub quarantined: Option<PathBuf>,
@@ -104,8 +107,11 @@ impl Store {
         }
         let mut conn = open_conn(&path)?;
         migrate(&mut conn)?;
+        let outbox = open_conn(&path)?;
+        outbox.pragma_update(None, "synchronous", "NORMAL")?;
         Ok(Self {
             conn,
+            outbox,
             path,
             quarantined,
         })
@@ -358,7 +364,24 @@ impl Store {
 
     /// Appends to the outbox, then drops the oldest records while over `cap_bytes`. Returns how many were dropped.
     pub fn outbox_push(&mut self, topic: &str, payload: &[u8], cap_bytes: u64) -> Result<u64> {
-        let tx = self.conn.transaction()?;
+        self.outbox_push_with(cap_bytes, |_| (topic.to_owned(), payload.to_vec()))
+    }
+
+    /// Like [`Store::outbox_push`], but `build` receives the next telemetry sequence number, allocated in the same
+    /// transaction as the insert so sequence numbers and outbox order always agree.
+    pub fn outbox_push_with(
+        &mut self,
+        cap_bytes: u64,
+        build: impl FnOnce(u64) -> (String, Vec<u8>),
+    ) -> Result<u64> {
+        let tx = self.outbox.transaction()?;
+        let seq: i64 = tx.query_row(
+            "INSERT INTO counters (name, value) VALUES ('telemetry_seq', 1)
+             ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value",
+            [],
+            |r| r.get(0),
+        )?;
+        let (topic, payload) = build(u64::try_from(seq).unwrap_or(0));
         tx.execute(
             "INSERT INTO outbox (topic, payload) VALUES (?1, ?2)",
             params![topic, payload],
@@ -393,7 +416,7 @@ impl Store {
     /// The oldest `limit` outbox records, in order.
     pub fn outbox_peek(&self, limit: usize) -> Result<Vec<(i64, String, Vec<u8>)>> {
         let mut stmt = self
-            .conn
+            .outbox
             .prepare("SELECT seq, topic, payload FROM outbox ORDER BY seq LIMIT ?1")?;
         let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -402,14 +425,14 @@ impl Store {
     }
 
     pub fn outbox_delete_through(&mut self, seq: i64) -> Result<()> {
-        self.conn
+        self.outbox
             .execute("DELETE FROM outbox WHERE seq <= ?1", [seq])?;
         Ok(())
     }
 
     pub fn outbox_len(&self) -> Result<u64> {
         let n: i64 = self
-            .conn
+            .outbox
             .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?;
         Ok(u64::try_from(n).unwrap_or(0))
     }

@@ -105,6 +105,14 @@ impl PublicKey {
     }
 }
 
+/// `n` random bytes from the operating system, as lowercase hex (nonces, tokens).
+pub fn random_hex(n: usize) -> String {
+    use rand_core::RngCore;
+    let mut b = vec![0u8; n];
+    rand_core::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
 /// First 8 bytes of SHA-256 of the public key.
 pub fn key_id(pk: &PublicKey) -> [u8; 8] {
     let h = Sha256::digest(pk.0);

@@ -252,7 +252,7 @@ pub struct Presence {
 }
 
 /// Which bytes an agent asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum ArtifactRef {
     /// A signed release document, by the digest of its body.
     Release(Digest),
