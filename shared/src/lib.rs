@@ -2,6 +2,7 @@
 //! the two-key trust model. Both hub and agent depend on this crate and on nothing of each other.
 
 pub mod codec;
+pub mod geo;
 pub mod ids;
 pub mod topics;
 pub mod trust;

@@ -319,11 +319,19 @@ fn describe(e: &wasmtime::Error) -> String {
             other => format!("trap: {other}"),
         };
     }
-    format!("{e:#}")
-        .lines()
-        .next()
-        .unwrap_or("error")
-        .to_owned()
+    // wasmtime wraps the cause in a multi-line "error while executing at wasm backtrace" context; keep the first
+    // line of each meaningful cause.
+    let mut msg = e
+        .chain()
+        .filter_map(|c| c.to_string().lines().next().map(str::to_owned))
+        .filter(|l| !l.starts_with("error while executing"))
+        .collect::<Vec<_>>()
+        .join(": ");
+    if msg.is_empty() {
+        msg = format!("{e:?}").replace('\n', " ");
+    }
+    msg.truncate(300);
+    msg
 }
 
 impl super::Runtime for WasmRuntime {
