@@ -1,6 +1,6 @@
 //! Geofence evaluation: is a position inside a circle, polygon or set of H3 cells. Pure functions.
 
-use flotilla_shared::wire::{Geofence, LatLon};
+use crate::wire::{Geofence, LatLon};
 
 const EARTH_RADIUS_M: f64 = 6_371_008.8;
 
