@@ -11,7 +11,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 fn firmware(name: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-images/wat").join(format!("{name}.wat"));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../firmware-images/wat")
+        .join(format!("{name}.wat"));
     wat::parse_file(&path).expect("valid wat")
 }
 
@@ -28,7 +30,10 @@ fn request(dir: &Path, name: &str, op: u64, tick_ms: u32, memory_mib: u32) -> St
             kind: WorkloadKind::Wasm,
             release: digest,
             config: b"site=test".to_vec(),
-            resources: Resources { memory_mib, cpu_ms: 50 },
+            resources: Resources {
+                memory_mib,
+                cpu_ms: 50,
+            },
             restart: RestartPolicy::OnFailure,
             health: HealthRule::RunningFor(1),
             tick_ms,
@@ -40,7 +45,10 @@ fn request(dir: &Path, name: &str, op: u64, tick_ms: u32, memory_mib: u32) -> St
 }
 
 /// Waits for the next event matching `pred`, with a generous patience budget (the machine may be busy compiling).
-async fn wait_for(rx: &mut mpsc::Receiver<RuntimeEvent>, mut pred: impl FnMut(&RuntimeEvent) -> bool) -> RuntimeEvent {
+async fn wait_for(
+    rx: &mut mpsc::Receiver<RuntimeEvent>,
+    mut pred: impl FnMut(&RuntimeEvent) -> bool,
+) -> RuntimeEvent {
     tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             let ev = rx.recv().await.expect("runtime channel open");
@@ -72,10 +80,24 @@ async fn abusive_guests_are_contained() {
     for (i, (guest, reason)) in cases.into_iter().enumerate() {
         let op = 10 + i as u64;
         let _h = rt.start(request(dir.path(), guest, op, 10, 2), tx.clone());
-        let ev = wait_for(&mut rx, |e| matches!(e, RuntimeEvent::Exited { name, .. } if name.as_str() == guest)).await;
-        let RuntimeEvent::Exited { exit: Exit::Failed(msg), op: got, .. } = ev else { panic!("{guest}: {ev:?}") };
+        let ev = wait_for(
+            &mut rx,
+            |e| matches!(e, RuntimeEvent::Exited { name, .. } if name.as_str() == guest),
+        )
+        .await;
+        let RuntimeEvent::Exited {
+            exit: Exit::Failed(msg),
+            op: got,
+            ..
+        } = ev
+        else {
+            panic!("{guest}: {ev:?}")
+        };
         assert_eq!(got, op);
-        assert!(msg.to_lowercase().contains(reason), "{guest}: {msg:?} should mention {reason:?}");
+        assert!(
+            msg.to_lowercase().contains(reason),
+            "{guest}: {msg:?} should mention {reason:?}"
+        );
         // The well-behaved workload is unaffected: it keeps ticking after each abuse.
         wait_for(&mut rx, is_sensor_tick).await;
     }
@@ -90,19 +112,45 @@ async fn command_completes_and_ticked_stops() {
     let (tx, mut rx) = mpsc::channel(1024);
     let hello = rt.start(request(dir.path(), "hello", 1, 0, 4), tx.clone());
     let ev = wait_for(&mut rx, |e| matches!(e, RuntimeEvent::Telemetry { .. })).await;
-    let RuntimeEvent::Telemetry { stream, payload, .. } = ev else { unreachable!() };
-    assert_eq!((stream.as_str(), payload.as_slice()), ("boot", b"hello from flotilla".as_slice()));
+    let RuntimeEvent::Telemetry {
+        stream, payload, ..
+    } = ev
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (stream.as_str(), payload.as_slice()),
+        ("boot", b"hello from flotilla".as_slice())
+    );
     let ev = wait_for(&mut rx, |e| matches!(e, RuntimeEvent::Exited { .. })).await;
-    assert!(matches!(ev, RuntimeEvent::Exited { exit: Exit::Completed, .. }), "{ev:?}");
+    assert!(
+        matches!(
+            ev,
+            RuntimeEvent::Exited {
+                exit: Exit::Completed,
+                ..
+            }
+        ),
+        "{ev:?}"
+    );
     assert!(hello.logs().contains("hello from flotilla"));
 
     let mut sensor = rt.start(request(dir.path(), "sensor", 2, 10, 4), tx.clone());
-    wait_for(&mut rx, |e| matches!(e, RuntimeEvent::Started { result: Ok(()), .. })).await;
-    assert!(sensor.logs().contains("site=test"), "config reached the guest: {:?}", sensor.logs());
+    wait_for(&mut rx, |e| {
+        matches!(e, RuntimeEvent::Started { result: Ok(()), .. })
+    })
+    .await;
+    assert!(
+        sensor.logs().contains("site=test"),
+        "config reached the guest: {:?}",
+        sensor.logs()
+    );
     sensor.stop(3);
     let ev = wait_for(&mut rx, |e| matches!(e, RuntimeEvent::Stopped { .. })).await;
     assert!(matches!(ev, RuntimeEvent::Stopped { op: 3, .. }));
     // The compiled module was cached on disk keyed by digest and engine fingerprint.
-    let cached = std::fs::read_dir(dir.path().join("modules")).expect("cache dir").count();
+    let cached = std::fs::read_dir(dir.path().join("modules"))
+        .expect("cache dir")
+        .count();
     assert!(cached >= 2, "{cached} cached modules");
 }
