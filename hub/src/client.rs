@@ -1,0 +1,88 @@
+//! The operator CLI's HTTP client side: every command talks to the hub API with a bearer token.
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::io::Read;
+
+/// Connection settings for the operator CLI.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub server: String,
+    pub token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(server: &str, token: &str) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self {
+            server: server.trim_end_matches('/').to_owned(),
+            token: token.trim().to_owned(),
+            agent,
+        }
+    }
+
+    fn finish(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value> {
+        let mut resp = resp.context("contacting the hub")?;
+        let status = resp.status();
+        let mut text = String::new();
+        resp.body_mut()
+            .as_reader()
+            .read_to_string(&mut text)
+            .context("reading the response")?;
+        if !status.is_success() {
+            let detail = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or(text);
+            bail!(
+                "{} {}: {detail}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            );
+        }
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text).context("parsing the response")
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value> {
+        let r = self
+            .agent
+            .get(format!("{}{path}", self.server))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call();
+        Self::finish(r)
+    }
+
+    pub fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+        extra: &[(&str, &str)],
+    ) -> Result<Value> {
+        let mut req = self
+            .agent
+            .post(format!("{}{path}", self.server))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", content_type);
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        Self::finish(req.send(body))
+    }
+
+    pub fn delete(&self, path: &str) -> Result<Value> {
+        let r = self
+            .agent
+            .delete(format!("{}{path}", self.server))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call();
+        Self::finish(r)
+    }
+}

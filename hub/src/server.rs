@@ -1,0 +1,164 @@
+//! `flotilla init` and `flotilla serve`: data directory set-up and the running hub (broker, MQTT link, hub loop,
+//! HTTP API).
+
+use crate::api::{self, ApiState};
+use crate::hub::Hub;
+use crate::keyfile;
+use crate::store::Store;
+use anyhow::{Context, Result, bail};
+use flotilla_mqtt::LinkSettings;
+use flotilla_shared::trust::{self, DocType};
+use flotilla_shared::wire::Root;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Paths inside a hub data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir(pub PathBuf);
+
+impl DataDir {
+    pub fn keys(&self) -> PathBuf {
+        self.0.join("keys")
+    }
+    pub fn root(&self) -> PathBuf {
+        self.0.join("root.signed")
+    }
+    pub fn hub_key(&self) -> PathBuf {
+        self.keys().join("hub.key")
+    }
+    pub fn release_key(&self) -> PathBuf {
+        self.keys().join("release.key")
+    }
+    pub fn admin_token(&self) -> PathBuf {
+        self.0.join("admin.token")
+    }
+    /// Written at start: where the API and broker listen (port 0 resolved), for tools and tests.
+    pub fn endpoints(&self) -> PathBuf {
+        self.0.join("endpoints.txt")
+    }
+    pub fn initialized(&self) -> bool {
+        self.root().exists() && self.hub_key().exists()
+    }
+}
+
+/// Creates keys, a root, the database and an admin token. Refuses to overwrite an initialised directory.
+pub fn init(dir: &DataDir) -> Result<String> {
+    if dir.initialized() {
+        bail!("{} is already initialised", dir.0.display());
+    }
+    std::fs::create_dir_all(dir.keys())
+        .with_context(|| format!("creating {}", dir.keys().display()))?;
+    let (root_key, root_path, _) = keyfile::generate(&dir.keys().join("root"))?;
+    let (release_key, release_path, _) = keyfile::generate(&dir.keys().join("release"))?;
+    let (hub_key, hub_path, _) = keyfile::generate(&dir.keys().join("hub"))?;
+    let root = Root {
+        version: 1,
+        expires_at: crate::keys_cli::now() + 365 * 86_400,
+        root_keys: vec![root_key.public()],
+        root_threshold: 1,
+        release_keys: vec![release_key.public()],
+        release_threshold: 1,
+        hub_keys: vec![hub_key.public()],
+        hub_threshold: 1,
+    };
+    let signed = trust::sign(DocType::Root, &root, &[&root_key]);
+    keyfile::write_signed(&dir.root(), &signed)?;
+    let store = Store::open(&dir.0)?;
+    let token = format!("fat_{}", trust::random_hex(20));
+    store.add_api_token(&token, "admin", "admin")?;
+    keyfile::write_private(&dir.admin_token(), &format!("{token}\n"))?;
+    println!("initialised {}", dir.0.display());
+    println!("  root key (move offline!): {}", root_path.display());
+    println!("  release key:              {}", release_path.display());
+    println!("  hub key:                  {}", hub_path.display());
+    println!("  trust root:               {}", dir.root().display());
+    println!(
+        "  admin API token:          {}",
+        dir.admin_token().display()
+    );
+    Ok(token)
+}
+
+/// How the hub reaches MQTT.
+#[derive(Debug, Clone)]
+pub enum BrokerChoice {
+    /// Start the embedded broker listening here (port 0 picks a free port).
+    Embedded(SocketAddr),
+    /// Use an external broker.
+    External { host: String, port: u16 },
+}
+
+/// Runs the hub until ctrl-c/SIGTERM. Initialises the data directory on first start (zero set-up).
+pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if !dir.initialized() {
+        init(&dir)?;
+    }
+    let (host, port) = match broker {
+        BrokerChoice::Embedded(addr) => {
+            let addr = crate::broker::resolve_port(addr)?;
+            crate::broker::start(addr, 20_000)?;
+            (addr.ip().to_string(), addr.port())
+        }
+        BrokerChoice::External { host, port } => (host, port),
+    };
+    let store = Store::open(&dir.0)?;
+    let hub_key = keyfile::read_signing_key(&dir.hub_key())?;
+    let root = keyfile::read_signed(&dir.root())?;
+    let (link, link_rx) = flotilla_mqtt::connect(LinkSettings {
+        client_id: format!("flotilla-hub-{}", trust::random_hex(4)),
+        host: host.clone(),
+        port,
+        keepalive: Duration::from_secs(30),
+        tls: None,
+        last_will: None,
+        subscriptions: Hub::subscriptions(),
+        clean_session: true,
+    })?;
+    let hub = Hub::new(store, link, hub_key, root)?;
+    let (calls_tx, calls_rx) = tokio::sync::mpsc::channel(256);
+    let listener = tokio::net::TcpListener::bind(http)
+        .await
+        .with_context(|| format!("binding {http}"))?;
+    let http_addr = listener.local_addr()?;
+    std::fs::write(
+        dir.endpoints(),
+        format!("http=http://{http_addr}\nmqtt=mqtt://{host}:{port}\n"),
+    )?;
+    println!(
+        "flotilla hub serving: api http://{http_addr}  mqtt mqtt://{host}:{port}  data {}",
+        dir.0.display()
+    );
+    let app = api::router(ApiState { calls: calls_tx });
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    tokio::select! {
+        r = server => r.context("http server")?,
+        () = hub.run(link_rx, calls_rx) => {}
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Reads `endpoints.txt` of a running hub.
+pub fn read_endpoints(dir: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(dir.join("endpoints.txt")).ok()?;
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(str::to_owned)
+    };
+    Some((get("http=")?, get("mqtt=")?))
+}

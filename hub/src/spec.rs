@@ -1,0 +1,472 @@
+//! Deployment spec files (TOML): parsing and validation into domain types. Every error names the file, the line
+//! (for syntax errors) or the field (for semantic ones), and nothing is applied unless the whole spec is valid.
+
+use flotilla_hub_core::{Constraints, Policy, Target};
+use flotilla_shared::wire::{Geofence, HealthRule, LatLon, Resources, RestartPolicy, WorkloadKind};
+use flotilla_shared::{Digest, Label, WorkloadName};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// Why a spec was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    #[error("{file}: {message}")]
+    Syntax { file: String, message: String },
+    #[error("{file}: field `{field}`: {message}")]
+    Field {
+        file: String,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: String,
+    #[serde(default)]
+    target: RawTarget,
+    #[serde(default)]
+    placement: RawPlacement,
+    #[serde(default)]
+    constraints: RawConstraints,
+    workloads: Vec<RawWorkload>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    #[serde(default)]
+    regions: Vec<String>,
+    #[serde(default)]
+    zones: Vec<String>,
+    geofence: Option<RawGeofence>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGeofence {
+    circle: Option<RawCircle>,
+    polygon: Option<Vec<[f64; 2]>>,
+    h3: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCircle {
+    lat: f64,
+    lon: f64,
+    radius_m: f64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPoint {
+    lat: f64,
+    lon: f64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlacement {
+    policy: Option<String>,
+    count: Option<u32>,
+    grace_secs: Option<u64>,
+    k: Option<u32>,
+    point: Option<RawPoint>,
+    weights: Option<BTreeMap<String, u32>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConstraints {
+    arch: Option<String>,
+    runtime: Option<String>,
+    #[serde(default)]
+    min_memory_mib: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    name: String,
+    release: String,
+    #[serde(default = "default_memory")]
+    memory_mib: u32,
+    #[serde(default = "default_cpu")]
+    cpu_ms: u32,
+    #[serde(default)]
+    tick_ms: u32,
+    #[serde(default = "default_restart")]
+    restart: String,
+    #[serde(default = "default_health")]
+    health_secs: u32,
+    #[serde(default)]
+    config: BTreeMap<String, String>,
+    geofence: Option<RawGeofence>,
+}
+
+fn default_memory() -> u32 {
+    16
+}
+fn default_cpu() -> u32 {
+    100
+}
+fn default_restart() -> String {
+    "on-failure".into()
+}
+fn default_health() -> u32 {
+    5
+}
+
+/// How a workload names its release: by `name@version` or by release digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseRef {
+    Version { name: String, version: String },
+    Digest(Digest),
+}
+
+/// One validated workload of a deployment (release not yet resolved).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadTemplate {
+    pub name: WorkloadName,
+    pub release: ReleaseRef,
+    pub resources: Resources,
+    pub tick_ms: u32,
+    pub restart: RestartPolicy,
+    pub health: HealthRule,
+    pub config: Vec<u8>,
+    pub geofence: Option<Geofence>,
+}
+
+/// A validated deployment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deployment {
+    pub name: Label,
+    pub target: Target,
+    pub policy: Policy,
+    pub constraints: Constraints,
+    pub workloads: Vec<WorkloadTemplate>,
+}
+
+fn point(field: &str, lat: f64, lon: f64) -> Result<LatLon, (String, String)> {
+    if !(lat.is_finite() && (-90.0..=90.0).contains(&lat)) {
+        return Err((format!("{field}.lat"), format!("{lat} is not a latitude")));
+    }
+    if !(lon.is_finite() && (-180.0..=180.0).contains(&lon)) {
+        return Err((format!("{field}.lon"), format!("{lon} is not a longitude")));
+    }
+    Ok(LatLon { lat, lon })
+}
+
+fn geofence(field: &str, g: &RawGeofence) -> Result<Geofence, (String, String)> {
+    match (&g.circle, &g.polygon, &g.h3) {
+        (Some(c), None, None) => {
+            let center = point(&format!("{field}.circle"), c.lat, c.lon)?;
+            if !(c.radius_m.is_finite() && c.radius_m > 0.0) {
+                return Err((
+                    format!("{field}.circle.radius_m"),
+                    "must be a positive number of metres".into(),
+                ));
+            }
+            Ok(Geofence::Circle {
+                center,
+                radius_m: c.radius_m,
+            })
+        }
+        (None, Some(poly), None) => {
+            if poly.len() < 3 {
+                return Err((
+                    format!("{field}.polygon"),
+                    "needs at least 3 [lat, lon] points".into(),
+                ));
+            }
+            let pts = poly
+                .iter()
+                .enumerate()
+                .map(|(i, [lat, lon])| point(&format!("{field}.polygon[{i}]"), *lat, *lon))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Geofence::Polygon(pts))
+        }
+        (None, None, Some(cells)) => {
+            let mut out = Vec::new();
+            for (i, c) in cells.iter().enumerate() {
+                let cell: h3o::CellIndex = c.parse().map_err(|_| {
+                    (
+                        format!("{field}.h3[{i}]"),
+                        format!("{c:?} is not an H3 cell index"),
+                    )
+                })?;
+                out.push(u64::from(cell));
+            }
+            if out.is_empty() {
+                return Err((format!("{field}.h3"), "needs at least one cell".into()));
+            }
+            Ok(Geofence::H3Cells(out))
+        }
+        _ => Err((
+            field.to_owned(),
+            "give exactly one of circle, polygon or h3".into(),
+        )),
+    }
+}
+
+/// Parses and validates a spec; `file` is used in error messages only.
+pub fn parse(file: &str, text: &str) -> Result<Deployment, SpecError> {
+    let raw: RawSpec = toml::from_str(text).map_err(|e| SpecError::Syntax {
+        file: file.to_owned(),
+        message: e.to_string(),
+    })?;
+    validate(raw).map_err(|(field, message)| SpecError::Field {
+        file: file.to_owned(),
+        field,
+        message,
+    })
+}
+
+fn validate(raw: RawSpec) -> Result<Deployment, (String, String)> {
+    let name = Label::new(raw.name).map_err(|e| ("name".to_owned(), e.to_string()))?;
+    for (i, r) in raw
+        .target
+        .regions
+        .iter()
+        .chain(raw.target.zones.iter())
+        .enumerate()
+    {
+        Label::new(r.clone()).map_err(|e| (format!("target.regions/zones[{i}]"), e.to_string()))?;
+    }
+    let target = Target {
+        selector: raw.target.selector,
+        regions: raw.target.regions,
+        zones: raw.target.zones,
+        geofence: raw
+            .target
+            .geofence
+            .as_ref()
+            .map(|g| geofence("target.geofence", g))
+            .transpose()?,
+    };
+    let p = raw.placement;
+    let need = |v: Option<u32>, f: &str| {
+        v.ok_or_else(|| {
+            (
+                format!("placement.{f}"),
+                "required by this policy".to_owned(),
+            )
+        })
+    };
+    let policy = match p.policy.as_deref().unwrap_or("every") {
+        "every" => Policy::Every,
+        "per-region" => Policy::PerRegion {
+            count: need(p.count, "count")?,
+            grace_secs: p.grace_secs.unwrap_or(300),
+        },
+        "nearest" => {
+            let pt = p.point.ok_or_else(|| {
+                (
+                    "placement.point".to_owned(),
+                    "required by nearest".to_owned(),
+                )
+            })?;
+            Policy::Nearest {
+                k: need(p.k, "k")?,
+                point: point("placement.point", pt.lat, pt.lon)?,
+            }
+        }
+        "spread" => {
+            let weights = p.weights.ok_or_else(|| {
+                (
+                    "placement.weights".to_owned(),
+                    "required by spread".to_owned(),
+                )
+            })?;
+            if weights.values().all(|w| *w == 0) {
+                return Err((
+                    "placement.weights".into(),
+                    "at least one weight must be positive".into(),
+                ));
+            }
+            Policy::Spread {
+                count: need(p.count, "count")?,
+                weights,
+            }
+        }
+        other => {
+            return Err((
+                "placement.policy".into(),
+                format!("{other:?} is not one of every, per-region, nearest, spread"),
+            ));
+        }
+    };
+    let runtime = match raw.constraints.runtime.as_deref() {
+        None => None,
+        Some("wasm") => Some(WorkloadKind::Wasm),
+        Some("container") => Some(WorkloadKind::Container),
+        Some(o) => {
+            return Err((
+                "constraints.runtime".into(),
+                format!("{o:?} is not wasm or container"),
+            ));
+        }
+    };
+    let constraints = Constraints {
+        arch: raw.constraints.arch,
+        runtime,
+        min_memory_mib: raw.constraints.min_memory_mib,
+    };
+    if raw.workloads.is_empty() {
+        return Err((
+            "workloads".into(),
+            "at least one workload is required".into(),
+        ));
+    }
+    let mut workloads = Vec::new();
+    for (i, w) in raw.workloads.into_iter().enumerate() {
+        let f = |x: &str| format!("workloads[{i}].{x}");
+        let name = WorkloadName::new(w.name).map_err(|e| (f("name"), e.to_string()))?;
+        if workloads.iter().any(|t: &WorkloadTemplate| t.name == name) {
+            return Err((f("name"), format!("{name} appears twice")));
+        }
+        let release = if let Some(hex) = w.release.strip_prefix("sha256:") {
+            ReleaseRef::Digest(
+                Digest::from_hex(hex).map_err(|_| (f("release"), "bad sha256 digest".into()))?,
+            )
+        } else if let Some((n, v)) = w.release.split_once('@') {
+            ReleaseRef::Version {
+                name: n.to_owned(),
+                version: v.to_owned(),
+            }
+        } else {
+            return Err((
+                f("release"),
+                format!("{:?}: use name@version or sha256:<hex>", w.release),
+            ));
+        };
+        let restart = match w.restart.as_str() {
+            "never" => RestartPolicy::Never,
+            "on-failure" => RestartPolicy::OnFailure,
+            "always" => RestartPolicy::Always,
+            o => {
+                return Err((
+                    f("restart"),
+                    format!("{o:?} is not never, on-failure or always"),
+                ));
+            }
+        };
+        if !(1..=4096).contains(&w.memory_mib) {
+            return Err((
+                f("memory_mib"),
+                format!("{} is outside 1..4096", w.memory_mib),
+            ));
+        }
+        if w.cpu_ms == 0 {
+            return Err((f("cpu_ms"), "must be at least 1".into()));
+        }
+        if w.tick_ms != 0 && w.tick_ms < 10 {
+            return Err((f("tick_ms"), "must be 0 (command) or at least 10".into()));
+        }
+        let config = w
+            .config
+            .iter()
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect::<String>()
+            .into_bytes();
+        let geofence = w
+            .geofence
+            .as_ref()
+            .map(|g| geofence(&f("geofence"), g))
+            .transpose()?;
+        workloads.push(WorkloadTemplate {
+            name,
+            release,
+            resources: Resources {
+                memory_mib: w.memory_mib,
+                cpu_ms: w.cpu_ms,
+            },
+            tick_ms: w.tick_ms,
+            restart,
+            health: HealthRule::RunningFor(w.health_secs),
+            config,
+            geofence,
+        });
+    }
+    Ok(Deployment {
+        name,
+        target,
+        policy,
+        constraints,
+        workloads,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "sensors"
+[target]
+selector = { role = "sensor" }
+regions = ["eu-west", "us-east"]
+[placement]
+policy = "per-region"
+count = 2
+[[workloads]]
+name = "sensor"
+release = "sensor@1.0.0"
+tick_ms = 1000
+config = { interval = "5" }
+"#;
+
+    /// A good spec parses into the expected policy and workload.
+    #[test]
+    fn parses_good_spec() {
+        let d = parse("s.toml", GOOD).expect("valid");
+        assert_eq!(
+            d.policy,
+            Policy::PerRegion {
+                count: 2,
+                grace_secs: 300
+            }
+        );
+        assert_eq!(d.workloads[0].config, b"interval=5\n");
+        assert_eq!(
+            d.workloads[0].release,
+            ReleaseRef::Version {
+                name: "sensor".into(),
+                version: "1.0.0".into()
+            }
+        );
+    }
+
+    /// Malformed and invalid specs are refused with the file and the line or field.
+    #[test]
+    fn rejects_bad_specs_naming_the_place() {
+        let cases: Vec<(String, &str)> = vec![
+            ("name = \"x\"\n[[workloads]\n".into(), "line 2"),
+            (GOOD.replace("count = 2", "count = \"two\""), "line"),
+            (GOOD.replace("policy = \"per-region\"", "policy = \"random\""), "placement.policy"),
+            (GOOD.replace("count = 2\n", ""), "placement.count"),
+            (GOOD.replace("release = \"sensor@1.0.0\"", "release = \"latest\""), "workloads[0].release"),
+            (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\nrestart = \"sometimes\""), "workloads[0].restart"),
+            (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\nmemory_mib = 0"), "workloads[0].memory_mib"),
+            (GOOD.replace("name = \"sensors\"", "name = \"Sensors!\""), "`name`"),
+            (GOOD.replace("[placement]", "colour = \"red\"\n[placement]"), "unknown field"),
+            (
+                GOOD.replace("regions = [", "geofence = { circle = { lat = 95.0, lon = 0.0, radius_m = 5.0 } }\nregions = ["),
+                "target.geofence.circle.lat",
+            ),
+            (GOOD.replace("regions = [", "geofence = { h3 = [\"zz\"] }\nregions = ["), "target.geofence.h3[0]"),
+        ];
+        for (text, want) in cases {
+            let err = parse("deploy/sensors.toml", &text)
+                .expect_err(&text)
+                .to_string();
+            assert!(err.starts_with("deploy/sensors.toml"), "{err}");
+            assert!(err.contains(want), "{err:?} should contain {want:?}");
+        }
+    }
+}
