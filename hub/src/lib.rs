@@ -3,6 +3,7 @@
 pub mod api;
 pub mod broker;
 pub mod client;
+pub mod demo;
 pub mod hub;
 pub mod keyfile;
 pub mod keys_cli;

@@ -1,7 +1,14 @@
-//! `flotilla`: the hub server and the operator CLI in one binary. Thin: parses arguments and maps errors to exit codes.
+//! `flotilla`: the hub server and the operator CLI in one binary. Thin: parses arguments, dispatches, and maps
+//! errors to exit codes.
 
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use flotilla_hub::client::Client;
 use flotilla_hub::keys_cli::{self, KeysCmd, ReleaseSign, RootCmd};
+use flotilla_hub::server::{self, BrokerChoice, DataDir};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
@@ -15,33 +22,408 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(Debug, Args, Clone)]
+struct Conn {
+    /// Hub API URL.
+    #[arg(long, env = "FLOTILLA_SERVER", global = true)]
+    server: Option<String>,
+    /// API bearer token (or FLOTILLA_TOKEN, or --token-file).
+    #[arg(long, env = "FLOTILLA_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// `table` for people, `json` for scripts.
+    #[arg(long, short = 'o', default_value = "table", global = true)]
+    output: String,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Create a hub data directory: keys, trust root, database, admin token.
+    Init {
+        #[arg(long, default_value = "flotilla-data")]
+        data_dir: PathBuf,
+    },
+    /// Run the hub (embedded MQTT broker unless --broker is given).
+    Serve {
+        #[arg(long, default_value = "flotilla-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// Embedded broker listen address.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        mqtt: SocketAddr,
+        /// External broker instead of the embedded one: mqtt://host:port.
+        #[arg(long)]
+        broker: Option<String>,
+    },
+    /// Start a hub and a small fleet of real agents across three regions, deploy, and watch it converge.
+    Demo(flotilla_hub::demo::DemoArgs),
     /// Key generation.
     #[command(subcommand)]
     Keys(KeysCmd),
     /// Create, co-sign and inspect trust roots.
     #[command(subcommand)]
     Root(RootCmd),
-    /// Sign releases (offline, with release keys).
+    /// Sign, push and list releases.
     #[command(subcommand)]
     Release(ReleaseCmd),
+    /// Devices.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// One-time enrollment tokens.
+    #[command(subcommand, name = "enroll-token")]
+    EnrollToken(TokenCmd),
+    /// Apply a deployment spec file (TOML).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Deployments.
+    #[command(subcommand)]
+    Deploy(DeployCmd),
+    /// Explain why a device is or is not running a workload.
+    Why {
+        device: String,
+        workload: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum ReleaseCmd {
-    /// Sign an artifact as a release and write the signed release file.
+    /// Sign an artifact as a release and write the signed release file (offline).
     Sign(ReleaseSign),
+    /// Sign (with your release key) and upload an artifact and its release.
+    Push {
+        #[command(flatten)]
+        sign: ReleaseSign,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCmd {
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Show {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    Create {
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        zone: Option<String>,
+        /// key=value, repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeployCmd {
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Status {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Rm {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+impl Conn {
+    fn client(&self) -> Result<Client> {
+        let server = self
+            .server
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => {
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+            }
+            (None, None) => std::fs::read_to_string("flotilla-data/admin.token")
+                .context("no token: pass --token, FLOTILLA_TOKEN or --token-file")?,
+        };
+        Ok(Client::new(&server, &token))
+    }
+    fn json(&self) -> bool {
+        self.output == "json"
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Init { data_dir } => {
+            server::init(&DataDir(data_dir))?;
+        }
+        Cmd::Serve {
+            data_dir,
+            http,
+            mqtt,
+            broker,
+        } => {
+            let choice = match broker {
+                Some(url) => {
+                    let rest = url
+                        .strip_prefix("mqtt://")
+                        .context("--broker must be mqtt://host:port")?;
+                    let (host, port) = rest.rsplit_once(':').context("--broker needs a port")?;
+                    BrokerChoice::External {
+                        host: host.into(),
+                        port: port.parse().context("--broker port")?,
+                    }
+                }
+                None => BrokerChoice::Embedded(mqtt),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(server::serve(DataDir(data_dir), http, choice))?;
+        }
+        Cmd::Demo(args) => flotilla_hub::demo::run(args)?,
+        Cmd::Keys(c) => keys_cli::run_keys(c)?,
+        Cmd::Root(c) => keys_cli::run_root(c)?,
+        Cmd::Release(ReleaseCmd::Sign(a)) => keys_cli::run_release_sign(a)?,
+        Cmd::Release(ReleaseCmd::Push { sign, conn }) => {
+            let c = conn.client()?;
+            let (signed, release) = keys_cli::sign_release(&sign)?;
+            let bytes = std::fs::read(&sign.artifact)?;
+            eprintln!(
+                "uploading {} ({} bytes)...",
+                sign.artifact.display(),
+                bytes.len()
+            );
+            c.post("/api/v1/artifacts", "application/octet-stream", &bytes, &[])?;
+            let body = postcard::to_stdvec(&signed)?;
+            let v = c.post("/api/v1/releases", "application/octet-stream", &body, &[])?;
+            if conn.json() {
+                print_json(&v);
+            } else {
+                println!(
+                    "pushed {}@{} release {}",
+                    release.name,
+                    release.version,
+                    s(&v, "digest")
+                );
+            }
+        }
+        Cmd::Release(ReleaseCmd::Ls { conn }) => {
+            let v = conn.client()?.get("/api/v1/releases")?;
+            if conn.json() {
+                print_json(&v);
+            } else {
+                println!(
+                    "{:<20} {:<12} {:>5} {:>10}  DIGEST",
+                    "NAME", "VERSION", "EPOCH", "SIZE"
+                );
+                for r in v.as_array().into_iter().flatten() {
+                    let d = s(r, "digest");
+                    println!(
+                        "{:<20} {:<12} {:>5} {:>10}  {}",
+                        s(r, "name"),
+                        s(r, "version"),
+                        s(r, "epoch"),
+                        s(r, "size"),
+                        &d[..d.len().min(16)]
+                    );
+                }
+            }
+        }
+        Cmd::Device(DeviceCmd::Ls { conn }) => {
+            let v = conn.client()?.get("/api/v1/devices")?;
+            if conn.json() {
+                print_json(&v);
+            } else {
+                println!(
+                    "{:<16} {:<8} {:<12} {:<8} {:>5}/{:<5} WORKLOADS",
+                    "DEVICE", "ONLINE", "REGION", "ZONE", "APPL", "WANT"
+                );
+                for d in v.as_array().into_iter().flatten() {
+                    let ws: Vec<String> = d["workloads"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|w| format!("{}@{}:{}", s(w, "name"), s(w, "version"), s(w, "state")))
+                        .collect();
+                    println!(
+                        "{:<16} {:<8} {:<12} {:<8} {:>5}/{:<5} {}",
+                        s(d, "id"),
+                        s(d, "online"),
+                        s(d, "region"),
+                        s(d, "zone"),
+                        s(d, "applied_generation"),
+                        s(d, "desired_generation"),
+                        ws.join(" ")
+                    );
+                }
+            }
+        }
+        Cmd::Device(DeviceCmd::Show { id, conn }) => {
+            print_json(&conn.client()?.get(&format!("/api/v1/devices/{id}"))?)
+        }
+        Cmd::EnrollToken(TokenCmd::Create {
+            region,
+            zone,
+            labels,
+            ttl_secs,
+            conn,
+        }) => {
+            let mut l = serde_json::Map::new();
+            for kv in labels {
+                let (k, v) = kv.split_once('=').context("--label must be key=value")?;
+                l.insert(k.into(), Value::from(v));
+            }
+            let body = serde_json::json!({"region": region, "zone": zone, "labels": l, "ttl_secs": ttl_secs});
+            let v = conn.client()?.post(
+                "/api/v1/enrollment-tokens",
+                "application/json",
+                body.to_string().as_bytes(),
+                &[],
+            )?;
+            if conn.json() {
+                print_json(&v);
+            } else {
+                println!("{}", s(&v, "token"));
+            }
+        }
+        Cmd::Apply { file, conn } => {
+            let text =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let name = file.display().to_string();
+            let v = conn.client()?.post(
+                "/api/v1/deployments",
+                "application/toml",
+                &text,
+                &[("x-flotilla-spec-file", &name)],
+            )?;
+            if conn.json() {
+                print_json(&v);
+            } else {
+                println!(
+                    "applied deployment {} (revision {})",
+                    s(&v, "deployment"),
+                    s(&v, "revision")
+                );
+            }
+        }
+        Cmd::Deploy(DeployCmd::Ls { conn }) => {
+            let v = conn.client()?.get("/api/v1/deployments")?;
+            if conn.json() {
+                print_json(&v);
+            } else {
+                println!(
+                    "{:<20} {:>7} {:>7}  WORKLOADS",
+                    "DEPLOYMENT", "PLACED", "RUNNING"
+                );
+                for d in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<20} {:>7} {:>7}  {}",
+                        s(d, "name"),
+                        s(d, "placed"),
+                        s(d, "running"),
+                        d["workloads"]
+                    );
+                }
+            }
+        }
+        Cmd::Deploy(DeployCmd::Status { name, conn }) => {
+            let v = conn.client()?.get(&format!("/api/v1/deployments/{name}"))?;
+            if conn.json() {
+                print_json(&v);
+            } else {
+                println!(
+                    "deployment {}: {} of {} placed devices running",
+                    name,
+                    s(&v, "running"),
+                    s(&v, "placed")
+                );
+                for d in v["devices"].as_array().into_iter().flatten() {
+                    let st: Vec<String> = d["workloads"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|w| format!("{}:{}", s(w, "workload"), s(w, "state")))
+                        .collect();
+                    println!(
+                        "  {:<16} online={:<5} {}",
+                        s(d, "device"),
+                        s(d, "online"),
+                        st.join(" ")
+                    );
+                }
+            }
+        }
+        Cmd::Deploy(DeployCmd::Rm { name, conn }) => {
+            conn.client()?
+                .delete(&format!("/api/v1/deployments/{name}"))?;
+            println!("deleted deployment {name}");
+        }
+        Cmd::Why {
+            device,
+            workload,
+            conn,
+        } => {
+            let v = conn
+                .client()?
+                .get(&format!("/api/v1/why/{device}/{workload}"))?;
+            if conn.json() {
+                print_json(&v);
+            } else {
+                println!("{device} / {workload}: {}", s(&v, "explanation"));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.cmd {
-        Cmd::Keys(c) => keys_cli::run_keys(c),
-        Cmd::Root(c) => keys_cli::run_root(c),
-        Cmd::Release(ReleaseCmd::Sign(a)) => keys_cli::run_release_sign(a),
-    };
-    match result {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
