@@ -919,6 +919,7 @@ impl Agent {
                 self.reconciler.exited(now, &name, op, exit);
             }
             RuntimeEvent::Stopped { name, op } => {
+                tracing::info!(workload = %name, "stopped");
                 self.running.remove(&name);
                 self.reconciler.op_finished(now, &name, op, Ok(()));
             }

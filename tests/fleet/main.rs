@@ -1,1 +1,5 @@
-//! Fleet scenarios.
+//! Fleet scenarios: real hub, real broker, real agents on loopback. One test binary (house style).
+
+mod e2e;
+mod offline;
+mod trust;

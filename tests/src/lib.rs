@@ -1,1 +1,629 @@
-//! placeholder
+//! The fleet harness: starts a real hub (`flotilla serve`), a real broker (the hub's embedded one, or Mosquitto on a
+//! free port), and N real `flotilla-agent` processes with temp data dirs, positions and labels, optionally each
+//! behind its own fault proxy. Helpers wait on observable state with a patience budget; nothing sleeps and hopes.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`; the README's test command does it).
+
+pub mod proxy;
+
+use anyhow::{Context, Result, bail};
+use flotilla_hub::client::Client;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Default patience for waits: generous, because CI machines are shared and builds may run alongside.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Directory holding `flotilla` and `flotilla-agent` (next to the test executable's `deps/` folder).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    for b in ["flotilla", "flotilla-agent"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} missing: run `cargo build --workspace --bins` first",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+/// Polls `f` until it returns `Some`, or fails after `patience` naming `what`.
+pub fn wait_for<T>(what: &str, patience: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > patience {
+            bail!("timed out after {:?} waiting for {what}", patience);
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// A free loopback port (bound, then released; the owner binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or(0, |a| a.port())
+}
+
+/// Which broker the fleet uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    Embedded,
+    Mosquitto,
+}
+
+/// A child process killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    /// Sends SIGTERM (graceful stop) and waits for the exit status.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A Mosquitto broker on a free loopback port.
+#[derive(Debug)]
+pub struct Mosquitto {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Result<Self> {
+        let port = free_port();
+        std::fs::create_dir_all(dir)?;
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_packet_size 200000\npersistence false\n"
+            ),
+        )?;
+        let log = dir.join("mosquitto.log");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting mosquitto (apt-get install mosquitto)")?;
+        wait_for("mosquitto to listen", PATIENCE, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })?;
+        Ok(Self {
+            proc: Proc { child, log },
+            port,
+        })
+    }
+}
+
+/// A running hub.
+#[derive(Debug)]
+pub struct Hub {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub api: String,
+    pub mqtt_port: u16,
+    pub client: Client,
+    http: SocketAddr,
+    broker: Option<u16>,
+}
+
+impl Hub {
+    fn spawn(dir: &Path, http: SocketAddr, mqtt: SocketAddr, broker: Option<u16>) -> Result<Proc> {
+        let mut cmd = Command::new(bin_dir().join("flotilla"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--http")
+            .arg(http.to_string());
+        match broker {
+            Some(p) => cmd.arg("--broker").arg(format!("mqtt://127.0.0.1:{p}")),
+            None => cmd.arg("--mqtt").arg(mqtt.to_string()),
+        };
+        let log = dir.with_extension("log");
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)?,
+            )
+            .spawn()?;
+        Ok(Proc { child, log })
+    }
+
+    /// Starts a hub with a fresh data directory.
+    pub fn start(dir: &Path, broker: Option<u16>) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let status = Command::new(bin_dir().join("flotilla"))
+            .arg("init")
+            .arg("--data-dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("flotilla init failed");
+        }
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let proc = Self::spawn(dir, http, mqtt, broker)?;
+        let (api, mqtt_url) = wait_for("hub endpoints", PATIENCE, || {
+            flotilla_hub::server::read_endpoints(dir)
+        })?;
+        let mqtt_port = mqtt_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("mqtt port")?;
+        let token = std::fs::read_to_string(dir.join("admin.token"))?;
+        let client = Client::new(&api, &token);
+        wait_for("hub API", PATIENCE, || client.get("/api/v1/devices").ok())?;
+        Ok(Self {
+            proc,
+            dir: dir.to_owned(),
+            api,
+            mqtt_port,
+            client,
+            http,
+            broker,
+        })
+    }
+
+    /// Kills the hub with SIGKILL and starts it again on the same ports and data directory.
+    pub fn restart_kill9(&mut self) -> Result<()> {
+        self.proc.kill9();
+        let _ = std::fs::remove_file(self.dir.join("endpoints.txt"));
+        let mqtt: SocketAddr = format!("127.0.0.1:{}", self.mqtt_port).parse()?;
+        self.proc = Self::spawn(&self.dir, self.http, mqtt, self.broker)?;
+        wait_for("hub endpoints after restart", PATIENCE, || {
+            flotilla_hub::server::read_endpoints(&self.dir)
+        })?;
+        wait_for("hub API after restart", PATIENCE, || {
+            self.client.get("/api/v1/devices").ok()
+        })?;
+        Ok(())
+    }
+
+    pub fn release_key(&self) -> PathBuf {
+        self.dir.join("keys/release.key")
+    }
+
+    pub fn enroll_token(
+        &self,
+        region: &str,
+        zone: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<String> {
+        let labels: serde_json::Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+            .collect();
+        let body =
+            serde_json::json!({"region": region, "zone": zone, "labels": labels, "ttl_secs": 600});
+        let v = self.client.post(
+            "/api/v1/enrollment-tokens",
+            "application/json",
+            body.to_string().as_bytes(),
+            &[],
+        )?;
+        Ok(v["token"].as_str().context("token")?.to_owned())
+    }
+
+    /// Signs `wasm` as release `name@version` (epoch) with the hub's release key, uploads artifact and release.
+    pub fn push_release(
+        &self,
+        name: &str,
+        version: &str,
+        epoch: u32,
+        wasm: &[u8],
+    ) -> Result<String> {
+        let path = self.dir.join(format!("{name}-{version}.wasm"));
+        std::fs::write(&path, wasm)?;
+        let sign = flotilla_hub::keys_cli::ReleaseSign {
+            artifact: path,
+            name: name.into(),
+            version: version.into(),
+            epoch,
+            kind: "wasm".into(),
+            keys: vec![self.release_key()],
+            out: None,
+        };
+        let (signed, _) = flotilla_hub::keys_cli::sign_release(&sign)?;
+        self.client
+            .post("/api/v1/artifacts", "application/octet-stream", wasm, &[])?;
+        let v = self.client.post(
+            "/api/v1/releases",
+            "application/octet-stream",
+            &postcard::to_stdvec(&signed)?,
+            &[],
+        )?;
+        Ok(v["digest"].as_str().context("digest")?.to_owned())
+    }
+
+    pub fn apply(&self, spec: &str) -> Result<Value> {
+        self.client.post(
+            "/api/v1/deployments",
+            "application/toml",
+            spec.as_bytes(),
+            &[("x-flotilla-spec-file", "spec.toml")],
+        )
+    }
+
+    pub fn device(&self, id: &str) -> Option<Value> {
+        self.client.get(&format!("/api/v1/devices/{id}")).ok()
+    }
+
+    /// The observed state of `workload` on `device` from the device's last report ("running", "downloading", ..).
+    pub fn workload_state(&self, device: &str, workload: &str) -> Option<String> {
+        let d = self.device(device)?;
+        d["workloads"]
+            .as_array()?
+            .iter()
+            .find(|w| w["name"] == workload)
+            .and_then(|w| w["state"].as_str().map(str::to_owned))
+    }
+
+    pub fn wait_workload(&self, device: &str, workload: &str, state: &str) -> Result<()> {
+        wait_for(&format!("{device}/{workload} {state}"), PATIENCE, || {
+            (self.workload_state(device, workload).as_deref() == Some(state)).then_some(())
+        })
+    }
+}
+
+/// What one agent looks like.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub id: String,
+    pub region: String,
+    pub zone: String,
+    pub lat: f64,
+    pub lon: f64,
+    pub labels: Vec<(String, String)>,
+    /// Read the position from this file (written by the test) instead of a static one.
+    pub position_file: bool,
+}
+
+impl AgentSpec {
+    pub fn new(id: &str, region: &str, lat: f64, lon: f64) -> Self {
+        Self {
+            id: id.into(),
+            region: region.into(),
+            zone: format!("{region}-a"),
+            lat,
+            lon,
+            labels: vec![("role".into(), "gateway".into())],
+            position_file: false,
+        }
+    }
+}
+
+/// A running (or stopped) agent process and its files.
+#[derive(Debug)]
+pub struct Agent {
+    pub spec: AgentSpec,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub proc: Option<Proc>,
+    pub proxy: Option<proxy::Proxy>,
+    starts: u32,
+}
+
+impl Agent {
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Starts (or restarts) the agent process.
+    pub fn start(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log = self.dir.join(format!("agent-{}.log", self.starts));
+        let child = Command::new(bin_dir().join("flotilla-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("FLOTILLA_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        self.proc = Some(Proc { child, log });
+        Ok(())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// The current run's log (JSON lines).
+    pub fn log(&self) -> String {
+        self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
+    }
+
+    /// Waits until the current run's log has at least `n` lines containing every one of `needles`.
+    pub fn wait_log(&self, needles: &[&str], n: usize) -> Result<()> {
+        wait_for(
+            &format!("{} log {needles:?} x{n}", self.spec.id),
+            PATIENCE,
+            || {
+                (self
+                    .log()
+                    .lines()
+                    .filter(|l| needles.iter().all(|x| l.contains(x)))
+                    .count()
+                    >= n)
+                    .then_some(())
+            },
+        )
+    }
+
+    pub fn set_position(&self, lat: f64, lon: f64) -> Result<()> {
+        let path = self.dir.join("position.json");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{{\"lat\": {lat}, \"lon\": {lon}}}"))?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+}
+
+/// A fleet under test.
+#[derive(Debug)]
+pub struct Fleet {
+    pub root: tempfile::TempDir,
+    pub mosquitto: Option<Mosquitto>,
+    pub hub: Hub,
+    pub agents: Vec<Agent>,
+}
+
+/// Builds a [`Fleet`].
+#[derive(Debug)]
+pub struct FleetBuilder {
+    broker: BrokerKind,
+    agents: Vec<AgentSpec>,
+    proxies: bool,
+}
+
+impl Default for FleetBuilder {
+    fn default() -> Self {
+        Self {
+            broker: BrokerKind::Embedded,
+            agents: vec![],
+            proxies: false,
+        }
+    }
+}
+
+impl FleetBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn broker(mut self, b: BrokerKind) -> Self {
+        self.broker = b;
+        self
+    }
+    pub fn agent(mut self, a: AgentSpec) -> Self {
+        self.agents.push(a);
+        self
+    }
+    /// Puts a fault proxy between each agent and the broker.
+    pub fn with_proxies(mut self) -> Self {
+        self.proxies = true;
+        self
+    }
+
+    /// Starts everything and waits until every agent has enrolled and reported.
+    pub fn start(self) -> Result<Fleet> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let root = tempfile::tempdir()?;
+        let mosquitto = match self.broker {
+            BrokerKind::Mosquitto => Some(Mosquitto::start(&root.path().join("mosquitto"))?),
+            BrokerKind::Embedded => None,
+        };
+        let hub = Hub::start(&root.path().join("hub"), mosquitto.as_ref().map(|m| m.port))?;
+        let mut agents = Vec::new();
+        for spec in self.agents {
+            let dir = root.path().join("agents").join(&spec.id);
+            std::fs::create_dir_all(&dir)?;
+            let proxy = if self.proxies {
+                Some(proxy::Proxy::start(("127.0.0.1", hub.mqtt_port))?)
+            } else {
+                None
+            };
+            let port = proxy.as_ref().map_or(hub.mqtt_port, |p| p.port());
+            let labels: Vec<(&str, &str)> = spec
+                .labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let token = hub.enroll_token(&spec.region, &spec.zone, &labels)?;
+            let position = if spec.position_file {
+                format!(
+                    "[position]\nfile = \"{}\"\n",
+                    dir.join("position.json").display()
+                )
+            } else {
+                format!("[position]\nlat = {}\nlon = {}\n", spec.lat, spec.lon)
+            };
+            let config = dir.join("agent.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version = 1\ndevice_id = \"{}\"\ndata_dir = \"{}\"\nbroker = \"mqtt://127.0.0.1:{port}\"\nenroll_token = \"{token}\"\n\
+                     region = \"{}\"\nzone = \"{}\"\n{position}\n[limits]\nkeepalive_secs = 5\nreport_interval_secs = 5\n\n\
+                     [telemetry]\nmetrics_interval_secs = 3600\n",
+                    spec.id,
+                    dir.join("state").display(),
+                    spec.region,
+                    spec.zone
+                ),
+            )?;
+            let mut agent = Agent {
+                spec,
+                dir,
+                config,
+                proc: None,
+                proxy,
+                starts: 0,
+            };
+            if agent.spec.position_file {
+                agent.set_position(agent.spec.lat, agent.spec.lon)?;
+            }
+            agent.start()?;
+            agents.push(agent);
+        }
+        for a in &agents {
+            wait_for(
+                &format!("{} to enroll and report", a.spec.id),
+                PATIENCE,
+                || {
+                    hub.device(&a.spec.id)
+                        .filter(|d| d["online"] == true && d["agent_version"].is_string())
+                },
+            )?;
+        }
+        Ok(Fleet {
+            root,
+            mosquitto,
+            hub,
+            agents,
+        })
+    }
+}
+
+impl Fleet {
+    pub fn agent(&self, id: &str) -> &Agent {
+        self.agents
+            .iter()
+            .find(|a| a.spec.id == id)
+            .unwrap_or_else(|| panic!("no agent {id}"))
+    }
+    pub fn agent_mut(&mut self, id: &str) -> &mut Agent {
+        self.agents
+            .iter_mut()
+            .find(|a| a.spec.id == id)
+            .unwrap_or_else(|| panic!("no agent {id}"))
+    }
+    /// The broker port tests connect their own MQTT clients to.
+    pub fn broker_port(&self) -> u16 {
+        self.hub.mqtt_port
+    }
+}
+
+/// The committed prebuilt firmware modules.
+pub fn firmware(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../firmware-images/wasm")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A raw MQTT client for tests: subscribe to feeds, inject messages.
+pub struct TestClient {
+    pub link: flotilla_mqtt::Link,
+    pub rx: tokio::sync::mpsc::Receiver<flotilla_mqtt::LinkEvent>,
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for TestClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TestClient")
+    }
+}
+
+impl TestClient {
+    pub fn connect(port: u16, subscriptions: &[&str]) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let settings = flotilla_mqtt::LinkSettings {
+            client_id: format!("test-{}", flotilla_shared::trust::random_hex(4)),
+            host: "127.0.0.1".into(),
+            port,
+            keepalive: Duration::from_secs(30),
+            tls: None,
+            last_will: None,
+            subscriptions: subscriptions.iter().map(|s| (*s).to_owned()).collect(),
+            clean_session: true,
+        };
+        let (link, mut rx) = rt.block_on(async { flotilla_mqtt::connect(settings) })?;
+        rt.block_on(async {
+            tokio::time::timeout(PATIENCE, async {
+                while let Some(ev) = rx.recv().await {
+                    if matches!(ev, flotilla_mqtt::LinkEvent::Connected) {
+                        return;
+                    }
+                }
+            })
+            .await
+        })
+        .context("test client connect")?;
+        // Give the broker a moment to register the subscriptions sent right after CONNACK.
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(Self { link, rx, rt })
+    }
+
+    /// The next message within `patience`, if any.
+    pub fn next_message(&mut self, patience: Duration) -> Option<(String, Vec<u8>)> {
+        let rx = &mut self.rx;
+        self.rt.block_on(async {
+            tokio::time::timeout(patience, async {
+                loop {
+                    match rx.recv().await {
+                        Some(flotilla_mqtt::LinkEvent::Message { topic, payload }) => {
+                            return Some((topic, payload));
+                        }
+                        Some(_) => continue,
+                        None => return None,
+                    }
+                }
+            })
+            .await
+            .ok()
+            .flatten()
+        })
+    }
+
+    pub fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<()> {
+        use flotilla_mqtt::Publisher;
+        let _g = self.rt.enter();
+        self.link.publish(topic, payload, retain)?;
+        Ok(())
+    }
+}

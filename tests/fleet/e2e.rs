@@ -1,0 +1,217 @@
+//! End to end with real agents: deploy, converge, change the spec (only affected devices get a new generation),
+//! telemetry on the feed topic, `why`, bad specs and wrong roles. Against the embedded broker and Mosquitto.
+
+use flotilla_fleet_tests::{
+    AgentSpec, BrokerKind, FleetBuilder, PATIENCE, TestClient, firmware, wait_for,
+};
+use flotilla_shared::codec::{self, Message};
+use flotilla_shared::topics;
+use std::time::Duration;
+
+fn spec(regions: &str, config: &str) -> String {
+    format!(
+        "name = \"sensors\"\n[target]\nselector = {{ role = \"gateway\" }}\nregions = [{regions}]\n\
+         [placement]\npolicy = \"every\"\n[[workloads]]\nname = \"sensor\"\nrelease = \"sensor@1.0.0\"\n\
+         tick_ms = 100\nmemory_mib = 4\ncpu_ms = 20\nconfig = {{ site = \"{config}\" }}\n"
+    )
+}
+
+fn generation(f: &flotilla_fleet_tests::Fleet, id: &str) -> u64 {
+    f.hub
+        .device(id)
+        .and_then(|d| d["desired_generation"].as_u64())
+        .unwrap_or(0)
+}
+
+fn scenario(broker: BrokerKind) {
+    let fleet = FleetBuilder::new()
+        .broker(broker)
+        .agent(AgentSpec::new("eu-1", "eu-west", 52.52, 13.40))
+        .agent(AgentSpec::new("us-1", "us-east", 40.71, -74.00))
+        .agent(AgentSpec::new("ap-1", "ap-south", 1.35, 103.81))
+        .start()
+        .expect("fleet starts");
+    let hub = &fleet.hub;
+    let mut feed = TestClient::connect(fleet.broker_port(), &["flotilla/v1/telemetry/eu-west/#"])
+        .expect("feed");
+    hub.push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("release pushed");
+
+    // Apply to two regions: both placed devices run the workload; the third gets nothing.
+    hub.apply(&spec("\"eu-west\", \"us-east\"", "a"))
+        .expect("applied");
+    hub.wait_workload("eu-1", "sensor", "running")
+        .expect("eu-1 runs");
+    hub.wait_workload("us-1", "sensor", "running")
+        .expect("us-1 runs");
+    assert_eq!(generation(&fleet, "ap-1"), 0);
+    let (g_eu, g_us) = (generation(&fleet, "eu-1"), generation(&fleet, "us-1"));
+
+    // Telemetry from the guest arrives on the region's feed topic, from the right device.
+    let (topic, payload) = wait_for("telemetry on the feed", PATIENCE, || {
+        feed.next_message(Duration::from_secs(1))
+    })
+    .expect("feed");
+    assert!(
+        topic.starts_with("flotilla/v1/telemetry/eu-west/eu-1/"),
+        "{topic}"
+    );
+    let Ok(Message::Telemetry(records)) = codec::decode(&payload) else {
+        panic!("telemetry payload")
+    };
+    assert_eq!(records[0].device.as_str(), "eu-1");
+    assert_eq!(
+        topics::parse_telemetry(&topic).map(|t| t.0),
+        Some("eu-west".to_owned())
+    );
+
+    // Widen to ap-south: only ap-1 gets a new generation; the others are untouched.
+    hub.apply(&spec("\"eu-west\", \"us-east\", \"ap-south\"", "a"))
+        .expect("applied");
+    hub.wait_workload("ap-1", "sensor", "running")
+        .expect("ap-1 runs");
+    assert_eq!(
+        (generation(&fleet, "eu-1"), generation(&fleet, "us-1")),
+        (g_eu, g_us)
+    );
+
+    // A config change reaches every placed device as a new generation, applied without re-downloading.
+    hub.apply(&spec("\"eu-west\", \"us-east\", \"ap-south\"", "b"))
+        .expect("applied");
+    for id in ["eu-1", "us-1", "ap-1"] {
+        wait_for(
+            &format!("{id} applies the new generation"),
+            PATIENCE,
+            || {
+                let d = hub.device(id)?;
+                (d["applied_generation"] == d["desired_generation"]
+                    && d["workloads"][0]["state"] == "running")
+                    .then_some(())
+            },
+        )
+        .expect("converged");
+        assert_eq!(
+            fleet
+                .agent(id)
+                .log()
+                .matches("artifact verified and cached")
+                .count(),
+            1,
+            "{id} downloaded once"
+        );
+    }
+    let why = hub.client.get("/api/v1/why/eu-1/sensor").expect("why");
+    assert!(
+        why["explanation"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("running version 1.0.0"),
+        "{why}"
+    );
+
+    // A malformed spec is refused with the field, and nothing changes.
+    let before = hub
+        .client
+        .get("/api/v1/deployments/sensors")
+        .expect("status");
+    let err = hub
+        .apply(&spec("\"eu-west\"", "c").replace("policy = \"every\"", "policy = \"all\""))
+        .expect_err("invalid");
+    assert!(err.to_string().contains("placement.policy"), "{err}");
+    let err = hub
+        .apply(&spec("\"eu-west\"", "c").replace("sensor@1.0.0", "sensor@9.9.9"))
+        .expect_err("unknown release");
+    assert!(err.to_string().contains("workloads[0].release"), "{err}");
+    assert_eq!(
+        hub.client
+            .get("/api/v1/deployments/sensors")
+            .expect("status")["placed"],
+        before["placed"]
+    );
+}
+
+/// Deploy, converge, widen, reconfigure and refuse bad specs against the embedded broker.
+#[test]
+fn end_to_end_embedded_broker() {
+    scenario(BrokerKind::Embedded);
+}
+
+/// The same story against a real Mosquitto started by the harness.
+#[test]
+fn end_to_end_mosquitto() {
+    scenario(BrokerKind::Mosquitto);
+}
+
+/// Roles are enforced and mutating calls are audited; bad tokens and unknown devices give clear errors.
+#[test]
+fn api_roles_and_errors() {
+    let fleet = FleetBuilder::new()
+        .agent(AgentSpec::new("eu-1", "eu-west", 52.5, 13.4))
+        .start()
+        .expect("fleet");
+    let hub = &fleet.hub;
+    let bad = flotilla_hub::client::Client::new(&hub.api, "not-a-token");
+    assert!(
+        bad.get("/api/v1/devices")
+            .expect_err("401")
+            .to_string()
+            .starts_with("401")
+    );
+    let err = hub
+        .client
+        .get("/api/v1/devices/nope")
+        .expect_err("404")
+        .to_string();
+    assert!(
+        err.starts_with("404") && err.contains("no device nope"),
+        "{err}"
+    );
+    let err = hub
+        .client
+        .get("/api/v1/devices/BAD$")
+        .expect_err("400")
+        .to_string();
+    assert!(err.starts_with("400"), "{err}");
+    let audit = hub.client.get("/api/v1/audit").expect("audit");
+    assert!(
+        audit
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["action"] == "enroll-token")),
+        "{audit}"
+    );
+    let openapi = hub.client.get("/api/v1/openapi.json").expect("openapi");
+    assert!(openapi["paths"]["/api/v1/deployments"].is_object());
+}
+
+/// Enrollment tokens are single-use: a second agent presenting a used token is refused and exits with the
+/// "bad configuration" code (78) instead of crash-looping.
+#[test]
+fn reused_enrollment_token_is_refused() {
+    let fleet = FleetBuilder::new()
+        .agent(AgentSpec::new("eu-1", "eu-west", 52.5, 13.4))
+        .start()
+        .expect("fleet");
+    let used = std::fs::read_to_string(&fleet.agent("eu-1").config).expect("config");
+    let dir = fleet.root.path().join("intruder");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cfg = used
+        .replace("device_id = \"eu-1\"", "device_id = \"intruder\"")
+        .replace(
+            &fleet.agent("eu-1").state_dir().display().to_string(),
+            &dir.join("state").display().to_string(),
+        );
+    std::fs::write(dir.join("agent.toml"), cfg).expect("write");
+    let out = std::process::Command::new(flotilla_fleet_tests::bin_dir().join("flotilla-agent"))
+        .arg("--config")
+        .arg(dir.join("agent.toml"))
+        .output()
+        .expect("runs");
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already used"));
+    assert!(fleet.hub.device("intruder").is_none());
+}
