@@ -49,7 +49,6 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     telemetry: RawTelemetry,
-    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -148,7 +147,6 @@ pub struct Config {
     pub report_interval_secs: u32,
     pub outbox_bytes: u64,
     pub metrics_interval_secs: u32,
-    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Command-line and environment overrides for the common settings.
@@ -293,7 +291,6 @@ impl Config {
             report_interval_secs: raw.limits.report_interval_secs.max(1),
             outbox_bytes: raw.telemetry.outbox_bytes,
             metrics_interval_secs: raw.telemetry.metrics_interval_secs.max(1),
-            metrics_listen: raw.metrics_listen,
         })
     }
 }

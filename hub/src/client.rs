@@ -50,6 +50,25 @@ impl Client {
         serde_json::from_str(&text).context("parsing the response")
     }
 
+    /// GET returning the raw body text (for `/metrics`).
+    pub fn get_text(&self, path: &str) -> Result<String> {
+        let mut resp = self
+            .agent
+            .get(format!("{}{path}", self.server))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()
+            .context("contacting the hub")?;
+        let mut text = String::new();
+        resp.body_mut()
+            .as_reader()
+            .read_to_string(&mut text)
+            .context("reading the response")?;
+        if !resp.status().is_success() {
+            bail!("{}: {text}", resp.status().as_u16());
+        }
+        Ok(text)
+    }
+
     pub fn get(&self, path: &str) -> Result<Value> {
         let r = self
             .agent

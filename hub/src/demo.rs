@@ -32,7 +32,7 @@ pub struct DemoArgs {
 }
 
 /// (device, region, zone, lat, lon)
-const FLEET: &[(&str, &str, &str, f64, f64)] = &[
+const FLEET: &[DemoDevice] = &[
     ("berlin-gw", "eu-west", "eu-a", 52.520, 13.405),
     ("paris-gw", "eu-west", "eu-b", 48.857, 2.352),
     ("newyork-gw", "us-east", "us-a", 40.713, -74.006),
@@ -140,16 +140,11 @@ fn table(devices: &Value) -> (String, usize) {
     (out, running)
 }
 
-fn write_agent_config(
-    dir: &Path,
-    mqtt: &str,
-    token: &str,
-    id: &str,
-    region: &str,
-    zone: &str,
-    lat: f64,
-    lon: f64,
-) -> Result<PathBuf> {
+/// One demo device: (id, region, zone, lat, lon).
+type DemoDevice = (&'static str, &'static str, &'static str, f64, f64);
+
+fn write_agent_config(dir: &Path, mqtt: &str, token: &str, device: &DemoDevice) -> Result<PathBuf> {
+    let (id, region, zone, lat, lon) = *device;
     std::fs::create_dir_all(dir)?;
     let cfg = format!(
         "version = 1\ndevice_id = \"{id}\"\ndata_dir = \"{}\"\nbroker = \"{mqtt}\"\nenroll_token = \"{token}\"\n\
@@ -197,7 +192,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     println!("\n== enrolling {} agents across 3 regions", FLEET.len());
     let mut fleet = Fleet(Vec::new());
-    for (id, region, zone, lat, lon) in FLEET {
+    for device in FLEET {
+        let (id, region, zone, ..) = device;
         let body = serde_json::json!({"region": region, "zone": zone, "labels": {"role": "gateway"}, "ttl_secs": 600});
         let t = client.post(
             "/api/v1/enrollment-tokens",
@@ -207,7 +203,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         )?;
         let t = t["token"].as_str().context("token")?.to_owned();
         let dir = args.dir.join("agents").join(id);
-        let cfg = write_agent_config(&dir, &mqtt_url, &t, id, region, zone, *lat, *lon)?;
+        let cfg = write_agent_config(&dir, &mqtt_url, &t, device)?;
         let log = std::fs::File::create(dir.join("agent.log"))?;
         let child = Command::new(&agent_bin)
             .arg("--config")

@@ -21,6 +21,22 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// (labels, region, zone, expires_at, used_by) of an enrollment token row.
+type TokenRow = (String, Option<String>, Option<String>, i64, Option<String>);
+/// (id, public_key, inventory, online, last_seen, offline_since, report_counter, last_report) as stored.
+type RawDeviceRow = (
+    String,
+    Vec<u8>,
+    Vec<u8>,
+    i64,
+    i64,
+    Option<i64>,
+    i64,
+    Option<Vec<u8>>,
+);
+/// (generation, content, signed, expires_at) of a published desired state.
+pub type DesiredRow = (u64, Vec<u8>, Signed, u64);
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, public_key BLOB NOT NULL, inventory BLOB NOT NULL, enrolled_at INTEGER NOT NULL,
@@ -188,7 +204,7 @@ impl Store {
         device: &DeviceId,
         now: u64,
     ) -> Result<std::result::Result<TokenPresets, TokenError>> {
-        let row: Option<(String, Option<String>, Option<String>, i64, Option<String>)> = self
+        let row: Option<TokenRow> = self
             .conn
             .query_row(
                 "SELECT labels, region, zone, expires_at, used_by FROM enroll_tokens WHERE token_hash = ?1",
@@ -248,18 +264,7 @@ impl Store {
             .is_some())
     }
 
-    fn device_from_row(
-        r: &rusqlite::Row<'_>,
-    ) -> rusqlite::Result<(
-        String,
-        Vec<u8>,
-        Vec<u8>,
-        i64,
-        i64,
-        Option<i64>,
-        i64,
-        Option<Vec<u8>>,
-    )> {
+    fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawDeviceRow> {
         Ok((
             r.get(0)?,
             r.get(1)?,
@@ -475,7 +480,7 @@ impl Store {
     }
 
     /// (generation, content hash, signed, expires_at) of the last published desired state of a device.
-    pub fn desired(&self, device: &DeviceId) -> Result<Option<(u64, Vec<u8>, Signed, u64)>> {
+    pub fn desired(&self, device: &DeviceId) -> Result<Option<DesiredRow>> {
         let row: Option<(i64, Vec<u8>, Vec<u8>, i64)> = self
             .conn
             .query_row(

@@ -81,6 +81,16 @@ fn sensors() -> Target {
     }
 }
 
+/// (name, target, policy, constraints, previously chosen, expected choice)
+type Case = (
+    &'static str,
+    Target,
+    Policy,
+    Constraints,
+    Vec<&'static str>,
+    &'static str,
+);
+
 /// Each policy against the same fleet, with the expected choice.
 #[test]
 fn policies() {
@@ -88,7 +98,7 @@ fn policies() {
         count: 1,
         grace_secs: 60,
     };
-    let cases: Vec<(&str, Target, Policy, Constraints, Vec<&str>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "every sensor",
             sensors(),
