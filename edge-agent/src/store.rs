@@ -279,6 +279,22 @@ impl Store {
         Ok(())
     }
 
+    /// Every indexed artifact and its recorded size.
+    pub fn artifacts(&self) -> Result<Vec<(Digest, u64)>> {
+        let mut stmt = self.conn.prepare("SELECT digest, size FROM artifacts")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (d, size) = row?;
+            let d: [u8; 32] = d
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("artifact digest".into()))?;
+            out.push((Digest(d), u64::try_from(size).unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
     pub fn has_artifact(&self, digest: &Digest) -> Result<bool> {
         Ok(self
             .conn

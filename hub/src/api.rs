@@ -173,6 +173,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/why/{device}/{workload}", get(why))
         .route("/api/v1/audit", get(audit))
+        .route("/api/v1/tokens", post(create_api_token))
         .route("/metrics", get(metrics))
         .with_state(state)
         // Largest artifact accepted through the API.
@@ -448,6 +449,46 @@ async fn why(
     let w = workload.clone();
     let text = s.call(move |h| h.why(&id, &w)).await??;
     ok(json!({"workload": workload, "explanation": text}))
+}
+
+async fn create_api_token(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let who = s.auth(&headers, Role::Admin).await?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid JSON", e.to_string()))?;
+    let name = v
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let role = v
+        .get("role")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    if name.is_empty() || name.len() > 64 {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid request",
+            "name: 1 to 64 characters",
+        ));
+    }
+    if Role::parse(&role).is_none() {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid request",
+            format!("role {role:?} is not viewer, operator or admin"),
+        ));
+    }
+    let token = format!("fat_{}", flotilla_shared::trust::random_hex(20));
+    let t = token.clone();
+    s.call(move |h| -> Result<(), HubError> {
+        h.store.add_api_token(&t, &name, &role)?;
+        h.store
+            .audit(unix_now(), &who, "api-token", &format!("{name} as {role}"))?;
+        Ok(())
+    })
+    .await??;
+    Ok((StatusCode::CREATED, Json(json!({"token": token}))).into_response())
 }
 
 async fn audit(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {

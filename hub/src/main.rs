@@ -84,6 +84,16 @@ enum Cmd {
     /// Deployments.
     #[command(subcommand)]
     Deploy(DeployCmd),
+    /// API tokens for operators and tools (admin only).
+    Token {
+        #[arg(long)]
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Explain why a device is or is not running a workload.
     Why {
         device: String,

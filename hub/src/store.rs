@@ -514,3 +514,39 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Enrollment tokens are single-use and expire; unknown tokens are refused. Time is a parameter, not a sleep.
+    #[test]
+    fn enroll_tokens_single_use_and_expiring() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let presets = TokenPresets {
+            labels: BTreeMap::new(),
+            region: Some("eu-west".into()),
+            zone: None,
+        };
+        store.add_enroll_token("t1", &presets, 1_000).expect("add");
+        store.add_enroll_token("t2", &presets, 1_000).expect("add");
+        let a = DeviceId::new("a").expect("id");
+        assert_eq!(
+            store.consume_enroll_token("nope", &a, 10).expect("query"),
+            Err(TokenError::Unknown)
+        );
+        assert_eq!(
+            store.consume_enroll_token("t1", &a, 10).expect("query"),
+            Ok(presets.clone())
+        );
+        assert_eq!(
+            store.consume_enroll_token("t1", &a, 11).expect("query"),
+            Err(TokenError::Used)
+        );
+        assert_eq!(
+            store.consume_enroll_token("t2", &a, 1_000).expect("query"),
+            Err(TokenError::Expired)
+        );
+    }
+}

@@ -179,6 +179,46 @@ fn api_roles_and_errors() {
             .is_some_and(|a| a.iter().any(|e| e["action"] == "enroll-token")),
         "{audit}"
     );
+    // A viewer may read but not apply; an operator may not mint tokens.
+    let mint = |role: &str| {
+        let body = format!("{{\"name\": \"{role}-bot\", \"role\": \"{role}\"}}");
+        let v = hub
+            .client
+            .post("/api/v1/tokens", "application/json", body.as_bytes(), &[])
+            .expect("token");
+        flotilla_hub::client::Client::new(&hub.api, v["token"].as_str().expect("token"))
+    };
+    let viewer = mint("viewer");
+    assert!(viewer.get("/api/v1/devices").is_ok());
+    let err = viewer
+        .post(
+            "/api/v1/deployments",
+            "application/toml",
+            b"name = \"x\"",
+            &[],
+        )
+        .expect_err("403")
+        .to_string();
+    assert!(
+        err.starts_with("403") && err.contains("needs Operator"),
+        "{err}"
+    );
+    let operator = mint("operator");
+    let err = operator
+        .post("/api/v1/tokens", "application/json", b"{}", &[])
+        .expect_err("403")
+        .to_string();
+    assert!(err.starts_with("403"), "{err}");
+    let err = hub
+        .client
+        .post(
+            "/api/v1/tokens",
+            "application/json",
+            b"{\"name\":\"x\",\"role\":\"root\"}",
+            &[],
+        )
+        .expect_err("400");
+    assert!(err.to_string().contains("is not viewer"), "{err}");
     let openapi = hub.client.get("/api/v1/openapi.json").expect("openapi");
     assert!(openapi["paths"]["/api/v1/deployments"].is_object());
 }
