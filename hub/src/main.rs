@@ -408,6 +408,16 @@ fn run(cli: Cli) -> Result<()> {
                 .delete(&format!("/api/v1/deployments/{name}"))?;
             println!("deleted deployment {name}");
         }
+        Cmd::Token { name, role, conn } => {
+            let body = serde_json::json!({"name": name, "role": role});
+            let v = conn.client()?.post(
+                "/api/v1/tokens",
+                "application/json",
+                body.to_string().as_bytes(),
+                &[],
+            )?;
+            println!("{}", s(&v, "token"));
+        }
         Cmd::Why {
             device,
             workload,
