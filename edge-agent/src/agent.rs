@@ -100,6 +100,8 @@ pub struct Agent {
     last_metrics: Instant,
     rt_tx: mpsc::Sender<RuntimeEvent>,
     rt_rx: Option<mpsc::Receiver<RuntimeEvent>>,
+    /// Latest metrics snapshot for the optional Prometheus endpoint (written by the loop, read by the server).
+    metrics_tx: tokio::sync::watch::Sender<Vec<(String, f64)>>,
     link_rx: Option<mpsc::Receiver<LinkEvent>>,
 }
 
@@ -319,6 +321,7 @@ impl Agent {
             last_metrics: now,
             rt_tx,
             rt_rx: Some(rt_rx),
+            metrics_tx: tokio::sync::watch::channel(Vec::new()).0,
             link_rx: None,
         })
     }
@@ -417,6 +420,14 @@ impl Agent {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
+        if let Some(addr) = self.cfg.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics_listen {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "prometheus endpoint");
+            tokio::spawn(serve_metrics(listener, self.metrics_tx.subscribe()));
+        }
+        self.metrics_tx.send_replace(self.metrics());
         self.drain_actions();
         loop {
             let deadline = self
@@ -1215,5 +1226,36 @@ impl Agent {
     /// Names of workloads currently running (for tests and metrics).
     pub fn running_names(&self) -> BTreeSet<WorkloadName> {
         self.running.keys().cloned().collect()
+    }
+}
+
+/// A minimal Prometheus text endpoint: any request gets the latest snapshot. Bound to loopback only (checked at
+/// config load), so it needs no authentication.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    rx: tokio::sync::watch::Receiver<Vec<(String, f64)>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let snapshot = rx.borrow().clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            // Read (and ignore) the request head; a slow client gets a bounded wait.
+            let _ = tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await;
+            let mut body = String::new();
+            for (name, value) in snapshot {
+                body.push_str(&format!(
+                    "# TYPE flotilla_agent_{name} gauge\nflotilla_agent_{name} {value}\n"
+                ));
+            }
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
     }
 }

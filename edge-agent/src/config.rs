@@ -49,6 +49,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     telemetry: RawTelemetry,
+    /// Optional Prometheus endpoint; must be a loopback address.
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +149,7 @@ pub struct Config {
     pub report_interval_secs: u32,
     pub outbox_bytes: u64,
     pub metrics_interval_secs: u32,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Command-line and environment overrides for the common settings.
@@ -268,6 +271,14 @@ impl Config {
         if raw.limits.max_workloads == 0 {
             return Err(invalid("limits.max_workloads", "must be at least 1".into()));
         }
+        if let Some(addr) = raw.metrics_listen
+            && !addr.ip().is_loopback()
+        {
+            return Err(invalid(
+                "metrics_listen",
+                format!("{addr} is not a loopback address"),
+            ));
+        }
         if raw.telemetry.outbox_bytes < 4096 {
             return Err(invalid(
                 "telemetry.outbox_bytes",
@@ -291,6 +302,7 @@ impl Config {
             report_interval_secs: raw.limits.report_interval_secs.max(1),
             outbox_bytes: raw.telemetry.outbox_bytes,
             metrics_interval_secs: raw.telemetry.metrics_interval_secs.max(1),
+            metrics_listen: raw.metrics_listen,
         })
     }
 }

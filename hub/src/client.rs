@@ -96,6 +96,22 @@ impl Client {
         Self::finish(req.send(body))
     }
 
+    /// POSTs a large body, showing upload progress on stderr when it is a terminal.
+    pub fn upload(&self, path: &str, body: Vec<u8>) -> Result<Value> {
+        let reader = Progress {
+            data: std::io::Cursor::new(body),
+            shown: 0,
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        };
+        let resp = self
+            .agent
+            .post(format!("{}{path}", self.server))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "application/octet-stream")
+            .send(ureq::SendBody::from_owned_reader(reader));
+        Self::finish(resp)
+    }
+
     pub fn delete(&self, path: &str) -> Result<Value> {
         let r = self
             .agent
@@ -103,5 +119,32 @@ impl Client {
             .header("Authorization", format!("Bearer {}", self.token))
             .call();
         Self::finish(r)
+    }
+}
+
+/// A reader that reports how much of an upload has been sent (every 5 %, on a terminal only).
+struct Progress {
+    data: std::io::Cursor<Vec<u8>>,
+    shown: u64,
+    tty: bool,
+}
+
+impl Read for Progress {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.data.read(buf)?;
+        let total = self.data.get_ref().len() as u64;
+        let pos = self.data.position();
+        if self.tty && total > 0 && (pos * 20 / total > self.shown || pos == total) {
+            self.shown = pos * 20 / total;
+            eprint!(
+                "\r  uploaded {:>5.1} % of {} bytes",
+                pos as f64 * 100.0 / total as f64,
+                total
+            );
+            if pos == total {
+                eprintln!();
+            }
+        }
+        Ok(n)
     }
 }

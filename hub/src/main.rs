@@ -53,9 +53,12 @@ enum Cmd {
         /// Embedded broker listen address.
         #[arg(long, default_value = "127.0.0.1:1883")]
         mqtt: SocketAddr,
-        /// External broker instead of the embedded one: mqtt://host:port.
+        /// External broker instead of the embedded one: mqtt://host:port or mqtts://host:port.
         #[arg(long)]
         broker: Option<String>,
+        /// CA certificate (PEM) for an mqtts:// broker.
+        #[arg(long)]
+        broker_ca: Option<PathBuf>,
     },
     /// Start a hub and a small fleet of real agents across three regions, deploy, and watch it converge.
     Demo(flotilla_hub::demo::DemoArgs),
@@ -211,16 +214,32 @@ fn run(cli: Cli) -> Result<()> {
             http,
             mqtt,
             broker,
+            broker_ca,
         } => {
             let choice = match broker {
                 Some(url) => {
-                    let rest = url
-                        .strip_prefix("mqtt://")
-                        .context("--broker must be mqtt://host:port")?;
+                    let (tls, rest) =
+                        match (url.strip_prefix("mqtts://"), url.strip_prefix("mqtt://")) {
+                            (Some(rest), _) => (true, rest),
+                            (None, Some(rest)) => (false, rest),
+                            _ => anyhow::bail!(
+                                "--broker must be mqtt://host:port or mqtts://host:port"
+                            ),
+                        };
                     let (host, port) = rest.rsplit_once(':').context("--broker needs a port")?;
+                    let tls = match (tls, broker_ca) {
+                        (true, Some(ca_file)) => Some(flotilla_mqtt::TlsSettings {
+                            ca_file,
+                            client_cert: None,
+                            client_key: None,
+                        }),
+                        (true, None) => anyhow::bail!("mqtts:// needs --broker-ca"),
+                        (false, _) => None,
+                    };
                     BrokerChoice::External {
                         host: host.into(),
                         port: port.parse().context("--broker port")?,
+                        tls,
                     }
                 }
                 None => BrokerChoice::Embedded(mqtt),
@@ -243,7 +262,7 @@ fn run(cli: Cli) -> Result<()> {
                 sign.artifact.display(),
                 bytes.len()
             );
-            c.post("/api/v1/artifacts", "application/octet-stream", &bytes, &[])?;
+            c.upload("/api/v1/artifacts", bytes)?;
             let body = postcard::to_stdvec(&signed)?;
             let v = c.post("/api/v1/releases", "application/octet-stream", &body, &[])?;
             if conn.json() {

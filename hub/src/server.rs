@@ -85,8 +85,12 @@ pub fn init(dir: &DataDir) -> Result<String> {
 pub enum BrokerChoice {
     /// Start the embedded broker listening here (port 0 picks a free port).
     Embedded(SocketAddr),
-    /// Use an external broker.
-    External { host: String, port: u16 },
+    /// Use an external broker (`tls` for `mqtts://`).
+    External {
+        host: String,
+        port: u16,
+        tls: Option<flotilla_mqtt::TlsSettings>,
+    },
 }
 
 /// Runs the hub until ctrl-c/SIGTERM. Initialises the data directory on first start (zero set-up).
@@ -95,13 +99,13 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
     if !dir.initialized() {
         init(&dir)?;
     }
-    let (host, port) = match broker {
+    let (host, port, tls) = match broker {
         BrokerChoice::Embedded(addr) => {
             let addr = crate::broker::resolve_port(addr)?;
             crate::broker::start(addr, 20_000)?;
-            (addr.ip().to_string(), addr.port())
+            (addr.ip().to_string(), addr.port(), None)
         }
-        BrokerChoice::External { host, port } => (host, port),
+        BrokerChoice::External { host, port, tls } => (host, port, tls),
     };
     let store = Store::open(&dir.0)?;
     let hub_key = keyfile::read_signing_key(&dir.hub_key())?;
@@ -111,7 +115,7 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
         host: host.clone(),
         port,
         keepalive: Duration::from_secs(30),
-        tls: None,
+        tls,
         last_will: None,
         subscriptions: Hub::subscriptions(),
         clean_session: true,

@@ -255,3 +255,9 @@ fn reused_enrollment_token_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already used"));
     assert!(fleet.hub.device("intruder").is_none());
 }
+
+/// The same story with the agents on `mqtts://` (Mosquitto TLS listener, test CA pinned in the agent config).
+#[test]
+fn end_to_end_mosquitto_tls() {
+    scenario(BrokerKind::MosquittoTls);
+}

@@ -2,5 +2,6 @@
 
 mod crash;
 mod e2e;
+mod lifecycle;
 mod offline;
 mod trust;

@@ -63,6 +63,8 @@ pub fn free_port() -> u16 {
 pub enum BrokerKind {
     Embedded,
     Mosquitto,
+    /// Mosquitto with a plain listener for the hub and a TLS listener (test CA) that the agents use (`mqtts://`).
+    MosquittoTls,
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -96,24 +98,66 @@ impl Drop for Proc {
     }
 }
 
-/// A Mosquitto broker on a free loopback port.
+/// A Mosquitto broker on a free loopback port (and optionally a TLS listener with a freshly made test CA).
 #[derive(Debug)]
 pub struct Mosquitto {
     pub proc: Proc,
     pub port: u16,
+    /// (TLS port, CA certificate file) when started with TLS.
+    pub tls: Option<(u16, PathBuf)>,
+}
+
+/// Writes a test CA and a server certificate for `localhost`/127.0.0.1; returns (ca, cert, key) paths.
+fn test_pki(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "flotilla test CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate()?;
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+    let cert = params.signed_by(&key, &issuer)?;
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem())?;
+    std::fs::write(&paths.1, cert.pem())?;
+    std::fs::write(&paths.2, key.serialize_pem())?;
+    Ok(paths)
 }
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_with(dir, false)
+    }
+
+    pub fn start_with(dir: &Path, tls: bool) -> Result<Self> {
         let port = free_port();
         std::fs::create_dir_all(dir)?;
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_packet_size 200000\npersistence false\n"
-            ),
-        )?;
+        let mut text = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_packet_size 200000\npersistence false\n"
+        );
+        let tls = if tls {
+            let (ca, cert, key) = test_pki(dir)?;
+            let tls_port = free_port();
+            text += &format!(
+                "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+                ca.display(),
+                cert.display(),
+                key.display()
+            );
+            Some((tls_port, ca))
+        } else {
+            None
+        };
+        std::fs::write(&conf, text)?;
         let log = dir.join("mosquitto.log");
         let child = Command::new("mosquitto")
             .arg("-c")
@@ -128,6 +172,7 @@ impl Mosquitto {
         Ok(Self {
             proc: Proc { child, log },
             port,
+            tls,
         })
     }
 }
@@ -318,6 +363,8 @@ pub struct AgentSpec {
     pub labels: Vec<(String, String)>,
     /// Read the position from this file (written by the test) instead of a static one.
     pub position_file: bool,
+    /// Extra top-level TOML lines for the agent config (placed before any table).
+    pub extra_config: String,
 }
 
 impl AgentSpec {
@@ -330,6 +377,7 @@ impl AgentSpec {
             lon,
             labels: vec![("role".into(), "gateway".into())],
             position_file: false,
+            extra_config: String::new(),
         }
     }
 }
@@ -453,8 +501,12 @@ impl FleetBuilder {
         let root = tempfile::tempdir()?;
         let mosquitto = match self.broker {
             BrokerKind::Mosquitto => Some(Mosquitto::start(&root.path().join("mosquitto"))?),
+            BrokerKind::MosquittoTls => {
+                Some(Mosquitto::start_with(&root.path().join("mosquitto"), true)?)
+            }
             BrokerKind::Embedded => None,
         };
+        let tls = mosquitto.as_ref().and_then(|m| m.tls.clone());
         let hub = Hub::start(&root.path().join("hub"), mosquitto.as_ref().map(|m| m.port))?;
         let mut agents = Vec::new();
         for spec in self.agents {
@@ -466,6 +518,15 @@ impl FleetBuilder {
                 None
             };
             let port = proxy.as_ref().map_or(hub.mqtt_port, |p| p.port());
+            let (scheme, host, port, tls_table) = match &tls {
+                Some((tls_port, ca)) => (
+                    "mqtts",
+                    "localhost",
+                    *tls_port,
+                    format!("[tls]\nca_file = \"{}\"\n", ca.display()),
+                ),
+                None => ("mqtt", "127.0.0.1", port, String::new()),
+            };
             let labels: Vec<(&str, &str)> = spec
                 .labels
                 .iter()
@@ -484,9 +545,10 @@ impl FleetBuilder {
             std::fs::write(
                 &config,
                 format!(
-                    "version = 1\ndevice_id = \"{}\"\ndata_dir = \"{}\"\nbroker = \"mqtt://127.0.0.1:{port}\"\nenroll_token = \"{token}\"\n\
+                    "version = 1\n{}device_id = \"{}\"\ndata_dir = \"{}\"\nbroker = \"{scheme}://{host}:{port}\"\nenroll_token = \"{token}\"\n\
                      region = \"{}\"\nzone = \"{}\"\n{position}\n[limits]\nkeepalive_secs = 5\nreport_interval_secs = 5\n\n\
-                     [telemetry]\nmetrics_interval_secs = 3600\n",
+                     [telemetry]\nmetrics_interval_secs = 3600\n{tls_table}",
+                    spec.extra_config,
                     spec.id,
                     dir.join("state").display(),
                     spec.region,

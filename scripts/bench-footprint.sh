@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Agent footprint benchmark: stripped release binary sizes, and agent RSS/PSS idle with 0 and with 10 WASM workloads,
+# using the release binaries and the real hub over the embedded broker.
+#   cargo build --release --bins && scripts/bench-footprint.sh [IDLE_SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IDLE="${1:-60}"
+BIN=target/release
+W=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$W"' EXIT
+
+mem() { # pid -> "rss_kib pss_kib"
+  local rss pss
+  rss=$(awk '/^VmRSS/ {print $2}' "/proc/$1/status")
+  pss=$(awk '/^Pss:/ {print $2}' "/proc/$1/smaps_rollup")
+  echo "$rss $pss"
+}
+
+echo "binary sizes (stripped, release profile: lto, codegen-units=1, opt-level=s):"
+ls -l "$BIN/flotilla-agent" "$BIN/flotilla" | awk '{printf "  %-28s %6.1f MiB (%d bytes)\n", $9, $5/1048576, $5}'
+
+"$BIN/flotilla" init --data-dir "$W/hub" >/dev/null
+"$BIN/flotilla" serve --data-dir "$W/hub" --http 127.0.0.1:0 --mqtt 127.0.0.1:0 >/dev/null 2>"$W/hub.log" &
+for _ in $(seq 100); do [ -f "$W/hub/endpoints.txt" ] && break; sleep 0.1; done
+API=$(sed -n 's/^http=//p' "$W/hub/endpoints.txt"); MQTT=$(sed -n 's/^mqtt=//p' "$W/hub/endpoints.txt")
+export FLOTILLA_SERVER="$API" FLOTILLA_TOKEN_FILE="$W/hub/admin.token"
+for _ in $(seq 100); do "$BIN/flotilla" device ls >/dev/null 2>&1 && break; sleep 0.1; done
+TOKEN=$("$BIN/flotilla" enroll-token create --region eu-west --label role=gateway)
+mkdir -p "$W/agent"
+cat > "$W/agent/agent.toml" <<CFG
+version = 1
+device_id = "bench-gw"
+data_dir = "$W/agent/state"
+broker = "$MQTT"
+enroll_token = "$TOKEN"
+region = "eu-west"
+[position]
+lat = 52.5
+lon = 13.4
+[limits]
+keepalive_secs = 300
+report_interval_secs = 300
+[telemetry]
+metrics_interval_secs = 3600
+CFG
+"$BIN/flotilla-agent" --config "$W/agent/agent.toml" 2>"$W/agent.log" &
+AGENT=$!
+for _ in $(seq 100); do "$BIN/flotilla" device ls -o json | grep -q '"online": true' && break; sleep 0.1; done
+sleep "$IDLE"
+read -r rss0 pss0 < <(mem $AGENT)
+cpu0=$(awk '{print $14+$15}' /proc/$AGENT/stat)
+
+specfile="$W/ten.toml"
+echo 'name = "ten"' > "$specfile"
+printf '[target]\nselector = { role = "gateway" }\n' >> "$specfile"
+for i in $(seq 0 9); do
+  "$BIN/flotilla" release push firmware-images/wasm/sensor.wasm --name "sensor-$i" --version 1.0.0 \
+      --key "$W/hub/keys/release.key" >/dev/null 2>&1
+  printf '[[workloads]]\nname = "sensor-%s"\nrelease = "sensor-%s@1.0.0"\ntick_ms = 1000\nmemory_mib = 1\ncpu_ms = 20\n' "$i" "$i" >> "$specfile"
+done
+"$BIN/flotilla" apply -f "$specfile" >/dev/null
+for _ in $(seq 300); do
+  n=$("$BIN/flotilla" device ls -o json | grep -c '"state": "running"' || true)
+  [ "$n" -ge 10 ] && break; sleep 0.2
+done
+echo "workloads running: $n"
+sleep "$IDLE"
+read -r rss10 pss10 < <(mem $AGENT)
+echo "agent idle after ${IDLE}s, 0 workloads:  RSS $((rss0)) KiB ($(awk "BEGIN{printf \"%.2f\", $rss0/1024}") MiB), PSS $pss0 KiB"
+echo "agent idle after ${IDLE}s, 10 workloads: RSS $((rss10)) KiB ($(awk "BEGIN{printf \"%.2f\", $rss10/1024}") MiB), PSS $pss10 KiB"
+echo "per extra idle workload: $(awk "BEGIN{printf \"%.0f\", ($rss10-$rss0)/10}") KiB RSS (each guest has 64 KiB of linear memory)"
+echo "agent CPU over the 0-workload idle window: $cpu0 ticks since start"
