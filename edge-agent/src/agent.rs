@@ -1010,6 +1010,9 @@ impl Agent {
     }
 
     fn on_tick(&mut self) {
+        if self.cfg.metrics_listen.is_some() {
+            self.metrics_tx.send_replace(self.metrics());
+        }
         if let PositionSource::File(_) = self.cfg.position {
             let p = read_position(&self.cfg.position);
             if p != self.position {
@@ -1201,6 +1204,7 @@ impl Agent {
                 Ok(Some(
                     RuntimeEvent::Stopped { name, .. } | RuntimeEvent::Exited { name, .. },
                 )) => {
+                    tracing::info!(workload = %name, "stopped");
                     self.running.remove(&name);
                 }
                 Ok(Some(RuntimeEvent::Started {

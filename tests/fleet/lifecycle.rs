@@ -35,7 +35,7 @@ fn metrics_endpoint_and_graceful_sigterm() {
     let text = wait_for("metrics show the running workload", PATIENCE, || {
         scrape(port).filter(|t| t.contains("flotilla_agent_workloads_running 1"))
     })
-    .expect("metrics");
+    .unwrap_or_else(|e| panic!("{e}: last scrape {:?}", scrape(port)));
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     assert!(text.contains("flotilla_agent_rss_bytes"), "{text}");
 
