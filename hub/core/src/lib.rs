@@ -1,6 +1,7 @@
-//! Sans-IO core of the Flotilla hub: geo-aware placement (and, later, rollout state machines). No tokio, SQLite,
+//! Sans-IO core of the Flotilla hub: geo-aware placement and the rollout state machine. No tokio, SQLite,
 //! MQTT or clock in here; callers pass `now`.
 
 pub mod placement;
+pub mod rollout;
 
 pub use placement::{Constraints, DeviceView, Excluded, Placement, Policy, Target, place};
