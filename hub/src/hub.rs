@@ -4,6 +4,7 @@
 use crate::spec::{self, Deployment, ReleaseRef};
 use crate::store::{DeviceRow, Store, TokenPresets};
 use anyhow::{Context, Result};
+use flotilla_hub_core::rollout::{self, Observation, Phase, Rollout};
 use flotilla_hub_core::{DeviceView, Excluded, place};
 use flotilla_mqtt::{Link, LinkEvent, Publisher};
 use flotilla_shared::codec::{self, MAX_CHUNK_DATA, Message};
@@ -56,6 +57,17 @@ pub struct HubMetrics {
     pub report_lag_secs: f64,
 }
 
+/// A rollout the hub drives, with the two versions of the deployment it moves devices between.
+#[derive(Debug)]
+pub struct DeploymentRollout {
+    pub rollout: Rollout,
+    pub stable_source: String,
+    pub target_source: String,
+    stable: Option<Deployment>,
+    /// The last snapshot written to the store (writes happen only on change).
+    persisted: Vec<u8>,
+}
+
 /// The hub's state, owned by its loop.
 pub struct Hub {
     pub store: Store,
@@ -64,6 +76,7 @@ pub struct Hub {
     root: Root,
     root_signed: Signed,
     deployments: BTreeMap<String, Deployment>,
+    pub rollouts: BTreeMap<String, DeploymentRollout>,
     pub metrics: HubMetrics,
     dirty: bool,
 }
@@ -148,6 +161,28 @@ impl Hub {
                 }
             }
         }
+        let mut rollouts = BTreeMap::new();
+        for (name, stable_source, target_source, snapshot) in store.rollouts()? {
+            // A restarted hub continues each rollout from its last persisted transition.
+            match postcard::from_bytes::<Rollout>(&snapshot) {
+                Ok(rollout) => {
+                    let stable = spec::parse(&name, &stable_source).ok();
+                    rollouts.insert(
+                        name,
+                        DeploymentRollout {
+                            rollout,
+                            stable_source,
+                            target_source,
+                            stable,
+                            persisted: snapshot,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(deployment = %name, error = %e, "stored rollout does not decode")
+                }
+            }
+        }
         Ok(Self {
             store,
             link,
@@ -155,6 +190,7 @@ impl Hub {
             root,
             root_signed,
             deployments,
+            rollouts,
             metrics: HubMetrics::default(),
             dirty: true,
         })
@@ -202,8 +238,13 @@ impl Hub {
             Event::Tick => {
                 // Grace periods and expiry move with time alone; re-place once a second at most.
                 self.dirty = true;
+                let now = unix_now();
+                for r in self.rollouts.values_mut() {
+                    r.rollout.tick(now);
+                }
             }
         }
+        self.drive_rollouts();
         if self.dirty {
             self.dirty = false;
             if let Err(e) = self.reconcile_fleet() {
@@ -368,6 +409,7 @@ impl Hub {
             .save_report(device, &report, now)
             .map_err(|e| e.to_string())?;
         self.metrics.reports_accepted += 1;
+        self.observe_for_rollouts(device, &report, now);
         if inventory_changed || !d.online {
             self.dirty = true;
         }
@@ -485,6 +527,25 @@ impl Hub {
             }
         }
         let now = unix_now();
+        let name = d.name.to_string();
+        if self
+            .rollouts
+            .get(&name)
+            .is_some_and(|r| !r.rollout.is_finished())
+        {
+            return Err(HubError::Conflict(format!(
+                "a rollout of {name} is in progress; wait for it, or abort it with `flotilla rollout abort {name}`"
+            )));
+        }
+        let previous = self.store.deployment_source(&name)?;
+        let rollout_from = match (&d.rollout, &previous, self.deployments.get(&name)) {
+            (Some(_), Some(prev_source), Some(prev))
+                if self.resolve(prev)? != self.resolve(&d)? =>
+            {
+                Some((prev_source.clone(), prev.clone()))
+            }
+            _ => None,
+        };
         let rev = self.store.upsert_deployment(d.name.as_str(), source, now)?;
         self.store.audit(
             now,
@@ -492,8 +553,40 @@ impl Hub {
             "apply",
             &format!("deployment {} revision {rev}", d.name),
         )?;
-        let name = d.name.to_string();
+        if let (Some((stable_source, stable)), Some(plan)) = (rollout_from, d.rollout.clone()) {
+            let devices = self.store.devices()?;
+            let members: Vec<(DeviceId, Option<String>)> = self
+                .store
+                .placements(&name)?
+                .into_iter()
+                .map(|id| {
+                    let region = devices
+                        .iter()
+                        .find(|x| x.id == id)
+                        .and_then(|x| x.inventory.region.as_ref().map(|r| r.to_string()));
+                    (id, region)
+                })
+                .collect();
+            let rollout = Rollout::start(plan, &members, now);
+            self.store.audit(
+                now,
+                who,
+                "rollout-start",
+                &format!("deployment {name}: {} devices", members.len()),
+            )?;
+            self.rollouts.insert(
+                name.clone(),
+                DeploymentRollout {
+                    rollout,
+                    stable_source,
+                    target_source: source.to_owned(),
+                    stable: Some(stable),
+                    persisted: vec![],
+                },
+            );
+        }
         self.deployments.insert(name.clone(), d);
+        self.drive_rollouts();
         self.reconcile_fleet()
             .map_err(|e| HubError::Internal(e.to_string()))?;
         Ok((name, rev))
@@ -614,6 +707,12 @@ impl Hub {
                     continue;
                 }
             };
+            // During a rollout only the devices it moved run the new specs; everyone else keeps the stable ones.
+            let active = self.rollouts.get(name).filter(|r| !r.rollout.is_finished());
+            let stable_specs = match active.and_then(|r| r.stable.as_ref()) {
+                Some(stable) => Some(self.resolve(stable).map_err(|e| anyhow::anyhow!("{e}"))?),
+                None => None,
+            };
             let previous: BTreeSet<DeviceId> = self.store.placements(name)?.into_iter().collect();
             let placement = place(&views, &d.target, &d.policy, &d.constraints, &previous, now);
             let chosen: Vec<DeviceId> = placement.chosen.iter().cloned().collect();
@@ -621,10 +720,16 @@ impl Hub {
                 self.store.set_placements(name, &chosen)?;
             }
             for id in chosen {
+                let on_new = active.is_none_or(|r| r.rollout.on_new.contains(&id));
+                let use_specs = if on_new {
+                    &specs
+                } else {
+                    stable_specs.as_ref().unwrap_or(&specs)
+                };
                 per_device
                     .entry(id)
                     .or_default()
-                    .extend(specs.iter().cloned());
+                    .extend(use_specs.iter().cloned());
             }
         }
         self.metrics.last_placement_secs = started.elapsed().as_secs_f64();
@@ -773,6 +878,139 @@ impl Hub {
             ),
         };
         Ok(format!("{text}{offline}"))
+    }
+
+    /// Feeds a device's report to every active rollout that moved it to the new release.
+    fn observe_for_rollouts(
+        &mut self,
+        device: &DeviceId,
+        report: &flotilla_shared::wire::Report,
+        now: u64,
+    ) {
+        let names: Vec<String> = self
+            .rollouts
+            .iter()
+            .filter(|(_, r)| !r.rollout.is_finished() && r.rollout.on_new.contains(device))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let Some(target) = self
+                .deployments
+                .get(&name)
+                .and_then(|d| self.resolve(d).ok())
+            else {
+                continue;
+            };
+            let mut healthy = true;
+            let mut failure = None;
+            for spec in &target {
+                match report.workloads.iter().find(|w| w.name == spec.name) {
+                    Some(w) if w.release == spec.release => {
+                        if let Some(reason) = &w.rejected {
+                            failure = Some(format!("{}: rejected {reason:?}", w.name));
+                        } else if matches!(
+                            w.state,
+                            WorkloadState::BackingOff | WorkloadState::Failed
+                        ) {
+                            failure = Some(format!(
+                                "{}: {}",
+                                w.name,
+                                w.last_error
+                                    .clone()
+                                    .unwrap_or_else(|| format!("{:?}", w.state))
+                            ));
+                        }
+                        healthy &= w.state == WorkloadState::Running && w.healthy;
+                    }
+                    Some(w) if w.rejected.is_some() => {
+                        failure = Some(format!("{}: rejected {:?}", w.name, w.rejected));
+                    }
+                    _ => healthy = false,
+                }
+            }
+            let obs = match (failure, healthy) {
+                (Some(reason), _) => Observation::Unhealthy(reason),
+                (None, true) => Observation::Healthy,
+                (None, false) => continue,
+            };
+            if let Some(r) = self.rollouts.get_mut(&name) {
+                r.rollout.observe(now, device, obs);
+            }
+        }
+    }
+
+    /// Applies rollout actions, finishes rollouts, and persists every changed snapshot.
+    fn drive_rollouts(&mut self) {
+        let now = unix_now();
+        let names: Vec<String> = self.rollouts.keys().cloned().collect();
+        for name in names {
+            let Some(r) = self.rollouts.get_mut(&name) else {
+                continue;
+            };
+            while let Some(rollout::Action::Assign { .. }) = r.rollout.poll_action() {
+                // The assignment lives in the rollout state (`on_new`); placement reads it when re-publishing.
+                self.dirty = true;
+            }
+            let snapshot = postcard::to_stdvec(&r.rollout).unwrap_or_default();
+            if snapshot == r.persisted {
+                continue;
+            }
+            if let Err(e) =
+                self.store
+                    .save_rollout(&name, &r.stable_source, &r.target_source, &snapshot, now)
+            {
+                tracing::error!(deployment = %name, error = %e, "cannot persist rollout");
+                continue;
+            }
+            r.persisted = snapshot;
+            self.dirty = true;
+            if let Phase::Aborted { reason } = &r.rollout.phase {
+                // Make the rollback permanent: the deployment is the stable version again.
+                let (stable_source, reason) = (r.stable_source.clone(), reason.clone());
+                if self
+                    .store
+                    .deployment_source(&name)
+                    .ok()
+                    .flatten()
+                    .as_deref()
+                    != Some(stable_source.as_str())
+                {
+                    tracing::warn!(deployment = %name, reason = %reason, "rollout aborted; rolled back");
+                    let _ = self.store.set_deployment_source(&name, &stable_source, now);
+                    let _ =
+                        self.store
+                            .audit(now, "hub", "rollout-abort", &format!("{name}: {reason}"));
+                    if let Ok(d) = spec::parse(&name, &stable_source) {
+                        self.deployments.insert(name.clone(), d);
+                    }
+                }
+            } else if r.rollout.phase == Phase::Completed {
+                tracing::info!(deployment = %name, "rollout completed");
+            }
+        }
+    }
+
+    /// Pause, resume, abort or approve the rollout of `deployment`.
+    pub fn rollout_command(
+        &mut self,
+        deployment: &str,
+        cmd: rollout::Command,
+        who: &str,
+    ) -> Result<(), HubError> {
+        let r = self
+            .rollouts
+            .get_mut(deployment)
+            .ok_or_else(|| HubError::NotFound(format!("no rollout for deployment {deployment}")))?;
+        let now = unix_now();
+        r.rollout
+            .command(now, cmd)
+            .map_err(|e| HubError::Conflict(e.to_string()))?;
+        self.store
+            .audit(now, who, "rollout", &format!("{deployment}: {cmd:?}"))?;
+        self.drive_rollouts();
+        self.reconcile_fleet()
+            .map_err(|e| HubError::Internal(e.to_string()))?;
+        Ok(())
     }
 
     pub fn root(&self) -> &Root {

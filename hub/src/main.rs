@@ -87,6 +87,9 @@ enum Cmd {
     /// Deployments.
     #[command(subcommand)]
     Deploy(DeployCmd),
+    /// Progressive rollouts: a deployment spec with a [rollout] section moves devices wave by wave.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
     /// API tokens for operators and tools (admin only).
     Token {
         #[arg(long)]
@@ -148,6 +151,46 @@ enum TokenCmd {
         labels: Vec<String>,
         #[arg(long, default_value_t = 3600)]
         ttl_secs: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCmd {
+    /// Apply a spec whose [rollout] section says how to roll the change out.
+    Start {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show waves, device states and history; --watch refreshes until the rollout finishes.
+    Status {
+        deployment: String,
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Pause {
+        deployment: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Resume {
+        deployment: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Abort {
+        deployment: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Approve the next wave (plans with manual_approval = true).
+    Approve {
+        deployment: String,
         #[command(flatten)]
         conn: Conn,
     },
@@ -427,6 +470,7 @@ fn run(cli: Cli) -> Result<()> {
                 .delete(&format!("/api/v1/deployments/{name}"))?;
             println!("deleted deployment {name}");
         }
+        Cmd::Rollout(cmd) => run_rollout(cmd)?,
         Cmd::Token { name, role, conn } => {
             let body = serde_json::json!({"name": name, "role": role});
             let v = conn.client()?.post(
@@ -469,4 +513,95 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn print_rollout(v: &Value) {
+    println!(
+        "rollout of {}: {}{}",
+        s(v, "deployment"),
+        s(v, "phase"),
+        if v["paused"] == true { " (paused)" } else { "" }
+    );
+    for w in v["waves"].as_array().into_iter().flatten() {
+        let devs: Vec<String> = w["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                format!(
+                    "{}={}",
+                    s(d, "device"),
+                    s(d, "status").split([' ', '{']).next().unwrap_or("?")
+                )
+            })
+            .collect();
+        println!("  wave {}: {}", s(w, "wave"), devs.join(" "));
+    }
+    if let Some(last) = v["history"].as_array().and_then(|h| h.last()) {
+        println!("  last event: {}", s(last, "event"));
+    }
+}
+
+fn run_rollout(cmd: RolloutCmd) -> Result<()> {
+    match cmd {
+        RolloutCmd::Start { file, conn } => {
+            let text =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            if !String::from_utf8_lossy(&text).contains("[rollout]") {
+                anyhow::bail!(
+                    "{}: a rollout needs a [rollout] section (use `flotilla apply` for an immediate change)",
+                    file.display()
+                );
+            }
+            let name = file.display().to_string();
+            let v = conn.client()?.post(
+                "/api/v1/deployments",
+                "application/toml",
+                &text,
+                &[("x-flotilla-spec-file", &name)],
+            )?;
+            println!(
+                "rollout of {} started (revision {}); follow it with `flotilla rollout status {} --watch`",
+                s(&v, "deployment"),
+                s(&v, "revision"),
+                s(&v, "deployment")
+            );
+        }
+        RolloutCmd::Status {
+            deployment,
+            watch,
+            conn,
+        } => {
+            let c = conn.client()?;
+            loop {
+                let v = c.get(&format!("/api/v1/rollouts/{deployment}"))?;
+                if conn.json() {
+                    print_json(&v);
+                } else {
+                    print_rollout(&v);
+                }
+                if !watch || v["finished"] == true {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                println!();
+            }
+        }
+        RolloutCmd::Pause { deployment, conn } => rollout_action(&conn, &deployment, "pause")?,
+        RolloutCmd::Resume { deployment, conn } => rollout_action(&conn, &deployment, "resume")?,
+        RolloutCmd::Abort { deployment, conn } => rollout_action(&conn, &deployment, "abort")?,
+        RolloutCmd::Approve { deployment, conn } => rollout_action(&conn, &deployment, "approve")?,
+    }
+    Ok(())
+}
+
+fn rollout_action(conn: &Conn, deployment: &str, action: &str) -> Result<()> {
+    conn.client()?.post(
+        &format!("/api/v1/rollouts/{deployment}/{action}"),
+        "application/json",
+        b"{}",
+        &[],
+    )?;
+    println!("rollout of {deployment}: {action} accepted");
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! Deployment spec files (TOML): parsing and validation into domain types. Every error names the file, the line
 //! (for syntax errors) or the field (for semantic ones), and nothing is applied unless the whole spec is valid.
 
+use flotilla_hub_core::rollout::{HoldDeadline, Plan, Wave, Window};
 use flotilla_hub_core::{Constraints, Policy, Target};
 use flotilla_shared::wire::{Geofence, HealthRule, LatLon, Resources, RestartPolicy, WorkloadKind};
 use flotilla_shared::{Digest, Label, WorkloadName};
@@ -32,6 +33,150 @@ struct RawSpec {
     #[serde(default)]
     constraints: RawConstraints,
     workloads: Vec<RawWorkload>,
+    rollout: Option<RawRollout>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    /// "canary:PERCENT", "region:NAME[,NAME..]", "rest".
+    waves: Vec<String>,
+    #[serde(default = "default_soak")]
+    soak_secs: u64,
+    #[serde(default)]
+    max_in_flight: u32,
+    #[serde(default = "default_ratio")]
+    max_failure_ratio: f64,
+    #[serde(default = "default_timeout")]
+    report_timeout_secs: u64,
+    #[serde(default)]
+    manual_approval: bool,
+    #[serde(default = "default_hold")]
+    max_hold_secs: u64,
+    #[serde(default = "default_on_hold")]
+    on_hold_deadline: String,
+    #[serde(default)]
+    windows: BTreeMap<String, RawWindow>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    #[serde(default)]
+    utc_offset_min: i32,
+    days: Vec<String>,
+    start: String,
+    end: String,
+}
+
+fn default_soak() -> u64 {
+    300
+}
+fn default_ratio() -> f64 {
+    0.1
+}
+fn default_timeout() -> u64 {
+    600
+}
+fn default_hold() -> u64 {
+    3600
+}
+fn default_on_hold() -> String {
+    "fail".into()
+}
+
+fn hhmm(field: &str, s: &str) -> Result<u32, (String, String)> {
+    let bad = || (field.to_owned(), format!("{s:?} is not HH:MM"));
+    let (h, m) = s.split_once(':').ok_or_else(bad)?;
+    let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 23 || m > 59 {
+        return Err(bad());
+    }
+    Ok(h * 60 + m)
+}
+
+fn rollout_plan(r: RawRollout) -> Result<Plan, (String, String)> {
+    if r.waves.is_empty() {
+        return Err((
+            "rollout.waves".into(),
+            "at least one wave is required".into(),
+        ));
+    }
+    let mut waves = Vec::new();
+    for (i, w) in r.waves.iter().enumerate() {
+        let f = format!("rollout.waves[{i}]");
+        waves.push(match w.split_once(':') {
+            Some(("canary", pct)) => {
+                let percent: u32 = pct
+                    .parse()
+                    .map_err(|_| (f.clone(), format!("{pct:?} is not a percentage")))?;
+                if !(1..=100).contains(&percent) {
+                    return Err((f, "canary percentage must be 1..100".into()));
+                }
+                Wave::Canary { percent }
+            }
+            Some(("region", names)) => {
+                Wave::Regions(names.split(',').map(|n| n.trim().to_owned()).collect())
+            }
+            None if w == "rest" => Wave::Rest,
+            _ => {
+                return Err((
+                    f,
+                    format!("{w:?}: use canary:PERCENT, region:NAME[,NAME] or rest"),
+                ));
+            }
+        });
+    }
+    if !(0.0..=1.0).contains(&r.max_failure_ratio) {
+        return Err((
+            "rollout.max_failure_ratio".into(),
+            "must be between 0 and 1".into(),
+        ));
+    }
+    let on_hold_deadline = match r.on_hold_deadline.as_str() {
+        "fail" => HoldDeadline::Fail,
+        "proceed" => HoldDeadline::Proceed,
+        o => {
+            return Err((
+                "rollout.on_hold_deadline".into(),
+                format!("{o:?} is not fail or proceed"),
+            ));
+        }
+    };
+    let mut windows = BTreeMap::new();
+    for (region, w) in r.windows {
+        let f = format!("rollout.windows.{region}");
+        let mut days = 0u8;
+        for d in &w.days {
+            let i = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+                .iter()
+                .position(|x| x == d)
+                .ok_or_else(|| (format!("{f}.days"), format!("{d:?} is not mon..sun")))?;
+            days |= 1 << i;
+        }
+        let start_min = hhmm(&format!("{f}.start"), &w.start)?;
+        let end_min = hhmm(&format!("{f}.end"), &w.end)?;
+        windows.insert(
+            region,
+            Window {
+                utc_offset_min: w.utc_offset_min,
+                days,
+                start_min,
+                end_min,
+            },
+        );
+    }
+    Ok(Plan {
+        waves,
+        soak_secs: r.soak_secs,
+        max_in_flight: r.max_in_flight,
+        max_failure_ratio: r.max_failure_ratio,
+        report_timeout_secs: r.report_timeout_secs.max(1),
+        manual_approval: r.manual_approval,
+        windows,
+        max_hold_secs: r.max_hold_secs,
+        on_hold_deadline,
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +295,8 @@ pub struct Deployment {
     pub policy: Policy,
     pub constraints: Constraints,
     pub workloads: Vec<WorkloadTemplate>,
+    /// How a change to this deployment is rolled out; `None` means all placed devices at once.
+    pub rollout: Option<Plan>,
 }
 
 fn point(field: &str, lat: f64, lon: f64) -> Result<LatLon, (String, String)> {
@@ -393,12 +540,14 @@ fn validate(raw: RawSpec) -> Result<Deployment, (String, String)> {
             geofence,
         });
     }
+    let rollout = raw.rollout.map(rollout_plan).transpose()?;
     Ok(Deployment {
         name,
         target,
         policy,
         constraints,
         workloads,
+        rollout,
     })
 }
 

@@ -34,6 +34,8 @@ type RawDeviceRow = (
     i64,
     Option<Vec<u8>>,
 );
+/// (deployment, stable source, target source, snapshot) of a stored rollout.
+pub type RolloutRow = (String, String, String, Vec<u8>);
 /// (generation, content, signed, expires_at) of a published desired state.
 pub type DesiredRow = (u64, Vec<u8>, Signed, u64);
 
@@ -56,6 +58,8 @@ CREATE TABLE IF NOT EXISTS placements (deployment TEXT NOT NULL, device TEXT NOT
     PRIMARY KEY (deployment, device));
 CREATE TABLE IF NOT EXISTS desired (device TEXT PRIMARY KEY, generation INTEGER NOT NULL, content BLOB NOT NULL,
     signed BLOB NOT NULL, issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rollouts (deployment TEXT PRIMARY KEY, stable_source TEXT NOT NULL,
+    target_source TEXT NOT NULL, snapshot BLOB NOT NULL, updated_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, who TEXT NOT NULL,
     action TEXT NOT NULL, detail TEXT NOT NULL);
 ";
@@ -425,6 +429,52 @@ impl Store {
                 params![name, version],
             )?
             .pop())
+    }
+
+    /// Persists a rollout snapshot (after every transition).
+    pub fn save_rollout(
+        &self,
+        deployment: &str,
+        stable: &str,
+        target: &str,
+        snapshot: &[u8],
+        now: u64,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO rollouts (deployment, stable_source, target_source, snapshot, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![deployment, stable, target, snapshot, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// (deployment, stable source, target source, snapshot) of every stored rollout.
+    pub fn rollouts(&self) -> Result<Vec<RolloutRow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT deployment, stable_source, target_source, snapshot FROM rollouts")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Overwrites a deployment's source without bumping the revision history semantics (rollback to stable).
+    pub fn set_deployment_source(&self, name: &str, source: &str, now: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE deployments SET source = ?2, revision = revision + 1, updated_at = ?3 WHERE name = ?1",
+            params![name, source, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    pub fn deployment_source(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT source FROM deployments WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     pub fn upsert_deployment(&self, name: &str, source: &str, now: u64) -> Result<u64> {

@@ -4,4 +4,5 @@ mod crash;
 mod e2e;
 mod lifecycle;
 mod offline;
+mod rollout;
 mod trust;

@@ -81,6 +81,8 @@ struct Slot {
     restarts: u32,
     /// The next start is a restart (after a failure, or a completed run under `Always`).
     restart_pending: bool,
+    /// The current run has been reported healthy (so the health transition triggers exactly one report).
+    healthy_reported: bool,
     last_error: Option<String>,
 }
 
@@ -95,6 +97,7 @@ impl Slot {
             failures: 0,
             restarts: 0,
             restart_pending: false,
+            healthy_reported: false,
             last_error: None,
         }
     }
@@ -174,7 +177,10 @@ impl Reconciler {
         slot.in_flight = None;
         self.changed = true;
         match (&slot.phase, result) {
-            (Phase::Starting, Ok(())) => slot.phase = Phase::Running { since: now },
+            (Phase::Starting, Ok(())) => {
+                slot.phase = Phase::Running { since: now };
+                slot.healthy_reported = false;
+            }
             (Phase::Starting, Err(e)) => {
                 slot.running = None;
                 Self::fail(slot, now, e);
@@ -236,6 +242,14 @@ impl Reconciler {
                 && now.saturating_sub(since) >= RECOVERED_AFTER_MS
             {
                 slot.failures = 0;
+                self.changed = true;
+            }
+            if let (Phase::Running { since }, Some(d)) = (&slot.phase, &slot.desired)
+                && !slot.healthy_reported
+                && now.saturating_sub(*since) >= health_ms(d)
+            {
+                // Becoming healthy is observable (rollout gates wait for it): report it when it happens.
+                slot.healthy_reported = true;
                 self.changed = true;
             }
         }
@@ -314,6 +328,9 @@ impl Reconciler {
             .values()
             .filter_map(|s| match s.phase {
                 Phase::BackingOff { until } => Some(until),
+                Phase::Running { since } if !s.healthy_reported => {
+                    s.desired.as_ref().map(|d| since + health_ms(d))
+                }
                 Phase::Running { since } if s.failures > 0 => Some(since + RECOVERED_AFTER_MS),
                 _ => None,
             })

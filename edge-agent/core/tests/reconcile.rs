@@ -119,10 +119,10 @@ fn start_and_idempotent_reapply() {
          desire b@1 a@1",
         expect![[r#"
             desire a@1 b@1               | start a@1 start b@1 || a=Starting b=Starting
-            ok a                         | || a=Running b=Starting
-            ok b                         | || a=Running b=Running
-            desire a@1 b@1               | || a=Running b=Running
-            desire b@1 a@1               | || a=Running b=Running
+            ok a                         | || a=Running b=Starting (wake 1000)
+            ok b                         | || a=Running b=Running (wake 1000)
+            desire a@1 b@1               | || a=Running b=Running (wake 1000)
+            desire b@1 a@1               | || a=Running b=Running (wake 1000)
         "#]],
     );
 }
@@ -139,11 +139,11 @@ fn upgrade_waits_for_artifact() {
          ok a",
         expect![[r#"
             desire a@1                   | start a@1 || a=Starting
-            ok a                         | || a=Running
-            desire a@2:downloading       | || a=Running
+            ok a                         | || a=Running (wake 1000)
+            desire a@2:downloading       | || a=Running (wake 1000)
             desire a@2                   | stop a || a=Starting
             ok a                         | start a@2 || a=Starting
-            ok a                         | || a=Running
+            ok a                         | || a=Running (wake 1000)
         "#]],
     );
 }
@@ -168,8 +168,8 @@ fn crash_backoff() {
          timeout",
         expect![[r#"
             desire a@1                   | start a@1 || a=Starting
-            ok a                         | || a=Running
-            at 100                       | || a=Running
+            ok a                         | || a=Running (wake 1000)
+            at 100                       | || a=Running (wake 1000)
             crash a trap: unreachable    | || a=BackingOff (wake 600)
             at 300                       | || a=BackingOff (wake 600)
             timeout                      | || a=BackingOff (wake 600)
@@ -178,8 +178,8 @@ fn crash_backoff() {
             err a out of memory          | || a=BackingOff/r1 (wake 1600)
             at 1600                      | || a=BackingOff/r1 (wake 1600)
             timeout                      | start a@1 || a=Starting/r2
-            ok a                         | || a=Running/r2 (wake 31600)
-            at 40000                     | || a=Running/r2 (wake 31600)
+            ok a                         | || a=Running/r2 (wake 2600)
+            at 40000                     | || a=Running/r2 (wake 2600)
             timeout                      | || a=Running/r2
         "#]],
     );
@@ -201,14 +201,14 @@ fn restart_policies() {
          timeout",
         expect![[r#"
             desire a@1:never b@1 c@1:always | start a@1 start b@1 start c@1 || a=Starting b=Starting c=Starting
-            ok a                         | || a=Running b=Starting c=Starting
-            ok b                         | || a=Running b=Running c=Starting
-            ok c                         | || a=Running b=Running c=Running
-            crash a boom                 | || a=Failed b=Running c=Running
-            exit b                       | || a=Failed b=Exited c=Running
+            ok a                         | || a=Running b=Starting c=Starting (wake 1000)
+            ok b                         | || a=Running b=Running c=Starting (wake 1000)
+            ok c                         | || a=Running b=Running c=Running (wake 1000)
+            crash a boom                 | || a=Failed b=Running c=Running (wake 1000)
+            exit b                       | || a=Failed b=Exited c=Running (wake 1000)
             exit c                       | start c@1 || a=Failed b=Exited c=Starting/r1
-            ok c                         | || a=Failed b=Exited c=Running/r1
-            timeout                      | || a=Failed b=Exited c=Running/r1
+            ok c                         | || a=Failed b=Exited c=Running/r1 (wake 1000)
+            timeout                      | || a=Failed b=Exited c=Running/r1 (wake 1000)
         "#]],
     );
 }
@@ -225,11 +225,11 @@ fn geofence_hold() {
          ok a",
         expect![[r#"
             desire a@1                   | start a@1 || a=Starting
-            ok a                         | || a=Running
+            ok a                         | || a=Running (wake 1000)
             desire a@1:out               | stop a || a=HeldByGeofence
             ok a                         | || a=HeldByGeofence
             desire a@1                   | start a@1 || a=Starting
-            ok a                         | || a=Running
+            ok a                         | || a=Running (wake 1000)
         "#]],
     );
 }
@@ -246,11 +246,11 @@ fn removal_and_stale_results() {
          ok b",
         expect![[r#"
             desire a@1 b@1               | start a@1 start b@1 || a=Starting b=Starting
-            ok a                         | || a=Running b=Starting
-            stale a                      | || a=Running b=Starting
+            ok a                         | || a=Running b=Starting (wake 1000)
+            stale a                      | || a=Running b=Starting (wake 1000)
             desire b@1                   | stop a || b=Starting
             ok a                         | || b=Starting
-            ok b                         | || b=Running
+            ok b                         | || b=Running (wake 1000)
         "#]],
     );
 }
@@ -269,7 +269,7 @@ fn one_op_in_flight() {
             desire a@2                   | || a=Starting
             ok a                         | stop a || a=Starting
             ok a                         | start a@2 || a=Starting
-            ok a                         | || a=Running
+            ok a                         | || a=Running (wake 1000)
         "#]],
     );
 }
