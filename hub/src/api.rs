@@ -163,6 +163,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/devices/{id}", get(device))
+        .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
         .route("/api/v1/enrollment-tokens", post(enroll_token))
         .route("/api/v1/artifacts", post(upload_artifact))
         .route("/api/v1/releases", get(releases).post(push_release))
@@ -529,7 +530,8 @@ async fn metrics(State(s): State<ApiState>) -> ApiResult {
                  # TYPE flotilla_desired_published_total counter\nflotilla_desired_published_total {}\n\
                  # TYPE flotilla_reports_total counter\nflotilla_reports_total{{result=\"accepted\"}} {}\nflotilla_reports_total{{result=\"rejected\"}} {}\n\
                  # TYPE flotilla_messages_rejected_total counter\nflotilla_messages_rejected_total {}\n\
-                 # TYPE flotilla_chunks_served_total counter\nflotilla_chunks_served_total {}\n\
+                                  # TYPE flotilla_chunks_served_total counter\nflotilla_chunks_served_total {}\n\
+                 # TYPE flotilla_telemetry_records_total counter\nflotilla_telemetry_records_total {}\n\
                  # TYPE flotilla_report_lag_seconds gauge\nflotilla_report_lag_seconds {}\n",
                 devs.len() - online,
                 m.last_placement_secs,
@@ -537,7 +539,8 @@ async fn metrics(State(s): State<ApiState>) -> ApiResult {
                 m.reports_accepted,
                 m.reports_rejected,
                 m.messages_rejected,
-                m.chunks_served,
+                                m.chunks_served,
+                m.telemetry_records,
                 m.report_lag_secs,
             ))
         })
@@ -612,4 +615,29 @@ async fn rollout_action(
     s.call(move |h| h.rollout_command(&name, cmd, &who))
         .await??;
     ok(json!({"ok": true}))
+}
+
+async fn device_telemetry(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    s.auth(&headers, Role::Viewer).await?;
+    let id = DeviceId::new(id)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))?;
+    let v = s
+        .call(move |h| {
+            let streams: Vec<Value> = h
+                .telemetry
+                .range((id.clone(), String::new())..)
+                .take_while(|((d, _), _)| d == &id)
+                .map(|((_, stream), st)| {
+                    json!({"stream": stream, "records": st.records, "gaps": st.gaps, "duplicates": st.duplicates,
+                           "last_seq": st.last_seq, "last_at": st.last_at, "metrics": st.metrics, "last_bytes": st.last_bytes})
+                })
+                .collect();
+            json!({"device": id.as_str(), "streams": streams})
+        })
+        .await?;
+    ok(v)
 }

@@ -51,6 +51,7 @@ pub struct HubMetrics {
     pub reports_rejected: u64,
     pub messages_rejected: u64,
     pub chunks_served: u64,
+    pub telemetry_records: u64,
     pub enrollments: u64,
     pub last_placement_secs: f64,
     /// Seconds between a report's `sent_at` and its arrival, last seen.
@@ -68,6 +69,22 @@ pub struct DeploymentRollout {
     persisted: Vec<u8>,
 }
 
+/// What the hub keeps of one telemetry stream of one device (in memory: the latest view, not history).
+#[derive(Debug, Clone, Default)]
+pub struct StreamStats {
+    pub records: u64,
+    /// Records whose sequence number was not above the last one seen (redeliveries).
+    pub duplicates: u64,
+    /// Sequence numbers skipped (records the device dropped from its outbox, or lost).
+    pub gaps: u64,
+    pub last_seq: u64,
+    pub last_at: u64,
+    /// Latest value of each named metric (for `Metrics` payloads).
+    pub metrics: BTreeMap<String, f64>,
+    /// Size of the latest opaque payload (for `Bytes` payloads).
+    pub last_bytes: usize,
+}
+
 /// The hub's state, owned by its loop.
 pub struct Hub {
     pub store: Store,
@@ -77,6 +94,10 @@ pub struct Hub {
     root_signed: Signed,
     deployments: BTreeMap<String, Deployment>,
     pub rollouts: BTreeMap<String, DeploymentRollout>,
+    pub telemetry: BTreeMap<(DeviceId, String), StreamStats>,
+    /// Last telemetry sequence number per device (sequence numbers are per device, across streams).
+    telemetry_seq: BTreeMap<DeviceId, u64>,
+    known_devices: BTreeSet<DeviceId>,
     pub metrics: HubMetrics,
     dirty: bool,
 }
@@ -191,6 +212,9 @@ impl Hub {
             root_signed,
             deployments,
             rollouts,
+            telemetry: BTreeMap::new(),
+            telemetry_seq: BTreeMap::new(),
+            known_devices: BTreeSet::new(),
             metrics: HubMetrics::default(),
             dirty: true,
         })
@@ -203,6 +227,7 @@ impl Hub {
             topics::all_devices(DeviceTopic::Presence),
             topics::all_devices(DeviceTopic::ArtifactRequest),
             topics::ENROLL_REQUESTS.to_owned(),
+            topics::telemetry_filter(None),
         ]
     }
 
@@ -261,6 +286,10 @@ impl Hub {
             }
             return;
         }
+        if let Some((_, device, stream)) = topics::parse_telemetry(topic) {
+            self.on_telemetry(&device, stream.as_str(), payload);
+            return;
+        }
         let Some((device, leaf)) = topics::parse_device(topic) else {
             self.metrics.messages_rejected += 1;
             return;
@@ -291,6 +320,52 @@ impl Hub {
         if let Err(e) = result {
             tracing::warn!(device = %device, topic, error = %e, "message rejected");
             self.metrics.messages_rejected += 1;
+        }
+    }
+
+    /// Telemetry ingestion: per device and stream, counts, gaps, redeliveries and the latest metric values.
+    fn on_telemetry(&mut self, device: &DeviceId, stream: &str, payload: &[u8]) {
+        let records = match codec::decode(payload) {
+            Ok(Message::Telemetry(r)) => r,
+            _ => {
+                self.metrics.messages_rejected += 1;
+                return;
+            }
+        };
+        // Topic and payload must agree; unknown devices are not tracked (the broker's ACLs keep them out).
+        if !self.known_devices.contains(device)
+            && !self.store.device_exists(device).unwrap_or(false)
+        {
+            self.metrics.messages_rejected += 1;
+            return;
+        }
+        self.known_devices.insert(device.clone());
+        for rec in records {
+            if &rec.device != device || rec.stream.as_str() != stream {
+                self.metrics.messages_rejected += 1;
+                continue;
+            }
+            self.metrics.telemetry_records += 1;
+            let last = self.telemetry_seq.entry(device.clone()).or_insert(0);
+            let st = self
+                .telemetry
+                .entry((device.clone(), stream.to_owned()))
+                .or_default();
+            if rec.seq <= *last {
+                st.duplicates += 1;
+                continue;
+            }
+            if *last > 0 {
+                st.gaps += rec.seq - *last - 1;
+            }
+            *last = rec.seq;
+            st.records += 1;
+            st.last_seq = rec.seq;
+            st.last_at = rec.at;
+            match rec.payload {
+                flotilla_shared::wire::TelemetryPayload::Bytes(b) => st.last_bytes = b.len(),
+                flotilla_shared::wire::TelemetryPayload::Metrics(m) => st.metrics.extend(m),
+            }
         }
     }
 

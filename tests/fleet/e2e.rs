@@ -64,6 +64,14 @@ fn scenario(broker: BrokerKind) {
         topics::parse_telemetry(&topic).map(|t| t.0),
         Some("eu-west".to_owned())
     );
+    // The hub ingests the same feed: per-stream counts with no sequence gaps.
+    let t = wait_for("hub telemetry ingestion", PATIENCE, || {
+        let v = hub.client.get("/api/v1/devices/eu-1/telemetry").ok()?;
+        (v["streams"][0]["records"].as_u64()? >= 3).then_some(v)
+    })
+    .expect("ingested");
+    assert_eq!(t["streams"][0]["stream"], "count");
+    assert_eq!(t["streams"][0]["gaps"], 0, "{t}");
 
     // Widen to ap-south: only ap-1 gets a new generation; the others are untouched.
     hub.apply(&spec("\"eu-west\", \"us-east\", \"ap-south\"", "a"))
