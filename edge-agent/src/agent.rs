@@ -91,6 +91,10 @@ pub struct Agent {
     fetches: BTreeMap<ArtifactRef, Fetch>,
     rejection: Option<Rejection>,
     position: Option<LatLon>,
+    /// Holds requested by guests through the host API, until their deadline.
+    guest_holds: BTreeMap<WorkloadName, (String, Instant)>,
+    /// The hold file's reason while it exists.
+    file_hold: Option<String>,
     link: Option<Link>,
     connected: bool,
     reconnects: u64,
@@ -312,6 +316,8 @@ impl Agent {
             fetches: BTreeMap::new(),
             rejection,
             position,
+            guest_holds: BTreeMap::new(),
+            file_hold: None,
             link: None,
             connected: false,
             reconnects: 0,
@@ -609,6 +615,34 @@ impl Agent {
         self.send_report();
     }
 
+    /// Why the device is holding updates right now, if it is (hold file, or a guest's unexpired hold).
+    pub fn hold_reason(&self) -> Option<String> {
+        let now = Instant::now();
+        self.file_hold.clone().or_else(|| {
+            self.guest_holds
+                .iter()
+                .find(|(_, (_, until))| *until > now)
+                .map(|(n, (r, _))| format!("{n}: {r}"))
+        })
+    }
+
+    /// Re-reads the hold file and expires guest holds; re-plans and reports when the hold state changes.
+    fn refresh_holds(&mut self) {
+        let before = self.hold_reason();
+        self.file_hold = self.cfg.hold_file.as_ref().and_then(|p| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|t| t.lines().next().unwrap_or("held").trim().to_owned())
+        });
+        let now = Instant::now();
+        self.guest_holds.retain(|_, (_, until)| *until > now);
+        if self.hold_reason() != before {
+            tracing::info!(hold = ?self.hold_reason(), "update hold changed");
+            self.refresh_desired();
+            self.send_report();
+        }
+    }
+
     /// Recomputes what the reconciler should run from the accepted desired state, verified releases, the artifact
     /// cache and the position; starts downloads for what is missing.
     fn refresh_desired(&mut self) {
@@ -645,6 +679,21 @@ impl Agent {
                     MAX_RELEASE_DOC,
                     &spec.name,
                 );
+            }
+            // A hold defers release changes (the download may go ahead); what runs keeps running.
+            if self.hold_reason().is_some() {
+                let running = self
+                    .reconciler
+                    .status(self.millis())
+                    .into_iter()
+                    .find(|s| s.name == spec.name);
+                let same_release = running.as_ref().is_some_and(|s| {
+                    s.release == spec.release
+                        && s.state == flotilla_shared::wire::WorkloadState::Running
+                });
+                if !same_release {
+                    artifact = None;
+                }
             }
             list.push(DesiredWorkload {
                 spec,
@@ -934,6 +983,19 @@ impl Agent {
                 self.running.remove(&name);
                 self.reconciler.op_finished(now, &name, op, Ok(()));
             }
+            RuntimeEvent::Hold { name, reason, secs } => {
+                if secs == 0 {
+                    self.guest_holds.remove(&name);
+                } else {
+                    let until = Instant::now() + Duration::from_secs(u64::from(secs.min(86_400)));
+                    self.guest_holds.insert(name, (reason, until));
+                }
+                // Take effect now rather than on the next tick.
+                let before = self.hold_reason();
+                self.refresh_desired();
+                tracing::info!(hold = ?before, "guest hold changed");
+                self.send_report();
+            }
             RuntimeEvent::Telemetry {
                 name,
                 stream,
@@ -1010,6 +1072,7 @@ impl Agent {
     }
 
     fn on_tick(&mut self) {
+        self.refresh_holds();
         if self.cfg.metrics_listen.is_some() {
             self.metrics_tx.send_replace(self.metrics());
         }
@@ -1126,6 +1189,7 @@ impl Agent {
             workloads: self.reconciler.status(self.millis()),
             inventory: (!self.inventory_sent).then(|| inventory(&self.cfg, self.position)),
             telemetry_dropped: self.store.counter("telemetry_dropped")?,
+            hold: self.hold_reason(),
         };
         Ok(trust::sign(DocType::Report, &report, &[&self.trust.key]))
     }

@@ -51,6 +51,8 @@ struct RawConfig {
     telemetry: RawTelemetry,
     /// Optional Prometheus endpoint; must be a loopback address.
     metrics_listen: Option<std::net::SocketAddr>,
+    /// While this file exists the device holds updates; its first line is the reason.
+    hold_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +152,7 @@ pub struct Config {
     pub outbox_bytes: u64,
     pub metrics_interval_secs: u32,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub hold_file: Option<PathBuf>,
 }
 
 /// Command-line and environment overrides for the common settings.
@@ -303,6 +306,7 @@ impl Config {
             outbox_bytes: raw.telemetry.outbox_bytes,
             metrics_interval_secs: raw.telemetry.metrics_interval_secs.max(1),
             metrics_listen: raw.metrics_listen,
+            hold_file: raw.hold_file,
         })
     }
 }

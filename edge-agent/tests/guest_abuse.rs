@@ -154,3 +154,19 @@ async fn command_completes_and_ticked_stops() {
         .count();
     assert!(cached >= 2, "{cached} cached modules");
 }
+
+/// A guest holds updates through the host API (with a duration) and lifts the hold later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_hold_through_host_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = WasmRuntime::new(&dir.path().join("modules")).expect("runtime");
+    let (tx, mut rx) = mpsc::channel(1024);
+    let _h = rt.start(request(dir.path(), "holder", 1, 10, 2), tx.clone());
+    let ev = wait_for(&mut rx, |e| matches!(e, RuntimeEvent::Hold { .. })).await;
+    let RuntimeEvent::Hold { reason, secs, .. } = ev else {
+        unreachable!()
+    };
+    assert_eq!((reason.as_str(), secs), ("vehicle in motion", 60));
+    let ev = wait_for(&mut rx, |e| matches!(e, RuntimeEvent::Hold { .. })).await;
+    assert!(matches!(ev, RuntimeEvent::Hold { secs: 0, .. }), "{ev:?}");
+}

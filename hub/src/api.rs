@@ -226,6 +226,7 @@ fn device_json(h: &Hub, d: &crate::store::DeviceRow) -> Value {
         "applied_generation": d.last_report.as_ref().map_or(0, |r| r.applied_generation),
         "rejection": d.last_report.as_ref().and_then(|r| r.last_rejection.as_ref()).map(|r| format!("gen {}: {:?}", r.generation, r.reason)),
         "telemetry_dropped": d.last_report.as_ref().map_or(0, |r| r.telemetry_dropped),
+        "hold": d.last_report.as_ref().and_then(|r| r.hold.clone()),
         "workloads": workloads,
     })
 }

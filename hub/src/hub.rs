@@ -911,6 +911,9 @@ impl Hub {
                 rej.generation, rej.reason
             ));
         }
+        if let Some(hold) = &report.hold {
+            return Ok(format!("the device holds updates: {hold}{offline}"));
+        }
         if report.applied_generation < desired_gen {
             return Ok(format!(
                 "waiting for the device to apply generation {desired_gen} (it has {}){offline}",
@@ -1003,10 +1006,11 @@ impl Hub {
                     _ => healthy = false,
                 }
             }
-            let obs = match (failure, healthy) {
-                (Some(reason), _) => Observation::Unhealthy(reason),
-                (None, true) => Observation::Healthy,
-                (None, false) => continue,
+            let obs = match (failure, healthy, &report.hold) {
+                (Some(reason), ..) => Observation::Unhealthy(reason),
+                (None, true, _) => Observation::Healthy,
+                (None, false, Some(hold)) => Observation::Held(hold.clone()),
+                (None, false, None) => continue,
             };
             if let Some(r) = self.rollouts.get_mut(&name) {
                 r.rollout.observe(now, device, obs);

@@ -241,6 +241,9 @@ pub struct Report {
     pub inventory: Option<Inventory>,
     /// Telemetry records dropped from the offline outbox because its byte cap was hit.
     pub telemetry_dropped: u64,
+    /// The device is holding updates ("not now", e.g. vehicle in motion): the reason. Running workloads stay on
+    /// their current release until the hold is lifted.
+    pub hold: Option<String>,
 }
 
 /// Online/offline marker (the offline form is the MQTT last will).

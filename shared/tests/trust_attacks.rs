@@ -620,6 +620,7 @@ fn rejects_bad_reports() {
         workloads: vec![],
         inventory: None,
         telemetry_dropped: 0,
+        hold: None,
     };
     let s = trust::sign(DocType::Report, &report, &[&device_key]);
     assert_eq!(

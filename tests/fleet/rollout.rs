@@ -210,3 +210,67 @@ fn hub_kill9_mid_rollout_resumes() {
         wait_version(&f, id, "2.0.0");
     }
 }
+
+/// A device-side hold ("vehicle in motion") keeps the canary on its version and shows in the rollout and in
+/// `why`; lifting it lets the update through and the rollout complete.
+#[test]
+fn device_hold_defers_the_update() {
+    let holds = tempfile::tempdir().expect("tempdir");
+    let hold_file = holds.path().join("eu-1.hold");
+    let mut b = FleetBuilder::new();
+    for (id, region) in &IDS[..2] {
+        let mut a = AgentSpec::new(id, region, 10.0, 10.0);
+        a.extra_config = format!(
+            "hold_file = \"{}\"\n",
+            holds.path().join(format!("{id}.hold")).display()
+        );
+        b = b.agent(a);
+    }
+    let f = b.start().expect("fleet");
+    f.hub
+        .push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("v1");
+    let mut v2 = firmware("sensor");
+    v2.extend_from_slice(&[0, 3, 1, b'v', 2]);
+    f.hub.push_release("sensor", "2.0.0", 1, &v2).expect("v2");
+    f.hub.apply(&spec("1.0.0", "")).expect("v1");
+    for (id, _) in &IDS[..2] {
+        wait_version(&f, id, "1.0.0");
+    }
+    std::fs::write(&hold_file, "vehicle in motion\n").expect("hold");
+    wait_for("hold reported", PATIENCE, || {
+        (f.hub.device("eu-1")?["hold"] == "vehicle in motion").then_some(())
+    })
+    .expect("hold visible");
+
+    let plan = "[rollout]\nwaves = [\"canary:50\", \"rest\"]\nsoak_secs = 1\nreport_timeout_secs = 60\nmax_hold_secs = 600\n";
+    f.hub.apply(&spec("2.0.0", plan)).expect("rollout");
+    wait_for("canary held", PATIENCE, || {
+        let v = status(&f);
+        let st = v["waves"][0]["devices"][0]["status"].as_str()?.to_owned();
+        st.starts_with("Held").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", status(&f)));
+    let why = f.hub.client.get("/api/v1/why/eu-1/sensor").expect("why");
+    assert!(
+        why["explanation"]
+            .as_str()
+            .unwrap_or("")
+            .contains("holds updates: vehicle in motion"),
+        "{why}"
+    );
+    assert_eq!(
+        f.hub.workload_state("eu-1", "sensor").as_deref(),
+        Some("running")
+    );
+    assert_eq!(
+        f.hub.device("eu-1").expect("device")["workloads"][0]["version"],
+        "1.0.0"
+    );
+
+    std::fs::remove_file(&hold_file).expect("lift the hold");
+    wait_phase(&f, "completed");
+    for (id, _) in &IDS[..2] {
+        wait_version(&f, id, "2.0.0");
+    }
+}

@@ -30,6 +30,12 @@ pub enum RuntimeEvent {
         stream: String,
         payload: Vec<u8>,
     },
+    /// A guest asked to hold updates for `secs` seconds (0 lifts its hold).
+    Hold {
+        name: WorkloadName,
+        reason: String,
+        secs: u32,
+    },
 }
 
 /// One workload start request: the verified artifact on disk and the spec it runs under.

@@ -235,6 +235,22 @@ impl Inner {
         )?;
         linker.func_wrap(
             "flotilla",
+            "hold",
+            |mut caller: Caller<'_, Host>, ptr: i32, len: i32, secs: i32| -> i32 {
+                let Some(reason) = read_guest(&mut caller, ptr, len, 256) else {
+                    return -1;
+                };
+                let h = caller.data();
+                let ev = RuntimeEvent::Hold {
+                    name: h.name.clone(),
+                    reason: String::from_utf8_lossy(&reason).into_owned(),
+                    secs: u32::try_from(secs).unwrap_or(0),
+                };
+                if h.events.try_send(ev).is_err() { 1 } else { 0 }
+            },
+        )?;
+        linker.func_wrap(
+            "flotilla",
             "config_len",
             |caller: Caller<'_, Host>| -> i32 {
                 i32::try_from(caller.data().config.len()).unwrap_or(i32::MAX)
