@@ -983,6 +983,18 @@ impl Agent {
                 self.running.remove(&name);
                 self.reconciler.op_finished(now, &name, op, Ok(()));
             }
+            RuntimeEvent::Metric {
+                name,
+                metric,
+                value,
+            } => {
+                if !value.is_finite() {
+                    return;
+                }
+                if let Ok(stream) = Label::new(format!("{name}.metrics")) {
+                    self.push_telemetry(stream, TelemetryPayload::Metrics(vec![(metric, value)]));
+                }
+            }
             RuntimeEvent::Hold { name, reason, secs } => {
                 if secs == 0 {
                     self.guest_holds.remove(&name);

@@ -264,6 +264,7 @@ impl Hub {
                 // Grace periods and expiry move with time alone; re-place once a second at most.
                 self.dirty = true;
                 let now = unix_now();
+                self.check_telemetry_gates(now);
                 for r in self.rollouts.values_mut() {
                     r.rollout.tick(now);
                 }
@@ -1014,6 +1015,44 @@ impl Hub {
             };
             if let Some(r) = self.rollouts.get_mut(&name) {
                 r.rollout.observe(now, device, obs);
+            }
+        }
+    }
+
+    /// Evaluates every active rollout's telemetry gates against the ingested telemetry of its devices.
+    fn check_telemetry_gates(&mut self, now: u64) {
+        let mut verdicts = Vec::new();
+        for (name, r) in &self.rollouts {
+            if r.rollout.is_finished() || r.rollout.plan.telemetry_gates.is_empty() {
+                continue;
+            }
+            for gate in &r.rollout.plan.telemetry_gates {
+                let value_of = |d: &DeviceId| {
+                    self.telemetry
+                        .get(&(d.clone(), gate.stream.clone()))
+                        .and_then(|s| s.metrics.get(&gate.metric))
+                        .copied()
+                };
+                let old: Vec<f64> = r
+                    .rollout
+                    .regions
+                    .keys()
+                    .filter(|d| !r.rollout.on_new.contains(*d))
+                    .filter_map(|d| value_of(d))
+                    .collect();
+                let baseline =
+                    (!old.is_empty()).then(|| old.iter().sum::<f64>() / old.len() as f64);
+                for d in &r.rollout.on_new {
+                    if let Some(reason) = value_of(d).and_then(|v| gate.check(v, baseline)) {
+                        verdicts.push((name.clone(), d.clone(), reason));
+                    }
+                }
+            }
+        }
+        for (name, device, reason) in verdicts {
+            if let Some(r) = self.rollouts.get_mut(&name) {
+                r.rollout
+                    .observe(now, &device, Observation::Unhealthy(reason));
             }
         }
     }

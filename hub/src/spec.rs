@@ -1,7 +1,7 @@
 //! Deployment spec files (TOML): parsing and validation into domain types. Every error names the file, the line
 //! (for syntax errors) or the field (for semantic ones), and nothing is applied unless the whole spec is valid.
 
-use flotilla_hub_core::rollout::{HoldDeadline, Plan, Wave, Window};
+use flotilla_hub_core::rollout::{HoldDeadline, Plan, TelemetryGate, Wave, Window};
 use flotilla_hub_core::{Constraints, Policy, Target};
 use flotilla_shared::wire::{Geofence, HealthRule, LatLon, Resources, RestartPolicy, WorkloadKind};
 use flotilla_shared::{Digest, Label, WorkloadName};
@@ -57,6 +57,17 @@ struct RawRollout {
     on_hold_deadline: String,
     #[serde(default)]
     windows: BTreeMap<String, RawWindow>,
+    #[serde(default)]
+    telemetry_gates: Vec<RawGate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGate {
+    stream: String,
+    metric: String,
+    max: Option<f64>,
+    max_ratio_to_baseline: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +144,21 @@ fn rollout_plan(r: RawRollout) -> Result<Plan, (String, String)> {
             "must be between 0 and 1".into(),
         ));
     }
+    let mut telemetry_gates = Vec::new();
+    for (i, g) in r.telemetry_gates.into_iter().enumerate() {
+        if g.max.is_none() && g.max_ratio_to_baseline.is_none() {
+            return Err((
+                format!("rollout.telemetry_gates[{i}]"),
+                "give max and/or max_ratio_to_baseline".into(),
+            ));
+        }
+        telemetry_gates.push(TelemetryGate {
+            stream: g.stream,
+            metric: g.metric,
+            max: g.max,
+            max_ratio_to_baseline: g.max_ratio_to_baseline,
+        });
+    }
     let on_hold_deadline = match r.on_hold_deadline.as_str() {
         "fail" => HoldDeadline::Fail,
         "proceed" => HoldDeadline::Proceed,
@@ -176,6 +202,7 @@ fn rollout_plan(r: RawRollout) -> Result<Plan, (String, String)> {
         windows,
         max_hold_secs: r.max_hold_secs,
         on_hold_deadline,
+        telemetry_gates,
     })
 }
 

@@ -274,3 +274,31 @@ fn device_hold_defers_the_update() {
         wait_version(&f, id, "2.0.0");
     }
 }
+
+/// A release that runs but reports a bad application metric is stopped by a telemetry gate and rolled back.
+#[test]
+fn telemetry_gate_stops_a_noisy_release() {
+    let f = fleet(&IDS[..4]);
+    f.hub
+        .push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("v1");
+    f.hub
+        .push_release("sensor", "2.0.0", 1, &firmware("noisy"))
+        .expect("v2");
+    f.hub.apply(&spec("1.0.0", "")).expect("v1");
+    for (id, _) in &IDS[..4] {
+        wait_version(&f, id, "1.0.0");
+    }
+    let plan = "[rollout]\nwaves = [\"canary:50\", \"rest\"]\nsoak_secs = 30\nreport_timeout_secs = 60\n\
+                telemetry_gates = [{ stream = \"sensor.metrics\", metric = \"errors\", max = 1.0 }]\n";
+    f.hub.apply(&spec("2.0.0", plan)).expect("rollout");
+    let aborted = wait_phase(&f, "aborted");
+    let history = aborted["history"].to_string();
+    assert!(
+        history.contains("telemetry gate sensor.metrics/errors = 5"),
+        "{history}"
+    );
+    for (id, _) in &IDS[..4] {
+        wait_version(&f, id, "1.0.0");
+    }
+}

@@ -30,6 +30,12 @@ pub enum RuntimeEvent {
         stream: String,
         payload: Vec<u8>,
     },
+    /// A guest reported a named numeric metric (published on its `metrics` telemetry stream).
+    Metric {
+        name: WorkloadName,
+        metric: String,
+        value: f64,
+    },
     /// A guest asked to hold updates for `secs` seconds (0 lifts its hold).
     Hold {
         name: WorkloadName,

@@ -235,6 +235,26 @@ impl Inner {
         )?;
         linker.func_wrap(
             "flotilla",
+            "metric",
+            |mut caller: Caller<'_, Host>, ptr: i32, len: i32, value: f64| -> i32 {
+                let Some(metric) = read_guest(&mut caller, ptr, len, 64) else {
+                    return -1;
+                };
+                let h = caller.data_mut();
+                let ev = RuntimeEvent::Metric {
+                    name: h.name.clone(),
+                    metric: String::from_utf8_lossy(&metric).into_owned(),
+                    value,
+                };
+                if h.events.try_send(ev).is_err() {
+                    h.telemetry_dropped += 1;
+                    return 1;
+                }
+                0
+            },
+        )?;
+        linker.func_wrap(
+            "flotilla",
             "hold",
             |mut caller: Caller<'_, Host>, ptr: i32, len: i32, secs: i32| -> i32 {
                 let Some(reason) = read_guest(&mut caller, ptr, len, 256) else {

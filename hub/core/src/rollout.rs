@@ -77,6 +77,44 @@ pub struct Plan {
     pub windows: BTreeMap<String, Window>,
     pub max_hold_secs: u64,
     pub on_hold_deadline: HoldDeadline,
+    /// Gates on workload or agent telemetry, evaluated by the hub for every device on the new release.
+    pub telemetry_gates: Vec<TelemetryGate>,
+}
+
+/// A telemetry gate: a named metric of a stream compared to a threshold and/or to the baseline (the mean over the
+/// deployment's devices still on the previous release).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryGate {
+    pub stream: String,
+    pub metric: String,
+    /// Fail when the value exceeds this.
+    pub max: Option<f64>,
+    /// Fail when the value exceeds the baseline by more than this factor (e.g. 1.5 = 50 % worse).
+    pub max_ratio_to_baseline: Option<f64>,
+}
+
+impl TelemetryGate {
+    /// Why `value` fails this gate, if it does. Pure: the hub supplies the value and the baseline.
+    pub fn check(&self, value: f64, baseline: Option<f64>) -> Option<String> {
+        if let Some(max) = self.max
+            && value > max
+        {
+            return Some(format!(
+                "telemetry gate {}/{} = {value} > {max}",
+                self.stream, self.metric
+            ));
+        }
+        if let (Some(ratio), Some(base)) = (self.max_ratio_to_baseline, baseline)
+            && base > 0.0
+            && value > base * ratio
+        {
+            return Some(format!(
+                "telemetry gate {}/{} = {value} > {ratio} x baseline {base}",
+                self.stream, self.metric
+            ));
+        }
+        None
+    }
 }
 
 /// Where one device is in the rollout.

@@ -37,6 +37,7 @@ fn plan() -> Plan {
         windows: BTreeMap::new(),
         max_hold_secs: 300,
         on_hold_deadline: HoldDeadline::Fail,
+        telemetry_gates: vec![],
     }
 }
 
@@ -433,4 +434,30 @@ fn thousand_device_fleet_canary_fails() {
         now,
         r.history.last()
     );
+}
+
+/// Telemetry gates against a threshold and against the previous version's baseline.
+#[test]
+fn telemetry_gate_checks() {
+    use flotilla_hub_core::rollout::TelemetryGate;
+    let g = TelemetryGate {
+        stream: "app".into(),
+        metric: "errors".into(),
+        max: Some(3.0),
+        max_ratio_to_baseline: Some(1.5),
+    };
+    let cases = [
+        (2.0, None, false),
+        (4.0, None, true),
+        (2.0, Some(1.0), true),
+        (1.4, Some(1.0), false),
+        (2.0, Some(0.0), false),
+    ];
+    for (value, baseline, fails) in cases {
+        assert_eq!(
+            g.check(value, baseline).is_some(),
+            fails,
+            "{value} {baseline:?}"
+        );
+    }
 }
