@@ -1038,7 +1038,7 @@ impl Hub {
                     .regions
                     .keys()
                     .filter(|d| !r.rollout.on_new.contains(*d))
-                    .filter_map(|d| value_of(d))
+                    .filter_map(&value_of)
                     .collect();
                 let baseline =
                     (!old.is_empty()).then(|| old.iter().sum::<f64>() / old.len() as f64);
