@@ -1,5 +1,6 @@
 //! Fleet scenarios: real hub, real broker, real agents on loopback. One test binary (house style).
 
+mod cli;
 mod crash;
 mod e2e;
 mod lifecycle;
