@@ -388,6 +388,9 @@ impl Agent {
             }
         }
         self.refresh_desired();
+        for (name, restarts, last_error) in self.store.workload_states()? {
+            self.reconciler.restore_history(&name, restarts, last_error);
+        }
         Ok(())
     }
 
@@ -453,6 +456,7 @@ impl Agent {
             self.handle(event);
             self.drain_actions();
             if self.reconciler.take_changed() {
+                self.save_workload_states();
                 self.send_report();
             }
         }
@@ -1171,6 +1175,18 @@ impl Agent {
                 self.trust.floor.generation as f64,
             ),
         ]
+    }
+
+    fn save_workload_states(&mut self) {
+        let states: Vec<(WorkloadName, u32, Option<String>)> = self
+            .reconciler
+            .status(self.millis())
+            .into_iter()
+            .map(|s| (s.name, s.restarts, s.last_error))
+            .collect();
+        if let Err(e) = self.store.save_workload_states(&states) {
+            tracing::warn!(error = %e, "cannot persist workload state");
+        }
     }
 
     fn publish_presence(&self, online: bool) {

@@ -37,7 +37,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE artifacts (digest BLOB PRIMARY KEY, size INTEGER NOT NULL, last_used INTEGER NOT NULL);
      CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
      CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-     CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL);",
+          CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL);",
+    // 2: per-workload runtime history, so restart counts and the last error survive agent restarts.
+    "CREATE TABLE workload_state (name TEXT PRIMARY KEY, restarts INTEGER NOT NULL, last_error TEXT);",
 ];
 
 /// An open agent database.
@@ -376,6 +378,45 @@ impl Store {
             })
             .optional()?;
         Ok(b.and_then(|b| decode_exact(&b).ok()))
+    }
+
+    /// Replaces the stored per-workload runtime history (restart counts, last errors).
+    pub fn save_workload_states(
+        &mut self,
+        states: &[(WorkloadName, u32, Option<String>)],
+    ) -> Result<()> {
+        // Not something an acknowledgement depends on: the NORMAL-sync connection avoids an fsync per change.
+        let tx = self.outbox.transaction()?;
+        tx.execute("DELETE FROM workload_state", [])?;
+        for (name, restarts, err) in states {
+            tx.execute(
+                "INSERT INTO workload_state (name, restarts, last_error) VALUES (?1, ?2, ?3)",
+                params![name.as_str(), restarts, err],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn workload_states(&self) -> Result<Vec<(WorkloadName, u32, Option<String>)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, restarts, last_error FROM workload_state")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (n, restarts, err) = row?;
+            if let Ok(n) = WorkloadName::new(n) {
+                out.push((n, restarts, err));
+            }
+        }
+        Ok(out)
     }
 
     /// Appends to the outbox, then drops the oldest records while over `cap_bytes`. Returns how many were dropped.

@@ -211,3 +211,106 @@ fn geofence_follows_position_offline() {
         .wait_workload("truck-1", "sensor", "held-by-geofence")
         .expect("hub sees the hold after heal");
 }
+
+/// A crash-looping workload's restart count and last error survive an agent `kill -9` (kept in SQLite).
+#[test]
+fn restart_history_survives_agent_restart() {
+    let mut fleet = FleetBuilder::new()
+        .agent(AgentSpec::new("gw-1", "eu-west", 52.5, 13.4))
+        .start()
+        .expect("fleet");
+    fleet
+        .hub
+        .push_release("sensor", "1.0.0", 1, &firmware("crash-on-start"))
+        .expect("release");
+    fleet.hub.apply(&sensor_spec("")).expect("apply");
+    let restarts = |f: &flotilla_fleet_tests::Fleet| {
+        f.hub
+            .device("gw-1")
+            .and_then(|d| d["workloads"][0]["restarts"].as_u64())
+            .unwrap_or(0)
+    };
+    wait_for("crash loop", PATIENCE, || {
+        (restarts(&fleet) >= 2).then_some(())
+    })
+    .expect("restarts");
+    let before = restarts(&fleet);
+    let agent = fleet.agent_mut("gw-1");
+    agent.kill9();
+    agent.start().expect("restart");
+    agent
+        .wait_log(&["\"message\":\"connected\""], 1)
+        .expect("reconnects");
+    // The first report of the new process already carries the history (and it keeps counting).
+    wait_for("history reported after restart", PATIENCE, || {
+        let d = fleet.hub.device("gw-1")?;
+        let w = &d["workloads"][0];
+        (w["restarts"].as_u64()? >= before && w["last_error"].as_str()?.contains("unreachable"))
+            .then_some(())
+    })
+    .expect("history kept");
+}
+
+/// An artifact download cut by `kill -9` resumes from what is already in staging instead of starting over.
+#[test]
+fn artifact_download_resumes_after_kill() {
+    let mut fleet = FleetBuilder::new()
+        .with_proxies()
+        .agent(AgentSpec::new("gw-1", "eu-west", 52.5, 13.4))
+        .start()
+        .expect("fleet");
+    // 1 MiB of custom-section padding: 16 chunks of 64 KiB, slowed down by the proxy.
+    let mut big = firmware("sensor");
+    let pad = 1 << 20;
+    big.push(0);
+    let mut n = pad + 2;
+    while n >= 0x80 {
+        big.push(u8::try_from(n & 0x7f).unwrap_or(0) | 0x80);
+        n >>= 7;
+    }
+    big.push(u8::try_from(n).unwrap_or(0));
+    big.extend_from_slice(&[1, b'p']);
+    big.resize(big.len() + pad, 0);
+    fleet
+        .hub
+        .push_release("sensor", "1.0.0", 1, &big)
+        .expect("release");
+    let agent = fleet.agent_mut("gw-1");
+    agent
+        .proxy
+        .as_ref()
+        .expect("proxy")
+        .set_delay(std::time::Duration::from_millis(150));
+    fleet.hub.apply(&sensor_spec("")).expect("apply");
+    let staging = fleet.agent("gw-1").state_dir().join("staging");
+    wait_for("a partial download in staging", PATIENCE, || {
+        let partial: u64 = std::fs::read_dir(&staging)
+            .ok()?
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        (partial >= 128 * 1024).then_some(())
+    })
+    .expect("partial");
+    let agent = fleet.agent_mut("gw-1");
+    agent.kill9();
+    agent
+        .proxy
+        .as_ref()
+        .expect("proxy")
+        .set_delay(std::time::Duration::ZERO);
+    agent.start().expect("restart");
+    fleet
+        .hub
+        .wait_workload("gw-1", "sensor", "running")
+        .expect("running after resume");
+    let log = fleet.agent("gw-1").log();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("\"message\":\"fetching\"") && l.contains("Blob"))
+        .expect("fetch line");
+    assert!(
+        !resumed.contains("\"from\":0"),
+        "resumed from an offset: {resumed}"
+    );
+}

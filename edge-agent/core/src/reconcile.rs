@@ -318,6 +318,22 @@ impl Reconciler {
         }
     }
 
+    /// Restores a workload's restart count and last error from before an agent restart (call after
+    /// `set_desired`; unknown names are ignored).
+    pub fn restore_history(
+        &mut self,
+        name: &WorkloadName,
+        restarts: u32,
+        last_error: Option<String>,
+    ) {
+        if let Some(slot) = self.slots.get_mut(name) {
+            slot.restarts = slot.restarts.max(restarts);
+            if slot.last_error.is_none() {
+                slot.last_error = last_error;
+            }
+        }
+    }
+
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
