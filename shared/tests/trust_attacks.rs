@@ -533,7 +533,7 @@ fn rejects_malformed_and_oversized() {
         Err(DecodeError::UnsupportedVersion { got: 9 })
     );
     assert_eq!(
-        codec::decode(&[codec::MAGIC, 1, 200]),
+        codec::decode(&[codec::MAGIC, codec::PROTOCOL_VERSION, 200]),
         Err(DecodeError::UnknownKind(200))
     );
     // A signed body that is garbage passes the signature check (it was signed) and is then refused as malformed.

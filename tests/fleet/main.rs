@@ -5,5 +5,6 @@ mod crash;
 mod e2e;
 mod lifecycle;
 mod offline;
+mod partition;
 mod rollout;
 mod trust;
