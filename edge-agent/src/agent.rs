@@ -190,6 +190,7 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
         last_will: None,
         subscriptions: vec![topics::enroll_response(&nonce)],
         clean_session: true,
+        queue: flotilla_mqtt::QUEUE,
     };
     let (link, mut rx) =
         flotilla_mqtt::connect(settings).map_err(|e| EnrollError::Transient(e.to_string()))?;
@@ -415,6 +416,7 @@ impl Agent {
                 topics::device(dev, DeviceTopic::ArtifactChunk),
             ],
             clean_session: true,
+            queue: flotilla_mqtt::QUEUE,
         };
         let (link, rx) = flotilla_mqtt::connect(settings)?;
         self.link = Some(link);

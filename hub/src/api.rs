@@ -288,14 +288,24 @@ async fn enroll_token(State(s): State<ApiState>, headers: HeaderMap, body: Bytes
         zone: v.get("zone").and_then(Value::as_str).map(str::to_owned),
     };
     let ttl = v.get("ttl_secs").and_then(Value::as_u64).unwrap_or(3600);
-    let token = s
-        .call(move |h| h.create_enroll_token(presets, ttl, &who))
+    // Bulk provisioning: `count` tokens with the same presets in one call (one transaction, one audit entry).
+    let count = v.get("count").and_then(Value::as_u64).unwrap_or(1);
+    if !(1..=10_000).contains(&count) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid request",
+            "count must be 1..10000",
+        ));
+    }
+    let tokens = s
+        .call(move |h| h.create_enroll_tokens(presets, ttl, count as usize, &who))
         .await??;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"token": token, "expires_in_secs": ttl})),
-    )
-        .into_response())
+    let body = if count == 1 {
+        json!({"token": tokens[0], "expires_in_secs": ttl})
+    } else {
+        json!({"tokens": tokens, "expires_in_secs": ttl})
+    };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 async fn upload_artifact(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {

@@ -98,6 +98,9 @@ pub struct Hub {
     /// Last telemetry sequence number per device (sequence numbers are per device, across streams).
     telemetry_seq: BTreeMap<DeviceId, u64>,
     known_devices: BTreeSet<DeviceId>,
+    published: BTreeMap<DeviceId, (u64, Vec<u8>, u64)>,
+    /// Desired states saved but not yet accepted by the MQTT client (queue full), by device.
+    unpublished: BTreeMap<DeviceId, Vec<u8>>,
     pub metrics: HubMetrics,
     dirty: bool,
 }
@@ -215,6 +218,8 @@ impl Hub {
             telemetry: BTreeMap::new(),
             telemetry_seq: BTreeMap::new(),
             known_devices: BTreeSet::new(),
+            published: BTreeMap::new(),
+            unpublished: BTreeMap::new(),
             metrics: HubMetrics::default(),
             dirty: true,
         })
@@ -250,6 +255,9 @@ impl Hub {
     }
 
     pub fn handle(&mut self, ev: Event) {
+        // Placement runs at most once per tick: a burst of enrollments or reports must not cost a fleet-wide
+        // re-placement each (API calls that change deployments re-place immediately themselves).
+        let tick = matches!(ev, Event::Tick);
         match ev {
             Event::Link(LinkEvent::Connected) => {
                 tracing::info!("hub connected to broker");
@@ -271,7 +279,7 @@ impl Hub {
             }
         }
         self.drive_rollouts();
-        if self.dirty {
+        if self.dirty && tick {
             self.dirty = false;
             if let Err(e) = self.reconcile_fleet() {
                 tracing::error!(error = %e, "placement failed");
@@ -392,9 +400,7 @@ impl Hub {
             },
         };
         // An already-registered device re-sending its request (lost response) gets the same answer again.
-        if let Ok(devices) = self.store.devices()
-            && let Some(d) = devices.iter().find(|d| d.id == id)
-        {
+        if let Ok(Some(d)) = self.store.device(&id) {
             let resp = if d.public_key == req.public_key {
                 EnrollResponse::Accepted {
                     device: id,
@@ -450,10 +456,10 @@ impl Hub {
     }
 
     fn on_report(&mut self, device: &DeviceId, signed: &Signed) -> Result<(), String> {
-        let devices = self.store.devices().map_err(|e| e.to_string())?;
-        let d = devices
-            .iter()
-            .find(|d| &d.id == device)
+        let d = self
+            .store
+            .device(device)
+            .map_err(|e| e.to_string())?
             .ok_or("report from an unknown device")?;
         let report = match trust::verify_report(&d.public_key, device, signed, d.report_counter) {
             Ok(r) => r,
@@ -749,23 +755,38 @@ impl Hub {
         ttl_secs: u64,
         who: &str,
     ) -> Result<String, HubError> {
+        let mut t = self.create_enroll_tokens(presets, ttl_secs, 1, who)?;
+        t.pop()
+            .ok_or_else(|| HubError::Internal("no token created".into()))
+    }
+
+    /// Creates `count` one-time tokens with the same presets, in one transaction.
+    pub fn create_enroll_tokens(
+        &mut self,
+        presets: TokenPresets,
+        ttl_secs: u64,
+        count: usize,
+        who: &str,
+    ) -> Result<Vec<String>, HubError> {
         if let Some(r) = &presets.region {
             Label::new(r.clone()).map_err(|e| HubError::BadRequest(format!("region: {e}")))?;
         }
         if let Some(z) = &presets.zone {
             Label::new(z.clone()).map_err(|e| HubError::BadRequest(format!("zone: {e}")))?;
         }
-        let token = format!("fet_{}", trust::random_hex(16));
+        let tokens: Vec<String> = (0..count)
+            .map(|_| format!("fet_{}", trust::random_hex(16)))
+            .collect();
         let now = unix_now();
         self.store
-            .add_enroll_token(&token, &presets, now + ttl_secs.max(1))?;
+            .add_enroll_tokens(&tokens, &presets, now + ttl_secs.max(1))?;
         self.store.audit(
             now,
             who,
             "enroll-token",
-            &format!("region={:?} ttl={ttl_secs}s", presets.region),
+            &format!("{count} x region={:?} ttl={ttl_secs}s", presets.region),
         )?;
-        Ok(token)
+        Ok(tokens)
     }
 
     /// Places every deployment and publishes changed desired states.
@@ -809,6 +830,20 @@ impl Hub {
             }
         }
         self.metrics.last_placement_secs = started.elapsed().as_secs_f64();
+        for (device, bytes) in std::mem::take(&mut self.unpublished) {
+            if self
+                .link
+                .publish(
+                    &topics::device(&device, DeviceTopic::Desired),
+                    bytes.clone(),
+                    true,
+                )
+                .is_err()
+            {
+                self.unpublished.insert(device, bytes);
+                self.dirty = true;
+            }
+        }
         for d in &devices {
             let mut workloads = per_device.remove(&d.id).unwrap_or_default();
             workloads.sort_by(|a, b| a.name.cmp(&b.name));
@@ -825,9 +860,15 @@ impl Hub {
         now: u64,
     ) -> Result<()> {
         let content = postcard::to_stdvec(&workloads)?;
-        let previous = self.store.desired(device)?;
-        let generation = match &previous {
-            Some((g, c, _, expires))
+        // The last published (generation, content, expiry) per device, cached: this runs for every device every
+        // second, and the store is the source of truth only on a cache miss.
+        if !self.published.contains_key(device)
+            && let Some((g, c, _, e)) = self.store.desired(device)?
+        {
+            self.published.insert(device.clone(), (g, c, e));
+        }
+        let generation = match self.published.get(device) {
+            Some((_, c, expires))
                 if *c == content && expires.saturating_sub(now) > DESIRED_TTL_SECS / 3 =>
             {
                 return Ok(());
@@ -849,8 +890,19 @@ impl Hub {
         // Persist first: a crash after publishing but before saving would reuse the generation number.
         self.store
             .save_desired(device, generation, &content, &signed, now, ds.expires_at)?;
-        self.link
-            .publish(&topics::device(device, DeviceTopic::Desired), bytes, true)?;
+        self.published
+            .insert(device.clone(), (generation, content, ds.expires_at));
+        if let Err(e) = self.link.publish(
+            &topics::device(device, DeviceTopic::Desired),
+            bytes.clone(),
+            true,
+        ) {
+            // Saved but not handed to the broker: retry these exact bytes on the next tick.
+            tracing::warn!(device = %device, error = %e, "desired state publish deferred");
+            self.unpublished.insert(device.clone(), bytes);
+            self.dirty = true;
+            return Ok(());
+        }
         self.metrics.desired_published += 1;
         tracing::info!(device = %device, generation, workloads = ds.workloads.len(), "desired state published");
         Ok(())

@@ -119,6 +119,8 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
         last_will: None,
         subscriptions: Hub::subscriptions(),
         clean_session: true,
+        // One desired state per device can be queued by a single placement pass: size for large fleets.
+        queue: 65_536,
     })?;
     let hub = Hub::new(store, link, hub_key, root)?;
     let (calls_tx, calls_rx) = tokio::sync::mpsc::channel(256);

@@ -109,6 +109,10 @@ pub enum TokenError {
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    /// `synchronous=NORMAL` connection for high-rate, self-healing writes (reports, presence): a report lost to
+    /// power loss is replaced by the device's next one, and an fsync per report would cap the fleet size.
+    /// Desired states, releases, tokens and the audit log stay on the FULL connection.
+    fast: Connection,
     blobs: PathBuf,
 }
 
@@ -138,8 +142,12 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        let fast = Connection::open(dir.join("hub.db"))?;
+        fast.pragma_update(None, "synchronous", "NORMAL")?;
+        fast.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(Self {
             conn,
+            fast,
             blobs: dir.join("blobs"),
         })
     }
@@ -182,9 +190,10 @@ impl Store {
             .optional()?)
     }
 
-    pub fn add_enroll_token(
-        &self,
-        token: &str,
+    /// Adds several tokens with the same presets in one transaction.
+    pub fn add_enroll_tokens(
+        &mut self,
+        tokens: &[String],
         presets: &TokenPresets,
         expires_at: u64,
     ) -> Result<()> {
@@ -194,10 +203,14 @@ impl Store {
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join("\n");
-        self.conn.execute(
-            "INSERT INTO enroll_tokens (token_hash, labels, region, zone, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![hash_token(token), labels, presets.region, presets.zone, to_i64(expires_at)],
-        )?;
+        let tx = self.conn.transaction()?;
+        for token in tokens {
+            tx.execute(
+                "INSERT INTO enroll_tokens (token_hash, labels, region, zone, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![hash_token(token), labels, presets.region, presets.zone, to_i64(expires_at)],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -281,35 +294,48 @@ impl Store {
         ))
     }
 
+    /// One device (the hot path for reports: no full-table scan).
+    pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, public_key, inventory, online, last_seen, offline_since, report_counter, last_report
+             FROM devices WHERE id = ?1",
+        )?;
+        let mut rows = stmt.query_map([id.as_str()], Self::device_from_row)?;
+        match rows.next() {
+            Some(row) => Ok(Some(Self::device_row(row?)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn device_row(raw: RawDeviceRow) -> Result<DeviceRow> {
+        let (id, key, inv, online, last_seen, offline_since, counter, report) = raw;
+        let key: [u8; 32] = key
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("public key".into()))?;
+        Ok(DeviceRow {
+            id: DeviceId::new(id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            public_key: PublicKey(key),
+            inventory: decode_exact(&inv).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            online: online != 0,
+            last_seen: to_u64(last_seen),
+            offline_since: offline_since.map(to_u64),
+            report_counter: to_u64(counter),
+            last_report: report.and_then(|b| decode_exact(&b).ok()),
+        })
+    }
+
     pub fn devices(&self) -> Result<Vec<DeviceRow>> {
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn.prepare_cached(
             "SELECT id, public_key, inventory, online, last_seen, offline_since, report_counter, last_report
              FROM devices ORDER BY id",
         )?;
         let rows = stmt.query_map([], Self::device_from_row)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, key, inv, online, last_seen, offline_since, counter, report) = row?;
-            let key: [u8; 32] = key
-                .as_slice()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("public key".into()))?;
-            out.push(DeviceRow {
-                id: DeviceId::new(id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                public_key: PublicKey(key),
-                inventory: decode_exact(&inv).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                online: online != 0,
-                last_seen: to_u64(last_seen),
-                offline_since: offline_since.map(to_u64),
-                report_counter: to_u64(counter),
-                last_report: report.and_then(|b| decode_exact(&b).ok()),
-            });
-        }
-        Ok(out)
+        rows.map(|r| Self::device_row(r?)).collect()
     }
 
     pub fn set_presence(&self, id: &DeviceId, online: bool, now: u64) -> Result<()> {
-        self.conn.execute(
+        self.fast.execute(
             "UPDATE devices SET online = ?2, last_seen = ?3,
                 offline_since = CASE WHEN ?2 THEN NULL ELSE COALESCE(offline_since, ?3) END WHERE id = ?1",
             params![id.as_str(), online, to_i64(now)],
@@ -320,14 +346,14 @@ impl Store {
     /// Stores an accepted report (and the inventory it carries, if any).
     pub fn save_report(&self, id: &DeviceId, report: &Report, now: u64) -> Result<()> {
         let bytes = postcard::to_stdvec(report).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.conn.execute(
+        self.fast.execute(
             "UPDATE devices SET report_counter = ?2, last_report = ?3, last_seen = ?4, online = 1, offline_since = NULL
              WHERE id = ?1",
             params![id.as_str(), to_i64(report.counter), bytes, to_i64(now)],
         )?;
         if let Some(inv) = &report.inventory {
             let inv = postcard::to_stdvec(inv).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            self.conn.execute(
+            self.fast.execute(
                 "UPDATE devices SET inventory = ?2 WHERE id = ?1",
                 params![id.as_str(), inv],
             )?;
@@ -573,14 +599,15 @@ mod tests {
     #[test]
     fn enroll_tokens_single_use_and_expiring() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
+        let mut store = Store::open(dir.path()).expect("open");
         let presets = TokenPresets {
             labels: BTreeMap::new(),
             region: Some("eu-west".into()),
             zone: None,
         };
-        store.add_enroll_token("t1", &presets, 1_000).expect("add");
-        store.add_enroll_token("t2", &presets, 1_000).expect("add");
+        store
+            .add_enroll_tokens(&["t1".into(), "t2".into()], &presets, 1_000)
+            .expect("add");
         let a = DeviceId::new("a").expect("id");
         assert_eq!(
             store.consume_enroll_token("nope", &a, 10).expect("query"),

@@ -643,6 +643,7 @@ impl TestClient {
             last_will: None,
             subscriptions: subscriptions.iter().map(|s| (*s).to_owned()).collect(),
             clean_session: true,
+            queue: flotilla_mqtt::QUEUE,
         };
         let (link, mut rx) = rt.block_on(async { flotilla_mqtt::connect(settings) })?;
         rt.block_on(async {

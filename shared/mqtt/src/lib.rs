@@ -78,6 +78,8 @@ pub struct LinkSettings {
     pub subscriptions: Vec<String>,
     /// Start with a clean session; the agent uses persistent state in SQLite, not broker sessions.
     pub clean_session: bool,
+    /// Capacity of the outgoing request queue (bounded; `publish` fails when it is full).
+    pub queue: usize,
 }
 
 /// A handle for publishing; cheap to clone.
@@ -182,7 +184,7 @@ pub fn connect(settings: LinkSettings) -> Result<(Link, mpsc::Receiver<LinkEvent
             Arc::new(tls_config(tls)?),
         )));
     }
-    let (client, mut eventloop) = AsyncClient::new(opts, QUEUE);
+    let (client, mut eventloop) = AsyncClient::new(opts, settings.queue.max(16));
     let (tx, rx) = mpsc::channel(QUEUE);
     let subs = settings.subscriptions.clone();
     let sub_client = client.clone();
