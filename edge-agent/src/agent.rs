@@ -95,6 +95,8 @@ pub struct Agent {
     guest_holds: BTreeMap<WorkloadName, (String, Instant)>,
     /// The hold file's reason while it exists.
     file_hold: Option<String>,
+    /// Per workload: (artifact running now, the one that ran before it), for keeping current + previous.
+    artifact_history: BTreeMap<WorkloadName, (Digest, Option<Digest>)>,
     link: Option<Link>,
     connected: bool,
     reconnects: u64,
@@ -319,6 +321,7 @@ impl Agent {
             position,
             guest_holds: BTreeMap::new(),
             file_hold: None,
+            artifact_history: BTreeMap::new(),
             link: None,
             connected: false,
             reconnects: 0,
@@ -715,13 +718,37 @@ impl Agent {
     /// Keeps the artifacts of the desired releases and of whatever is still running (the previous version), and
     /// deletes the rest.
     fn collect_garbage(&mut self, keep: &[Digest]) {
-        let running: Vec<Digest> = self
+        let running: Vec<(WorkloadName, Digest)> = self
             .reconciler
             .status(self.millis())
             .iter()
-            .filter_map(|s| self.releases.get(&s.release).map(|r| r.artifact_digest))
+            .filter_map(|s| {
+                self.releases
+                    .get(&s.release)
+                    .map(|r| (s.name.clone(), r.artifact_digest))
+            })
             .collect();
-        let keep: Vec<Digest> = keep.iter().chain(running.iter()).copied().collect();
+        // Remember, per workload, the artifact that ran before the current one: it is kept for a fast rollback.
+        for (name, digest) in &running {
+            let entry = self
+                .artifact_history
+                .entry(name.clone())
+                .or_insert((*digest, None));
+            if entry.0 != *digest {
+                *entry = (*digest, Some(entry.0));
+            }
+        }
+        let previous: Vec<Digest> = self
+            .artifact_history
+            .values()
+            .filter_map(|(_, p)| *p)
+            .collect();
+        let keep: Vec<Digest> = keep
+            .iter()
+            .chain(running.iter().map(|(_, d)| d))
+            .chain(previous.iter())
+            .copied()
+            .collect();
         if keep.is_empty() && self.accepted.is_none() {
             return;
         }
