@@ -3,7 +3,7 @@
 //! and verified, and the hub never saw a generation acknowledged that the device had not committed. Periodically
 //! (and at the end) the device converges on exactly the desired version.
 
-use flotilla_fleet_tests::{AgentSpec, FleetBuilder, PATIENCE, firmware, wait_for};
+use flotilla_fleet_tests::{AgentSpec, FleetBuilder, PATIENCE, Rng, firmware, wait_for};
 use flotilla_shared::Digest;
 use flotilla_shared::codec;
 use flotilla_shared::wire::DesiredState;
@@ -31,16 +31,6 @@ fn variant(base: &[u8], tag: u32, pad: usize) -> Vec<u8> {
     out
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 fn spec(version: &str) -> String {
     format!(
         "name = \"sensors\"\n[target]\nselector = {{ role = \"gateway\" }}\n[[workloads]]\nname = \"sensor\"\n\
@@ -51,16 +41,11 @@ fn spec(version: &str) -> String {
 /// 200 seeded kill -9s during apply, download and commit; integrity, completeness and ack-safety every time.
 #[test]
 fn crash_campaign_200_kills() {
-    let seed: u64 = std::env::var("FLOTILLA_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_f107);
-    println!("crash campaign seed {seed} (replay with FLOTILLA_SEED={seed})");
     let kills: u32 = std::env::var("FLOTILLA_CRASH_KILLS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::from_env("crash campaign", 0x5eed_f107);
     let mut fleet = FleetBuilder::new()
         .agent(AgentSpec::new("gw-1", "eu-west", 52.5, 13.4))
         .start()
@@ -69,13 +54,13 @@ fn crash_campaign_200_kills() {
     let mut version = String::new();
     for i in 0..kills {
         version = format!("1.0.{i}");
-        let bytes = variant(&base, i, 100_000 + (rng.next() % 100_000) as usize);
+        let bytes = variant(&base, i, 100_000 + (rng.next_u64() % 100_000) as usize);
         fleet
             .hub
             .push_release("sensor", &version, 1, &bytes)
             .expect("release");
         fleet.hub.apply(&spec(&version)).expect("apply");
-        std::thread::sleep(std::time::Duration::from_millis(rng.next() % 300));
+        std::thread::sleep(std::time::Duration::from_millis(rng.next_u64() % 300));
         // Disjoint field borrows: the agent mutably, the hub for reading.
         let agent = &mut fleet.agents[0];
         agent.kill9();

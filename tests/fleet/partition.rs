@@ -4,21 +4,11 @@
 //! application (each generation accepted at most once per agent process), outbox within its cap, and convergence
 //! after the last heal.
 
-use flotilla_fleet_tests::{AgentSpec, FleetBuilder, PATIENCE, firmware, wait_for};
+use flotilla_fleet_tests::{AgentSpec, FleetBuilder, PATIENCE, Rng, firmware, wait_for};
 use flotilla_shared::codec;
 use flotilla_shared::wire::DesiredState;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn spec(config: u32) -> String {
     format!(
@@ -30,12 +20,7 @@ fn spec(config: u32) -> String {
 /// >= 200 seeded faults over 20 agents with 10 deployment changes; history checks and convergence.
 #[test]
 fn partition_campaign_20_agents() {
-    let seed: u64 = std::env::var("FLOTILLA_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0xc0ff_ee11);
-    println!("partition campaign seed {seed} (replay with FLOTILLA_SEED={seed})");
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::from_env("partition campaign", 0xc0ff_ee11);
     let regions = ["eu-west", "us-east", "ap-south", "sa-east"];
     let mut builder = FleetBuilder::new().with_proxies();
     for i in 0..20 {
@@ -57,9 +42,9 @@ fn partition_campaign_20_agents() {
     let mut changes = 0;
     let start = Instant::now();
     while faults < 200 || changes < 10 {
-        let a = &fleet.agents[(rng.next() % 20) as usize];
+        let a = &fleet.agents[(rng.next_u64() % 20) as usize];
         let proxy = a.proxy.as_ref().expect("proxy");
-        match rng.next() % 3 {
+        match rng.next_u64() % 3 {
             0 => proxy.partition(),
             1 => proxy.reset(),
             _ => proxy.heal(),
@@ -72,7 +57,7 @@ fn partition_campaign_20_agents() {
                 .apply(&spec(changes))
                 .expect("apply during the storm");
         }
-        std::thread::sleep(Duration::from_millis(rng.next() % 60));
+        std::thread::sleep(Duration::from_millis(rng.next_u64() % 60));
     }
     for a in &fleet.agents {
         a.proxy.as_ref().expect("proxy").heal();

@@ -134,10 +134,16 @@ fn good_release_completes_and_bad_release_rolls_back() {
             "{id} outside the canary never got a new desired state"
         );
     }
-        let why = f.hub.client.get("/api/v1/deployments/sensors").expect("status");
+    let why = f
+        .hub
+        .client
+        .get("/api/v1/deployments/sensors")
+        .expect("status");
     assert_eq!(why["running"], 6, "{why}");
     // A device that went 1.0.0 -> 2.0.0 keeps exactly the current and the previous artifact.
-    let cached = std::fs::read_dir(f.agent("eu-2").state_dir().join("artifacts")).expect("cache").count();
+    let cached = std::fs::read_dir(f.agent("eu-2").state_dir().join("artifacts"))
+        .expect("cache")
+        .count();
     assert_eq!(cached, 2, "current + previous artifact kept");
     // The deployment is the stable version again: a later change starts from 2.0.0.
     let err = f

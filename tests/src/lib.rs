@@ -51,6 +51,29 @@ pub fn wait_for<T>(what: &str, patience: Duration, mut f: impl FnMut() -> Option
     }
 }
 
+/// A seeded xorshift generator for fault campaigns: every run prints its seed so a failure replays exactly.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A generator from `FLOTILLA_SEED` if set, else `default`; prints the seed.
+    pub fn from_env(what: &str, default: u64) -> Self {
+        let seed = std::env::var("FLOTILLA_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default);
+        println!("{what} seed {seed} (replay with FLOTILLA_SEED={seed})");
+        Self(seed | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 /// A free loopback port (bound, then released; the owner binds it right after).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
