@@ -199,7 +199,7 @@ fn state_str(s: WorkloadState) -> &'static str {
 }
 
 fn device_json(h: &Hub, d: &crate::store::DeviceRow) -> Value {
-    let desired = h.store.desired(&d.id).ok().flatten().map_or(0, |(g, ..)| g);
+    let desired = h.desired_generation(&d.id);
     let workloads: Vec<Value> = d.last_report.as_ref().map_or(vec![], |r| {
         r.workloads
             .iter()
@@ -526,7 +526,7 @@ async fn metrics(State(s): State<ApiState>) -> ApiResult {
             let online = devs.iter().filter(|d| d.online).count();
             let (mut desired, mut acked, mut converged) = (0u64, 0u64, 0usize);
             for d in &devs {
-                let g = h.store.desired(&d.id)?.map_or(0, |(g, ..)| g);
+                let g = h.desired_generation(&d.id);
                 let a = d.last_report.as_ref().map_or(0, |r| r.applied_generation);
                 desired += g;
                 acked += a;

@@ -414,8 +414,27 @@ impl Hub {
             self.respond_enroll(&nonce, resp);
             return;
         }
-        let presets = match self.store.consume_enroll_token(&req.token, &id, now) {
-            Ok(Ok(p)) => p,
+        // Token use, registration and the audit entry commit together (one fsync, and a token is never burned
+        // without a device to show for it).
+        let mut inv = req.inventory;
+        let key = req.public_key;
+        let result = self.store.transaction(|store| {
+            let presets = match store.consume_enroll_token(&req.token, &id, now)? {
+                Ok(p) => p,
+                Err(e) => return Ok(Err(e)),
+            };
+            apply_presets(&mut inv, &presets);
+            store.insert_device(&id, &key, &inv, now)?;
+            store.audit(
+                now,
+                &format!("device:{id}"),
+                "enroll",
+                "enrolled with a one-time token",
+            )?;
+            Ok(Ok(presets))
+        });
+        match result {
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tracing::warn!(device = %id, error = %e, "enrollment refused");
                 self.respond_enroll(
@@ -430,19 +449,7 @@ impl Hub {
                 tracing::error!(error = %e, "enrollment store error");
                 return;
             }
-        };
-        let mut inv = req.inventory;
-        apply_presets(&mut inv, &presets);
-        if let Err(e) = self.store.insert_device(&id, &req.public_key, &inv, now) {
-            tracing::error!(error = %e, "cannot register device");
-            return;
         }
-        let _ = self.store.audit(
-            now,
-            &format!("device:{id}"),
-            "enroll",
-            "enrolled with a one-time token",
-        );
         self.metrics.enrollments += 1;
         tracing::info!(device = %id, "device enrolled");
         self.respond_enroll(
@@ -1181,6 +1188,19 @@ impl Hub {
         self.reconcile_fleet()
             .map_err(|e| HubError::Internal(e.to_string()))?;
         Ok(())
+    }
+
+    /// The generation last published to a device (from the in-memory cache when possible).
+    pub fn desired_generation(&self, device: &DeviceId) -> u64 {
+        match self.published.get(device) {
+            Some((g, ..)) => *g,
+            None => self
+                .store
+                .desired(device)
+                .ok()
+                .flatten()
+                .map_or(0, |(g, ..)| g),
+        }
     }
 
     pub fn root(&self) -> &Root {

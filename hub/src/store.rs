@@ -152,6 +152,21 @@ impl Store {
         })
     }
 
+    /// Runs `f` inside one transaction on the durable connection: all of its writes commit together, or none.
+    pub fn transaction<T>(&self, f: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f(self) {
+            Ok(v) => {
+                self.conn.execute_batch("COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
     pub fn audit(&self, now: u64, who: &str, action: &str, detail: &str) -> Result<()> {
         self.conn.execute(
             "INSERT INTO audit (at, who, action, detail) VALUES (?1, ?2, ?3, ?4)",
