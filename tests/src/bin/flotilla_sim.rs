@@ -70,7 +70,11 @@ async fn agent(
     counters: Arc<Counters>,
     t0: Arc<OnceLock<Instant>>,
     done: mpsc::UnboundedSender<Duration>,
+    enroll_slots: Arc<tokio::sync::Semaphore>,
 ) -> Result<()> {
+    // Bounded concurrent enrollments: one process holds every session, and file descriptors are finite (an
+    // enrollment session plus a device session per agent would otherwise need two sockets each at the peak).
+    let permit = enroll_slots.acquire_owned().await?;
     let key = SigningKey::from_seed({
         let mut s = [7u8; 32];
         s[..8].copy_from_slice(&(i as u64).to_le_bytes());
@@ -110,6 +114,9 @@ async fn agent(
         }
     };
     link.disconnect().await;
+    drop(link);
+    drop(rx);
+    drop(permit);
     let root = trust::verify_initial_root(&root, 0)?;
     let offline = codec::encode(&Message::Presence(Presence {
         online: false,
@@ -259,6 +266,8 @@ fn main() -> Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(1000);
+    // `--mosquitto`: the hub uses an external Mosquitto (started here) instead of its embedded broker.
+    let mosquitto = std::env::args().any(|a| a == "--mosquitto");
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir()?;
     let hub_dir = dir.path().join("hub");
@@ -266,28 +275,36 @@ fn main() -> Result<()> {
         .parent()
         .context("bin dir")?
         .to_owned();
-    let mut hub_proc = std::process::Command::new(bins.join("flotilla"))
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--mqtt",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+    let broker = if mosquitto {
+        Some(flotilla_fleet_tests::Mosquitto::start(
+            &dir.path().join("mosquitto"),
+        )?)
+    } else {
+        None
+    };
+    let mut cmd = std::process::Command::new(bins.join("flotilla"));
+    cmd.args(["serve", "--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"]);
+    if let Some(m) = &broker {
+        cmd.arg("--broker")
+            .arg(format!("mqtt://127.0.0.1:{}", m.port));
+    }
+    let mut hub_proc = cmd
+        .arg("--data-dir")
         .arg(&hub_dir)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("hub.log"))?)
         .spawn()
         .context("start flotilla serve")?;
     let hub_pid = hub_proc.id();
-    let result = run(n, &hub_dir, hub_pid);
+    let broker_pid = broker.as_ref().map(|m| m.proc.child.id());
+    let result = run(n, &hub_dir, hub_pid, broker_pid);
     let _ = hub_proc.kill();
     let _ = hub_proc.wait();
     result
 }
 
-fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32) -> Result<()> {
+fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32>) -> Result<()> {
+    let mem = || proc_mem_kib(hub_pid) + broker_pid.map_or(0, proc_mem_kib);
     let start = Instant::now();
     let (api, mqtt) = loop {
         if let Some(e) = flotilla_hub::server::read_endpoints(hub_dir) {
@@ -327,11 +344,17 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32) -> Result<()> {
     let counters = Arc::new(Counters::default());
     let t0 = Arc::new(OnceLock::new());
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let enroll_slots = Arc::new(tokio::sync::Semaphore::new(256));
     let enroll_start = Instant::now();
     for (i, token) in tokens.into_iter().enumerate() {
-        let (c, t, d) = (counters.clone(), t0.clone(), done_tx.clone());
+        let (c, t, d, slots) = (
+            counters.clone(),
+            t0.clone(),
+            done_tx.clone(),
+            enroll_slots.clone(),
+        );
         rt.spawn(async move {
-            if let Err(e) = agent(i, port, token, c, t, d).await {
+            if let Err(e) = agent(i, port, token, c, t, d, slots).await {
                 eprintln!("sim agent {i}: {e:#}");
             }
         });
@@ -354,7 +377,7 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32) -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     }
     let enrolled_in = enroll_start.elapsed();
-    let rss_idle = proc_mem_kib(hub_pid);
+    let rss_idle = mem();
     println!(
         "{n} simulated agents enrolled and online in {enrolled_in:.1?}; hub+broker RSS {} MiB",
         rss_idle / 1024
@@ -388,7 +411,8 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32) -> Result<()> {
         counters.sent.load(Ordering::Relaxed),
         counters.received.load(Ordering::Relaxed),
     );
-    let cpu0 = proc_cpu_secs(hub_pid);
+    let cpu_all = || proc_cpu_secs(hub_pid) + broker_pid.map_or(0.0, proc_cpu_secs);
+    let cpu0 = cpu_all();
     let spec = "name = \"app\"\n[target]\nselector = { role = \"sim\" }\n[[workloads]]\nname = \"app\"\nrelease = \"app@1.0.0\"\n";
     let _ = t0.set(Instant::now());
     let apply_at = Instant::now();
@@ -401,21 +425,26 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32) -> Result<()> {
     let mut lat = Vec::with_capacity(n);
     let mut peak_rss = 0;
     while lat.len() < n {
-        match rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(120), done_rx.recv()).await
-        }) {
+        match rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), done_rx.recv()).await })
+        {
             Ok(Some(d)) => lat.push(d.as_secs_f64()),
-            _ => bail!(
-                "only {} of {n} devices reported running within 120 s of the last one",
-                lat.len()
-            ),
+            _ => {
+                // Report what arrived instead of nothing: the missing devices are the finding.
+                println!(
+                    "MISSING: only {} of {n} devices reported running (30 s without progress)",
+                    lat.len()
+                );
+                break;
+            }
         }
         if lat.len() % 500 == 0 {
-            peak_rss = peak_rss.max(proc_mem_kib(hub_pid));
+            peak_rss = peak_rss.max(mem());
         }
     }
     let all_running = apply_at.elapsed();
     // Convergence as the hub sees it (reports processed, generations acknowledged).
+    let expected = lat.len();
     loop {
         let text = client.get_text("/metrics")?;
         let converged = text
@@ -423,7 +452,7 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32) -> Result<()> {
             .find(|l| l.starts_with("flotilla_devices_converged"))
             .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
             .unwrap_or(0);
-        if converged >= n {
+        if converged >= expected {
             break;
         }
         if apply_at.elapsed() > Duration::from_secs(600) {
@@ -432,13 +461,14 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let hub_converged = apply_at.elapsed();
-    let cpu = proc_cpu_secs(hub_pid) - cpu0;
-    peak_rss = peak_rss.max(proc_mem_kib(hub_pid));
+    let cpu = cpu_all() - cpu0;
+    peak_rss = peak_rss.max(mem());
     let msgs = (counters.sent.load(Ordering::Relaxed) - sent0)
         + (counters.received.load(Ordering::Relaxed) - recv0);
     lat.sort_by(f64::total_cmp);
     println!(
-        "apply -> device reports running ({n} devices): p50 {:.3} s  p99 {:.3} s  max {:.3} s  (last device {:.3} s)",
+        "apply -> device reports running ({} of {n} devices): p50 {:.3} s  p99 {:.3} s  max {:.3} s  (last device {:.3} s)",
+        lat.len(),
         pct(&lat, 0.5),
         pct(&lat, 0.99),
         pct(&lat, 1.0),
