@@ -259,6 +259,17 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
     }
 }
 
+/// Space kept free beyond an artifact, so the database and logs can still be written after a download.
+const DISK_RESERVE: u64 = 1 << 20;
+
+/// Refuses a download up front when the artifact plus the reserve does not fit in the free space.
+fn disk_check(size: u64, free: u64) -> Result<(), RejectReason> {
+    if size.saturating_add(DISK_RESERVE) > free {
+        return Err(RejectReason::InsufficientDisk { needed: size, free });
+    }
+    Ok(())
+}
+
 /// Why enrollment did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -792,8 +803,7 @@ impl Agent {
         if is_blob {
             let free = rustix::fs::statvfs(&self.cfg.data_dir)
                 .map_or(u64::MAX, |s| s.f_bavail.saturating_mul(s.f_frsize));
-            if size.saturating_add(1 << 20) > free {
-                let reason = RejectReason::InsufficientDisk { needed: size, free };
+            if let Err(reason) = disk_check(size, free) {
                 tracing::warn!(workload = %workload, ?reason, "artifact refused before download");
                 self.workload_rejects.insert(workload.clone(), reason);
                 return;
@@ -1382,5 +1392,55 @@ async fn serve_metrics(
             );
             let _ = sock.write_all(resp.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Downloads that would leave less than the reserve free are refused before a byte is fetched.
+    #[test]
+    fn disk_check_refuses_up_front() {
+        assert_eq!(disk_check(10, 10 + DISK_RESERVE), Ok(()));
+        assert_eq!(
+            disk_check(11, 10 + DISK_RESERVE),
+            Err(RejectReason::InsufficientDisk {
+                needed: 11,
+                free: 10 + DISK_RESERVE
+            })
+        );
+        assert!(disk_check(u64::MAX, u64::MAX - 1).is_err(), "no overflow");
+    }
+
+    /// Position files with bad or out-of-range values mean "position unknown", never a bogus position.
+    #[test]
+    fn position_file_parsing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pos.json");
+        let cases = [
+            (
+                "{\"lat\": 52.5, \"lon\": 13.4}",
+                Some(LatLon {
+                    lat: 52.5,
+                    lon: 13.4,
+                }),
+            ),
+            ("{\"lat\": 95.0, \"lon\": 13.4}", None),
+            ("{\"lat\": \"x\"}", None),
+            ("garbage", None),
+        ];
+        for (text, want) in cases {
+            std::fs::write(&path, text).expect("write");
+            assert_eq!(
+                read_position(&PositionSource::File(path.clone())),
+                want,
+                "{text}"
+            );
+        }
+        assert_eq!(
+            read_position(&PositionSource::File(dir.path().join("missing"))),
+            None
+        );
     }
 }

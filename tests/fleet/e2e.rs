@@ -264,7 +264,7 @@ fn reused_enrollment_token_is_refused() {
     assert!(fleet.hub.device("intruder").is_none());
 }
 
-/// The same story with the agents on `mqtts://` (Mosquitto TLS listener, test CA pinned in the agent config).
+/// The same story over `mqtts://` for the hub and the agents (Mosquitto TLS listener, a test CA given to both).
 #[test]
 fn end_to_end_mosquitto_tls() {
     scenario(BrokerKind::MosquittoTls);

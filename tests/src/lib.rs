@@ -209,11 +209,25 @@ pub struct Hub {
     pub mqtt_port: u16,
     pub client: Client,
     http: SocketAddr,
-    broker: Option<u16>,
+    broker: Option<ExternalBroker>,
+}
+
+/// How a hub reaches an external broker: its URL (`mqtt://` or `mqtts://`), the CA for TLS, and the broker's
+/// plain port that test clients use.
+#[derive(Debug, Clone)]
+pub struct ExternalBroker {
+    pub url: String,
+    pub ca: Option<PathBuf>,
+    pub plain_port: u16,
 }
 
 impl Hub {
-    fn spawn(dir: &Path, http: SocketAddr, mqtt: SocketAddr, broker: Option<u16>) -> Result<Proc> {
+    fn spawn(
+        dir: &Path,
+        http: SocketAddr,
+        mqtt: SocketAddr,
+        broker: &Option<ExternalBroker>,
+    ) -> Result<Proc> {
         let mut cmd = Command::new(bin_dir().join("flotilla"));
         cmd.arg("serve")
             .arg("--data-dir")
@@ -221,9 +235,16 @@ impl Hub {
             .arg("--http")
             .arg(http.to_string());
         match broker {
-            Some(p) => cmd.arg("--broker").arg(format!("mqtt://127.0.0.1:{p}")),
-            None => cmd.arg("--mqtt").arg(mqtt.to_string()),
-        };
+            Some(b) => {
+                cmd.arg("--broker").arg(&b.url);
+                if let Some(ca) = &b.ca {
+                    cmd.arg("--broker-ca").arg(ca);
+                }
+            }
+            None => {
+                cmd.arg("--mqtt").arg(mqtt.to_string());
+            }
+        }
         let log = dir.with_extension("log");
         let child = cmd
             .stdout(Stdio::null())
@@ -238,7 +259,7 @@ impl Hub {
     }
 
     /// Starts a hub with a fresh data directory.
-    pub fn start(dir: &Path, broker: Option<u16>) -> Result<Self> {
+    pub fn start(dir: &Path, broker: Option<ExternalBroker>) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let status = Command::new(bin_dir().join("flotilla"))
             .arg("init")
@@ -251,15 +272,18 @@ impl Hub {
         }
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let proc = Self::spawn(dir, http, mqtt, broker)?;
+        let proc = Self::spawn(dir, http, mqtt, &broker)?;
         let (api, mqtt_url) = wait_for("hub endpoints", PATIENCE, || {
             flotilla_hub::server::read_endpoints(dir)
         })?;
-        let mqtt_port = mqtt_url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .context("mqtt port")?;
+        let mqtt_port = match &broker {
+            Some(b) => b.plain_port,
+            None => mqtt_url
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .context("mqtt port")?,
+        };
         let token = std::fs::read_to_string(dir.join("admin.token"))?;
         let client = Client::new(&api, &token);
         wait_for("hub API", PATIENCE, || client.get("/api/v1/devices").ok())?;
@@ -279,7 +303,7 @@ impl Hub {
         self.proc.kill9();
         let _ = std::fs::remove_file(self.dir.join("endpoints.txt"));
         let mqtt: SocketAddr = format!("127.0.0.1:{}", self.mqtt_port).parse()?;
-        self.proc = Self::spawn(&self.dir, self.http, mqtt, self.broker)?;
+        self.proc = Self::spawn(&self.dir, self.http, mqtt, &self.broker)?;
         wait_for("hub endpoints after restart", PATIENCE, || {
             flotilla_hub::server::read_endpoints(&self.dir)
         })?;
@@ -530,7 +554,20 @@ impl FleetBuilder {
             BrokerKind::Embedded => None,
         };
         let tls = mosquitto.as_ref().and_then(|m| m.tls.clone());
-        let hub = Hub::start(&root.path().join("hub"), mosquitto.as_ref().map(|m| m.port))?;
+        // With a TLS listener the hub itself connects over mqtts:// too.
+        let external = mosquitto.as_ref().map(|m| match &m.tls {
+            Some((tls_port, ca)) => ExternalBroker {
+                url: format!("mqtts://localhost:{tls_port}"),
+                ca: Some(ca.clone()),
+                plain_port: m.port,
+            },
+            None => ExternalBroker {
+                url: format!("mqtt://127.0.0.1:{}", m.port),
+                ca: None,
+                plain_port: m.port,
+            },
+        });
+        let hub = Hub::start(&root.path().join("hub"), external)?;
         let mut agents = Vec::new();
         for spec in self.agents {
             let dir = root.path().join("agents").join(&spec.id);
