@@ -1248,3 +1248,91 @@ fn slice_chunk(what: ArtifactRef, bytes: &[u8], offset: u64, max: usize) -> Arti
         data: bytes[start..end].to_vec(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_shared::wire::{HealthRule, Resources, RestartPolicy};
+
+    fn spec(name: &str) -> WorkloadSpec {
+        WorkloadSpec {
+            name: flotilla_shared::WorkloadName::new(name).expect("name"),
+            kind: WorkloadKind::Wasm,
+            release: Digest([1; 32]),
+            config: vec![],
+            resources: Resources {
+                memory_mib: 1,
+                cpu_ms: 1,
+            },
+            restart: RestartPolicy::Never,
+            health: HealthRule::RunningFor(1),
+            tick_ms: 0,
+            geofence: None,
+        }
+    }
+
+    /// A new generation is signed only when the content changes or the signature is in its last third of life;
+    /// an unchanged state is left alone (the time is a parameter, so no waiting).
+    #[tokio::test]
+    async fn generation_changes_only_on_content_or_resign() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let key = SigningKey::from_seed([9; 32]);
+        let root = Root {
+            version: 1,
+            expires_at: u64::MAX,
+            root_keys: vec![key.public()],
+            root_threshold: 1,
+            release_keys: vec![key.public()],
+            release_threshold: 1,
+            hub_keys: vec![key.public()],
+            hub_threshold: 1,
+        };
+        let root_signed = trust::sign(DocType::Root, &root, &[&key]);
+        // Nothing listens on port 1: publishes are queued in the client, which is all this test needs.
+        let (link, _rx) = flotilla_mqtt::connect(flotilla_mqtt::LinkSettings {
+            client_id: "test".into(),
+            host: "127.0.0.1".into(),
+            port: 1,
+            keepalive: std::time::Duration::from_secs(30),
+            tls: None,
+            last_will: None,
+            subscriptions: vec![],
+            clean_session: true,
+            queue: 1024,
+        })
+        .expect("link");
+        let mut hub = Hub::new(store, link, key, root_signed).expect("hub");
+        let dev = DeviceId::new("gw-1").expect("id");
+        let generation = |h: &Hub| h.store.desired(&dev).expect("read").map_or(0, |(g, ..)| g);
+        let t0 = 1_000_000;
+        hub.publish_desired(&dev, vec![], t0).expect("publish");
+        assert_eq!(
+            generation(&hub),
+            0,
+            "nothing to publish for an empty device without history"
+        );
+        hub.publish_desired(&dev, vec![spec("a")], t0)
+            .expect("publish");
+        assert_eq!(generation(&hub), 1);
+        hub.publish_desired(&dev, vec![spec("a")], t0 + 86_400)
+            .expect("publish");
+        assert_eq!(
+            generation(&hub),
+            1,
+            "unchanged content, fresh signature: no new generation"
+        );
+        hub.publish_desired(&dev, vec![spec("a")], t0 + DESIRED_TTL_SECS * 2 / 3 + 1)
+            .expect("publish");
+        assert_eq!(generation(&hub), 2, "re-signed before expiry");
+        hub.publish_desired(&dev, vec![spec("a"), spec("b")], t0 + DESIRED_TTL_SECS)
+            .expect("publish");
+        assert_eq!(generation(&hub), 3, "content changed");
+        let (_, _, signed, expires) = hub.store.desired(&dev).expect("read").expect("stored");
+        let ds: DesiredState = codec::decode_exact(&signed.body).expect("decode");
+        assert_eq!(
+            (ds.generation, ds.workloads.len(), expires),
+            (3, 2, t0 + 2 * DESIRED_TTL_SECS)
+        );
+    }
+}
