@@ -389,3 +389,17 @@ mod tests {
         assert_eq!(c.broker.port, 2000);
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The documented example configuration (`edge-agent/agent.example.toml`) parses: the docs stay true.
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent.example.toml");
+        let c = Config::load(&path, &Overrides::default()).expect("example parses");
+        assert_eq!(c.region.as_ref().map(Label::as_str), Some("eu-west"));
+        assert_eq!(c.broker.port, 1883);
+    }
+}
