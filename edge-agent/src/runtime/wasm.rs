@@ -116,6 +116,18 @@ struct Host {
     telemetry_dropped: u64,
 }
 
+impl Host {
+    /// Hands a guest's event to the agent without ever blocking the guest: when the queue is full the event is
+    /// dropped and counted, and the guest gets 1 (0 when queued).
+    fn send_or_drop(&mut self, ev: RuntimeEvent) -> i32 {
+        if self.events.try_send(ev).is_err() {
+            self.telemetry_dropped += 1;
+            return 1;
+        }
+        0
+    }
+}
+
 impl WasmRuntime {
     /// Creates the engine and the module cache under `cache_dir`.
     pub fn new(cache_dir: &Path) -> wasmtime::Result<Self> {
@@ -225,12 +237,7 @@ impl Inner {
                     stream,
                     payload,
                 };
-                // Never block a guest on the agent: when the queue is full the record is dropped and counted.
-                if h.events.try_send(ev).is_err() {
-                    h.telemetry_dropped += 1;
-                    return 1;
-                }
-                0
+                h.send_or_drop(ev)
             },
         )?;
         linker.func_wrap(
@@ -246,11 +253,7 @@ impl Inner {
                     metric: String::from_utf8_lossy(&metric).into_owned(),
                     value,
                 };
-                if h.events.try_send(ev).is_err() {
-                    h.telemetry_dropped += 1;
-                    return 1;
-                }
-                0
+                h.send_or_drop(ev)
             },
         )?;
         linker.func_wrap(
@@ -260,13 +263,13 @@ impl Inner {
                 let Some(reason) = read_guest(&mut caller, ptr, len, 256) else {
                     return -1;
                 };
-                let h = caller.data();
+                let h = caller.data_mut();
                 let ev = RuntimeEvent::Hold {
                     name: h.name.clone(),
                     reason: String::from_utf8_lossy(&reason).into_owned(),
                     secs: u32::try_from(secs).unwrap_or(0),
                 };
-                if h.events.try_send(ev).is_err() { 1 } else { 0 }
+                h.send_or_drop(ev)
             },
         )?;
         linker.func_wrap(
