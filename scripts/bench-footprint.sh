@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Agent footprint benchmark: stripped release binary sizes, and agent RSS/PSS idle with 0 and with 10 WASM workloads,
-# using the release binaries and the real hub over the embedded broker.
+# Agent footprint benchmark: stripped release binary sizes, and agent RSS/PSS and CPU idle with 0 and with 10 WASM
+# workloads, using the release binaries and the real hub over the embedded broker. Side by side in the same idle
+# window: mender-client (Debian `mender-client`) pointed at a dummy local HTTP server, with the ratios.
+# Writes /etc/mender/artifact_info if it is missing (mender refuses to run without it).
 #   cargo build --release --bins && scripts/bench-footprint.sh [IDLE_SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IDLE="${1:-60}"
 BIN=target/release
 W=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$W"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null; pkill -f "mender --config $W" 2>/dev/null; rm -rf "$W"' EXIT
 
 mem() { # pid -> "rss_kib pss_kib"
   local rss pss
@@ -46,9 +48,41 @@ CFG
 "$BIN/flotilla-agent" --config "$W/agent/agent.toml" 2>"$W/agent.log" &
 AGENT=$!
 for _ in $(seq 100); do "$BIN/flotilla" device ls -o json | grep -q '"online": true' && break; sleep 0.1; done
+
+# The peer, started now so that both idle through the same window.
+MENDER=""
+if command -v mender >/dev/null; then
+  mkdir -p "$W/mender/data" /etc/mender
+  [ -f /etc/mender/artifact_info ] || echo "artifact_name=flotilla-bench" > /etc/mender/artifact_info
+  echo "device_type=bench" > "$W/mender/data/device_type"
+  DUMMY_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  (cd "$W/mender" && exec python3 -m http.server "$DUMMY_PORT" --bind 127.0.0.1 >"$W/mender/http.log" 2>&1) &
+  printf '{"ServerURL":"http://127.0.0.1:%s","UpdatePollIntervalSeconds":1800,"InventoryPollIntervalSeconds":28800,"RetryPollIntervalSeconds":300}\n' \
+    "$DUMMY_PORT" > "$W/mender/mender.conf"
+  mender --config "$W/mender/mender.conf" --fallback-config "$W/mender/none.conf" --data "$W/mender/data" \
+    --no-syslog --log-file "$W/mender/mender.log" daemon >/dev/null 2>&1 &
+  MENDER=$!
+else
+  echo "mender-client not installed (apt-get install mender-client): no peer comparison"
+fi
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+# Warm-up (enrollment, mender's key generation), then the measured idle window.
+sleep 5
+a0=$(ticks $AGENT); [ -n "$MENDER" ] && m0=$(ticks $MENDER); t0=$(date +%s.%N)
 sleep "$IDLE"
+a1=$(ticks $AGENT); [ -n "$MENDER" ] && m1=$(ticks $MENDER); t1=$(date +%s.%N)
 read -r rss0 pss0 < <(mem $AGENT)
-cpu0=$(awk '{print $14+$15}' /proc/$AGENT/stat)
+cpu_pct() { awk "BEGIN{printf \"%.4f\", ($2-$1)/$HZ/($t1-$t0)*100}"; }
+if [ -n "$MENDER" ]; then
+  read -r mrss mpss < <(mem $MENDER)
+  msize=$(stat -c %s "$(command -v mender)"); asize=$(stat -c %s "$BIN/flotilla-agent")
+  echo "peer, same idle window (${IDLE}s):"
+  echo "  mender-client $(mender --version | head -1 | cut -f1): RSS $mrss KiB, PSS $mpss KiB, CPU $(cpu_pct "$m0" "$m1") % of a core, binary $msize bytes"
+  echo "  flotilla-agent: RSS $rss0 KiB, PSS $pss0 KiB, CPU $(cpu_pct "$a0" "$a1") % of a core, binary $asize bytes"
+  echo "  ratio agent/mender: RSS $(awk "BEGIN{printf \"%.2f\", $rss0/$mrss}")x, PSS $(awk "BEGIN{printf \"%.2f\", $pss0/$mpss}")x, binary $(awk "BEGIN{printf \"%.2f\", $asize/$msize}")x"
+  kill "$MENDER"
+fi
 
 specfile="$W/ten.toml"
 echo 'name = "ten"' > "$specfile"
@@ -69,4 +103,4 @@ read -r rss10 pss10 < <(mem $AGENT)
 echo "agent idle after ${IDLE}s, 0 workloads:  RSS $((rss0)) KiB ($(awk "BEGIN{printf \"%.2f\", $rss0/1024}") MiB), PSS $pss0 KiB"
 echo "agent idle after ${IDLE}s, 10 workloads: RSS $((rss10)) KiB ($(awk "BEGIN{printf \"%.2f\", $rss10/1024}") MiB), PSS $pss10 KiB"
 echo "per extra idle workload: $(awk "BEGIN{printf \"%.0f\", ($rss10-$rss0)/10}") KiB RSS (each guest has 64 KiB of linear memory)"
-echo "agent CPU over the 0-workload idle window: $cpu0 ticks since start"
+echo "agent CPU over the ${IDLE}s idle window, 0 workloads: $((a1-a0)) ticks = $(cpu_pct "$a0" "$a1") % of one core"

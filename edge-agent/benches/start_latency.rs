@@ -4,7 +4,10 @@
 //! - full path warm: decode + verify the signed desired state, commit it to SQLite (synchronous=FULL), plan with the
 //!   reconciler, start -> `Started`.
 //!
-//! Run: `cargo bench -p flotilla-agent --bench start_latency`.
+//! - peer, same run: `runc run` of a trivial container (busybox-static rootfs running `true`), when `runc` and
+//!   `/bin/busybox` are installed (Debian `runc`, `busybox-static`; needs root), with the ratio to our warm start.
+//!
+//! Run: `cargo bench --profile dev -p flotilla-agent --bench start_latency`.
 
 use flotilla_agent::runtime::wasm::WasmRuntime;
 use flotilla_agent::runtime::{Runtime, RuntimeEvent, StartRequest};
@@ -53,7 +56,8 @@ fn spec(name: &str, digest: Digest) -> WorkloadSpec {
     }
 }
 
-fn stats(name: &str, mut v: Vec<f64>) {
+/// Prints n, p50, p99 and max (milliseconds) and returns the p50.
+fn stats(name: &str, mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
     println!(
@@ -63,6 +67,54 @@ fn stats(name: &str, mut v: Vec<f64>) {
         p(0.99),
         p(1.0)
     );
+    p(0.5)
+}
+
+/// `runc run` of a container whose rootfs is busybox-static and whose process is `true`: create, start, exit and
+/// delete, timed from the command's spawn to its exit. `None` when runc or busybox is missing or runc fails (not
+/// root, no namespaces).
+fn runc_runs(dir: &Path, n: usize) -> Option<Vec<f64>> {
+    use std::process::{Command, Stdio};
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.exists() {
+        println!("runc comparison skipped: /bin/busybox missing (apt-get install busybox-static)");
+        return None;
+    }
+    let bundle = dir.join("runc-bundle");
+    std::fs::create_dir_all(bundle.join("rootfs/bin")).ok()?;
+    std::fs::copy(busybox, bundle.join("rootfs/bin/busybox")).ok()?;
+    let spec = Command::new("runc")
+        .arg("spec")
+        .current_dir(&bundle)
+        .status()
+        .ok()?;
+    if !spec.success() {
+        println!("runc comparison skipped: `runc spec` failed (apt-get install runc)");
+        return None;
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
+    config["process"]["args"] = serde_json::json!(["/bin/busybox", "true"]);
+    config["process"]["terminal"] = serde_json::Value::Bool(false);
+    std::fs::write(bundle.join("config.json"), config.to_string()).ok()?;
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let status = Command::new("runc")
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(format!("flotilla-bench-{}-{i}", std::process::id()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .ok()?;
+        if !status.success() {
+            println!("runc comparison skipped: `runc run` failed ({status})");
+            return None;
+        }
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Some(times)
 }
 
 async fn wait_started(rx: &mut mpsc::Receiver<RuntimeEvent>) {
@@ -113,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
         h.stop(1);
         wait_stopped(&mut rx).await;
     }
-    stats("runtime start, warm (cached module)", warm);
+    let warm_p50 = stats("runtime start, warm (cached module)", warm);
 
     let mut cold = Vec::new();
     for i in 0..30 {
@@ -183,7 +235,15 @@ async fn main() -> anyhow::Result<()> {
         h.stop(1);
         wait_stopped(&mut rx).await;
     }
-    stats("desired bytes -> running, warm", full);
+    let full_p50 = stats("desired bytes -> running, warm", full);
+    if let Some(runc) = runc_runs(dir.path(), 50) {
+        let runc_p50 = stats("peer: runc run (busybox true)", runc);
+        println!(
+            "runc run p50 / WASM warm start p50 = {:.0}x; runc run p50 / full path p50 = {:.0}x",
+            runc_p50 / warm_p50,
+            runc_p50 / full_p50
+        );
+    }
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
 }

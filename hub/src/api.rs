@@ -522,16 +522,20 @@ async fn audit(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
 async fn metrics(State(s): State<ApiState>) -> ApiResult {
     let text = s
         .call(|h| -> Result<String, HubError> {
-            let devs = h.store.devices()?;
-            let online = devs.iter().filter(|d| d.online).count();
+            // One pass over the cached rows, no copies: scrapes must stay cheap at 10,000+ devices.
+            let (mut total, mut online) = (0usize, 0usize);
             let (mut desired, mut acked, mut converged) = (0u64, 0u64, 0usize);
-            for d in &devs {
-                let g = h.desired_generation(&d.id);
-                let a = d.last_report.as_ref().map_or(0, |r| r.applied_generation);
-                desired += g;
-                acked += a;
-                converged += usize::from(a >= g);
-            }
+            h.store.with_devices(|devs| {
+                for d in devs {
+                    let g = h.desired_generation(&d.id);
+                    let a = d.last_report.as_ref().map_or(0, |r| r.applied_generation);
+                    total += 1;
+                    online += usize::from(d.online);
+                    desired += g;
+                    acked += a;
+                    converged += usize::from(a >= g);
+                }
+            })?;
             let m = &h.metrics;
             Ok(format!(
                 "# TYPE flotilla_devices gauge\nflotilla_devices{{state=\"online\"}} {online}\nflotilla_devices{{state=\"offline\"}} {}\n\
@@ -544,7 +548,7 @@ async fn metrics(State(s): State<ApiState>) -> ApiResult {
                                   # TYPE flotilla_chunks_served_total counter\nflotilla_chunks_served_total {}\n\
                  # TYPE flotilla_telemetry_records_total counter\nflotilla_telemetry_records_total {}\n\
                  # TYPE flotilla_report_lag_seconds gauge\nflotilla_report_lag_seconds {}\n",
-                devs.len() - online,
+                total - online,
                 m.last_placement_secs,
                 m.desired_published,
                 m.reports_accepted,

@@ -101,6 +101,8 @@ pub struct Hub {
     published: BTreeMap<DeviceId, (u64, Vec<u8>, u64)>,
     /// Desired states saved but not yet accepted by the MQTT client (queue full), by device.
     unpublished: BTreeMap<DeviceId, Vec<u8>>,
+    /// While `reconcile_fleet` saves desired states in one transaction: what to publish after it commits.
+    batch: Option<Vec<(DeviceId, Vec<u8>)>>,
     pub metrics: HubMetrics,
     dirty: bool,
 }
@@ -220,6 +222,7 @@ impl Hub {
             known_devices: BTreeSet::new(),
             published: BTreeMap::new(),
             unpublished: BTreeMap::new(),
+            batch: None,
             metrics: HubMetrics::default(),
             dirty: true,
         })
@@ -800,8 +803,9 @@ impl Hub {
     pub fn reconcile_fleet(&mut self) -> Result<()> {
         let started = Instant::now();
         let now = unix_now();
-        let devices = self.store.devices()?;
-        let views: Vec<DeviceView> = devices.iter().map(device_view).collect();
+        let views: Vec<DeviceView> = self
+            .store
+            .with_devices(|rows| rows.map(device_view).collect())?;
         let mut per_device: BTreeMap<DeviceId, Vec<WorkloadSpec>> = BTreeMap::new();
         for (name, d) in &self.deployments {
             let specs = match self.resolve(d) {
@@ -851,12 +855,47 @@ impl Hub {
                 self.dirty = true;
             }
         }
-        for d in &devices {
-            let mut workloads = per_device.remove(&d.id).unwrap_or_default();
+        // Every changed desired state is saved in one transaction (one fsync for the fleet, not one per device)
+        // and published only after it commits: a crash in between must not leave a published generation the
+        // store does not know, which the hub would then reuse for different content.
+        self.store.begin()?;
+        self.batch = Some(Vec::new());
+        let mut result = Ok(());
+        for d in views.iter().map(|v| &v.id) {
+            let mut workloads = per_device.remove(d).unwrap_or_default();
             workloads.sort_by(|a, b| a.name.cmp(&b.name));
-            self.publish_desired(&d.id, workloads, now)?;
+            result = self.publish_desired(d, workloads, now);
+            if result.is_err() {
+                break;
+            }
+        }
+        let batch = self.batch.take().unwrap_or_default();
+        if let Err(e) = result.and_then(|()| Ok(self.store.commit()?)) {
+            self.store.rollback();
+            // The cache holds generations that were never committed; it reloads from the store on a miss.
+            self.published.clear();
+            return Err(e);
+        }
+        for (device, bytes) in batch {
+            self.send_desired(device, bytes);
         }
         Ok(())
+    }
+
+    /// Hands a saved desired state to the broker, or keeps it for the next tick if the link queue is full.
+    fn send_desired(&mut self, device: DeviceId, bytes: Vec<u8>) {
+        if let Err(e) = self.link.publish(
+            &topics::device(&device, DeviceTopic::Desired),
+            bytes.clone(),
+            true,
+        ) {
+            tracing::warn!(device = %device, error = %e, "desired state publish deferred");
+            self.unpublished.insert(device, bytes);
+            self.dirty = true;
+            return;
+        }
+        self.metrics.desired_published += 1;
+        tracing::debug!(device = %device, "desired state published");
     }
 
     /// Signs and publishes a device's desired state if its content changed or its signature is getting old.
@@ -899,19 +938,12 @@ impl Hub {
             .save_desired(device, generation, &content, &signed, now, ds.expires_at)?;
         self.published
             .insert(device.clone(), (generation, content, ds.expires_at));
-        if let Err(e) = self.link.publish(
-            &topics::device(device, DeviceTopic::Desired),
-            bytes.clone(),
-            true,
-        ) {
-            // Saved but not handed to the broker: retry these exact bytes on the next tick.
-            tracing::warn!(device = %device, error = %e, "desired state publish deferred");
-            self.unpublished.insert(device.clone(), bytes);
-            self.dirty = true;
-            return Ok(());
+        tracing::info!(device = %device, generation, workloads = ds.workloads.len(), "desired state signed");
+        match &mut self.batch {
+            // Published by `reconcile_fleet` once the batch has committed.
+            Some(batch) => batch.push((device.clone(), bytes)),
+            None => self.send_desired(device.clone(), bytes),
         }
-        self.metrics.desired_published += 1;
-        tracing::info!(device = %device, generation, workloads = ds.workloads.len(), "desired state published");
         Ok(())
     }
 

@@ -4,6 +4,7 @@ use flotilla_shared::codec::decode_exact;
 use flotilla_shared::wire::{Inventory, PublicKey, Release, Report, Signed, WorkloadKind};
 use flotilla_shared::{DeviceId, Digest};
 use rusqlite::{Connection, OptionalExtension, params};
+use std::cell::{RefCell, RefMut};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -114,6 +115,11 @@ pub struct Store {
     /// Desired states, releases, tokens and the audit log stay on the FULL connection.
     fast: Connection,
     blobs: PathBuf,
+    /// Write-through cache of the devices table, loaded on first use. At fleet scale reports, presence, placement
+    /// and metrics read device rows tens of thousands of times a second, and decoding them from SQLite each time
+    /// dominated the hub's CPU. Every write to `devices` goes through this type and updates the cache after the
+    /// SQL succeeds; a rolled-back transaction drops the cache so it is reloaded from what was committed.
+    devices: RefCell<Option<BTreeMap<DeviceId, DeviceRow>>>,
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -149,7 +155,45 @@ impl Store {
             conn,
             fast,
             blobs: dir.join("blobs"),
+            devices: RefCell::new(None),
         })
+    }
+
+    /// The device cache, loaded from the table if it is not loaded.
+    fn device_cache(&self) -> Result<RefMut<'_, BTreeMap<DeviceId, DeviceRow>>> {
+        let mut cache = self.devices.borrow_mut();
+        if cache.is_none() {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id, public_key, inventory, online, last_seen, offline_since, report_counter, last_report
+                 FROM devices",
+            )?;
+            let rows = stmt.query_map([], Self::device_from_row)?;
+            let mut map = BTreeMap::new();
+            for r in rows {
+                let row = Self::device_row(r?)?;
+                map.insert(row.id.clone(), row);
+            }
+            *cache = Some(map);
+        }
+        Ok(RefMut::map(cache, |c| c.get_or_insert_with(BTreeMap::new)))
+    }
+
+    /// Starts a transaction on the durable connection; pair with [`Store::commit`] or [`Store::rollback`]. For
+    /// callers that interleave their own state with the writes and cannot run inside a closure.
+    pub fn begin(&self) -> Result<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    pub fn commit(&self) -> Result<()> {
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
+    }
+
+    pub fn rollback(&self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+        // The cache may hold rows the rollback removed.
+        *self.devices.borrow_mut() = None;
     }
 
     /// Runs `f` inside one transaction on the durable connection: all of its writes commit together, or none.
@@ -161,7 +205,7 @@ impl Store {
                 Ok(v)
             }
             Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
+                self.rollback();
                 Err(e)
             }
         }
@@ -279,21 +323,30 @@ impl Store {
         now: u64,
     ) -> Result<()> {
         let inv = postcard::to_stdvec(inventory).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut cache = self.device_cache()?;
         self.conn.execute(
             "INSERT INTO devices (id, public_key, inventory, enrolled_at) VALUES (?1, ?2, ?3, ?4)",
             params![id.as_str(), key.0.as_slice(), inv, to_i64(now)],
         )?;
+        // The column defaults of the table.
+        cache.insert(
+            id.clone(),
+            DeviceRow {
+                id: id.clone(),
+                public_key: *key,
+                inventory: inventory.clone(),
+                online: false,
+                last_seen: 0,
+                offline_since: None,
+                report_counter: 0,
+                last_report: None,
+            },
+        );
         Ok(())
     }
 
     pub fn device_exists(&self, id: &DeviceId) -> Result<bool> {
-        Ok(self
-            .conn
-            .query_row("SELECT 1 FROM devices WHERE id = ?1", [id.as_str()], |_| {
-                Ok(())
-            })
-            .optional()?
-            .is_some())
+        Ok(self.device_cache()?.contains_key(id))
     }
 
     fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawDeviceRow> {
@@ -309,17 +362,9 @@ impl Store {
         ))
     }
 
-    /// One device (the hot path for reports: no full-table scan).
+    /// One device (the hot path for reports).
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRow>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, public_key, inventory, online, last_seen, offline_since, report_counter, last_report
-             FROM devices WHERE id = ?1",
-        )?;
-        let mut rows = stmt.query_map([id.as_str()], Self::device_from_row)?;
-        match rows.next() {
-            Some(row) => Ok(Some(Self::device_row(row?)?)),
-            None => Ok(None),
-        }
+        Ok(self.device_cache()?.get(id).cloned())
     }
 
     fn device_row(raw: RawDeviceRow) -> Result<DeviceRow> {
@@ -340,38 +385,61 @@ impl Store {
         })
     }
 
+    /// Every device, ordered by id.
     pub fn devices(&self) -> Result<Vec<DeviceRow>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, public_key, inventory, online, last_seen, offline_since, report_counter, last_report
-             FROM devices ORDER BY id",
-        )?;
-        let rows = stmt.query_map([], Self::device_from_row)?;
-        rows.map(|r| Self::device_row(r?)).collect()
+        Ok(self.device_cache()?.values().cloned().collect())
+    }
+
+    /// Runs `f` over every device (ordered by id) without copying the rows.
+    pub fn with_devices<T>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &DeviceRow>) -> T) -> Result<T> {
+        Ok(f(&mut self.device_cache()?.values()))
     }
 
     pub fn set_presence(&self, id: &DeviceId, online: bool, now: u64) -> Result<()> {
-        self.fast.execute(
-            "UPDATE devices SET online = ?2, last_seen = ?3,
-                offline_since = CASE WHEN ?2 THEN NULL ELSE COALESCE(offline_since, ?3) END WHERE id = ?1",
-            params![id.as_str(), online, to_i64(now)],
-        )?;
+        let mut cache = self.device_cache()?;
+        self.fast
+            .prepare_cached(
+                "UPDATE devices SET online = ?2, last_seen = ?3,
+                    offline_since = CASE WHEN ?2 THEN NULL ELSE COALESCE(offline_since, ?3) END WHERE id = ?1",
+            )?
+            .execute(params![id.as_str(), online, to_i64(now)])?;
+        if let Some(d) = cache.get_mut(id) {
+            d.online = online;
+            d.last_seen = now;
+            d.offline_since = if online {
+                None
+            } else {
+                d.offline_since.or(Some(now))
+            };
+        }
         Ok(())
     }
 
     /// Stores an accepted report (and the inventory it carries, if any).
     pub fn save_report(&self, id: &DeviceId, report: &Report, now: u64) -> Result<()> {
         let bytes = postcard::to_stdvec(report).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.fast.execute(
-            "UPDATE devices SET report_counter = ?2, last_report = ?3, last_seen = ?4, online = 1, offline_since = NULL
-             WHERE id = ?1",
-            params![id.as_str(), to_i64(report.counter), bytes, to_i64(now)],
-        )?;
+        let mut cache = self.device_cache()?;
+        self.fast
+            .prepare_cached(
+                "UPDATE devices SET report_counter = ?2, last_report = ?3, last_seen = ?4, online = 1,
+                    offline_since = NULL WHERE id = ?1",
+            )?
+            .execute(params![id.as_str(), to_i64(report.counter), bytes, to_i64(now)])?;
         if let Some(inv) = &report.inventory {
             let inv = postcard::to_stdvec(inv).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            self.fast.execute(
-                "UPDATE devices SET inventory = ?2 WHERE id = ?1",
-                params![id.as_str(), inv],
-            )?;
+            self.fast
+                .prepare_cached("UPDATE devices SET inventory = ?2 WHERE id = ?1")?
+                .execute(params![id.as_str(), inv])?;
+        }
+        if let Some(d) = cache.get_mut(id) {
+            d.report_counter = report.counter;
+            d.last_seen = now;
+            d.online = true;
+            d.offline_since = None;
+            if let Some(inv) = &report.inventory {
+                d.inventory = inv.clone();
+            }
+            d.last_report = Some(report.clone());
         }
         Ok(())
     }
@@ -640,5 +708,63 @@ mod tests {
             store.consume_enroll_token("t2", &a, 1_000).expect("query"),
             Err(TokenError::Expired)
         );
+    }
+
+    /// The device cache is write-through: after enrollments, reports, presence changes and a rolled-back
+    /// transaction, what a fresh store reads from SQLite equals what the running store serves from memory.
+    #[test]
+    fn device_cache_matches_the_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let inv = |region: &str| Inventory {
+            labels: vec![("role".into(), "gw".into())],
+            region: flotilla_shared::Label::new(region).ok(),
+            zone: None,
+            location: None,
+            arch: "x86_64".into(),
+            runtimes: vec![WorkloadKind::Wasm],
+            memory_mib: 64,
+            agent_version: "t".into(),
+        };
+        let ids: Vec<DeviceId> = ["a", "b", "c"]
+            .iter()
+            .map(|i| DeviceId::new(*i).expect("id"))
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let key = PublicKey([u8::try_from(i).expect("small"); 32]);
+            store.insert_device(id, &key, &inv("eu-west"), 10).expect("insert");
+        }
+        let report = |id: &DeviceId, counter: u64, inventory: Option<Inventory>| Report {
+            device: id.clone(),
+            counter,
+            sent_at: 20,
+            applied_generation: counter,
+            last_rejection: None,
+            workloads: vec![],
+            inventory,
+            telemetry_dropped: 0,
+            hold: None,
+        };
+        store.save_report(&ids[0], &report(&ids[0], 3, None), 21).expect("report");
+        store
+            .save_report(&ids[1], &report(&ids[1], 1, Some(inv("us-east"))), 22)
+            .expect("report with inventory");
+        store.set_presence(&ids[1], false, 30).expect("offline");
+        store.set_presence(&ids[1], false, 40).expect("still offline keeps offline_since");
+        store.set_presence(&ids[2], true, 50).expect("online");
+        // A transaction that registers a device and then fails leaves no trace, in the table or the cache.
+        let phantom = DeviceId::new("phantom").expect("id");
+        let failed: Result<()> = store.transaction(|s| {
+            s.insert_device(&phantom, &PublicKey([9; 32]), &inv("eu-west"), 60)?;
+            Err(StoreError::Corrupt("injected".into()))
+        });
+        assert!(failed.is_err());
+        assert!(!store.device_exists(&phantom).expect("exists"));
+        let fresh = Store::open(dir.path()).expect("reopen");
+        let view = |s: &Store| format!("{:?}", s.devices().expect("devices"));
+        assert_eq!(view(&store), view(&fresh));
+        let b = store.device(&ids[1]).expect("query").expect("b");
+        assert_eq!((b.online, b.offline_since, b.report_counter), (false, Some(30), 1));
+        assert_eq!(b.inventory.region.as_ref().map(|r| r.as_str()), Some("us-east"));
     }
 }

@@ -7,4 +7,5 @@ mod lifecycle;
 mod offline;
 mod partition;
 mod rollout;
+mod storm;
 mod trust;

@@ -5,6 +5,7 @@
 //! The binaries must be built first (`cargo build --workspace --bins`; the README's test command does it).
 
 pub mod proxy;
+pub mod sim;
 
 use anyhow::{Context, Result, bail};
 use flotilla_hub::client::Client;

@@ -8,253 +8,9 @@
 //! `cargo build --release --bins -p flotilla-hub -p flotilla-fleet-tests && target/release/flotilla-sim 10000`
 
 use anyhow::{Context, Result, bail};
-use flotilla_mqtt::{LinkEvent, LinkSettings, Publisher};
-use flotilla_shared::codec::{self, Message};
-use flotilla_shared::topics::{self, DeviceTopic};
-use flotilla_shared::trust::{self, DocType, SigningKey, TrustFloor};
-use flotilla_shared::wire::{
-    EnrollRequest, EnrollResponse, Inventory, Presence, Report, WorkloadKind, WorkloadState,
-    WorkloadStatus,
-};
-use flotilla_shared::{DeviceId, Label};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use flotilla_fleet_tests::sim::{SimFleet, proc_cpu_secs, proc_rss_kib};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-
-const REGIONS: [&str; 5] = ["eu-west", "eu-north", "us-east", "us-west", "ap-south"];
-
-#[derive(Default)]
-struct Counters {
-    sent: AtomicU64,
-    received: AtomicU64,
-}
-
-fn settings(
-    client_id: String,
-    port: u16,
-    subs: Vec<String>,
-    will: Option<(String, Vec<u8>)>,
-) -> LinkSettings {
-    LinkSettings {
-        client_id,
-        host: "127.0.0.1".into(),
-        port,
-        keepalive: Duration::from_secs(120),
-        tls: None,
-        last_will: will,
-        subscriptions: subs,
-        clean_session: true,
-        queue: flotilla_mqtt::QUEUE,
-    }
-}
-
-fn inventory(region: &str) -> Inventory {
-    Inventory {
-        labels: vec![("role".into(), "sim".into())],
-        region: Label::new(region).ok(),
-        zone: None,
-        location: None,
-        arch: "x86_64".into(),
-        runtimes: vec![WorkloadKind::Wasm],
-        memory_mib: 256,
-        agent_version: "sim".into(),
-    }
-}
-
-/// One simulated agent: enroll, then serve desired states until the process ends.
-async fn agent(
-    i: usize,
-    port: u16,
-    token: String,
-    counters: Arc<Counters>,
-    t0: Arc<OnceLock<Instant>>,
-    done: mpsc::UnboundedSender<Duration>,
-    enroll_slots: Arc<tokio::sync::Semaphore>,
-) -> Result<()> {
-    // Bounded concurrent enrollments: one process holds every session, and file descriptors are finite (an
-    // enrollment session plus a device session per agent would otherwise need two sockets each at the peak).
-    let permit = enroll_slots.acquire_owned().await?;
-    let key = SigningKey::from_seed({
-        let mut s = [7u8; 32];
-        s[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        s
-    });
-    let region = REGIONS[i % REGIONS.len()];
-    let nonce = trust::random_hex(16);
-    let (link, mut rx) = flotilla_mqtt::connect(settings(
-        format!("enroll-{nonce}"),
-        port,
-        vec![topics::enroll_response(&nonce)],
-        None,
-    ))?;
-    let id = DeviceId::new(format!("sim-{i:05}"))?;
-    let req = codec::encode(&Message::EnrollRequest(EnrollRequest {
-        token,
-        public_key: key.public(),
-        requested_id: Some(id.clone()),
-        inventory: inventory(region),
-    }))?;
-    let root = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
-        match ev {
-            Ok(Some(LinkEvent::Connected)) | Err(_) => {
-                link.publish(&topics::enroll_request(&nonce), req.clone(), false)?;
-                counters.sent.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(Some(LinkEvent::Message { payload, .. })) => match codec::decode(&payload)? {
-                Message::EnrollResponse(EnrollResponse::Accepted { root, .. }) => break root,
-                Message::EnrollResponse(EnrollResponse::Refused { reason }) => {
-                    bail!("refused: {reason}")
-                }
-                _ => {}
-            },
-            Ok(Some(LinkEvent::Disconnected(_))) => {}
-            Ok(None) => bail!("link closed"),
-        }
-    };
-    link.disconnect().await;
-    drop(link);
-    drop(rx);
-    drop(permit);
-    let root = trust::verify_initial_root(&root, 0)?;
-    let offline = codec::encode(&Message::Presence(Presence {
-        online: false,
-        at: 0,
-        agent_version: "sim".into(),
-    }))?;
-    let (link, mut rx) = flotilla_mqtt::connect(settings(
-        id.to_string(),
-        port,
-        vec![topics::device(&id, DeviceTopic::Desired)],
-        Some((topics::device(&id, DeviceTopic::Presence), offline)),
-    ))?;
-    let mut floor = TrustFloor::default();
-    let mut accepted: Option<Vec<u8>> = None;
-    let mut counter = 0u64;
-    let mut workloads: Vec<WorkloadStatus> = vec![];
-    let mut applied = 0;
-    let mut reported_running = false;
-    let report = |counter: u64,
-                  applied: u64,
-                  workloads: Vec<WorkloadStatus>,
-                  inv: bool|
-     -> Result<Vec<u8>> {
-        let r = Report {
-            device: id.clone(),
-            counter,
-            sent_at: trust_now(),
-            applied_generation: applied,
-            last_rejection: None,
-            workloads,
-            inventory: inv.then(|| inventory(region)),
-            telemetry_dropped: 0,
-            hold: None,
-        };
-        Ok(codec::encode(&Message::Report(trust::sign(
-            DocType::Report,
-            &r,
-            &[&key],
-        )))?)
-    };
-    let report_topic = topics::device(&id, DeviceTopic::Report);
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            LinkEvent::Connected => {
-                counter += 1;
-                link.publish(
-                    &report_topic,
-                    report(counter, applied, workloads.clone(), true)?,
-                    false,
-                )?;
-                counters.sent.fetch_add(1, Ordering::Relaxed);
-            }
-            LinkEvent::Message { payload, .. } => {
-                counters.received.fetch_add(1, Ordering::Relaxed);
-                let Ok(Message::DesiredState(signed)) = codec::decode(&payload) else {
-                    continue;
-                };
-                if accepted.as_deref() == Some(signed.body.as_slice()) {
-                    continue;
-                }
-                let Ok(ds) = trust::verify_desired(
-                    &root,
-                    &id,
-                    &signed,
-                    &floor,
-                    accepted.as_deref(),
-                    trust_now(),
-                ) else {
-                    continue;
-                };
-                floor.generation = ds.generation;
-                floor.issued_at = floor.issued_at.max(ds.issued_at);
-                applied = ds.generation;
-                accepted = Some(signed.body.clone());
-                workloads = ds
-                    .workloads
-                    .iter()
-                    .map(|w| WorkloadStatus {
-                        name: w.name.clone(),
-                        release: w.release,
-                        state: WorkloadState::Running,
-                        healthy: true,
-                        restarts: 0,
-                        last_error: None,
-                        rejected: None,
-                    })
-                    .collect();
-                counter += 1;
-                link.publish(
-                    &report_topic,
-                    report(counter, applied, workloads.clone(), false)?,
-                    false,
-                )?;
-                counters.sent.fetch_add(1, Ordering::Relaxed);
-                if !workloads.is_empty() && !reported_running {
-                    reported_running = true;
-                    if let Some(t0) = t0.get() {
-                        let _ = done.send(t0.elapsed());
-                    }
-                }
-            }
-            LinkEvent::Disconnected(_) => {}
-        }
-    }
-    Ok(())
-}
-
-fn trust_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn proc_mem_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn proc_cpu_secs(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let f: Vec<String> = s
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect();
-            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
-        })
-        .unwrap_or(0.0)
-}
 
 fn pct(v: &[f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
@@ -298,13 +54,21 @@ fn main() -> Result<()> {
     let hub_pid = hub_proc.id();
     let broker_pid = broker.as_ref().map(|m| m.proc.child.id());
     let result = run(n, &hub_dir, hub_pid, broker_pid);
+    if result.is_err() || std::env::var_os("FLOTILLA_SIM_KEEP_LOGS").is_some() {
+        // Keep the hub's and broker's logs for diagnosis; the temp dir goes away with this process.
+        let keep = std::env::temp_dir().join(format!("flotilla-sim-logs-{}", std::process::id()));
+        std::fs::create_dir_all(&keep)?;
+        let _ = std::fs::copy(dir.path().join("hub.log"), keep.join("hub.log"));
+        let _ = std::fs::copy(dir.path().join("mosquitto/mosquitto.log"), keep.join("mosquitto.log"));
+        eprintln!("logs kept in {}", keep.display());
+    }
     let _ = hub_proc.kill();
     let _ = hub_proc.wait();
     result
 }
 
 fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32>) -> Result<()> {
-    let mem = || proc_mem_kib(hub_pid) + broker_pid.map_or(0, proc_mem_kib);
+    let mem = || proc_rss_kib(hub_pid) + broker_pid.map_or(0, proc_rss_kib);
     let start = Instant::now();
     let (api, mqtt) = loop {
         if let Some(e) = flotilla_hub::server::read_endpoints(hub_dir) {
@@ -337,28 +101,8 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
             _ => bail!("no tokens"),
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let counters = Arc::new(Counters::default());
-    let t0 = Arc::new(OnceLock::new());
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let enroll_slots = Arc::new(tokio::sync::Semaphore::new(256));
     let enroll_start = Instant::now();
-    for (i, token) in tokens.into_iter().enumerate() {
-        let (c, t, d, slots) = (
-            counters.clone(),
-            t0.clone(),
-            done_tx.clone(),
-            enroll_slots.clone(),
-        );
-        rt.spawn(async move {
-            if let Err(e) = agent(i, port, token, c, t, d, slots).await {
-                eprintln!("sim agent {i}: {e:#}");
-            }
-        });
-    }
+    let mut sim = SimFleet::start(port, tokens, 2)?;
     // Wait until the hub sees every device online and reporting.
     loop {
         // The cheap endpoint: listing 10,000 devices every half second would load the hub more than the fleet.
@@ -372,7 +116,11 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
             break;
         }
         if enroll_start.elapsed() > Duration::from_secs(600) {
-            bail!("only {online} of {n} devices online after 600 s");
+            bail!(
+                "only {online} of {n} devices online after 600 s ({} sessions connected, {} enrollments failed)",
+                sim.shared.connected.load(Ordering::Relaxed),
+                sim.shared.failed.load(Ordering::Relaxed)
+            );
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -407,6 +155,7 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
         &postcard::to_stdvec(&signed)?,
         &[],
     )?;
+    let counters = sim.shared.clone();
     let (sent0, recv0) = (
         counters.sent.load(Ordering::Relaxed),
         counters.received.load(Ordering::Relaxed),
@@ -414,7 +163,7 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
     let cpu_all = || proc_cpu_secs(hub_pid) + broker_pid.map_or(0.0, proc_cpu_secs);
     let cpu0 = cpu_all();
     let spec = "name = \"app\"\n[target]\nselector = { role = \"sim\" }\n[[workloads]]\nname = \"app\"\nrelease = \"app@1.0.0\"\n";
-    let _ = t0.set(Instant::now());
+    sim.arm();
     let apply_at = Instant::now();
     client.post(
         "/api/v1/deployments",
@@ -424,17 +173,33 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
     )?;
     let mut lat = Vec::with_capacity(n);
     let mut peak_rss = 0;
+    let mut seen = vec![false; n];
     while lat.len() < n {
-        match rt
-            .block_on(async { tokio::time::timeout(Duration::from_secs(30), done_rx.recv()).await })
-        {
-            Ok(Some(d)) => lat.push(d.as_secs_f64()),
-            _ => {
+        match sim.next_done(Duration::from_secs(30)) {
+            Some((i, d)) => {
+                lat.push(d.as_secs_f64());
+                if let Some(s) = seen.get_mut(i) {
+                    *s = true;
+                }
+            }
+            None => {
                 // Report what arrived instead of nothing: the missing devices are the finding.
+                let missing: Vec<usize> = (0..n).filter(|&i| !seen[i]).collect();
                 println!(
-                    "MISSING: only {} of {n} devices reported running (30 s without progress)",
-                    lat.len()
+                    "MISSING: only {} of {n} devices reported running (30 s without progress); {} sessions connected, {} enrollments failed",
+                    lat.len(),
+                    counters.connected.load(Ordering::Relaxed),
+                    counters.failed.load(Ordering::Relaxed),
                 );
+                for &i in missing.iter().take(5) {
+                    let id = format!("sim-{i:05}");
+                    let view = client.get(&format!("/api/v1/devices/{id}"));
+                    println!(
+                        "  {id}: applied generation {} on the device; hub view: {}",
+                        counters.applied(i),
+                        view.map_or_else(|e| e.to_string(), |v| v.to_string())
+                    );
+                }
                 break;
             }
         }
