@@ -16,6 +16,8 @@ impl Client {
     pub fn new(server: &str, token: &str) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // A hub that does not answer is an error the operator sees, not a CLI that hangs forever.
+            .timeout_global(Some(std::time::Duration::from_secs(120)))
             .build()
             .into();
         Self {

@@ -103,6 +103,8 @@ pub struct Hub {
     unpublished: BTreeMap<DeviceId, Vec<u8>>,
     /// While `reconcile_fleet` saves desired states in one transaction: what to publish after it commits.
     batch: Option<Vec<(DeviceId, Vec<u8>)>>,
+    /// Whether this process has re-published the stored desired states (once, on the first broker connection).
+    republished: bool,
     pub metrics: HubMetrics,
     dirty: bool,
 }
@@ -223,6 +225,7 @@ impl Hub {
             published: BTreeMap::new(),
             unpublished: BTreeMap::new(),
             batch: None,
+            republished: false,
             metrics: HubMetrics::default(),
             dirty: true,
         })
@@ -265,6 +268,9 @@ impl Hub {
             Event::Link(LinkEvent::Connected) => {
                 tracing::info!("hub connected to broker");
                 self.dirty = true;
+                if !self.republished {
+                    self.republish_stored();
+                }
             }
             Event::Link(LinkEvent::Disconnected(e)) => {
                 tracing::warn!(error = %e, "hub lost the broker")
@@ -882,6 +888,33 @@ impl Hub {
         Ok(())
     }
 
+    /// Publishes every stored desired state once after the hub starts: a previous run may have committed some and
+    /// died before handing them to the broker, and placement only publishes what changed. Devices ignore a
+    /// re-delivery of the state they already hold.
+    fn republish_stored(&mut self) {
+        match self.store.all_desired() {
+            Ok(all) => {
+                let n = all.len();
+                for (device, signed) in all {
+                    match codec::encode(&Message::DesiredState(signed)) {
+                        Ok(bytes) => self.send_desired(device, bytes),
+                        Err(e) => {
+                            tracing::error!(device = %device, error = %e, "stored desired state")
+                        }
+                    }
+                }
+                self.republished = true;
+                tracing::info!(
+                    devices = n,
+                    "stored desired states re-published after start"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read stored desired states; retrying on reconnect")
+            }
+        }
+    }
+
     /// Hands a saved desired state to the broker, or keeps it for the next tick if the link queue is full.
     fn send_desired(&mut self, device: DeviceId, bytes: Vec<u8>) {
         if let Err(e) = self.link.publish(
@@ -1366,5 +1399,62 @@ mod tests {
             (ds.generation, ds.workloads.len(), expires),
             (3, 2, t0 + 2 * DESIRED_TTL_SECS)
         );
+    }
+
+    /// After a restart the hub re-publishes every stored desired state once, on its first broker connection: the
+    /// previous process may have committed them and died before handing them to the broker.
+    #[tokio::test]
+    async fn stored_desired_states_republished_once_after_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = SigningKey::from_seed([9; 32]);
+        let root = Root {
+            version: 1,
+            expires_at: u64::MAX,
+            root_keys: vec![key.public()],
+            root_threshold: 1,
+            release_keys: vec![key.public()],
+            release_threshold: 1,
+            hub_keys: vec![key.public()],
+            hub_threshold: 1,
+        };
+        let root_signed = trust::sign(DocType::Root, &root, &[&key]);
+        let link = || {
+            flotilla_mqtt::connect(flotilla_mqtt::LinkSettings {
+                client_id: "test".into(),
+                host: "127.0.0.1".into(),
+                port: 1,
+                keepalive: std::time::Duration::from_secs(30),
+                tls: None,
+                last_will: None,
+                subscriptions: vec![],
+                clean_session: true,
+                queue: 1024,
+            })
+            .expect("link")
+        };
+        let (l1, _rx1) = link();
+        let store = Store::open(dir.path()).expect("store");
+        let mut first = Hub::new(
+            store,
+            l1,
+            SigningKey::from_seed([9; 32]),
+            root_signed.clone(),
+        )
+        .expect("hub");
+        for d in ["gw-1", "gw-2"] {
+            let d = DeviceId::new(d).expect("id");
+            first
+                .publish_desired(&d, vec![spec("a")], 1_000_000)
+                .expect("publish");
+        }
+        drop(first);
+        let (l2, _rx2) = link();
+        let store = Store::open(dir.path()).expect("store");
+        let mut second = Hub::new(store, l2, key, root_signed).expect("hub");
+        assert_eq!(second.metrics.desired_published, 0);
+        second.handle(Event::Link(LinkEvent::Connected));
+        assert_eq!(second.metrics.desired_published, 2);
+        second.handle(Event::Link(LinkEvent::Connected));
+        assert_eq!(second.metrics.desired_published, 2, "only once per process");
     }
 }

@@ -391,7 +391,10 @@ impl Store {
     }
 
     /// Runs `f` over every device (ordered by id) without copying the rows.
-    pub fn with_devices<T>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &DeviceRow>) -> T) -> Result<T> {
+    pub fn with_devices<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Iterator<Item = &DeviceRow>) -> T,
+    ) -> Result<T> {
         Ok(f(&mut self.device_cache()?.values()))
     }
 
@@ -655,6 +658,24 @@ impl Store {
         .transpose()
     }
 
+    /// Every stored signed desired state, by device.
+    pub fn all_desired(&self) -> Result<Vec<(DeviceId, Signed)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device, signed FROM desired ORDER BY device")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, signed) = row?;
+            let id = DeviceId::new(id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let signed = decode_exact(&signed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push((id, signed));
+        }
+        Ok(out)
+    }
+
     pub fn save_desired(
         &self,
         device: &DeviceId,
@@ -732,7 +753,9 @@ mod tests {
             .collect();
         for (i, id) in ids.iter().enumerate() {
             let key = PublicKey([u8::try_from(i).expect("small"); 32]);
-            store.insert_device(id, &key, &inv("eu-west"), 10).expect("insert");
+            store
+                .insert_device(id, &key, &inv("eu-west"), 10)
+                .expect("insert");
         }
         let report = |id: &DeviceId, counter: u64, inventory: Option<Inventory>| Report {
             device: id.clone(),
@@ -745,12 +768,16 @@ mod tests {
             telemetry_dropped: 0,
             hold: None,
         };
-        store.save_report(&ids[0], &report(&ids[0], 3, None), 21).expect("report");
+        store
+            .save_report(&ids[0], &report(&ids[0], 3, None), 21)
+            .expect("report");
         store
             .save_report(&ids[1], &report(&ids[1], 1, Some(inv("us-east"))), 22)
             .expect("report with inventory");
         store.set_presence(&ids[1], false, 30).expect("offline");
-        store.set_presence(&ids[1], false, 40).expect("still offline keeps offline_since");
+        store
+            .set_presence(&ids[1], false, 40)
+            .expect("still offline keeps offline_since");
         store.set_presence(&ids[2], true, 50).expect("online");
         // A transaction that registers a device and then fails leaves no trace, in the table or the cache.
         let phantom = DeviceId::new("phantom").expect("id");
@@ -764,7 +791,13 @@ mod tests {
         let view = |s: &Store| format!("{:?}", s.devices().expect("devices"));
         assert_eq!(view(&store), view(&fresh));
         let b = store.device(&ids[1]).expect("query").expect("b");
-        assert_eq!((b.online, b.offline_since, b.report_counter), (false, Some(30), 1));
-        assert_eq!(b.inventory.region.as_ref().map(|r| r.as_str()), Some("us-east"));
+        assert_eq!(
+            (b.online, b.offline_since, b.report_counter),
+            (false, Some(30), 1)
+        );
+        assert_eq!(
+            b.inventory.region.as_ref().map(|r| r.as_str()),
+            Some("us-east")
+        );
     }
 }

@@ -5,7 +5,7 @@
 use flotilla_fleet_tests::sim::{REGIONS, SimFleet};
 use flotilla_fleet_tests::{AgentSpec, BrokerKind, FleetBuilder, PATIENCE, firmware, wait_for};
 use flotilla_fleet_tests::{Fleet, proxy::Proxy};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const SIMULATED: usize = 500;
 
@@ -107,7 +107,9 @@ fn storm(broker: BrokerKind) {
     while applied < SIMULATED {
         match sim.next_done(PATIENCE) {
             Some(_) => applied += 1,
-            None => panic!("only {applied} of {SIMULATED} simulated agents applied the new deployment"),
+            None => {
+                panic!("only {applied} of {SIMULATED} simulated agents applied the new deployment")
+            }
         }
     }
     for a in &fleet.agents {
@@ -117,9 +119,7 @@ fn storm(broker: BrokerKind) {
                 .as_array()?
                 .iter()
                 .any(|w| {
-                    w["name"] == "sensor"
-                        && w["state"] == "running"
-                        && w["version"] == "1.0.1"
+                    w["name"] == "sensor" && w["state"] == "running" && w["version"] == "1.0.1"
                 })
                 .then_some(())
         })

@@ -328,7 +328,11 @@ async fn agent(
                 if let Some(a) = shared.applied.get(i) {
                     a.store(applied, Ordering::Release);
                 }
-                let (t0, mark) = shared.mark.lock().map(|m| *m).unwrap_or((Instant::now(), 0));
+                let (t0, mark) = shared
+                    .mark
+                    .lock()
+                    .map(|m| *m)
+                    .unwrap_or((Instant::now(), 0));
                 if !workloads.is_empty() && mark > done_mark {
                     done_mark = mark;
                     let _ = shared.done.send((i, t0.elapsed()));

@@ -142,9 +142,7 @@ async fn run_pattern(
             .context("subscribers did not all subscribe")?;
     }
     let (publisher, mut pev) = AsyncClient::new(options("publisher".into(), port), 64);
-    let pub_task = tokio::spawn(async move {
-        while pev.poll().await.is_ok() {}
-    });
+    let pub_task = tokio::spawn(async move { while pev.poll().await.is_ok() {} });
     let start = Instant::now();
     publish(publisher).await?;
     for done in 0..subscribers {
@@ -175,8 +173,13 @@ async fn broadcast(port: u16, subscribers: usize, messages: usize) -> Result<f64
         |_| "bench/broadcast".into(),
         async move |p: AsyncClient| {
             for _ in 0..messages {
-                p.publish("bench/broadcast", QoS::AtLeastOnce, false, vec![0u8; PAYLOAD])
-                    .await?;
+                p.publish(
+                    "bench/broadcast",
+                    QoS::AtLeastOnce,
+                    false,
+                    vec![0u8; PAYLOAD],
+                )
+                .await?;
             }
             Ok(())
         },
@@ -223,7 +226,11 @@ fn main() -> Result<()> {
         }
     }
     let num = |i: usize, default: usize| -> Result<usize> {
-        Ok(args.get(i).map(|s| s.parse()).transpose()?.unwrap_or(default))
+        Ok(args
+            .get(i)
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(default))
     };
     let (subscribers, messages, rounds) = (num(1, 500)?, num(2, 200)?, num(3, 5)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -272,7 +279,9 @@ fn main() -> Result<()> {
                 "{pattern}: embedded median {e:.0}/s, Mosquitto median {m:.0}/s, ratio {:.2}x",
                 e / m
             ),
-            (e, m) => println!("{pattern}: embedded {e:?}, Mosquitto {m:?} (a broker failed every round)"),
+            (e, m) => {
+                println!("{pattern}: embedded {e:?}, Mosquitto {m:?} (a broker failed every round)")
+            }
         }
     }
     Ok(())

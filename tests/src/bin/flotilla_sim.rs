@@ -59,7 +59,10 @@ fn main() -> Result<()> {
         let keep = std::env::temp_dir().join(format!("flotilla-sim-logs-{}", std::process::id()));
         std::fs::create_dir_all(&keep)?;
         let _ = std::fs::copy(dir.path().join("hub.log"), keep.join("hub.log"));
-        let _ = std::fs::copy(dir.path().join("mosquitto/mosquitto.log"), keep.join("mosquitto.log"));
+        let _ = std::fs::copy(
+            dir.path().join("mosquitto/mosquitto.log"),
+            keep.join("mosquitto.log"),
+        );
         eprintln!("logs kept in {}", keep.display());
     }
     let _ = hub_proc.kill();
@@ -163,6 +166,7 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
     let cpu_all = || proc_cpu_secs(hub_pid) + broker_pid.map_or(0.0, proc_cpu_secs);
     let cpu0 = cpu_all();
     let spec = "name = \"app\"\n[target]\nselector = { role = \"sim\" }\n[[workloads]]\nname = \"app\"\nrelease = \"app@1.0.0\"\n";
+    eprintln!("release uploaded; applying the deployment");
     sim.arm();
     let apply_at = Instant::now();
     client.post(
