@@ -26,6 +26,9 @@ pub const REGIONS: [&str; 5] = ["eu-west", "eu-north", "us-east", "us-west", "ap
 /// enrollment session plus a device session per agent would otherwise need two sockets each at the peak).
 const ENROLL_CONCURRENCY: usize = 256;
 
+/// How often a simulated agent repeats its report, as the real agent's default `report_interval_secs`.
+const REPORT_INTERVAL_SECS: u64 = 60;
+
 /// What the simulated fleet has done, readable while it runs.
 #[derive(Debug)]
 pub struct Shared {
@@ -257,7 +260,30 @@ async fn agent(
         codec::encode(&Message::Report(trust::sign(DocType::Report, &r, &[&key])))
     };
     let report_topic = topics::device(&id, DeviceTopic::Report);
-    while let Some(ev) = rx.recv().await {
+    // Like the real agent (`report_interval_secs`, default 60), reports are level-based and repeated: a report the
+    // broker dropped is replaced by the next one. The phase is spread per device so the fleet does not beat.
+    let period = Duration::from_secs(REPORT_INTERVAL_SECS);
+    let phase = Duration::from_millis((i as u64 * 7_919) % (REPORT_INTERVAL_SECS * 1000));
+    let mut periodic = tokio::time::interval_at(tokio::time::Instant::now() + phase, period);
+    loop {
+        let ev = tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => ev,
+                None => break,
+            },
+            _ = periodic.tick() => {
+                if is_connected {
+                    counter += 1;
+                    link.publish(
+                        &report_topic,
+                        report(counter, applied, workloads.clone(), false)?,
+                        false,
+                    )?;
+                    shared.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+        };
         match ev {
             LinkEvent::Connected => {
                 if !is_connected {

@@ -78,7 +78,8 @@ pub struct LinkSettings {
     pub subscriptions: Vec<String>,
     /// Start with a clean session; the agent uses persistent state in SQLite, not broker sessions.
     pub clean_session: bool,
-    /// Capacity of the outgoing request queue (bounded; `publish` fails when it is full).
+    /// Capacity of the outgoing request queue (bounded; `publish` fails when it is full) and of the incoming event
+    /// queue (when full, the link stops reading from the broker until the owner catches up).
     pub queue: usize,
 }
 
@@ -185,7 +186,10 @@ pub fn connect(settings: LinkSettings) -> Result<(Link, mpsc::Receiver<LinkEvent
         )));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, settings.queue.max(16));
-    let (tx, rx) = mpsc::channel(QUEUE);
+    // Incoming messages get the same capacity as outgoing requests. A hub (queue 65,536) must keep reading the
+    // socket through a burst of reports from a whole fleet while its loop catches up: a client that stops reading
+    // makes the broker queue for it, and Mosquitto drops QoS 1 messages beyond `max_queued_messages` (1,000).
+    let (tx, rx) = mpsc::channel(settings.queue.max(16));
     let subs = settings.subscriptions.clone();
     let sub_client = client.clone();
     let mut seed = u64::from(std::process::id())
