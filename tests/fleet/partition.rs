@@ -145,3 +145,92 @@ fn partition_campaign_20_agents() {
         );
     }
 }
+
+/// `base` with a custom section of `n` bytes appended: still a valid module, now large enough to need several
+/// chunks.
+fn padded_wasm(base: &[u8], n: usize) -> Vec<u8> {
+    fn leb(mut v: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let mut payload = vec![3u8];
+    payload.extend_from_slice(b"pad");
+    payload.resize(payload.len() + n, 0xa5);
+    let mut out = base.to_vec();
+    out.push(0);
+    leb(payload.len(), &mut out);
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// A link that silently drops everything (no reset, no refusal) is noticed through keepalives alone: the hub marks
+/// the device offline while its workload keeps running. A deployment made meanwhile arrives after the heal over a
+/// slow link (50 kB/s), as a 200 kB artifact fetched in several chunks.
+#[test]
+fn blackhole_then_slow_link() {
+    let fleet = FleetBuilder::new()
+        .with_proxies()
+        .agent(AgentSpec::new("gw-bh", "eu-west", 10.0, 10.0))
+        .start()
+        .expect("fleet");
+    let one = |version: &str| {
+        format!(
+            "name = \"sensors\"\n[target]\nselector = {{ role = \"gateway\" }}\n[[workloads]]\nname = \"sensor\"\n\
+             release = \"sensor@{version}\"\ntick_ms = 200\nmemory_mib = 4\ncpu_ms = 20\n"
+        )
+    };
+    fleet
+        .hub
+        .push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("release");
+    fleet
+        .hub
+        .push_release(
+            "sensor",
+            "2.0.0",
+            1,
+            &padded_wasm(&firmware("sensor"), 200 * 1024),
+        )
+        .expect("large release");
+    fleet.hub.apply(&one("1.0.0")).expect("apply");
+    fleet
+        .hub
+        .wait_workload("gw-bh", "sensor", "running")
+        .expect("running");
+    let agent = fleet.agent("gw-bh");
+    let proxy = agent.proxy.as_ref().expect("proxy");
+    proxy.blackhole();
+    let started = Instant::now();
+    wait_for("the hub to mark gw-bh offline", PATIENCE, || {
+        (fleet.hub.device("gw-bh")?["online"] == false).then_some(())
+    })
+    .expect("offline through keepalive alone");
+    println!("blackhole noticed after {:.1?}", started.elapsed());
+    fleet
+        .hub
+        .apply(&one("2.0.0"))
+        .expect("apply while unreachable");
+    proxy.set_rate(50_000);
+    proxy.heal();
+    let healed = Instant::now();
+    wait_for("gw-bh on 2.0.0 over the slow link", PATIENCE, || {
+        let d = fleet.hub.device("gw-bh")?;
+        d["workloads"]
+            .as_array()?
+            .iter()
+            .any(|w| w["name"] == "sensor" && w["state"] == "running" && w["version"] == "2.0.0")
+            .then_some(())
+    })
+    .expect("converged after the heal");
+    println!(
+        "converged {:.1?} after the heal at 50 kB/s",
+        healed.elapsed()
+    );
+}

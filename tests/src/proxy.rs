@@ -1,5 +1,6 @@
-//! A TCP fault proxy between one agent and the broker: partition (cut every connection and refuse new ones),
-//! heal, and an optional added delay per forwarded chunk. Runs on its own small tokio runtime.
+//! A TCP fault proxy between agents and the broker: partition (cut every connection and refuse new ones), reset,
+//! blackhole (forward nothing and refuse nothing: a link that silently drops packets, noticed only by keepalives),
+//! a delay per forwarded chunk, a bandwidth cap (slow link), and heal. Runs on its own small tokio runtime.
 
 use anyhow::Result;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use tokio::sync::watch;
 pub struct Proxy {
     port: u16,
     partitioned: Arc<AtomicBool>,
-    delay_ms: Arc<AtomicU64>,
+    faults: Arc<Faults>,
     cut: watch::Sender<u64>,
     _rt: Arc<tokio::runtime::Runtime>,
 }
@@ -30,10 +31,14 @@ impl Proxy {
         let listener = rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
         let port = listener.local_addr()?.port();
         let partitioned = Arc::new(AtomicBool::new(false));
-        let delay_ms = Arc::new(AtomicU64::new(0));
+        let faults = Arc::new(Faults {
+            delay_ms: AtomicU64::new(0),
+            rate: AtomicU64::new(0),
+            blackhole: watch::channel(false).0,
+        });
         let (cut, cut_rx) = watch::channel(0u64);
         let up = format!("{}:{}", upstream.0, upstream.1);
-        let (p, d) = (partitioned.clone(), delay_ms.clone());
+        let (p, d) = (partitioned.clone(), faults.clone());
         rt.spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -63,7 +68,7 @@ impl Proxy {
         Ok(Self {
             port,
             partitioned,
-            delay_ms,
+            faults,
             cut,
             _rt: rt,
         })
@@ -79,8 +84,21 @@ impl Proxy {
         self.cut.send_modify(|v| *v += 1);
     }
 
+    /// Ends a partition or a blackhole.
     pub fn heal(&self) {
         self.partitioned.store(false, Ordering::Release);
+        self.faults.blackhole.send_replace(false);
+    }
+
+    /// Forwards nothing until [`Proxy::heal`], without closing or refusing anything: bytes wait in the proxy as in
+    /// a link that drops every packet (TCP retransmits, nobody gets an error). Only keepalives notice.
+    pub fn blackhole(&self) {
+        self.faults.blackhole.send_replace(true);
+    }
+
+    /// Caps each direction of each connection at `bytes_per_sec` (0 = no cap): a slow link.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.faults.rate.store(bytes_per_sec, Ordering::Release);
     }
 
     /// Resets open connections once (a TCP reset storm of size one); new connections are allowed.
@@ -90,27 +108,53 @@ impl Proxy {
 
     /// Adds a delay before each forwarded chunk (a slow link).
     pub fn set_delay(&self, d: Duration) {
-        self.delay_ms.store(
+        self.faults.delay_ms.store(
             u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
             Ordering::Release,
         );
     }
 }
 
+/// The faults that apply to every forwarded chunk.
+#[derive(Debug)]
+struct Faults {
+    delay_ms: AtomicU64,
+    /// Bytes per second per direction; 0 = unlimited.
+    rate: AtomicU64,
+    blackhole: watch::Sender<bool>,
+}
+
 async fn pipe(
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
-    delay: Arc<AtomicU64>,
+    faults: Arc<Faults>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
+    let mut blackhole = faults.blackhole.subscribe();
     loop {
-        let n = match r.read(&mut buf).await {
+        // A small read size under a rate cap keeps the pacing smooth.
+        let rate = faults.rate.load(Ordering::Acquire);
+        let max = if rate > 0 {
+            usize::try_from(rate / 10)
+                .unwrap_or(buf.len())
+                .clamp(1, buf.len())
+        } else {
+            buf.len()
+        };
+        let n = match r.read(&mut buf[..max]).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let d = delay.load(Ordering::Acquire);
+        // Held, not dropped: the stream stays intact, as TCP retransmission would keep it.
+        if blackhole.wait_for(|on| !*on).await.is_err() {
+            return;
+        }
+        let d = faults.delay_ms.load(Ordering::Acquire);
         if d > 0 {
             tokio::time::sleep(Duration::from_millis(d)).await;
+        }
+        if rate > 0 {
+            tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
         }
         if w.write_all(&buf[..n]).await.is_err() {
             return;
