@@ -54,7 +54,7 @@ fn storm(broker: BrokerKind) {
     let total = SIMULATED + fleet.agents.len();
     // One proxy in front of the broker for all simulated agents: cutting it drops all 500 sessions at once.
     let sim_proxy = Proxy::start(("127.0.0.1", fleet.broker_port())).expect("proxy");
-    let mut sim = SimFleet::start(sim_proxy.port(), bulk_tokens(&fleet, SIMULATED), 2)
+    let mut sim = SimFleet::start(&[sim_proxy.port()], bulk_tokens(&fleet, SIMULATED), 2)
         .expect("simulated fleet");
     wait_for("every device online", PATIENCE, || {
         (metric(&fleet, "flotilla_devices{state=\"online\"}")? >= total).then_some(())

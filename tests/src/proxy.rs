@@ -22,6 +22,12 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(upstream: (&str, u16)) -> Result<Self> {
+        Self::start_from(upstream, None)
+    }
+
+    /// Like [`Proxy::start`], with the upstream connections made from `source` (e.g. 127.0.0.5), so that the
+    /// broker sees sessions from several loopback addresses and each address has its own ephemeral port range.
+    pub fn start_from(upstream: (&str, u16), source: Option<std::net::Ipv4Addr>) -> Result<Self> {
         let rt = Arc::new(
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -52,7 +58,7 @@ impl Proxy {
                 // Only cuts that happen from now on apply to this connection.
                 cut_rx.borrow_and_update();
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(&up).await else {
+                    let Ok(server) = connect_from(&up, source).await else {
                         return;
                     };
                     let (cr, cw) = client.into_split();
@@ -113,6 +119,18 @@ impl Proxy {
             Ordering::Release,
         );
     }
+}
+
+async fn connect_from(up: &str, source: Option<std::net::Ipv4Addr>) -> std::io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(up).await;
+    };
+    let addr: std::net::SocketAddr = up
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{up}: {e}")))?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((ip, 0).into())?;
+    socket.connect(addr).await
 }
 
 /// The faults that apply to every forwarded chunk.

@@ -72,9 +72,13 @@ impl std::fmt::Debug for SimFleet {
 }
 
 impl SimFleet {
-    /// Starts one simulated agent per token against the broker at `port` (loopback); device `i` is `sim-{i:05}` in
-    /// region `REGIONS[i % 5]`. Returns at once; enrollment proceeds in the background.
-    pub fn start(port: u16, tokens: Vec<String>, worker_threads: usize) -> Result<Self> {
+    /// Starts one simulated agent per token; device `i` is `sim-{i:05}` in region `REGIONS[i % 5]` and connects to
+    /// loopback port `ports[i % ports.len()]` (the broker, or proxies in front of it). Returns at once; enrollment
+    /// proceeds in the background.
+    pub fn start(ports: &[u16], tokens: Vec<String>, worker_threads: usize) -> Result<Self> {
+        if ports.is_empty() {
+            bail!("no broker port");
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(worker_threads)
             .enable_all()
@@ -93,6 +97,7 @@ impl SimFleet {
         let slots = Arc::new(tokio::sync::Semaphore::new(ENROLL_CONCURRENCY));
         for (i, token) in tokens.into_iter().enumerate() {
             let (shared, slots) = (shared.clone(), slots.clone());
+            let port = ports[i % ports.len()];
             rt.spawn(async move {
                 if let Err(e) = agent(i, port, token, &shared, slots).await {
                     shared.failed.fetch_add(1, Ordering::Relaxed);

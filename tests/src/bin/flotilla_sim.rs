@@ -5,7 +5,8 @@
 //! API, hub+broker RSS and CPU, and MQTT messages per second. Artifacts are not downloaded (the simulated agents
 //! report running as soon as they have verified the desired state).
 //!
-//! `cargo build --release --bins -p flotilla-hub -p flotilla-fleet-tests && target/release/flotilla-sim 10000`
+//! `cargo build --release --bins -p flotilla-hub -p flotilla-fleet-tests && target/release/flotilla-sim 10000
+//! [--mosquitto] [--source-addresses K]`
 
 use anyhow::{Context, Result, bail};
 use flotilla_fleet_tests::sim::{SimFleet, proc_cpu_secs, proc_rss_kib};
@@ -105,7 +106,26 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
         }
     }
     let enroll_start = Instant::now();
-    let mut sim = SimFleet::start(port, tokens, 2)?;
+    // `--source-addresses K`: the sessions reach the broker through K relays whose upstream connections come
+    // from 127.0.0.2 .. 127.0.0.(K+1), as from K hosts. Costs a relay hop on the same cores.
+    let spread: usize = std::env::args()
+        .skip_while(|a| a != "--source-addresses")
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(0);
+    let relays = (0..spread)
+        .map(|k| {
+            let ip = std::net::Ipv4Addr::new(127, 0, 0, u8::try_from(k + 2).unwrap_or(254));
+            flotilla_fleet_tests::proxy::Proxy::start_from(("127.0.0.1", port), Some(ip))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ports: Vec<u16> = if relays.is_empty() {
+        vec![port]
+    } else {
+        relays.iter().map(|r| r.port()).collect()
+    };
+    let mut sim = SimFleet::start(&ports, tokens, 2)?;
     // Wait until the hub sees every device online and reporting.
     loop {
         // The cheap endpoint: listing 10,000 devices every half second would load the hub more than the fleet.
