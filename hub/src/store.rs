@@ -4,7 +4,7 @@ use flotilla_shared::codec::decode_exact;
 use flotilla_shared::wire::{Inventory, PublicKey, Release, Report, Signed, WorkloadKind};
 use flotilla_shared::{DeviceId, Digest};
 use rusqlite::{Connection, OptionalExtension, params};
-use std::cell::{RefCell, RefMut};
+use std::cell::{Ref, RefCell, RefMut};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -122,6 +122,9 @@ pub struct Store {
     devices: RefCell<Option<BTreeMap<DeviceId, DeviceRow>>>,
 }
 
+/// What an unloaded cache reads as (not reached: loading either succeeds or returns its error first).
+static EMPTY_DEVICES: BTreeMap<DeviceId, DeviceRow> = BTreeMap::new();
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -159,7 +162,16 @@ impl Store {
         })
     }
 
-    /// The device cache, loaded from the table if it is not loaded.
+    /// The device cache for reading, loaded from the table if it is not loaded. Shared borrows: reads may nest.
+    fn device_rows(&self) -> Result<Ref<'_, BTreeMap<DeviceId, DeviceRow>>> {
+        drop(self.device_cache()?);
+        Ok(Ref::map(self.devices.borrow(), |c| match c {
+            Some(map) => map,
+            None => &EMPTY_DEVICES,
+        }))
+    }
+
+    /// The device cache for writing, loaded from the table if it is not loaded.
     fn device_cache(&self) -> Result<RefMut<'_, BTreeMap<DeviceId, DeviceRow>>> {
         let mut cache = self.devices.borrow_mut();
         if cache.is_none() {
@@ -346,7 +358,7 @@ impl Store {
     }
 
     pub fn device_exists(&self, id: &DeviceId) -> Result<bool> {
-        Ok(self.device_cache()?.contains_key(id))
+        Ok(self.device_rows()?.contains_key(id))
     }
 
     fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawDeviceRow> {
@@ -364,7 +376,7 @@ impl Store {
 
     /// One device (the hot path for reports).
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRow>> {
-        Ok(self.device_cache()?.get(id).cloned())
+        Ok(self.device_rows()?.get(id).cloned())
     }
 
     fn device_row(raw: RawDeviceRow) -> Result<DeviceRow> {
@@ -387,15 +399,16 @@ impl Store {
 
     /// Every device, ordered by id.
     pub fn devices(&self) -> Result<Vec<DeviceRow>> {
-        Ok(self.device_cache()?.values().cloned().collect())
+        Ok(self.device_rows()?.values().cloned().collect())
     }
 
-    /// Runs `f` over every device (ordered by id) without copying the rows.
+    /// Runs `f` over every device (ordered by id) without copying the rows. `f` may read the store but must not
+    /// write devices (the rows are borrowed while it runs).
     pub fn with_devices<T>(
         &self,
         f: impl FnOnce(&mut dyn Iterator<Item = &DeviceRow>) -> T,
     ) -> Result<T> {
-        Ok(f(&mut self.device_cache()?.values()))
+        Ok(f(&mut self.device_rows()?.values()))
     }
 
     pub fn set_presence(&self, id: &DeviceId, online: bool, now: u64) -> Result<()> {
