@@ -48,6 +48,8 @@ impl Proxy {
         rt.spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
+                    // Out of descriptors, typically: back off instead of spinning on the error.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
                 if p.load(Ordering::Acquire) {
@@ -112,7 +114,7 @@ impl Proxy {
         self.cut.send_modify(|v| *v += 1);
     }
 
-    /// Adds a delay before each forwarded chunk (a slow link).
+    /// Adds a delay before each forwarded chunk (a long, high-latency link).
     pub fn set_delay(&self, d: Duration) {
         self.faults.delay_ms.store(
             u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
