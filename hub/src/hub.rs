@@ -1336,12 +1336,9 @@ mod tests {
         }
     }
 
-    /// A new generation is signed only when the content changes or the signature is in its last third of life;
-    /// an unchanged state is left alone (the time is a parameter, so no waiting).
-    #[tokio::test]
-    async fn generation_changes_only_on_content_or_resign() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("store");
+    /// A hub on the store in `dir`, signing with a fixed key, whose link points at a closed port: publishes queue in
+    /// the client, which is all these tests need.
+    fn test_hub(dir: &std::path::Path) -> (Hub, tokio::sync::mpsc::Receiver<LinkEvent>) {
         let key = SigningKey::from_seed([9; 32]);
         let root = Root {
             version: 1,
@@ -1354,8 +1351,7 @@ mod tests {
             hub_threshold: 1,
         };
         let root_signed = trust::sign(DocType::Root, &root, &[&key]);
-        // Nothing listens on port 1: publishes are queued in the client, which is all this test needs.
-        let (link, _rx) = flotilla_mqtt::connect(flotilla_mqtt::LinkSettings {
+        let (link, rx) = flotilla_mqtt::connect(flotilla_mqtt::LinkSettings {
             client_id: "test".into(),
             host: "127.0.0.1".into(),
             port: 1,
@@ -1367,7 +1363,16 @@ mod tests {
             queue: 1024,
         })
         .expect("link");
-        let mut hub = Hub::new(store, link, key, root_signed).expect("hub");
+        let store = Store::open(dir).expect("store");
+        (Hub::new(store, link, key, root_signed).expect("hub"), rx)
+    }
+
+    /// A new generation is signed only when the content changes or the signature is in its last third of life;
+    /// an unchanged state is left alone (the time is a parameter, so no waiting).
+    #[tokio::test]
+    async fn generation_changes_only_on_content_or_resign() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut hub, _rx) = test_hub(dir.path());
         let dev = DeviceId::new("gw-1").expect("id");
         let generation = |h: &Hub| h.store.desired(&dev).expect("read").map_or(0, |(g, ..)| g);
         let t0 = 1_000_000;
@@ -1406,41 +1411,7 @@ mod tests {
     #[tokio::test]
     async fn stored_desired_states_republished_once_after_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let key = SigningKey::from_seed([9; 32]);
-        let root = Root {
-            version: 1,
-            expires_at: u64::MAX,
-            root_keys: vec![key.public()],
-            root_threshold: 1,
-            release_keys: vec![key.public()],
-            release_threshold: 1,
-            hub_keys: vec![key.public()],
-            hub_threshold: 1,
-        };
-        let root_signed = trust::sign(DocType::Root, &root, &[&key]);
-        let link = || {
-            flotilla_mqtt::connect(flotilla_mqtt::LinkSettings {
-                client_id: "test".into(),
-                host: "127.0.0.1".into(),
-                port: 1,
-                keepalive: std::time::Duration::from_secs(30),
-                tls: None,
-                last_will: None,
-                subscriptions: vec![],
-                clean_session: true,
-                queue: 1024,
-            })
-            .expect("link")
-        };
-        let (l1, _rx1) = link();
-        let store = Store::open(dir.path()).expect("store");
-        let mut first = Hub::new(
-            store,
-            l1,
-            SigningKey::from_seed([9; 32]),
-            root_signed.clone(),
-        )
-        .expect("hub");
+        let (mut first, _rx1) = test_hub(dir.path());
         for d in ["gw-1", "gw-2"] {
             let d = DeviceId::new(d).expect("id");
             first
@@ -1448,9 +1419,7 @@ mod tests {
                 .expect("publish");
         }
         drop(first);
-        let (l2, _rx2) = link();
-        let store = Store::open(dir.path()).expect("store");
-        let mut second = Hub::new(store, l2, key, root_signed).expect("hub");
+        let (mut second, _rx2) = test_hub(dir.path());
         assert_eq!(second.metrics.desired_published, 0);
         second.handle(Event::Link(LinkEvent::Connected));
         assert_eq!(second.metrics.desired_published, 2);
