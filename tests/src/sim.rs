@@ -250,21 +250,26 @@ async fn agent(
     // The measurement this device last reported done for.
     let mut done_mark = 0;
     let mut is_connected = false;
-    let report = |counter: u64, applied: u64, workloads: Vec<WorkloadStatus>, inv: bool| {
+    let report_topic = topics::device(&id, DeviceTopic::Report);
+    // Signs and publishes the next report (a new counter each time) and counts it.
+    let mut send_report = |applied: u64, workloads: &[WorkloadStatus], inv: bool| -> Result<()> {
+        counter += 1;
         let r = Report {
             device: id.clone(),
             counter,
             sent_at: trust_now(),
             applied_generation: applied,
             last_rejection: None,
-            workloads,
+            workloads: workloads.to_vec(),
             inventory: inv.then(|| inventory(region)),
             telemetry_dropped: 0,
             hold: None,
         };
-        codec::encode(&Message::Report(trust::sign(DocType::Report, &r, &[&key])))
+        let bytes = codec::encode(&Message::Report(trust::sign(DocType::Report, &r, &[&key])))?;
+        link.publish(&report_topic, bytes, false)?;
+        shared.sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     };
-    let report_topic = topics::device(&id, DeviceTopic::Report);
     // Like the real agent (`report_interval_secs`, default 60), reports are level-based and repeated: a report the
     // broker dropped is replaced by the next one. The phase is spread per device so the fleet does not beat.
     let period = Duration::from_secs(REPORT_INTERVAL_SECS);
@@ -278,13 +283,7 @@ async fn agent(
             },
             _ = periodic.tick() => {
                 if is_connected {
-                    counter += 1;
-                    link.publish(
-                        &report_topic,
-                        report(counter, applied, workloads.clone(), false)?,
-                        false,
-                    )?;
-                    shared.sent.fetch_add(1, Ordering::Relaxed);
+                    send_report(applied, &workloads, false)?;
                 }
                 continue;
             }
@@ -296,13 +295,7 @@ async fn agent(
                     shared.connected.fetch_add(1, Ordering::Relaxed);
                 }
                 shared.connects.fetch_add(1, Ordering::Relaxed);
-                counter += 1;
-                link.publish(
-                    &report_topic,
-                    report(counter, applied, workloads.clone(), true)?,
-                    false,
-                )?;
-                shared.sent.fetch_add(1, Ordering::Relaxed);
+                send_report(applied, &workloads, true)?;
             }
             LinkEvent::Disconnected(_) => {
                 if is_connected {
@@ -349,13 +342,7 @@ async fn agent(
                         rejected: None,
                     })
                     .collect();
-                counter += 1;
-                link.publish(
-                    &report_topic,
-                    report(counter, applied, workloads.clone(), false)?,
-                    false,
-                )?;
-                shared.sent.fetch_add(1, Ordering::Relaxed);
+                send_report(applied, &workloads, false)?;
                 if let Some(a) = shared.applied.get(i) {
                     a.store(applied, Ordering::Release);
                 }
