@@ -101,9 +101,8 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
     }
     let (host, port, tls) = match broker {
         BrokerChoice::Embedded(addr) => {
-            let addr = crate::broker::resolve_port(addr)?;
-            crate::broker::start(addr, 20_000)?;
-            (addr.ip().to_string(), addr.port(), None)
+            let broker = crate::broker::start(addr, crate::broker::Config::new(20_000))?;
+            (broker.addr.ip().to_string(), broker.addr.port(), None)
         }
         BrokerChoice::External { host, port, tls } => (host, port, tls),
     };

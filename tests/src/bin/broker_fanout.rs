@@ -220,7 +220,10 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--serve-embedded") {
         let port: u16 = args.get(2).context("port")?.parse()?;
-        flotilla_hub::broker::start(format!("127.0.0.1:{port}").parse()?, 20_000)?;
+        flotilla_hub::broker::start(
+            format!("127.0.0.1:{port}").parse()?,
+            flotilla_hub::broker::Config::new(20_000),
+        )?;
         loop {
             std::thread::park();
         }

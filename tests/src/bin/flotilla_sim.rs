@@ -17,7 +17,60 @@ fn pct(v: &[f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
+/// A relay in a child process (this binary re-executed with `--relay`): each relay needs two descriptors per
+/// session, which for 10,000 sessions would not fit beside the sessions themselves under one process's limit.
+struct Relay {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Relay {
+    fn spawn(upstream: u16, source: std::net::Ipv4Addr) -> Result<Self> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args(["--relay", &upstream.to_string(), &source.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("start relay process")?;
+        let mut line = String::new();
+        let out = child.stdout.take().context("relay stdout")?;
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        let port = line
+            .trim()
+            .parse()
+            .with_context(|| format!("relay said {line:?}"))?;
+        Ok(Self { child, port })
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `--relay UPSTREAM_PORT SOURCE_IP`: forwards to the broker from `SOURCE_IP`, prints its own port, and runs until
+/// its stdin closes, which happens when the simulator exits for any reason, a kill included.
+fn relay_main(args: &[String]) -> Result<()> {
+    use std::io::{Read, Write};
+    let upstream: u16 = args.get(2).context("upstream port")?.parse()?;
+    let source: std::net::Ipv4Addr = args.get(3).context("source address")?.parse()?;
+    let proxy =
+        flotilla_fleet_tests::proxy::Proxy::start_from(("127.0.0.1", upstream), Some(source))?;
+    println!("{}", proxy.port());
+    std::io::stdout().flush()?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--relay") {
+        return relay_main(&args);
+    }
     let n: usize = std::env::args()
         .nth(1)
         .map(|s| s.parse())
@@ -117,13 +170,13 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
     let relays = (0..spread)
         .map(|k| {
             let ip = std::net::Ipv4Addr::new(127, 0, 0, u8::try_from(k + 2).unwrap_or(254));
-            flotilla_fleet_tests::proxy::Proxy::start_from(("127.0.0.1", port), Some(ip))
+            Relay::spawn(port, ip)
         })
         .collect::<Result<Vec<_>>>()?;
     let ports: Vec<u16> = if relays.is_empty() {
         vec![port]
     } else {
-        relays.iter().map(|r| r.port()).collect()
+        relays.iter().map(|r| r.port).collect()
     };
     let mut sim = SimFleet::start(&ports, tokens, 2)?;
     // Wait until the hub sees every device online and reporting.

@@ -1,0 +1,210 @@
+//! The embedded MQTT 3.1.1 broker behind the default `embedded-broker` feature, for zero-setup hubs. External
+//! brokers (Mosquitto, EMQX, HiveMQ) are used through `--broker` instead; nothing here is required.
+//!
+//! Built for one hub and many small devices: a task pair per connection and no router thread, a subscription tree so
+//! routing cost does not grow with the fleet, a few hundred bytes of idle state per connection, and a bounded queue
+//! per subscriber so one stalled client cannot grow the broker without limit.
+//! - `topic`: names, filters and the subscription tree;
+//! - `core`: sans-IO sessions, routing, retained messages and wills;
+//! - `conn`: the per-connection shell (framing, keepalive, QoS 1 in flight).
+
+mod conn;
+pub mod core;
+pub mod topic;
+
+use self::core::{Core, Delivery, Limits, Message};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::mpsc;
+
+/// Tunables; [`Config::new`] gives the defaults `flotilla serve` uses.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    pub max_connections: usize,
+    /// Largest packet accepted (remaining length), in bytes.
+    pub max_packet: usize,
+    /// Messages queued for one connection before new ones are dropped (a subscriber that stopped reading).
+    pub max_queued: usize,
+    /// Unacknowledged QoS 1 messages per connection.
+    pub max_inflight: usize,
+    /// QoS 1 messages kept for an offline persistent session.
+    pub offline_queue: usize,
+}
+
+impl Config {
+    pub fn new(max_connections: usize) -> Self {
+        Self {
+            max_connections,
+            max_packet: flotilla_shared::codec::MAX_ENVELOPE + 1024,
+            // The hub subscribes to every device's reports: after a fleet-wide deployment all of them may arrive
+            // at once, so its queue must hold one burst per device of the largest fleet we size for.
+            max_queued: 100_000,
+            max_inflight: 256,
+            offline_queue: 1_000,
+        }
+    }
+}
+
+/// Counters for operators and benchmarks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicUsize,
+    pub received: AtomicU64,
+    pub delivered: AtomicU64,
+    /// Dropped because a subscriber's queue was full or its offline queue overflowed.
+    pub dropped: AtomicU64,
+}
+
+/// What every message to a connection's writer is.
+#[derive(Debug)]
+enum Out {
+    /// An application message (counted against the queue bound).
+    Msg(Message),
+    /// An encoded control packet (CONNACK, PUBACK, SUBACK, ...), in order with the messages.
+    Raw(bytes::Bytes),
+    /// The client acknowledged this QoS 1 packet id.
+    Acked(u16),
+    /// Close the connection (taken over by a new one with the same client id).
+    Close,
+}
+
+#[derive(Debug)]
+struct Handle {
+    tx: mpsc::UnboundedSender<Out>,
+    /// Messages sent to this connection and not yet written to its socket.
+    queued: Arc<AtomicUsize>,
+    /// Logged once per connection, not once per dropped message.
+    warned: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    core: Core,
+    conns: HashMap<core::ConnId, Handle>,
+}
+
+/// State shared by all connection tasks. A plain mutex: every critical section is a few map operations and
+/// non-blocking channel sends with no `.await` inside, and a router task would add a hop to every message.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    config: Config,
+    stats: Stats,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves maps that are still consistent (every update is one insert or
+        // remove), so a poisoned lock is taken over rather than taking the broker down.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands deliveries to their connections' writers, dropping what a full queue cannot take.
+    fn dispatch(&self, state: &mut State, deliveries: Vec<Delivery>) {
+        for d in deliveries {
+            if let Some(h) = state.conns.get_mut(&d.conn) {
+                self.deliver(h, d.conn, d.msg);
+            }
+        }
+    }
+
+    fn deliver(&self, h: &mut Handle, conn: core::ConnId, msg: Message) {
+        if h.queued.load(Ordering::Relaxed) >= self.config.max_queued {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if !h.warned {
+                h.warned = true;
+                tracing::warn!(
+                    conn,
+                    limit = self.config.max_queued,
+                    "subscriber queue full; dropping messages"
+                );
+            }
+            return;
+        }
+        h.queued.fetch_add(1, Ordering::Relaxed);
+        // A closed receiver means the connection is ending; its cleanup runs under this same lock later.
+        let _ = h.tx.send(Out::Msg(msg));
+    }
+}
+
+/// A running broker.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl Broker {
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+}
+
+/// Starts the broker on `listen` (port 0 picks a free port) in its own threads; returns once it accepts
+/// connections, with the address it got.
+#[cfg(feature = "embedded-broker")]
+pub fn start(listen: SocketAddr, config: Config) -> anyhow::Result<Broker> {
+    use anyhow::Context;
+    let std_listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("binding the MQTT broker to {listen}"))?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            core: Core::new(Limits {
+                max_connections: config.max_connections,
+                offline_queue: config.offline_queue,
+            }),
+            conns: HashMap::new(),
+        }),
+        config,
+        stats: Stats::default(),
+        next_conn: AtomicU64::new(1),
+    });
+    // Its own runtime, so routing keeps going while the hub's threads sign and write SQLite.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("mqtt-broker")
+        .enable_all()
+        .build()?;
+    let accept_shared = shared.clone();
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(std_listener) {
+                    Ok(listener) => accept_loop(listener, accept_shared).await,
+                    Err(e) => tracing::error!(error = %e, "embedded broker could not start"),
+                }
+            });
+        })?;
+    Ok(Broker { addr, shared })
+}
+
+#[cfg(not(feature = "embedded-broker"))]
+pub fn start(_listen: SocketAddr, _config: Config) -> anyhow::Result<Broker> {
+    anyhow::bail!("this build has no embedded broker; pass --broker mqtt://host:port")
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    let mut backoff = std::time::Duration::from_millis(5);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = std::time::Duration::from_millis(5);
+                let _ = stream.set_nodelay(true);
+                let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(conn::run(shared.clone(), id, stream, peer));
+            }
+            Err(e) => {
+                // Out of file descriptors, most likely: wait for connections to close instead of spinning.
+                tracing::warn!(error = %e, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+}
