@@ -1,4 +1,4 @@
-//! `broker-fanout`: the hub's embedded broker (rumqttd, configured exactly as `flotilla serve` runs it) against
+//! `broker-fanout`: the hub's embedded broker (configured exactly as `flotilla serve` runs it) against
 //! Mosquitto, side by side in one run, QoS 1 throughout. Two patterns:
 //! - broadcast: S subscribers on one topic, M messages published to it (S x M deliveries);
 //! - unicast: S subscribers on their own topic each, one message per subscriber per round, R rounds (the hub's

@@ -66,6 +66,31 @@ fn relay_main(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Established TCP connections whose local port is `port` (the broker's side), counted by peer IPv4 address, read
+/// from `/proc/net/tcp`.
+fn sessions_by_peer(port: u16) -> std::collections::BTreeMap<std::net::Ipv4Addr, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(remote), Some(&"01")) = (f.get(1), f.get(2), f.get(3)) else {
+            continue;
+        };
+        let parse = |hexaddr: &str| -> Option<(std::net::Ipv4Addr, u16)> {
+            let (ip, p) = hexaddr.split_once(':')?;
+            // The kernel prints the address as a native-endian u32 in hex.
+            let ip = u32::from_str_radix(ip, 16).ok()?.to_ne_bytes();
+            Some((ip.into(), u16::from_str_radix(p, 16).ok()?))
+        };
+        if let (Some((_, lp)), Some((rip, _))) = (parse(local), parse(remote))
+            && lp == port
+        {
+            *out.entry(rip).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--relay") {
@@ -205,6 +230,14 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
     println!(
         "{n} simulated agents enrolled and online in {enrolled_in:.1?}; hub+broker RSS {} MiB",
         rss_idle / 1024
+    );
+    // What the broker sees, from the kernel's table: established sessions on its port by peer address.
+    let peers = sessions_by_peer(port);
+    let shown: Vec<String> = peers.iter().map(|(ip, c)| format!("{ip} x{c}")).collect();
+    println!(
+        "broker sessions by source address ({} addresses): {}",
+        peers.len(),
+        shown.join(", ")
     );
 
     let wasm = tempfile::NamedTempFile::new()?;
