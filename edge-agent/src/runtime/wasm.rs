@@ -28,24 +28,36 @@ const MAX_WASM_STACK: usize = 512 * 1024;
 /// Largest telemetry payload a guest may publish in one call.
 const MAX_TELEMETRY: usize = 16 * 1024;
 
-/// The shared engine, the epoch ticker and the compiled-module cache.
+/// The shared engine, the epoch ticker and the compiled-module cache. The engine is built on first use: an agent
+/// with no WASM workloads never maps in the compiler, which is most of its idle memory (code pages included).
 pub struct WasmRuntime {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    engine: Engine,
+    ready: std::sync::OnceLock<Ready>,
+    /// Serialises the first build, so exactly one engine and one ticker thread exist.
+    init: Mutex<()>,
     cache_dir: PathBuf,
-    fingerprint: String,
     /// Number of running workloads; the ticker sleeps while it is zero so an idle agent stays idle.
     active: Arc<AtomicU64>,
     ticker_wake: Arc<(Mutex<()>, std::sync::Condvar)>,
 }
 
+/// What exists once the first workload needs it.
+struct Ready {
+    engine: Engine,
+    /// Engine version, architecture and settings: names compatible entries of the compiled-module cache.
+    fingerprint: String,
+}
+
 impl std::fmt::Debug for WasmRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WasmRuntime")
-            .field("fingerprint", &self.inner.fingerprint)
+            .field(
+                "fingerprint",
+                &self.inner.ready.get().map(|r| r.fingerprint.as_str()),
+            )
             .finish()
     }
 }
@@ -129,48 +141,16 @@ impl Host {
 }
 
 impl WasmRuntime {
-    /// Creates the engine and the module cache under `cache_dir`.
+    /// Creates the module cache under `cache_dir`; the engine follows on first use.
     pub fn new(cache_dir: &Path) -> wasmtime::Result<Self> {
-        let mut config = wasmtime::Config::new();
-        config.epoch_interruption(true);
-        config.max_wasm_stack(MAX_WASM_STACK);
-        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-        let engine = Engine::new(&config)?;
         std::fs::create_dir_all(cache_dir)?;
-        let fingerprint = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            engine.precompile_compatibility_hash().hash(&mut h);
-            format!(
-                "wasmtime-48.0.8-{}-{:016x}",
-                std::env::consts::ARCH,
-                h.finish()
-            )
-        };
-        let active = Arc::new(AtomicU64::new(0));
-        let ticker_wake = Arc::new((Mutex::new(()), std::sync::Condvar::new()));
-        let (e, a, w) = (engine.clone(), active.clone(), ticker_wake.clone());
-        std::thread::Builder::new()
-            .name("wasm-epoch".into())
-            .spawn(move || {
-                loop {
-                    if a.load(Ordering::Acquire) == 0 {
-                        let guard = w.0.lock().unwrap_or_else(|e| e.into_inner());
-                        // Woken when a workload starts; the timeout bounds a missed wake-up.
-                        let _ = w.1.wait_timeout(guard, Duration::from_secs(1));
-                        continue;
-                    }
-                    std::thread::sleep(EPOCH_TICK);
-                    e.increment_epoch();
-                }
-            })?;
         Ok(Self {
             inner: Arc::new(Inner {
-                engine,
+                ready: std::sync::OnceLock::new(),
+                init: Mutex::new(()),
                 cache_dir: cache_dir.to_owned(),
-                fingerprint,
-                active,
-                ticker_wake,
+                active: Arc::new(AtomicU64::new(0)),
+                ticker_wake: Arc::new((Mutex::new(()), std::sync::Condvar::new())),
             }),
         })
     }
@@ -186,28 +166,78 @@ impl WasmRuntime {
 }
 
 impl Inner {
+    /// The engine and its epoch ticker, built on the first call.
+    fn ready(&self) -> wasmtime::Result<&Ready> {
+        if let Some(r) = self.ready.get() {
+            return Ok(r);
+        }
+        let _guard = self.init.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = self.ready.get() {
+            return Ok(r);
+        }
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        config.max_wasm_stack(MAX_WASM_STACK);
+        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&config)?;
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut h);
+            format!(
+                "wasmtime-48.0.8-{}-{:016x}",
+                std::env::consts::ARCH,
+                h.finish()
+            )
+        };
+        let (e, a, w) = (
+            engine.clone(),
+            self.active.clone(),
+            self.ticker_wake.clone(),
+        );
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                loop {
+                    if a.load(Ordering::Acquire) == 0 {
+                        let guard = w.0.lock().unwrap_or_else(|e| e.into_inner());
+                        // Woken when a workload starts; the timeout bounds a missed wake-up.
+                        let _ = w.1.wait_timeout(guard, Duration::from_secs(1));
+                        continue;
+                    }
+                    std::thread::sleep(EPOCH_TICK);
+                    e.increment_epoch();
+                }
+            })?;
+        Ok(self.ready.get_or_init(|| Ready {
+            engine,
+            fingerprint,
+        }))
+    }
+
     /// Loads a module, from the compiled cache when possible, compiling and caching it otherwise.
     pub fn load_module(
         &self,
         artifact: &flotilla_shared::Digest,
         path: &Path,
     ) -> wasmtime::Result<Module> {
+        let ready = self.ready()?;
         let cached =
             self.cache_dir
-                .join(format!("{}-{}.cwasm", artifact.to_hex(), self.fingerprint));
+                .join(format!("{}-{}.cwasm", artifact.to_hex(), ready.fingerprint));
         if cached.exists() {
             // SAFETY: the file was written by `Module::serialize` of this same engine configuration (its name
             // carries the engine fingerprint) into the agent's private cache directory; wasmtime additionally
             // checks the engine's compatibility header and refuses mismatches.
             #[allow(unsafe_code)]
-            match unsafe { Module::deserialize_file(&self.engine, &cached) } {
+            match unsafe { Module::deserialize_file(&ready.engine, &cached) } {
                 Ok(m) => return Ok(m),
                 Err(e) => {
                     tracing::warn!(error = %e, path = %cached.display(), "discarding unusable compiled module")
                 }
             }
         }
-        let module = Module::from_file(&self.engine, path)?;
+        let module = Module::from_file(&ready.engine, path)?;
         let bytes = module.serialize()?;
         let tmp = cached.with_extension("tmp");
         std::fs::write(&tmp, bytes)?;
@@ -216,7 +246,7 @@ impl Inner {
     }
 
     fn linker(&self) -> wasmtime::Result<Linker<Host>> {
-        let mut linker: Linker<Host> = Linker::new(&self.engine);
+        let mut linker: Linker<Host> = Linker::new(&self.ready()?.engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |h: &mut Host| &mut h.wasi)?;
         linker.func_wrap(
             "flotilla",
@@ -375,7 +405,10 @@ fn describe(e: &wasmtime::Error) -> String {
 
 impl super::Runtime for WasmRuntime {
     fn fingerprint(&self) -> &str {
-        &self.inner.fingerprint
+        match self.inner.ready() {
+            Ok(r) => &r.fingerprint,
+            Err(_) => "unavailable",
+        }
     }
 
     fn start(&self, req: StartRequest, events: Sender<RuntimeEvent>) -> Box<dyn RunningWorkload> {
@@ -464,6 +497,11 @@ impl RunCtx {
             Ok(l) => l,
             Err(e) => return Outcome::StartFailed(format!("linker: {e:#}")),
         };
+        // Built by `load_module` above; asking again is a lookup.
+        let engine = match self.rt.ready() {
+            Ok(r) => &r.engine,
+            Err(e) => return Outcome::StartFailed(format!("engine: {e:#}")),
+        };
         let spec = &self.req.spec;
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
             .stdout(self.log.clone())
@@ -490,7 +528,7 @@ impl RunCtx {
                 + Duration::from_millis(u64::from(spec.resources.cpu_ms.max(1))),
             telemetry_dropped: 0,
         };
-        let mut store = Store::new(&self.rt.engine, host);
+        let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limits);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
