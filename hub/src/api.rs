@@ -39,6 +39,8 @@ impl Role {
 #[derive(Clone, Debug)]
 pub struct ApiState {
     pub calls: mpsc::Sender<Call>,
+    /// The embedded broker, when this hub runs one: its gauges and counters join `/metrics`.
+    pub broker: Option<crate::broker::Broker>,
 }
 
 /// An RFC 9457 problem response.
@@ -545,7 +547,7 @@ async fn metrics(State(s): State<ApiState>) -> ApiResult {
                  # TYPE flotilla_desired_published_total counter\nflotilla_desired_published_total {}\n\
                  # TYPE flotilla_reports_total counter\nflotilla_reports_total{{result=\"accepted\"}} {}\nflotilla_reports_total{{result=\"rejected\"}} {}\n\
                  # TYPE flotilla_messages_rejected_total counter\nflotilla_messages_rejected_total {}\n\
-                                  # TYPE flotilla_chunks_served_total counter\nflotilla_chunks_served_total {}\n\
+                 # TYPE flotilla_chunks_served_total counter\nflotilla_chunks_served_total {}\n\
                  # TYPE flotilla_telemetry_records_total counter\nflotilla_telemetry_records_total {}\n\
                  # TYPE flotilla_report_lag_seconds gauge\nflotilla_report_lag_seconds {}\n",
                 total - online,
@@ -554,12 +556,31 @@ async fn metrics(State(s): State<ApiState>) -> ApiResult {
                 m.reports_accepted,
                 m.reports_rejected,
                 m.messages_rejected,
-                                m.chunks_served,
+                m.chunks_served,
                 m.telemetry_records,
                 m.report_lag_secs,
             ))
         })
         .await??;
+    let mut text = text;
+    if let Some(b) = &s.broker {
+        let b = b.snapshot();
+        text += &format!(
+            "# TYPE flotilla_broker_connections gauge\nflotilla_broker_connections {}\n\
+             # TYPE flotilla_broker_retained_messages gauge\nflotilla_broker_retained_messages {}\n\
+             # TYPE flotilla_broker_messages_total counter\nflotilla_broker_messages_total{{direction=\"received\"}} {}\n\
+             flotilla_broker_messages_total{{direction=\"delivered\"}} {}\n\
+             # TYPE flotilla_broker_messages_dropped_total counter\n\
+             flotilla_broker_messages_dropped_total{{reason=\"queue_full\"}} {}\n\
+             flotilla_broker_messages_dropped_total{{reason=\"offline_queue_full\"}} {}\n",
+            b.connections,
+            b.retained,
+            b.received,
+            b.delivered,
+            b.dropped_queue_full,
+            b.dropped_offline
+        );
+    }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 

@@ -99,12 +99,13 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
     if !dir.initialized() {
         init(&dir)?;
     }
-    let (host, port, tls) = match broker {
+    let (host, port, tls, embedded) = match broker {
         BrokerChoice::Embedded(addr) => {
             let broker = crate::broker::start(addr, crate::broker::Config::new(20_000))?;
-            (broker.addr.ip().to_string(), broker.addr.port(), None)
+            let (ip, port) = (broker.addr.ip().to_string(), broker.addr.port());
+            (ip, port, None, Some(broker))
         }
-        BrokerChoice::External { host, port, tls } => (host, port, tls),
+        BrokerChoice::External { host, port, tls } => (host, port, tls, None),
     };
     let store = Store::open(&dir.0)?;
     let hub_key = keyfile::read_signing_key(&dir.hub_key())?;
@@ -135,7 +136,10 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
         "flotilla hub serving: api http://{http_addr}  mqtt mqtt://{host}:{port}  data {}",
         dir.0.display()
     );
-    let app = api::router(ApiState { calls: calls_tx });
+    let app = api::router(ApiState {
+        calls: calls_tx,
+        broker: embedded,
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
     tokio::select! {
         r = server => r.context("http server")?,

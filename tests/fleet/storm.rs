@@ -90,6 +90,15 @@ fn storm(broker: BrokerKind) {
         (metric(&fleet, "flotilla_devices{state=\"online\"}")? == 0).then_some(())
     })
     .expect("offline");
+    if broker == BrokerKind::Embedded {
+        // The broker's own view agrees: only the hub's session is left.
+        wait_for(
+            "the embedded broker to hold only the hub's session",
+            PATIENCE,
+            || (metric(&fleet, "flotilla_broker_connections")? == 1).then_some(()),
+        )
+        .expect("broker connections");
+    }
     // A new deployment while everyone is away: it waits in the broker as retained desired states.
     sim.arm();
     fleet.hub.apply(&spec("1.0.1")).expect("apply 2");
@@ -129,6 +138,22 @@ fn storm(broker: BrokerKind) {
         (metric(&fleet, "flotilla_devices_converged")? >= total).then_some(())
     })
     .expect("converged 2");
+    if broker == BrokerKind::Embedded {
+        wait_for(
+            "every device and the hub to hold a session",
+            PATIENCE,
+            || (metric(&fleet, "flotilla_broker_connections")? > total).then_some(()),
+        )
+        .expect("broker connections after the storm");
+        assert_eq!(
+            metric(
+                &fleet,
+                "flotilla_broker_messages_dropped_total{reason=\"queue_full\"}"
+            ),
+            Some(0),
+            "the storm dropped nothing"
+        );
+    }
     println!(
         "R7 {broker:?}: {total} devices reconnected {:.1?} after the heal, converged {:.1?} after it",
         reconnected,

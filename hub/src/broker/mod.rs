@@ -53,7 +53,7 @@ pub struct Stats {
     pub connections: AtomicUsize,
     pub received: AtomicU64,
     pub delivered: AtomicU64,
-    /// Dropped because a subscriber's queue was full or its offline queue overflowed.
+    /// Dropped because a live subscriber's queue was full.
     pub dropped: AtomicU64,
 }
 
@@ -137,9 +137,36 @@ pub struct Broker {
     shared: Arc<Shared>,
 }
 
+/// A point-in-time view of the broker for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub connections: usize,
+    pub retained: usize,
+    pub received: u64,
+    pub delivered: u64,
+    /// Dropped because a live subscriber's queue was full.
+    pub dropped_queue_full: u64,
+    /// Dropped from a full offline queue of a persistent session.
+    pub dropped_offline: u64,
+}
+
 impl Broker {
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// Counters and gauges, read under the state lock for a moment.
+    pub fn snapshot(&self) -> Snapshot {
+        let st = self.shared.lock();
+        let stats = &self.shared.stats;
+        Snapshot {
+            connections: st.core.connections(),
+            retained: st.core.retained(),
+            received: stats.received.load(Ordering::Relaxed),
+            delivered: stats.delivered.load(Ordering::Relaxed),
+            dropped_queue_full: stats.dropped.load(Ordering::Relaxed),
+            dropped_offline: st.core.dropped_offline,
+        }
     }
 }
 
