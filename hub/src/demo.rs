@@ -177,7 +177,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 Ok(rt) => rt,
                 Err(e) => return eprintln!("hub runtime: {e}"),
             };
-            if let Err(e) = rt.block_on(server::serve(dir, http, BrokerChoice::Embedded(mqtt))) {
+            if let Err(e) = rt.block_on(server::serve(
+                dir,
+                http,
+                BrokerChoice::Embedded {
+                    listen: mqtt,
+                    tls: None,
+                },
+            )) {
                 eprintln!("hub stopped: {e:#}");
                 std::process::exit(1);
             }

@@ -59,6 +59,19 @@ enum Cmd {
         /// CA certificate (PEM) for an mqtts:// broker.
         #[arg(long)]
         broker_ca: Option<PathBuf>,
+        /// Also serve MQTT over TLS for devices on this address (embedded broker only); needs --mqtt-tls-cert and
+        /// --mqtt-tls-key.
+        #[arg(long, requires_all = ["mqtt_tls_cert", "mqtt_tls_key"], conflicts_with = "broker")]
+        mqtt_tls: Option<SocketAddr>,
+        /// Server certificate chain (PEM) for --mqtt-tls.
+        #[arg(long, requires = "mqtt_tls")]
+        mqtt_tls_cert: Option<PathBuf>,
+        /// Server private key (PEM) for --mqtt-tls.
+        #[arg(long, requires = "mqtt_tls")]
+        mqtt_tls_key: Option<PathBuf>,
+        /// Require device certificates that chain to this CA (PEM) on --mqtt-tls (mutual TLS).
+        #[arg(long, requires = "mqtt_tls")]
+        mqtt_client_ca: Option<PathBuf>,
     },
     /// Start a hub and a small fleet of real agents across three regions, deploy, and watch it converge.
     Demo(flotilla_hub::demo::DemoArgs),
@@ -258,6 +271,10 @@ fn run(cli: Cli) -> Result<()> {
             mqtt,
             broker,
             broker_ca,
+            mqtt_tls,
+            mqtt_tls_cert,
+            mqtt_tls_key,
+            mqtt_client_ca,
         } => {
             let choice = match broker {
                 Some(url) => {
@@ -285,7 +302,19 @@ fn run(cli: Cli) -> Result<()> {
                         tls,
                     }
                 }
-                None => BrokerChoice::Embedded(mqtt),
+                None => BrokerChoice::Embedded {
+                    listen: mqtt,
+                    tls: match (mqtt_tls, mqtt_tls_cert, mqtt_tls_key) {
+                        (Some(listen), Some(cert), Some(key)) => Some(server::EmbeddedTls {
+                            listen,
+                            cert,
+                            key,
+                            client_ca: mqtt_client_ca,
+                        }),
+                        // clap's `requires` rules make any other combination unreachable.
+                        _ => None,
+                    },
+                },
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

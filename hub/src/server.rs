@@ -83,8 +83,11 @@ pub fn init(dir: &DataDir) -> Result<String> {
 /// How the hub reaches MQTT.
 #[derive(Debug, Clone)]
 pub enum BrokerChoice {
-    /// Start the embedded broker listening here (port 0 picks a free port).
-    Embedded(SocketAddr),
+    /// Start the embedded broker listening here (port 0 picks a free port), and optionally on a TLS listener.
+    Embedded {
+        listen: SocketAddr,
+        tls: Option<EmbeddedTls>,
+    },
     /// Use an external broker (`tls` for `mqtts://`).
     External {
         host: String,
@@ -93,15 +96,37 @@ pub enum BrokerChoice {
     },
 }
 
+/// The embedded broker's TLS listener for devices.
+#[derive(Debug, Clone)]
+pub struct EmbeddedTls {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, devices must present a certificate that chains to this CA (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
 /// Runs the hub until ctrl-c/SIGTERM. Initialises the data directory on first start (zero set-up).
 pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     if !dir.initialized() {
         init(&dir)?;
     }
+    let mut mqtts = None;
     let (host, port, tls, embedded) = match broker {
-        BrokerChoice::Embedded(addr) => {
-            let broker = crate::broker::start(addr, crate::broker::Config::new(20_000))?;
+        BrokerChoice::Embedded { listen, tls } => {
+            // The TLS material is checked before anything listens, so a bad file fails the start cleanly.
+            let tls = match tls {
+                Some(t) => Some((
+                    t.listen,
+                    crate::broker::tls::server_config(&t.cert, &t.key, t.client_ca.as_deref())?,
+                )),
+                None => None,
+            };
+            let broker = crate::broker::start(listen, crate::broker::Config::new(20_000))?;
+            if let Some((addr, config)) = tls {
+                mqtts = Some(broker.listen_tls(addr, config)?);
+            }
             let (ip, port) = (broker.addr.ip().to_string(), broker.addr.port());
             (ip, port, None, Some(broker))
         }
@@ -128,12 +153,14 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
         .await
         .with_context(|| format!("binding {http}"))?;
     let http_addr = listener.local_addr()?;
+    let mqtts_line = mqtts.map_or(String::new(), |a| format!("mqtts=mqtts://{a}\n"));
     std::fs::write(
         dir.endpoints(),
-        format!("http=http://{http_addr}\nmqtt=mqtt://{host}:{port}\n"),
+        format!("http=http://{http_addr}\nmqtt=mqtt://{host}:{port}\n{mqtts_line}"),
     )?;
+    let mqtts_note = mqtts.map_or(String::new(), |a| format!("  mqtts mqtts://{a}"));
     println!(
-        "flotilla hub serving: api http://{http_addr}  mqtt mqtt://{host}:{port}  data {}",
+        "flotilla hub serving: api http://{http_addr}  mqtt mqtt://{host}:{port}{mqtts_note}  data {}",
         dir.0.display()
     );
     let app = api::router(ApiState {

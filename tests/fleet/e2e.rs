@@ -269,3 +269,67 @@ fn reused_enrollment_token_is_refused() {
 fn end_to_end_mosquitto_tls() {
     scenario(BrokerKind::MosquittoTls);
 }
+
+/// The same story with the embedded broker's TLS listener and device certificates (mutual TLS).
+#[test]
+fn end_to_end_embedded_broker_mutual_tls() {
+    scenario(BrokerKind::EmbeddedTls);
+}
+
+/// Mutual TLS on the embedded broker refuses a client without a device certificate and one whose certificate
+/// comes from another CA, and admits one with a certificate from the configured CA. The hub and broker keep
+/// running through the refusals.
+#[test]
+fn embedded_broker_mutual_tls_refuses_unknown_clients() {
+    let fleet = FleetBuilder::new()
+        .broker(BrokerKind::EmbeddedTls)
+        .start()
+        .expect("fleet");
+    let (port, pki) = fleet.hub.embedded_tls.clone().expect("tls listener");
+    let other = tempfile::tempdir().expect("tempdir");
+    let stranger = flotilla_fleet_tests::test_pki(other.path()).expect("other pki");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // The first thing the link reports: connected, or the error that ended the attempt.
+    let first_event = |cert: Option<(&std::path::Path, &std::path::Path)>| -> String {
+        rt.block_on(async {
+            let (_link, mut rx) = flotilla_mqtt::connect(flotilla_mqtt::LinkSettings {
+                client_id: "probe".into(),
+                host: "localhost".into(),
+                port,
+                keepalive: Duration::from_secs(5),
+                tls: Some(flotilla_mqtt::TlsSettings {
+                    ca_file: pki.ca.clone(),
+                    client_cert: cert.map(|c| c.0.to_owned()),
+                    client_key: cert.map(|c| c.1.to_owned()),
+                }),
+                last_will: None,
+                subscriptions: vec![],
+                clean_session: true,
+                queue: 16,
+            })
+            .expect("link settings");
+            match tokio::time::timeout(PATIENCE, rx.recv()).await {
+                Ok(Some(flotilla_mqtt::LinkEvent::Connected)) => "connected".to_owned(),
+                Ok(Some(flotilla_mqtt::LinkEvent::Disconnected(e))) => format!("refused: {e}"),
+                other => format!("unexpected: {other:?}"),
+            }
+        })
+    };
+    let none = first_event(None);
+    assert!(none.starts_with("refused"), "no client certificate: {none}");
+    let foreign = first_event(Some((&stranger.client_cert, &stranger.client_key)));
+    assert!(
+        foreign.starts_with("refused"),
+        "certificate from another CA: {foreign}"
+    );
+    println!("without a certificate: {none}\nwith another CA's certificate: {foreign}");
+    let good = first_event(Some((&pki.client_cert, &pki.client_key)));
+    assert_eq!(
+        good, "connected",
+        "a device certificate from the configured CA"
+    );
+    assert!(
+        fleet.hub.client.get("/api/v1/devices").is_ok(),
+        "hub still up"
+    );
+}

@@ -89,6 +89,9 @@ pub enum BrokerKind {
     Mosquitto,
     /// Mosquitto with a plain listener for the hub and a TLS listener (test CA) that the agents use (`mqtts://`).
     MosquittoTls,
+    /// The embedded broker with its TLS listener requiring client certificates (mutual TLS, test CA): the agents
+    /// use `mqtts://` with a device certificate; the hub's own link stays on the plain loopback listener.
+    EmbeddedTls,
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -131,8 +134,19 @@ pub struct Mosquitto {
     pub tls: Option<(u16, PathBuf)>,
 }
 
-/// Writes a test CA and a server certificate for `localhost`/127.0.0.1; returns (ca, cert, key) paths.
-fn test_pki(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+/// A test CA with a server certificate for `localhost`/127.0.0.1 and a client (device) certificate, as PEM files.
+#[derive(Debug, Clone)]
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// Writes a fresh [`TestPki`] into `dir`.
+pub fn test_pki(dir: &Path) -> Result<TestPki> {
+    std::fs::create_dir_all(dir)?;
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -145,15 +159,23 @@ fn test_pki(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let params =
         rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
     let cert = params.signed_by(&key, &issuer)?;
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
-    );
-    std::fs::write(&paths.0, ca.pem())?;
-    std::fs::write(&paths.1, cert.pem())?;
-    std::fs::write(&paths.2, key.serialize_pem())?;
-    Ok(paths)
+    let client_key = rcgen::KeyPair::generate()?;
+    let mut client_params = rcgen::CertificateParams::new(vec!["device.flotilla.test".to_owned()])?;
+    client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params.signed_by(&client_key, &issuer)?;
+    let pki = TestPki {
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    };
+    std::fs::write(&pki.ca, ca.pem())?;
+    std::fs::write(&pki.server_cert, cert.pem())?;
+    std::fs::write(&pki.server_key, key.serialize_pem())?;
+    std::fs::write(&pki.client_cert, client.pem())?;
+    std::fs::write(&pki.client_key, client_key.serialize_pem())?;
+    Ok(pki)
 }
 
 impl Mosquitto {
@@ -169,15 +191,15 @@ impl Mosquitto {
             "listener {port} 127.0.0.1\nallow_anonymous true\nmax_packet_size 200000\npersistence false\n"
         );
         let tls = if tls {
-            let (ca, cert, key) = test_pki(dir)?;
+            let pki = test_pki(dir)?;
             let tls_port = free_port();
             text += &format!(
                 "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
-                ca.display(),
-                cert.display(),
-                key.display()
+                pki.ca.display(),
+                pki.server_cert.display(),
+                pki.server_key.display()
             );
-            Some((tls_port, ca))
+            Some((tls_port, pki.ca))
         } else {
             None
         };
@@ -211,6 +233,8 @@ pub struct Hub {
     pub client: Client,
     http: SocketAddr,
     broker: Option<ExternalBroker>,
+    /// The embedded broker's TLS listener port and the PKI it uses, for [`BrokerKind::EmbeddedTls`].
+    pub embedded_tls: Option<(u16, TestPki)>,
 }
 
 /// How a hub reaches an external broker: its URL (`mqtt://` or `mqtts://`), the CA for TLS, and the broker's
@@ -228,6 +252,7 @@ impl Hub {
         http: SocketAddr,
         mqtt: SocketAddr,
         broker: &Option<ExternalBroker>,
+        embedded_tls: &Option<(u16, TestPki)>,
     ) -> Result<Proc> {
         let mut cmd = Command::new(bin_dir().join("flotilla"));
         cmd.arg("serve")
@@ -244,6 +269,16 @@ impl Hub {
             }
             None => {
                 cmd.arg("--mqtt").arg(mqtt.to_string());
+                if let Some((port, pki)) = embedded_tls {
+                    cmd.arg("--mqtt-tls")
+                        .arg(format!("127.0.0.1:{port}"))
+                        .arg("--mqtt-tls-cert")
+                        .arg(&pki.server_cert)
+                        .arg("--mqtt-tls-key")
+                        .arg(&pki.server_key)
+                        .arg("--mqtt-client-ca")
+                        .arg(&pki.ca);
+                }
             }
         }
         let log = dir.with_extension("log");
@@ -261,6 +296,15 @@ impl Hub {
 
     /// Starts a hub with a fresh data directory.
     pub fn start(dir: &Path, broker: Option<ExternalBroker>) -> Result<Self> {
+        Self::start_with(dir, broker, None)
+    }
+
+    /// Like [`Hub::start`], with the embedded broker's TLS listener on the given port and PKI.
+    pub fn start_with(
+        dir: &Path,
+        broker: Option<ExternalBroker>,
+        embedded_tls: Option<(u16, TestPki)>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let status = Command::new(bin_dir().join("flotilla"))
             .arg("init")
@@ -273,7 +317,7 @@ impl Hub {
         }
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let proc = Self::spawn(dir, http, mqtt, &broker)?;
+        let proc = Self::spawn(dir, http, mqtt, &broker, &embedded_tls)?;
         let (api, mqtt_url) = wait_for("hub endpoints", PATIENCE, || {
             flotilla_hub::server::read_endpoints(dir)
         })?;
@@ -296,6 +340,7 @@ impl Hub {
             client,
             http,
             broker,
+            embedded_tls,
         })
     }
 
@@ -304,7 +349,7 @@ impl Hub {
         self.proc.kill9();
         let _ = std::fs::remove_file(self.dir.join("endpoints.txt"));
         let mqtt: SocketAddr = format!("127.0.0.1:{}", self.mqtt_port).parse()?;
-        self.proc = Self::spawn(&self.dir, self.http, mqtt, &self.broker)?;
+        self.proc = Self::spawn(&self.dir, self.http, mqtt, &self.broker, &self.embedded_tls)?;
         wait_for("hub endpoints after restart", PATIENCE, || {
             flotilla_hub::server::read_endpoints(&self.dir)
         })?;
@@ -552,7 +597,7 @@ impl FleetBuilder {
             BrokerKind::MosquittoTls => {
                 Some(Mosquitto::start_with(&root.path().join("mosquitto"), true)?)
             }
-            BrokerKind::Embedded => None,
+            BrokerKind::Embedded | BrokerKind::EmbeddedTls => None,
         };
         let tls = mosquitto.as_ref().and_then(|m| m.tls.clone());
         // With a TLS listener the hub itself connects over mqtts:// too.
@@ -568,7 +613,11 @@ impl FleetBuilder {
                 plain_port: m.port,
             },
         });
-        let hub = Hub::start(&root.path().join("hub"), external)?;
+        let embedded_tls = match self.broker {
+            BrokerKind::EmbeddedTls => Some((free_port(), test_pki(&root.path().join("pki"))?)),
+            _ => None,
+        };
+        let hub = Hub::start_with(&root.path().join("hub"), external, embedded_tls)?;
         let mut agents = Vec::new();
         for spec in self.agents {
             let dir = root.path().join("agents").join(&spec.id);
@@ -579,14 +628,25 @@ impl FleetBuilder {
                 None
             };
             let port = proxy.as_ref().map_or(hub.mqtt_port, |p| p.port());
-            let (scheme, host, port, tls_table) = match &tls {
-                Some((tls_port, ca)) => (
+            let (scheme, host, port, tls_table) = match (&tls, &hub.embedded_tls) {
+                (Some((tls_port, ca)), _) => (
                     "mqtts",
                     "localhost",
                     *tls_port,
                     format!("[tls]\nca_file = \"{}\"\n", ca.display()),
                 ),
-                None => ("mqtt", "127.0.0.1", port, String::new()),
+                (None, Some((tls_port, pki))) => (
+                    "mqtts",
+                    "localhost",
+                    *tls_port,
+                    format!(
+                        "[tls]\nca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+                        pki.ca.display(),
+                        pki.client_cert.display(),
+                        pki.client_key.display()
+                    ),
+                ),
+                (None, None) => ("mqtt", "127.0.0.1", port, String::new()),
             };
             let labels: Vec<(&str, &str)> = spec
                 .labels

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 /// A client that connects but says nothing is dropped after this long.
@@ -53,7 +52,11 @@ enum Ending {
     TakenOver,
 }
 
-pub(super) async fn run(shared: Arc<Shared>, id: ConnId, stream: TcpStream, peer: SocketAddr) {
+/// Serves one client over any byte stream (TCP, or TLS over TCP) until it leaves or breaks the protocol.
+pub(super) async fn run<S>(shared: Arc<Shared>, id: ConnId, stream: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     match serve(&shared, id, stream).await {
         Ok(()) => tracing::debug!(%peer, conn = id, "mqtt connection closed"),
         Err(e) => tracing::debug!(%peer, conn = id, error = %e, "mqtt connection ended"),
@@ -98,7 +101,10 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-async fn serve(shared: &Arc<Shared>, id: ConnId, mut stream: TcpStream) -> Result<(), ConnError> {
+async fn serve<S>(shared: &Arc<Shared>, id: ConnId, mut stream: S) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let max_packet = shared.config.max_packet;
     let mut rbuf = BytesMut::with_capacity(512);
     let first = tokio::time::timeout(
@@ -177,7 +183,7 @@ async fn serve(shared: &Arc<Shared>, id: ConnId, mut stream: TcpStream) -> Resul
     }
     shared.stats.connections.fetch_add(1, Ordering::Relaxed);
     let keepalive = connect.keep_alive;
-    let (mut rd, mut wr) = stream.split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut writer = Writer {
         inflight: VecDeque::new(),
         backlog: VecDeque::new(),

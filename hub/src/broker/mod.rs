@@ -6,10 +6,12 @@
 //! per subscriber so one stalled client cannot grow the broker without limit.
 //! - `topic`: names, filters and the subscription tree;
 //! - `core`: sans-IO sessions, routing, retained messages and wills;
-//! - `conn`: the per-connection shell (framing, keepalive, QoS 1 in flight).
+//! - `conn`: the per-connection shell (framing, keepalive, QoS 1 in flight), over TCP or TLS;
+//! - `tls`: the optional TLS listener's configuration (server certificate, optional client CA).
 
 mod conn;
 pub mod core;
+pub mod tls;
 pub mod topic;
 
 use self::core::{Core, Delivery, Limits, Message};
@@ -135,6 +137,7 @@ impl Shared {
 pub struct Broker {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
+    rt: tokio::runtime::Handle,
 }
 
 /// A point-in-time view of the broker for `/metrics`.
@@ -153,6 +156,32 @@ pub struct Snapshot {
 impl Broker {
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// Adds a TLS listener on `listen` (port 0 picks a free port) that shares sessions, subscriptions and retained
+    /// messages with the plain one; returns the address it got. Devices use this one; the hub's own link stays on
+    /// the loopback plain listener.
+    pub fn listen_tls(
+        &self,
+        listen: SocketAddr,
+        config: Arc<rustls::ServerConfig>,
+    ) -> anyhow::Result<SocketAddr> {
+        use anyhow::Context;
+        let std_listener = std::net::TcpListener::bind(listen)
+            .with_context(|| format!("binding the MQTT TLS listener to {listen}"))?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let shared = self.shared.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        self.rt.spawn(async move {
+            match tokio::net::TcpListener::from_std(std_listener) {
+                Ok(listener) => accept_loop(listener, shared, Some(acceptor)).await,
+                Err(e) => {
+                    tracing::error!(error = %e, "embedded broker TLS listener could not start")
+                }
+            }
+        });
+        Ok(addr)
     }
 
     /// Counters and gauges, read under the state lock for a moment.
@@ -198,17 +227,22 @@ pub fn start(listen: SocketAddr, config: Config) -> anyhow::Result<Broker> {
         .enable_all()
         .build()?;
     let accept_shared = shared.clone();
+    let handle = rt.handle().clone();
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
             rt.block_on(async move {
                 match tokio::net::TcpListener::from_std(std_listener) {
-                    Ok(listener) => accept_loop(listener, accept_shared).await,
+                    Ok(listener) => accept_loop(listener, accept_shared, None).await,
                     Err(e) => tracing::error!(error = %e, "embedded broker could not start"),
                 }
             });
         })?;
-    Ok(Broker { addr, shared })
+    Ok(Broker {
+        addr,
+        shared,
+        rt: handle,
+    })
 }
 
 #[cfg(not(feature = "embedded-broker"))]
@@ -216,7 +250,14 @@ pub fn start(_listen: SocketAddr, _config: Config) -> anyhow::Result<Broker> {
     anyhow::bail!("this build has no embedded broker; pass --broker mqtt://host:port")
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+/// A TLS handshake that has not finished by then is abandoned (it holds a descriptor and a task).
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let mut backoff = std::time::Duration::from_millis(5);
     loop {
         match listener.accept().await {
@@ -224,7 +265,25 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
                 backoff = std::time::Duration::from_millis(5);
                 let _ = stream.set_nodelay(true);
                 let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(conn::run(shared.clone(), id, stream, peer));
+                let shared = shared.clone();
+                match &tls {
+                    None => {
+                        tokio::spawn(conn::run(shared, id, stream, peer));
+                    }
+                    Some(acceptor) => {
+                        // The handshake runs in the connection's own task, so a slow client delays nobody.
+                        let accept = acceptor.accept(stream);
+                        tokio::spawn(async move {
+                            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
+                                Ok(Ok(stream)) => conn::run(shared, id, stream, peer).await,
+                                Ok(Err(e)) => {
+                                    tracing::info!(%peer, error = %e, "mqtt tls handshake refused")
+                                }
+                                Err(_) => tracing::info!(%peer, "mqtt tls handshake timed out"),
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors, most likely: wait for connections to close instead of spinning.
