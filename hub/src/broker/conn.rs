@@ -26,6 +26,39 @@ const BUF_KEEP: usize = 16 * 1024;
 const WRITE_BATCH: usize = 64 * 1024;
 /// QoS 2 packet ids awaiting PUBREL per connection; more means a misbehaving client.
 const MAX_AWAITING_REL: usize = 1024;
+/// Control packets (acks, PINGRESP) queued for a client that does not read them; beyond this the reader stops
+/// reading, so a client that only sends cannot grow the broker's memory.
+const MAX_PENDING_CONTROL: usize = 1024;
+
+/// Back-pressure from the writer to the reader for control packets.
+#[derive(Debug, Default)]
+struct Control {
+    pending: AtomicUsize,
+    drained: tokio::sync::Notify,
+}
+
+impl Control {
+    /// Waits until the writer has taken enough queued control packets.
+    async fn room(&self) {
+        loop {
+            let drained = self.drained.notified();
+            if self.pending.load(Ordering::Acquire) < MAX_PENDING_CONTROL {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    fn send(&self, tx: &mpsc::UnboundedSender<Out>, bytes: Bytes) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let _ = tx.send(Out::Raw(bytes));
+    }
+
+    fn taken(&self) {
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.drained.notify_one();
+    }
+}
 
 /// Why a connection ended other than by DISCONNECT.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +174,15 @@ where
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
+    // Encoded before the session is registered: nothing may fail between registering it and owning its cleanup.
+    let connack = |present| {
+        encode(&Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            present,
+        )))
+    };
+    let (connack_new, connack_present) = (connack(false)?, connack(true)?);
+    let control = Arc::new(Control::default());
     let refused = {
         let mut st = shared.lock();
         match st.core.connect(id, request) {
@@ -155,8 +197,12 @@ where
                     let _ = h.tx.send(Out::Close);
                 }
                 // CONNACK is queued under the lock, so no message routed to this connection can precede it.
-                let connack = ConnAck::new(ConnectReturnCode::Success, session_present);
-                let _ = tx.send(Out::Raw(encode(&Packet::ConnAck(connack))?));
+                let ack = if session_present {
+                    connack_present
+                } else {
+                    connack_new
+                };
+                control.send(&tx, ack);
                 let mut handle = Handle {
                     tx: tx.clone(),
                     queued: queued.clone(),
@@ -191,9 +237,10 @@ where
         buf: BytesMut::new(),
         max_inflight: shared.config.max_inflight,
         queued,
+        control: control.clone(),
     };
     let ended = tokio::select! {
-        r = read_loop(shared, id, &mut rd, rbuf, keepalive, &tx) => r,
+        r = read_loop(shared, id, &mut rd, rbuf, keepalive, &tx, &control) => r,
         r = writer.run(&mut wr, &mut rx) => r.map(|()| Ending::TakenOver),
     };
     let graceful = matches!(ended, Ok(Ending::Disconnect));
@@ -215,16 +262,22 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut buf: BytesMut,
     keepalive: u16,
     tx: &mpsc::UnboundedSender<Out>,
+    control: &Control,
 ) -> Result<Ending, ConnError> {
     // MQTT 3.1.1, 3.1.2.10: one and a half keepalive periods of silence end the connection.
     let grace = (keepalive > 0).then(|| Duration::from_millis(u64::from(keepalive) * 1500));
     let max_packet = shared.config.max_packet;
     let mut awaiting_rel: HashSet<u16> = HashSet::new();
     let raw = |p: Packet| -> Result<(), ConnError> {
-        let _ = tx.send(Out::Raw(encode(&p)?));
+        control.send(tx, encode(&p)?);
         Ok(())
     };
+    // A client that stops reading its acknowledgements is given the keepalive grace (or a minute) to resume.
+    let patience = grace.unwrap_or(Duration::from_secs(60));
     loop {
+        tokio::time::timeout(patience, control.room())
+            .await
+            .map_err(|_| ConnError::Protocol("client does not read its acknowledgements"))?;
         let packet = match grace {
             Some(g) => tokio::time::timeout(g, read_packet(rd, &mut buf, max_packet))
                 .await
@@ -327,6 +380,7 @@ struct Writer {
     buf: BytesMut,
     max_inflight: usize,
     queued: Arc<AtomicUsize>,
+    control: Arc<Control>,
 }
 
 impl Writer {
@@ -369,7 +423,10 @@ impl Writer {
                     self.send(m);
                 }
             }
-            Out::Raw(bytes) => self.buf.extend_from_slice(&bytes),
+            Out::Raw(bytes) => {
+                self.buf.extend_from_slice(&bytes);
+                self.control.taken();
+            }
             Out::Acked(pkid) => {
                 if let Some(i) = self.inflight.iter().position(|(p, _)| *p == pkid) {
                     self.inflight.remove(i);
