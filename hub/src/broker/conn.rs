@@ -227,7 +227,6 @@ where
             .await?;
         return Err(ConnError::Protocol("connection refused"));
     }
-    shared.stats.connections.fetch_add(1, Ordering::Relaxed);
     let keepalive = connect.keep_alive;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut writer = Writer {
@@ -244,14 +243,14 @@ where
         r = writer.run(&mut wr, &mut rx) => r.map(|()| Ending::TakenOver),
     };
     let graceful = matches!(ended, Ok(Ending::Disconnect));
-    let unacked = writer.unacked(&mut rx);
     {
         let mut st = shared.lock();
+        // Once the handle is gone nothing more is routed here, so draining now loses no message.
         st.conns.remove(&id);
+        let unacked = writer.unacked(&mut rx);
         let deliveries = st.core.disconnect(id, graceful, unacked);
         shared.dispatch(&mut st, deliveries);
     }
-    shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
     ended.map(|_| ())
 }
 

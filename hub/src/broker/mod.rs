@@ -1,9 +1,9 @@
 //! The embedded MQTT 3.1.1 broker behind the default `embedded-broker` feature, for zero-setup hubs. External
 //! brokers (Mosquitto, EMQX, HiveMQ) are used through `--broker` instead; nothing here is required.
 //!
-//! Built for one hub and many small devices: a task pair per connection and no router thread, a subscription tree so
-//! routing cost does not grow with the fleet, a few hundred bytes of idle state per connection, and a bounded queue
-//! per subscriber so one stalled client cannot grow the broker without limit.
+//! Built for one hub and many small devices: one task per connection and no router thread (a message is routed on
+//! its publisher's task), a subscription tree so routing cost does not grow with the fleet, a few KiB of idle state
+//! per connection, and a bounded queue per subscriber so one stalled client cannot grow the broker without limit.
 //! - `topic`: names, filters and the subscription tree;
 //! - `core`: sans-IO sessions, routing, retained messages and wills;
 //! - `conn`: the per-connection shell (framing, keepalive, QoS 1 in flight), over TCP or TLS;
@@ -52,7 +52,6 @@ impl Config {
 /// Counters for operators and benchmarks.
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub connections: AtomicUsize,
     pub received: AtomicU64,
     pub delivered: AtomicU64,
     /// Dropped because a live subscriber's queue was full.
