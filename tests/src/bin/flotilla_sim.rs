@@ -91,10 +91,70 @@ fn sessions_by_peer(port: u16) -> std::collections::BTreeMap<std::net::Ipv4Addr,
     out
 }
 
+/// `--guard PROGRAM ARGS..`: runs PROGRAM, prints its pid, and kills it when this process's stdin closes, which
+/// happens when the simulator exits for any reason, a kill included: a killed simulator leaves no hub behind.
+fn guard_main(args: &[String]) -> Result<()> {
+    use std::io::{Read, Write};
+    let program = args.get(2).context("program")?;
+    let mut child = std::process::Command::new(program)
+        .args(&args[3..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("start {program}"))?;
+    println!("{}", child.id());
+    std::io::stdout().flush()?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(())
+}
+
+/// A process started under `--guard`: `pid` is the guarded program's, for RSS and CPU readings.
+struct Guarded {
+    guard: std::process::Child,
+    pid: u32,
+}
+
+impl Guarded {
+    fn spawn(program: &std::path::Path, args: &[String], stderr: std::fs::File) -> Result<Self> {
+        use std::io::BufRead;
+        let mut guard = std::process::Command::new(std::env::current_exe()?)
+            .arg("--guard")
+            .arg(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .context("start guard process")?;
+        let mut line = String::new();
+        let out = guard.stdout.take().context("guard stdout")?;
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        let pid = line
+            .trim()
+            .parse()
+            .with_context(|| format!("guard said {line:?}"))?;
+        Ok(Self { guard, pid })
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // Closing the guard's stdin makes it kill the guarded program and exit.
+        drop(self.guard.stdin.take());
+        let _ = self.guard.wait();
+    }
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--relay") {
         return relay_main(&args);
+    }
+    if args.get(1).map(String::as_str) == Some("--guard") {
+        return guard_main(&args);
     }
     let n: usize = std::env::args()
         .nth(1)
@@ -117,20 +177,21 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    let mut cmd = std::process::Command::new(bins.join("flotilla"));
-    cmd.args(["serve", "--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"]);
+    let mut hub_args: Vec<String> = ["serve", "--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"]
+        .map(str::to_owned)
+        .to_vec();
     if let Some(m) = &broker {
-        cmd.arg("--broker")
-            .arg(format!("mqtt://127.0.0.1:{}", m.port));
+        hub_args.push("--broker".into());
+        hub_args.push(format!("mqtt://127.0.0.1:{}", m.port));
     }
-    let mut hub_proc = cmd
-        .arg("--data-dir")
-        .arg(&hub_dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("hub.log"))?)
-        .spawn()
-        .context("start flotilla serve")?;
-    let hub_pid = hub_proc.id();
+    hub_args.push("--data-dir".into());
+    hub_args.push(hub_dir.display().to_string());
+    let hub_proc = Guarded::spawn(
+        &bins.join("flotilla"),
+        &hub_args,
+        std::fs::File::create(dir.path().join("hub.log"))?,
+    )?;
+    let hub_pid = hub_proc.pid;
     let broker_pid = broker.as_ref().map(|m| m.proc.child.id());
     let result = run(n, &hub_dir, hub_pid, broker_pid);
     if result.is_err() || std::env::var_os("FLOTILLA_SIM_KEEP_LOGS").is_some() {
@@ -144,8 +205,7 @@ fn main() -> Result<()> {
         );
         eprintln!("logs kept in {}", keep.display());
     }
-    let _ = hub_proc.kill();
-    let _ = hub_proc.wait();
+    drop(hub_proc);
     result
 }
 
