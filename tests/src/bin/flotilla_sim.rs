@@ -17,42 +17,59 @@ fn pct(v: &[f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-/// A relay in a child process (this binary re-executed with `--relay`): each relay needs two descriptors per
-/// session, which for 10,000 sessions would not fit beside the sessions themselves under one process's limit.
-struct Relay {
+/// This binary re-executed in a helper role (`--relay` or `--guard`), with stdin and stdout piped: it answers with
+/// one line (a port or a pid) and runs until its stdin closes, which happens when the simulator exits for any
+/// reason, a kill included.
+struct Helper {
     child: std::process::Child,
-    port: u16,
+    /// The helper's one-line answer.
+    answer: u32,
 }
 
-impl Relay {
-    fn spawn(upstream: u16, source: std::net::Ipv4Addr) -> Result<Self> {
+impl Helper {
+    fn spawn(args: &[String], stderr: std::process::Stdio) -> Result<Self> {
         use std::io::BufRead;
         let mut child = std::process::Command::new(std::env::current_exe()?)
-            .args(["--relay", &upstream.to_string(), &source.to_string()])
+            .args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
             .spawn()
-            .context("start relay process")?;
+            .with_context(|| format!("start helper {args:?}"))?;
         let mut line = String::new();
-        let out = child.stdout.take().context("relay stdout")?;
+        let out = child.stdout.take().context("helper stdout")?;
         std::io::BufReader::new(out).read_line(&mut line)?;
-        let port = line
+        let answer = line
             .trim()
             .parse()
-            .with_context(|| format!("relay said {line:?}"))?;
-        Ok(Self { child, port })
+            .with_context(|| format!("helper {args:?} said {line:?}"))?;
+        Ok(Self { child, answer })
     }
 }
 
-impl Drop for Relay {
+impl Drop for Helper {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // Closing its stdin ends the helper (a guard kills its program first).
+        drop(self.child.stdin.take());
         let _ = self.child.wait();
     }
 }
 
+/// A relay (`--relay`): each relay needs two descriptors per session, which for 10,000 sessions would not fit
+/// beside the sessions themselves under one process's limit, hence a process of its own.
+fn spawn_relay(upstream: u16, source: std::net::Ipv4Addr) -> Result<(Helper, u16)> {
+    let args = [
+        "--relay".to_owned(),
+        upstream.to_string(),
+        source.to_string(),
+    ];
+    let relay = Helper::spawn(&args, std::process::Stdio::inherit())?;
+    let port = u16::try_from(relay.answer).context("relay port")?;
+    Ok((relay, port))
+}
+
 /// `--relay UPSTREAM_PORT SOURCE_IP`: forwards to the broker from `SOURCE_IP`, prints its own port, and runs until
-/// its stdin closes, which happens when the simulator exits for any reason, a kill included.
+/// its stdin closes.
 fn relay_main(args: &[String]) -> Result<()> {
     use std::io::{Read, Write};
     let upstream: u16 = args.get(2).context("upstream port")?.parse()?;
@@ -91,8 +108,8 @@ fn sessions_by_peer(port: u16) -> std::collections::BTreeMap<std::net::Ipv4Addr,
     out
 }
 
-/// `--guard PROGRAM ARGS..`: runs PROGRAM, prints its pid, and kills it when this process's stdin closes, which
-/// happens when the simulator exits for any reason, a kill included: a killed simulator leaves no hub behind.
+/// `--guard PROGRAM ARGS..`: runs PROGRAM, prints its pid, and kills it when this process's stdin closes: a killed
+/// simulator leaves no hub behind.
 fn guard_main(args: &[String]) -> Result<()> {
     use std::io::{Read, Write};
     let program = args.get(2).context("program")?;
@@ -109,43 +126,6 @@ fn guard_main(args: &[String]) -> Result<()> {
     let _ = child.kill();
     let _ = child.wait();
     Ok(())
-}
-
-/// A process started under `--guard`: `pid` is the guarded program's, for RSS and CPU readings.
-struct Guarded {
-    guard: std::process::Child,
-    pid: u32,
-}
-
-impl Guarded {
-    fn spawn(program: &std::path::Path, args: &[String], stderr: std::fs::File) -> Result<Self> {
-        use std::io::BufRead;
-        let mut guard = std::process::Command::new(std::env::current_exe()?)
-            .arg("--guard")
-            .arg(program)
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .context("start guard process")?;
-        let mut line = String::new();
-        let out = guard.stdout.take().context("guard stdout")?;
-        std::io::BufReader::new(out).read_line(&mut line)?;
-        let pid = line
-            .trim()
-            .parse()
-            .with_context(|| format!("guard said {line:?}"))?;
-        Ok(Self { guard, pid })
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        // Closing the guard's stdin makes it kill the guarded program and exit.
-        drop(self.guard.stdin.take());
-        let _ = self.guard.wait();
-    }
 }
 
 fn main() -> Result<()> {
@@ -186,12 +166,16 @@ fn main() -> Result<()> {
     }
     hub_args.push("--data-dir".into());
     hub_args.push(hub_dir.display().to_string());
-    let hub_proc = Guarded::spawn(
-        &bins.join("flotilla"),
-        &hub_args,
-        std::fs::File::create(dir.path().join("hub.log"))?,
+    let mut guard_args = vec![
+        "--guard".to_owned(),
+        bins.join("flotilla").display().to_string(),
+    ];
+    guard_args.extend(hub_args);
+    let hub_proc = Helper::spawn(
+        &guard_args,
+        std::fs::File::create(dir.path().join("hub.log"))?.into(),
     )?;
-    let hub_pid = hub_proc.pid;
+    let hub_pid = hub_proc.answer;
     let broker_pid = broker.as_ref().map(|m| m.proc.child.id());
     let result = run(n, &hub_dir, hub_pid, broker_pid);
     if result.is_err() || std::env::var_os("FLOTILLA_SIM_KEEP_LOGS").is_some() {
@@ -255,13 +239,13 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
     let relays = (0..spread)
         .map(|k| {
             let ip = std::net::Ipv4Addr::new(127, 0, 0, u8::try_from(k + 2).unwrap_or(254));
-            Relay::spawn(port, ip)
+            spawn_relay(port, ip)
         })
         .collect::<Result<Vec<_>>>()?;
     let ports: Vec<u16> = if relays.is_empty() {
         vec![port]
     } else {
-        relays.iter().map(|r| r.port).collect()
+        relays.iter().map(|(_, p)| *p).collect()
     };
     let mut sim = SimFleet::start(&ports, tokens, 2)?;
     // Wait until the hub sees every device online and reporting.
