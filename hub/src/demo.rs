@@ -312,9 +312,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        let _ = tokio::signal::ctrl_c().await;
-    });
+    // SIGTERM too (systemd, `timeout`, `docker stop`): the hub thread catches it as well, so waiting for ctrl-c
+    // alone would leave the demo hanging with its hub stopped.
+    rt.block_on(server::shutdown_signal());
     drop(fleet);
     Ok(())
 }

@@ -175,7 +175,8 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT (ctrl-c).
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match (
         signal(SignalKind::terminate()),

@@ -1,8 +1,8 @@
 //! The operator CLI and the README's main job, run as real processes: `flotilla demo` converges, and the CLI
 //! commands work against a running hub (table and JSON output, errors with a non-zero exit).
 
-use flotilla_fleet_tests::{AgentSpec, FleetBuilder, bin_dir, firmware};
-use std::process::{Command, Output};
+use flotilla_fleet_tests::{AgentSpec, FleetBuilder, PATIENCE, bin_dir, firmware, wait_for};
+use std::process::{Command, Output, Stdio};
 
 fn cli(hub: &flotilla_fleet_tests::Hub, args: &[&str]) -> Output {
     Command::new(bin_dir().join("flotilla"))
@@ -49,6 +49,56 @@ fn demo_converges() {
     assert!(
         stdout.contains("converged: 3 regions, one sensor each"),
         "{stdout}"
+    );
+}
+
+/// The interactive demo (as `scripts/demo.sh` runs it) stops on SIGTERM, as from systemd or `timeout`, and takes
+/// its agents with it. (It used to catch SIGTERM in the hub thread only and hang.)
+#[test]
+fn demo_stops_on_sigterm() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut demo = Command::new(bin_dir().join("flotilla"))
+        .current_dir(dir.path())
+        .args(["demo", "--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("demo starts");
+    let stdout = demo.stdout.take().expect("stdout");
+    let mut seen = String::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.expect("stdout line");
+        seen += &line;
+        seen.push('\n');
+        if line.contains("Press Ctrl-C") {
+            break;
+        }
+    }
+    assert!(seen.contains("converged: 3 regions"), "{seen}");
+    let term = Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let status = wait_for("the demo to exit after SIGTERM", PATIENCE, || {
+        demo.try_wait().ok().flatten()
+    });
+    if status.is_err() {
+        let _ = demo.kill();
+        let _ = demo.wait();
+    }
+    assert!(status.expect("exited").success());
+    // Its agents' data lives under the demo directory; none of them may still be running.
+    let pattern = dir.path().display().to_string();
+    let left = Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()
+        .expect("pgrep");
+    assert!(
+        left.stdout.is_empty(),
+        "agents left running: {}",
+        String::from_utf8_lossy(&left.stdout)
     );
 }
 
