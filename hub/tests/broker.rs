@@ -44,11 +44,13 @@ async fn client(b: &Broker, id: &str, subs: &[&str], will: Option<LastWill>) -> 
     let want = subs.len();
     let task = tokio::spawn(async move {
         let mut acked = 0;
-        if want == 0 {
-            let _ = ready_tx.send(());
-        }
         while let Ok(ev) = el.poll().await {
             match ev {
+                // Ready means connected: a client without subscriptions is ready at CONNACK, not before (a test
+                // that relies on connection order, like takeover, would otherwise race).
+                Event::Incoming(rumqttc::Packet::ConnAck(_)) if want == 0 => {
+                    let _ = ready_tx.send(());
+                }
                 Event::Incoming(rumqttc::Packet::SubAck(_)) => {
                     acked += 1;
                     if acked == want {

@@ -99,6 +99,9 @@ pub struct Core {
     limits: Limits,
     sessions: HashMap<Arc<str>, Session>,
     by_conn: HashMap<ConnId, Arc<str>>,
+    /// Connections taken over by a newer one with the same client id, until they end: what they had in flight
+    /// belongs to the session, which lives on.
+    retired: HashMap<ConnId, Arc<str>>,
     subs: Tree<Sub>,
     retained: HashMap<Arc<str>, Message>,
     next_generated_id: u64,
@@ -112,6 +115,7 @@ impl Core {
             limits,
             sessions: HashMap::new(),
             by_conn: HashMap::new(),
+            retired: HashMap::new(),
             subs: Tree::default(),
             retained: HashMap::new(),
             next_generated_id: 0,
@@ -147,7 +151,9 @@ impl Core {
         // Taking over a live session ends the old connection abnormally: its will goes out, as Mosquitto does.
         let mut deliveries = Vec::new();
         if let Some(old) = existing {
-            self.by_conn.remove(&old);
+            if let Some(client) = self.by_conn.remove(&old) {
+                self.retired.insert(old, client);
+            }
             let will = self
                 .sessions
                 .get_mut(client_id.as_str())
@@ -197,7 +203,11 @@ impl Core {
         graceful: bool,
         unacked: Vec<Message>,
     ) -> Vec<Delivery> {
-        // A connection that was taken over no longer owns its session.
+        // A connection that was taken over no longer owns its session, but its unacknowledged messages go on to
+        // the session's current connection (or its offline queue), as MQTT requires of a persistent session.
+        if let Some(client) = self.retired.remove(&conn) {
+            return self.hand_over(&client, unacked);
+        }
         let Some(client) = self.by_conn.remove(&conn) else {
             return Vec::new();
         };
@@ -329,6 +339,30 @@ impl Core {
             }
         }
         out
+    }
+
+    /// Messages a retired connection left unacknowledged, for the session that lives on (persistent only).
+    fn hand_over(&mut self, client: &Arc<str>, unacked: Vec<Message>) -> Vec<Delivery> {
+        let Some(session) = self.sessions.get_mut(client) else {
+            return Vec::new();
+        };
+        if session.clean {
+            return Vec::new();
+        }
+        match session.conn {
+            Some(conn) => unacked
+                .into_iter()
+                .map(|msg| Delivery { conn, msg })
+                .collect(),
+            None => {
+                session.offline.extend(unacked);
+                while session.offline.len() > self.limits.offline_queue {
+                    session.offline.pop_front();
+                    self.dropped_offline += 1;
+                }
+                Vec::new()
+            }
+        }
     }
 
     fn drop_session(&mut self, client: &Arc<str>) {
@@ -521,6 +555,24 @@ mod tests {
         };
         assert!(!session_present);
         assert!(c.publish(msg("x", "4", Qos::AtLeastOnce, false)).is_empty());
+    }
+
+    #[test]
+    fn a_taken_over_connection_hands_its_unacked_messages_to_the_session() {
+        let mut c = core();
+        connect(&mut c, 1, "dev", false, None);
+        c.subscribe(1, &[("x".into(), Qos::AtLeastOnce)]);
+        // Connection 1 is replaced while it still holds a message it never had acknowledged.
+        connect(&mut c, 2, "dev", false, None);
+        let unacked = vec![msg("x", "in-flight", Qos::AtLeastOnce, false)];
+        assert_eq!(show(&c.disconnect(1, false, unacked)), ["2:x=in-flight@1"]);
+        // With a clean session the same hand-over delivers nothing.
+        connect(&mut c, 3, "tmp", true, None);
+        connect(&mut c, 4, "tmp", true, None);
+        assert!(
+            c.disconnect(3, false, vec![msg("x", "lost", Qos::AtLeastOnce, false)])
+                .is_empty()
+        );
     }
 
     #[test]
