@@ -77,13 +77,16 @@ async fn next(c: &mut Client) -> Publish {
         .expect("client running")
 }
 
+/// Encodes and writes one packet on a raw connection.
+async fn send(s: &mut TcpStream, packet: Packet) {
+    let mut buf = BytesMut::new();
+    packet.write(&mut buf, usize::MAX).expect("encode");
+    s.write_all(&buf).await.expect("write");
+}
+
 async fn raw_connect(b: &Broker, connect: Connect) -> TcpStream {
     let mut s = TcpStream::connect(b.addr).await.expect("tcp connect");
-    let mut buf = BytesMut::new();
-    Packet::Connect(connect)
-        .write(&mut buf, usize::MAX)
-        .expect("encode");
-    s.write_all(&buf).await.expect("write connect");
+    send(&mut s, Packet::Connect(connect)).await;
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack).await.expect("connack");
     assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK accepted");
@@ -170,11 +173,11 @@ async fn garbage_and_silence_end_only_the_offending_connection() {
     c.keep_alive = 60;
     c.last_will = Some(LastWill::new("p/bad", "bye", QoS::AtLeastOnce, false));
     let mut bad = raw_connect(&b, c).await;
-    let mut out = BytesMut::new();
-    Packet::Publish(Publish::new("p/+", QoS::AtMostOnce, "x"))
-        .write(&mut out, usize::MAX)
-        .expect("encode");
-    bad.write_all(&out).await.expect("write");
+    send(
+        &mut bad,
+        Packet::Publish(Publish::new("p/+", QoS::AtMostOnce, "x")),
+    )
+    .await;
     assert_eq!(&next(&mut hub).await.payload[..], b"bye");
 
     // A client that goes silent past 1.5 keepalive periods is dropped and its will published.
@@ -208,13 +211,9 @@ async fn a_stalled_subscriber_is_bounded_and_does_not_block_others() {
     let mut c = Connect::new("stalled");
     c.keep_alive = 0;
     let mut stalled = raw_connect(&b, c).await;
-    let mut out = BytesMut::new();
     let mut sub = Subscribe::new("t", QoS::AtLeastOnce);
     sub.pkid = 1;
-    Packet::Subscribe(sub)
-        .write(&mut out, usize::MAX)
-        .expect("encode");
-    stalled.write_all(&out).await.expect("write");
+    send(&mut stalled, Packet::Subscribe(sub)).await;
     let mut suback = [0u8; 5];
     stalled.read_exact(&mut suback).await.expect("suback");
 

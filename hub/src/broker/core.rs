@@ -308,13 +308,18 @@ impl Core {
             }
         }
         // Overlapping filters of one client deliver once, at the highest granted QoS.
+        // Indexed by client, so a broadcast to N subscribers costs N lookups, not N^2 comparisons; first-seen order
+        // is kept.
         let mut targets: Vec<(Arc<str>, Qos)> = Vec::new();
-        self.subs.for_each_match(&msg.topic, |s| {
-            match targets.iter_mut().find(|(c, _)| *c == s.client) {
-                Some((_, q)) => *q = (*q).max(s.qos),
-                None => targets.push((s.client.clone(), s.qos)),
-            }
-        });
+        let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
+        self.subs
+            .for_each_match(&msg.topic, |s| match seen.get(&s.client) {
+                Some(&i) => targets[i].1 = targets[i].1.max(s.qos),
+                None => {
+                    seen.insert(s.client.clone(), targets.len());
+                    targets.push((s.client.clone(), s.qos));
+                }
+            });
         let mut out = Vec::with_capacity(targets.len());
         for (client, qos) in targets {
             let Some(session) = self.sessions.get_mut(&client) else {
