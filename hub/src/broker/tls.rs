@@ -83,3 +83,27 @@ pub fn server_config(
         .map_err(|e| TlsSetupError::Config(e.to_string()))?;
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bad TLS material is a typed error naming the file, raised before anything listens.
+    #[test]
+    fn bad_files_are_typed_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.pem");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").expect("write");
+        let err = server_config(&missing, &missing, None).expect_err("missing file");
+        assert!(
+            matches!(err, TlsSetupError::Read { ref path, .. } if *path == missing),
+            "{err}"
+        );
+        let err = server_config(&junk, &junk, None).expect_err("no PEM blocks");
+        assert!(
+            matches!(err, TlsSetupError::Pem { ref path, .. } if *path == junk),
+            "{err}"
+        );
+    }
+}
