@@ -1,6 +1,17 @@
-//! The Flotilla edge agent: configuration, SQLite state, MQTT link, workload runtimes and the main loop.
+//! The Flotilla edge agent: configuration, SQLite state, MQTT link, workload runtimes and the main loop
+//! (`agent`), with each of the loop's concerns in its own module.
 
 pub mod agent;
 pub mod config;
+pub mod desired;
+pub mod enroll;
+pub mod fetch;
+pub mod gc;
+pub mod holds;
+pub mod inventory;
+pub mod metrics;
+pub mod outbox;
+pub mod report;
 pub mod runtime;
 pub mod store;
+pub mod trust;

@@ -1,0 +1,156 @@
+//! Desired state: accepting a hub-signed desired state (verify, persist, then act), recording refusals, and turning
+//! the accepted state, the verified releases, the artifact cache, holds and the position into the reconciler's input.
+
+use crate::agent::{Agent, unix_now};
+use crate::fetch::MAX_RELEASE_DOC;
+use flotilla_agent_core::{DesiredWorkload, geo};
+use flotilla_shared::codec;
+use flotilla_shared::trust;
+use flotilla_shared::wire::{
+    ArtifactRef, DesiredState, RejectReason, Rejection, Signed, WorkloadKind,
+};
+
+impl Agent {
+    pub(crate) fn on_desired(&mut self, signed: Signed) {
+        if self
+            .accepted
+            .as_ref()
+            .is_some_and(|(s, _)| s.body == signed.body)
+        {
+            return; // A retained re-delivery after reconnect: nothing changed, nothing restarts.
+        }
+        let t = &self.trust;
+        let accepted_body = self.accepted.as_ref().map(|(s, _)| s.body.as_slice());
+        let ds = match trust::verify_desired(
+            &t.root,
+            &t.device,
+            &signed,
+            &t.floor,
+            accepted_body,
+            unix_now(),
+        ) {
+            Ok(ds) => ds,
+            Err(e) => {
+                let generation =
+                    codec::decode_exact::<DesiredState>(&signed.body).map_or(0, |d| d.generation);
+                if matches!(
+                    e,
+                    trust::DesiredError::Expired { .. } | trust::DesiredError::RootExpired { .. }
+                ) {
+                    self.frozen = true;
+                }
+                self.reject(generation, (&e).into());
+                return;
+            }
+        };
+        if ds.workloads.len() > self.cfg.max_workloads as usize {
+            let reason = RejectReason::InvalidSpec(format!(
+                "{} workloads exceed this device's limit of {}",
+                ds.workloads.len(),
+                self.cfg.max_workloads
+            ));
+            self.reject(ds.generation, reason);
+            return;
+        }
+        // Persist, then act: the floor and the document are durable before anything runs or is reported.
+        if let Err(e) = self
+            .store
+            .accept_desired(ds.generation, ds.issued_at, &signed)
+        {
+            tracing::error!(error = %e, "cannot persist desired state; not applying it");
+            return;
+        }
+        self.trust.floor.generation = self.trust.floor.generation.max(ds.generation);
+        self.trust.floor.issued_at = self.trust.floor.issued_at.max(ds.issued_at);
+        tracing::info!(
+            generation = ds.generation,
+            workloads = ds.workloads.len(),
+            "desired state accepted"
+        );
+        self.frozen = false;
+        if self.rejection.take().is_some() {
+            let _ = self.store.set_rejection(None);
+        }
+        self.workload_rejects.clear();
+        self.accepted = Some((signed, ds));
+        self.refresh_desired();
+        self.send_report();
+    }
+
+    pub(crate) fn reject(&mut self, generation: u64, reason: RejectReason) {
+        tracing::warn!(
+            generation,
+            ?reason,
+            "desired state rejected; previous state keeps running"
+        );
+        let r = Rejection { generation, reason };
+        if let Err(e) = self.store.set_rejection(Some(&r)) {
+            tracing::error!(error = %e, "cannot persist rejection");
+        }
+        self.rejection = Some(r);
+        self.send_report();
+    }
+
+    /// Recomputes what the reconciler should run from the accepted desired state, verified releases, the artifact
+    /// cache and the position; starts downloads for what is missing.
+    pub(crate) fn refresh_desired(&mut self) {
+        let Some((_, ds)) = self.accepted.clone() else {
+            self.reconciler.set_desired(self.millis(), vec![]);
+            return;
+        };
+        let mut list = Vec::new();
+        let mut keep = Vec::new();
+        for spec in ds.workloads {
+            let inside_fence = spec
+                .geofence
+                .as_ref()
+                .is_none_or(|f| geo::contains(f, self.position));
+            let mut rejected = self.workload_rejects.get(&spec.name).cloned();
+            let mut artifact = None;
+            if spec.kind != WorkloadKind::Wasm {
+                rejected = Some(RejectReason::UnsupportedKind);
+            } else if let Some(release) = self.releases.get(&spec.release).cloned() {
+                keep.push(release.artifact_digest);
+                match self.store.has_artifact(&release.artifact_digest) {
+                    Ok(true) => artifact = Some(release.artifact_digest),
+                    Ok(false) if !self.frozen && rejected.is_none() => self.start_fetch(
+                        ArtifactRef::Blob(release.artifact_digest),
+                        release.artifact_size,
+                        &spec.name,
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "artifact index"),
+                }
+            } else if !self.frozen && rejected.is_none() {
+                self.start_fetch(
+                    ArtifactRef::Release(spec.release),
+                    MAX_RELEASE_DOC,
+                    &spec.name,
+                );
+            }
+            // A hold defers release changes (the download may go ahead); what runs keeps running.
+            if self.hold_reason().is_some() {
+                let running = self
+                    .reconciler
+                    .status(self.millis())
+                    .into_iter()
+                    .find(|s| s.name == spec.name);
+                let same_release = running.as_ref().is_some_and(|s| {
+                    s.release == spec.release
+                        && s.state == flotilla_shared::wire::WorkloadState::Running
+                });
+                if !same_release {
+                    artifact = None;
+                }
+            }
+            list.push(DesiredWorkload {
+                spec,
+                artifact,
+                inside_fence,
+                rejected,
+            });
+        }
+        self.reconciler.set_desired(self.millis(), list);
+        self.collect_garbage(&keep);
+    }
+}

@@ -1,0 +1,318 @@
+//! Artifact transfer: release documents and artifact blobs are fetched in chunks over the device's own MQTT
+//! connection, checked against free disk space before the first byte, hashed while streaming into a private
+//! staging file capped at the signed size, resumed after a restart, and moved into the cache only once verified.
+
+use crate::agent::{Agent, unix_now};
+use flotilla_mqtt::Publisher;
+use flotilla_shared::codec::{self, MAX_CHUNK_DATA, Message};
+use flotilla_shared::topics::{self, DeviceTopic};
+use flotilla_shared::trust::{self, ArtifactVerifier};
+use flotilla_shared::wire::{ArtifactChunk, ArtifactRef, ArtifactRequest, RejectReason, Signed};
+use flotilla_shared::{Digest, WorkloadName};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// An in-progress download of a release document or artifact.
+#[derive(Debug)]
+pub struct Fetch {
+    size: u64,
+    received: u64,
+    staging: PathBuf,
+    verifier: Option<ArtifactVerifier>,
+    buf: Vec<u8>,
+    requested_at: Instant,
+    stalls: u32,
+}
+
+/// A chunk request unanswered for this long is sent again (slow-drip and lost-message protection).
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// After this many unanswered requests in a row the workload reports `ArtifactStalled` (and the agent keeps trying).
+const STALLS_BEFORE_REPORT: u32 = 3;
+
+/// Largest signed release document accepted.
+pub(crate) const MAX_RELEASE_DOC: u64 = 16 * 1024;
+
+/// Space kept free beyond an artifact, so the database and logs can still be written after a download.
+pub(crate) const DISK_RESERVE: u64 = 1 << 20;
+
+/// Refuses a download up front when the artifact plus the reserve does not fit in the free space.
+pub(crate) fn disk_check(size: u64, free: u64) -> Result<(), RejectReason> {
+    if size.saturating_add(DISK_RESERVE) > free {
+        return Err(RejectReason::InsufficientDisk { needed: size, free });
+    }
+    Ok(())
+}
+
+impl Agent {
+    pub(crate) fn artifact_path(&self, d: &Digest) -> PathBuf {
+        // Always a hex digest: nothing from a document or the network ever becomes a path component.
+        self.cfg.data_dir.join("artifacts").join(d.to_hex())
+    }
+
+    pub(crate) fn start_fetch(&mut self, what: ArtifactRef, size: u64, workload: &WorkloadName) {
+        if self.fetches.contains_key(&what) {
+            return;
+        }
+        let (digest, is_blob) = match what {
+            ArtifactRef::Release(d) => (d, false),
+            ArtifactRef::Blob(d) => (d, true),
+        };
+        let staging = self
+            .cfg
+            .data_dir
+            .join("staging")
+            .join(format!("{}.part", digest.to_hex()));
+        let mut fetch = Fetch {
+            size,
+            received: 0,
+            staging,
+            verifier: None,
+            buf: Vec::new(),
+            requested_at: Instant::now(),
+            stalls: 0,
+        };
+        if is_blob {
+            let free = rustix::fs::statvfs(&self.cfg.data_dir)
+                .map_or(u64::MAX, |s| s.f_bavail.saturating_mul(s.f_frsize));
+            if let Err(reason) = disk_check(size, free) {
+                tracing::warn!(workload = %workload, ?reason, "artifact refused before download");
+                self.workload_rejects.insert(workload.clone(), reason);
+                return;
+            }
+            let mut verifier = ArtifactVerifier::new(digest, size);
+            // Resume: re-hash what an earlier attempt left in staging, then continue from there.
+            if let Ok(prefix) = std::fs::read(&fetch.staging)
+                && verifier.update(&prefix).is_ok()
+            {
+                fetch.received = verifier.received();
+            } else {
+                verifier = ArtifactVerifier::new(digest, size);
+                let _ = std::fs::remove_file(&fetch.staging);
+            }
+            fetch.verifier = Some(verifier);
+        }
+        tracing::info!(?what, from = fetch.received, size, "fetching");
+        self.fetches.insert(what, fetch);
+        self.request_next(what);
+    }
+
+    pub(crate) fn request_next(&mut self, what: ArtifactRef) {
+        let Some(f) = self.fetches.get_mut(&what) else {
+            return;
+        };
+        f.requested_at = Instant::now();
+        if !self.connected {
+            return;
+        }
+        let req = Message::ArtifactRequest(ArtifactRequest {
+            what,
+            offset: f.received,
+            max_len: u32::try_from(MAX_CHUNK_DATA).unwrap_or(u32::MAX),
+        });
+        if let (Some(link), Ok(bytes)) = (&self.link, codec::encode(&req)) {
+            let _ = link.publish(
+                &topics::device(&self.trust.device, DeviceTopic::ArtifactRequest),
+                bytes,
+                false,
+            );
+        }
+    }
+
+    pub(crate) fn fail_fetch(&mut self, what: ArtifactRef, reason: RejectReason) {
+        if let Some(f) = self.fetches.remove(&what) {
+            let _ = std::fs::remove_file(&f.staging);
+        }
+        let digest = match what {
+            ArtifactRef::Release(d) | ArtifactRef::Blob(d) => d,
+        };
+        let names: Vec<WorkloadName> = self.accepted.as_ref().map_or(vec![], |(_, ds)| {
+            ds.workloads
+                .iter()
+                .filter(|w| {
+                    w.release == digest
+                        || self
+                            .releases
+                            .get(&w.release)
+                            .is_some_and(|r| r.artifact_digest == digest)
+                })
+                .map(|w| w.name.clone())
+                .collect()
+        });
+        tracing::warn!(?what, ?reason, "fetch failed");
+        for n in names {
+            self.workload_rejects.insert(n, reason.clone());
+        }
+        self.refresh_desired();
+        self.send_report();
+    }
+
+    pub(crate) fn on_chunk(&mut self, chunk: ArtifactChunk) {
+        let (what, offset, total, data) = match chunk {
+            ArtifactChunk::Data {
+                what,
+                offset,
+                total,
+                data,
+            } => (what, offset, total, data),
+            ArtifactChunk::NotFound { what } => {
+                if self.fetches.contains_key(&what) {
+                    self.fail_fetch(what, RejectReason::ReleaseMissing);
+                }
+                return;
+            }
+        };
+        let Some(f) = self.fetches.get_mut(&what) else {
+            return;
+        };
+        if offset != f.received {
+            return; // A duplicate or a late answer to an earlier request; the current request is still pending.
+        }
+        f.stalls = 0;
+        let result: Result<bool, RejectReason> = (|| match what {
+            ArtifactRef::Release(_) => {
+                if total > f.size || f.received + data.len() as u64 > f.size {
+                    return Err(RejectReason::ArtifactTooLarge);
+                }
+                f.buf.extend_from_slice(&data);
+                f.received += data.len() as u64;
+                Ok(f.received >= total)
+            }
+            ArtifactRef::Blob(_) => {
+                if total != f.size {
+                    return Err(RejectReason::ArtifactTooLarge);
+                }
+                let v = f.verifier.as_mut().ok_or(RejectReason::Malformed)?;
+                v.update(&data).map_err(|e| RejectReason::from(&e))?;
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&f.staging)
+                    .map_err(|_| RejectReason::InsufficientDisk {
+                        needed: f.size,
+                        free: 0,
+                    })?;
+                file.write_all(&data)
+                    .map_err(|_| RejectReason::InsufficientDisk {
+                        needed: f.size,
+                        free: 0,
+                    })?;
+                f.received += data.len() as u64;
+                Ok(f.received >= f.size)
+            }
+        })();
+        match result {
+            Err(reason) => self.fail_fetch(what, reason),
+            Ok(false) => self.request_next(what),
+            Ok(true) => self.finish_fetch(what),
+        }
+    }
+
+    pub(crate) fn finish_fetch(&mut self, what: ArtifactRef) {
+        let Some(f) = self.fetches.remove(&what) else {
+            return;
+        };
+        match what {
+            ArtifactRef::Release(digest) => {
+                let Ok(signed) = codec::decode_exact::<Signed>(&f.buf) else {
+                    self.fail_fetch(what, RejectReason::Malformed);
+                    return;
+                };
+                let Some(spec) = self
+                    .accepted
+                    .as_ref()
+                    .and_then(|(_, ds)| ds.workloads.iter().find(|w| w.release == digest).cloned())
+                else {
+                    return;
+                };
+                match trust::verify_release_for(&self.trust.root, &signed, &spec, &self.trust.floor)
+                {
+                    Ok(release) => {
+                        if let Err(e) = self.store.accept_release(
+                            &digest,
+                            &signed,
+                            &release.name,
+                            release.epoch,
+                        ) {
+                            tracing::error!(error = %e, "cannot persist release");
+                            return;
+                        }
+                        let floor = self
+                            .trust
+                            .floor
+                            .epochs
+                            .entry(release.name.clone())
+                            .or_insert(0);
+                        *floor = (*floor).max(release.epoch);
+                        self.releases.insert(digest, release);
+                        self.refresh_desired();
+                    }
+                    Err(e) => {
+                        tracing::warn!(workload = %spec.name, error = %e, "release rejected");
+                        self.fail_fetch(what, (&e).into());
+                    }
+                }
+            }
+            ArtifactRef::Blob(digest) => {
+                let Some(v) = f.verifier else { return };
+                if let Err(e) = v.finish() {
+                    let _ = std::fs::remove_file(&f.staging);
+                    self.fail_fetch(what, (&e).into());
+                    return;
+                }
+                // The verified staging file itself becomes the cached artifact: no verify-then-swap window.
+                let dest = self.artifact_path(&digest);
+                let synced = std::fs::File::open(&f.staging).and_then(|file| file.sync_all());
+                if let Err(e) = synced.and_then(|()| std::fs::rename(&f.staging, &dest)) {
+                    tracing::error!(error = %e, "cannot move artifact into the cache");
+                    return;
+                }
+                if let Err(e) = self.store.add_artifact(&digest, f.size, unix_now()) {
+                    tracing::error!(error = %e, "cannot index artifact");
+                    return;
+                }
+                tracing::info!(artifact = %digest, size = f.size, "artifact verified and cached");
+                self.refresh_desired();
+            }
+        }
+    }
+
+    /// Asks again for every chunk unanswered for [`CHUNK_TIMEOUT`] (slow-drip and lost-message protection).
+    pub(crate) fn rerequest_stalled_fetches(&mut self) {
+        let stalled: Vec<ArtifactRef> = self
+            .fetches
+            .iter()
+            .filter(|(_, f)| self.connected && f.requested_at.elapsed() >= CHUNK_TIMEOUT)
+            .map(|(w, _)| *w)
+            .collect();
+        for what in stalled {
+            if let Some(f) = self.fetches.get_mut(&what) {
+                f.stalls += 1;
+                if f.stalls == STALLS_BEFORE_REPORT {
+                    tracing::warn!(?what, "artifact stream stalled");
+                }
+            }
+            self.request_next(what);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Downloads that would leave less than the reserve free are refused before a byte is fetched.
+    #[test]
+    fn disk_check_refuses_up_front() {
+        assert_eq!(disk_check(10, 10 + DISK_RESERVE), Ok(()));
+        assert_eq!(
+            disk_check(11, 10 + DISK_RESERVE),
+            Err(RejectReason::InsufficientDisk {
+                needed: 11,
+                free: 10 + DISK_RESERVE
+            })
+        );
+        assert!(disk_check(u64::MAX, u64::MAX - 1).is_err(), "no overflow");
+    }
+}

@@ -1,0 +1,59 @@
+//! Garbage collection of the artifact cache: what the accepted desired state needs, what runs now and what ran
+//! before it (kept for a fast rollback) stay; everything else is deleted.
+
+use crate::agent::Agent;
+use flotilla_shared::{Digest, WorkloadName};
+use std::collections::BTreeMap;
+
+/// Per workload: (artifact running now, the one that ran before it), for keeping current + previous.
+#[derive(Debug, Default)]
+pub struct ArtifactHistory(BTreeMap<WorkloadName, (Digest, Option<Digest>)>);
+
+impl ArtifactHistory {
+    /// Records what runs now; returns every previous artifact still remembered.
+    pub fn note_running(&mut self, running: &[(WorkloadName, Digest)]) -> Vec<Digest> {
+        // Remember, per workload, the artifact that ran before the current one: it is kept for a fast rollback.
+        for (name, digest) in running {
+            let entry = self.0.entry(name.clone()).or_insert((*digest, None));
+            if entry.0 != *digest {
+                *entry = (*digest, Some(entry.0));
+            }
+        }
+        self.0.values().filter_map(|(_, p)| *p).collect()
+    }
+}
+
+impl Agent {
+    /// Keeps the artifacts of the desired releases and of whatever is still running (the previous version), and
+    /// deletes the rest.
+    pub(crate) fn collect_garbage(&mut self, keep: &[Digest]) {
+        let running: Vec<(WorkloadName, Digest)> = self
+            .reconciler
+            .status(self.millis())
+            .iter()
+            .filter_map(|s| {
+                self.releases
+                    .get(&s.release)
+                    .map(|r| (s.name.clone(), r.artifact_digest))
+            })
+            .collect();
+        let previous = self.artifact_history.note_running(&running);
+        let keep: Vec<Digest> = keep
+            .iter()
+            .chain(running.iter().map(|(_, d)| d))
+            .chain(previous.iter())
+            .copied()
+            .collect();
+        if keep.is_empty() && self.accepted.is_none() {
+            return;
+        }
+        match self.store.collect_artifacts(&keep) {
+            Ok(gone) => {
+                for d in gone {
+                    let _ = std::fs::remove_file(self.artifact_path(&d));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "artifact collection failed"),
+        }
+    }
+}
