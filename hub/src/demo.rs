@@ -157,12 +157,21 @@ fn write_agent_config(dir: &Path, mqtt: &str, token: &str, device: &DemoDevice) 
     Ok(path)
 }
 
-pub fn run(args: DemoArgs) -> Result<()> {
-    let agent_bin = agent_binary()?;
+/// Recreates the demo directory and opens the hub's log file in it, before logging starts: the hub runs in this
+/// process, and its log lines must not interleave with the live table.
+pub fn prepare(args: &DemoArgs) -> Result<std::fs::File> {
     if args.dir.exists() {
         std::fs::remove_dir_all(&args.dir)
             .with_context(|| format!("clearing {}", args.dir.display()))?;
     }
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let log = args.dir.join("hub.log");
+    std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))
+}
+
+pub fn run(args: DemoArgs) -> Result<()> {
+    let agent_bin = agent_binary()?;
     let hub_dir = DataDir(args.dir.join("hub"));
     std::fs::create_dir_all(&hub_dir.0)?;
     let token = server::init(&hub_dir)?;
@@ -197,7 +206,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         client.get("/api/v1/devices").ok()
     })?;
 
-    println!("\n== enrolling {} agents across 3 regions", FLEET.len());
+    outln!("\n== enrolling {} agents across 3 regions", FLEET.len());
     let mut fleet = Fleet(Vec::new());
     for device in FLEET {
         let (id, region, zone, ..) = device;
@@ -228,7 +237,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .filter(|v| v.as_array().is_some_and(|a| a.len() == FLEET.len()))
     })?;
 
-    println!(
+    outln!(
         "== signing and pushing the sample workload sensor@1.0.0 ({} bytes of WASM)",
         SENSOR_WASM.len()
     );
@@ -257,7 +266,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         &[],
     )?;
 
-    println!("== applying a geo-aware deployment (one sensor per region)\n");
+    outln!("== applying a geo-aware deployment (one sensor per region)\n");
     let spec_path = args.dir.join("sensors.toml");
     std::fs::write(&spec_path, SPEC)?;
     client.post(
@@ -273,11 +282,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
         let devices = client.get("/api/v1/devices")?;
         let (text, running) = table(&devices);
         if text != last {
-            println!("t+{:>5.1}s\n{text}", start.elapsed().as_secs_f64());
+            outln!("t+{:>5.1}s\n{text}", start.elapsed().as_secs_f64());
             last = text;
         }
         if running == 3 {
-            println!(
+            outln!(
                 "converged: 3 regions, one sensor each, in {:.1} s after apply",
                 start.elapsed().as_secs_f64()
             );
@@ -291,10 +300,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let token_file = hub_dir.admin_token();
-    println!(
-        "\nThe hub is running. Try the CLI against it:\n\
-         \x20 export FLOTILLA_SERVER={api} FLOTILLA_TOKEN_FILE={}\n\
+    let token_file = std::path::absolute(hub_dir.admin_token())?;
+    // The hints must work as printed: the binaries are not on the PATH after `./scripts/demo.sh`.
+    let bin_dir = agent_bin
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    outln!(
+        "\nThe hub is running (logs: {logs}/hub.log and {logs}/agents/*/agent.log). Try the CLI against it:\n\
+         \x20 export PATH=\"{bin}:$PATH\" FLOTILLA_SERVER={api} FLOTILLA_TOKEN_FILE={}\n\
          \x20 flotilla device ls\n\
          \x20 flotilla deploy status sensors\n\
          \x20 flotilla why paris-gw sensor\n\
@@ -303,12 +316,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
         token_file.display(),
         mqtt.ip(),
         mqtt_url.rsplit(':').next().unwrap_or("1883"),
-        spec_path.display()
+        spec_path.display(),
+        logs = args.dir.display(),
+        bin = std::path::absolute(&bin_dir)?.display(),
     );
     if args.exit_after_converge {
         return Ok(());
     }
-    println!("Press Ctrl-C to stop the hub and the agents.");
+    outln!("Press Ctrl-C to stop the hub and the agents.");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -104,9 +104,9 @@ pub fn run_keys(cmd: KeysCmd) -> Result<()> {
     match cmd {
         KeysCmd::Gen { out } => {
             let (key, secret, public) = keyfile::generate(&out)?;
-            println!("private key: {} (mode 0600)", secret.display());
-            println!("public key:  {}", public.display());
-            println!("key id:      {}", hex::encode(trust::key_id(&key.public())));
+            outln!("private key: {} (mode 0600)", secret.display());
+            outln!("public key:  {}", public.display());
+            outln!("key id:      {}", hex::encode(trust::key_id(&key.public())));
         }
     }
     Ok(())
@@ -141,7 +141,7 @@ pub fn run_release_sign(args: ReleaseSign) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.artifact.with_extension("release"));
     keyfile::write_signed(&out, &signed)?;
-    println!(
+    outln!(
         "release {} {} (epoch {}) artifact {} ({} bytes)",
         release.name,
         release.version,
@@ -149,8 +149,8 @@ pub fn run_release_sign(args: ReleaseSign) -> Result<()> {
         release.artifact_digest,
         release.artifact_size
     );
-    println!("release digest {}", trust::document_digest(&signed));
-    println!("written to {}", out.display());
+    outln!("release digest {}", trust::document_digest(&signed));
+    outln!("written to {}", out.display());
     Ok(())
 }
 
@@ -215,7 +215,7 @@ pub fn run_root(cmd: RootCmd) -> Result<()> {
                 }
             }
             keyfile::write_signed(&a.out, &signed)?;
-            println!(
+            outln!(
                 "root version {} written to {}",
                 root.version,
                 a.out.display()
@@ -226,7 +226,7 @@ pub fn run_root(cmd: RootCmd) -> Result<()> {
             let k = keyfile::read_signing_key(&key)?;
             trust::add_signature(DocType::Root, &mut signed, &k);
             keyfile::write_signed(&root, &signed)?;
-            println!(
+            outln!(
                 "{} now carries {} signatures",
                 root.display(),
                 signed.signatures.len()
@@ -243,21 +243,22 @@ pub fn run_root(cmd: RootCmd) -> Result<()> {
                 }
                 None => trust::verify_initial_root(&signed, now())?,
             };
-            println!(
+            outln!(
                 "root version {} (verified), expires at {}",
-                verified.version, verified.expires_at
+                verified.version,
+                verified.expires_at
             );
-            println!(
+            outln!(
                 "  root keys: {} (threshold {})",
                 verified.root_keys.len(),
                 verified.root_threshold
             );
-            println!(
+            outln!(
                 "  release keys: {} (threshold {})",
                 verified.release_keys.len(),
                 verified.release_threshold
             );
-            println!(
+            outln!(
                 "  hub keys: {} (threshold {})",
                 verified.hub_keys.len(),
                 verified.hub_threshold

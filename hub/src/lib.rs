@@ -1,12 +1,19 @@
 //! The Flotilla hub: fleet registry, placement, signed desired state over MQTT, and the operator CLI.
 
 pub mod api;
-pub mod broker;
+pub mod artifacts;
+#[macro_use]
+pub mod cli;
 pub mod client;
 pub mod demo;
+pub mod deploy;
+pub mod embedded;
+pub mod fleet;
 pub mod hub;
 pub mod keyfile;
 pub mod keys_cli;
+pub mod rollout;
 pub mod server;
 pub mod spec;
 pub mod store;
+pub mod telemetry;

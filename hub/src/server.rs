@@ -115,19 +115,20 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
     let mut mqtts = None;
     let (host, port, tls, embedded) = match broker {
         BrokerChoice::Embedded { listen, tls } => {
-            // The TLS material is checked before anything listens, so a bad file fails the start cleanly.
-            let tls = match tls {
-                Some(t) => Some((
-                    t.listen,
-                    crate::broker::tls::server_config(&t.cert, &t.key, t.client_ca.as_deref())?,
-                )),
-                None => None,
-            };
-            let broker = crate::broker::start(listen, crate::broker::Config::new(20_000))?;
-            if let Some((addr, config)) = tls {
-                mqtts = Some(broker.listen_tls(addr, config)?);
-            }
-            let (ip, port) = (broker.addr.ip().to_string(), broker.addr.port());
+            let (broker, tls_addr) = crate::embedded::start(
+                listen,
+                tls.as_ref().map(|t| {
+                    (
+                        t.listen,
+                        t.cert.as_path(),
+                        t.key.as_path(),
+                        t.client_ca.as_deref(),
+                    )
+                }),
+            )?;
+            mqtts = tls_addr;
+            let addr = broker.addr();
+            let (ip, port) = (addr.ip().to_string(), addr.port());
             (ip, port, None, Some(broker))
         }
         BrokerChoice::External { host, port, tls } => (host, port, tls, None),

@@ -1,5 +1,7 @@
-//! The embedded MQTT 3.1.1 broker behind the default `embedded-broker` feature, for zero-setup hubs. External
-//! brokers (Mosquitto, EMQX, HiveMQ) are used through `--broker` instead; nothing here is required.
+//! `flotilla-broker`: the MQTT 3.1.1 broker the hub embeds (its default `embedded-broker` feature), for zero-setup
+//! hubs. External brokers (Mosquitto, EMQX, HiveMQ) are used through `--broker` instead; nothing here is required.
+//! This crate depends on nothing of the hub: its public API is [`start`], [`Broker::listen_tls`],
+//! [`Broker::snapshot`] and [`Config`], plus the sans-IO [`core`] and [`topic`] modules for tests and fuzzing.
 //!
 //! Built for one hub and many small devices: one task per connection and no router thread (a message is routed on
 //! its publisher's task), a subscription tree so routing cost does not grow with the fleet, a few KiB of idle state
@@ -35,11 +37,14 @@ pub struct Config {
     pub offline_queue: usize,
 }
 
+/// Default packet cap: generous for telemetry and control messages; the hub sets its own envelope cap instead.
+pub const DEFAULT_MAX_PACKET: usize = 256 * 1024;
+
 impl Config {
     pub fn new(max_connections: usize) -> Self {
         Self {
             max_connections,
-            max_packet: flotilla_shared::codec::MAX_ENVELOPE + 1024,
+            max_packet: DEFAULT_MAX_PACKET,
             // The hub subscribes to every device's reports: after a fleet-wide deployment all of them may arrive
             // at once, so its queue must hold one burst per device of the largest fleet we size for.
             max_queued: 100_000,
@@ -153,6 +158,11 @@ pub struct Snapshot {
 }
 
 impl Broker {
+    /// The plain listener's address (the port it got, when started on port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
     }
@@ -200,7 +210,6 @@ impl Broker {
 
 /// Starts the broker on `listen` (port 0 picks a free port) in its own threads; returns once it accepts
 /// connections, with the address it got.
-#[cfg(feature = "embedded-broker")]
 pub fn start(listen: SocketAddr, config: Config) -> anyhow::Result<Broker> {
     use anyhow::Context;
     let std_listener = std::net::TcpListener::bind(listen)
@@ -242,11 +251,6 @@ pub fn start(listen: SocketAddr, config: Config) -> anyhow::Result<Broker> {
         shared,
         rt: handle,
     })
-}
-
-#[cfg(not(feature = "embedded-broker"))]
-pub fn start(_listen: SocketAddr, _config: Config) -> anyhow::Result<Broker> {
-    anyhow::bail!("this build has no embedded broker; pass --broker mqtt://host:port")
 }
 
 /// A TLS handshake that has not finished by then is abandoned (it holds a descriptor and a task).

@@ -2,7 +2,7 @@
 //! protocol paths, raw TCP for what a well-behaved client never does (garbage, silence, a stalled reader).
 
 use bytes::BytesMut;
-use flotilla_hub::broker::{self, Broker, Config};
+use flotilla_broker::{self as broker, Broker, Config};
 use rumqttc::mqttbytes::v4::{Connect, LastWill, Packet, Publish, Subscribe};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, QoS};
 use std::sync::atomic::Ordering;

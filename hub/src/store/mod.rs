@@ -1,10 +1,16 @@
 //! The hub's SQLite state and content-addressed blob store. Owned by the hub loop alone.
 
+mod deployments;
+mod devices;
+mod releases;
+
+pub use devices::DeviceRow;
+
 use flotilla_shared::codec::decode_exact;
-use flotilla_shared::wire::{Inventory, PublicKey, Release, Report, Signed, WorkloadKind};
+use flotilla_shared::wire::{Release, Signed, WorkloadKind};
 use flotilla_shared::{DeviceId, Digest};
 use rusqlite::{Connection, OptionalExtension, params};
-use std::cell::{Ref, RefCell, RefMut};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -24,17 +30,6 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// (labels, region, zone, expires_at, used_by) of an enrollment token row.
 type TokenRow = (String, Option<String>, Option<String>, i64, Option<String>);
-/// (id, public_key, inventory, online, last_seen, offline_since, report_counter, last_report) as stored.
-type RawDeviceRow = (
-    String,
-    Vec<u8>,
-    Vec<u8>,
-    i64,
-    i64,
-    Option<i64>,
-    i64,
-    Option<Vec<u8>>,
-);
 /// (deployment, stable source, target source, snapshot) of a stored rollout.
 pub type RolloutRow = (String, String, String, Vec<u8>);
 /// (generation, content, signed, expires_at) of a published desired state.
@@ -64,19 +59,6 @@ CREATE TABLE IF NOT EXISTS rollouts (deployment TEXT PRIMARY KEY, stable_source 
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, who TEXT NOT NULL,
     action TEXT NOT NULL, detail TEXT NOT NULL);
 ";
-
-/// A registered device as the hub sees it.
-#[derive(Debug, Clone)]
-pub struct DeviceRow {
-    pub id: DeviceId,
-    pub public_key: PublicKey,
-    pub inventory: Inventory,
-    pub online: bool,
-    pub last_seen: u64,
-    pub offline_since: Option<u64>,
-    pub report_counter: u64,
-    pub last_report: Option<Report>,
-}
 
 /// A stored release.
 #[derive(Debug, Clone)]
@@ -109,21 +91,18 @@ pub enum TokenError {
 /// The hub database plus blob directory.
 #[derive(Debug)]
 pub struct Store {
-    conn: Connection,
+    pub(super) conn: Connection,
     /// `synchronous=NORMAL` connection for high-rate, self-healing writes (reports, presence): a report lost to
     /// power loss is replaced by the device's next one, and an fsync per report would cap the fleet size.
     /// Desired states, releases, tokens and the audit log stay on the FULL connection.
-    fast: Connection,
-    blobs: PathBuf,
+    pub(super) fast: Connection,
+    pub(super) blobs: PathBuf,
     /// Write-through cache of the devices table, loaded on first use. At fleet scale reports, presence, placement
     /// and metrics read device rows tens of thousands of times a second, and decoding them from SQLite each time
     /// dominated the hub's CPU. Every write to `devices` goes through this type and updates the cache after the
     /// SQL succeeds; a rolled-back transaction drops the cache so it is reloaded from what was committed.
-    devices: RefCell<Option<BTreeMap<DeviceId, DeviceRow>>>,
+    pub(super) devices: RefCell<Option<BTreeMap<DeviceId, DeviceRow>>>,
 }
-
-/// What an unloaded cache reads as (not reached: loading either succeeds or returns its error first).
-static EMPTY_DEVICES: BTreeMap<DeviceId, DeviceRow> = BTreeMap::new();
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -160,34 +139,6 @@ impl Store {
             blobs: dir.join("blobs"),
             devices: RefCell::new(None),
         })
-    }
-
-    /// The device cache for reading, loaded from the table if it is not loaded. Shared borrows: reads may nest.
-    fn device_rows(&self) -> Result<Ref<'_, BTreeMap<DeviceId, DeviceRow>>> {
-        drop(self.device_cache()?);
-        Ok(Ref::map(self.devices.borrow(), |c| match c {
-            Some(map) => map,
-            None => &EMPTY_DEVICES,
-        }))
-    }
-
-    /// The device cache for writing, loaded from the table if it is not loaded.
-    fn device_cache(&self) -> Result<RefMut<'_, BTreeMap<DeviceId, DeviceRow>>> {
-        let mut cache = self.devices.borrow_mut();
-        if cache.is_none() {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT id, public_key, inventory, online, last_seen, offline_since, report_counter, last_report
-                 FROM devices",
-            )?;
-            let rows = stmt.query_map([], Self::device_from_row)?;
-            let mut map = BTreeMap::new();
-            for r in rows {
-                let row = Self::device_row(r?)?;
-                map.insert(row.id.clone(), row);
-            }
-            *cache = Some(map);
-        }
-        Ok(RefMut::map(cache, |c| c.get_or_insert_with(BTreeMap::new)))
     }
 
     /// Starts a transaction on the durable connection; pair with [`Store::commit`] or [`Store::rollback`]. For
@@ -327,180 +278,6 @@ impl Store {
         }))
     }
 
-    pub fn insert_device(
-        &self,
-        id: &DeviceId,
-        key: &PublicKey,
-        inventory: &Inventory,
-        now: u64,
-    ) -> Result<()> {
-        let inv = postcard::to_stdvec(inventory).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut cache = self.device_cache()?;
-        self.conn.execute(
-            "INSERT INTO devices (id, public_key, inventory, enrolled_at) VALUES (?1, ?2, ?3, ?4)",
-            params![id.as_str(), key.0.as_slice(), inv, to_i64(now)],
-        )?;
-        // The column defaults of the table.
-        cache.insert(
-            id.clone(),
-            DeviceRow {
-                id: id.clone(),
-                public_key: *key,
-                inventory: inventory.clone(),
-                online: false,
-                last_seen: 0,
-                offline_since: None,
-                report_counter: 0,
-                last_report: None,
-            },
-        );
-        Ok(())
-    }
-
-    pub fn device_exists(&self, id: &DeviceId) -> Result<bool> {
-        Ok(self.device_rows()?.contains_key(id))
-    }
-
-    fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawDeviceRow> {
-        Ok((
-            r.get(0)?,
-            r.get(1)?,
-            r.get(2)?,
-            r.get(3)?,
-            r.get(4)?,
-            r.get(5)?,
-            r.get(6)?,
-            r.get(7)?,
-        ))
-    }
-
-    /// One device (the hot path for reports).
-    pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRow>> {
-        Ok(self.device_rows()?.get(id).cloned())
-    }
-
-    fn device_row(raw: RawDeviceRow) -> Result<DeviceRow> {
-        let (id, key, inv, online, last_seen, offline_since, counter, report) = raw;
-        let key: [u8; 32] = key
-            .as_slice()
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("public key".into()))?;
-        Ok(DeviceRow {
-            id: DeviceId::new(id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            public_key: PublicKey(key),
-            inventory: decode_exact(&inv).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            online: online != 0,
-            last_seen: to_u64(last_seen),
-            offline_since: offline_since.map(to_u64),
-            report_counter: to_u64(counter),
-            last_report: report.and_then(|b| decode_exact(&b).ok()),
-        })
-    }
-
-    /// Every device, ordered by id.
-    pub fn devices(&self) -> Result<Vec<DeviceRow>> {
-        Ok(self.device_rows()?.values().cloned().collect())
-    }
-
-    /// Runs `f` over every device (ordered by id) without copying the rows. `f` may read the store but must not
-    /// write devices (the rows are borrowed while it runs).
-    pub fn with_devices<T>(
-        &self,
-        f: impl FnOnce(&mut dyn Iterator<Item = &DeviceRow>) -> T,
-    ) -> Result<T> {
-        Ok(f(&mut self.device_rows()?.values()))
-    }
-
-    pub fn set_presence(&self, id: &DeviceId, online: bool, now: u64) -> Result<()> {
-        let mut cache = self.device_cache()?;
-        self.fast
-            .prepare_cached(
-                "UPDATE devices SET online = ?2, last_seen = ?3,
-                    offline_since = CASE WHEN ?2 THEN NULL ELSE COALESCE(offline_since, ?3) END WHERE id = ?1",
-            )?
-            .execute(params![id.as_str(), online, to_i64(now)])?;
-        if let Some(d) = cache.get_mut(id) {
-            d.online = online;
-            d.last_seen = now;
-            d.offline_since = if online {
-                None
-            } else {
-                d.offline_since.or(Some(now))
-            };
-        }
-        Ok(())
-    }
-
-    /// Stores an accepted report (and the inventory it carries, if any).
-    pub fn save_report(&self, id: &DeviceId, report: &Report, now: u64) -> Result<()> {
-        let bytes = postcard::to_stdvec(report).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut cache = self.device_cache()?;
-        self.fast
-            .prepare_cached(
-                "UPDATE devices SET report_counter = ?2, last_report = ?3, last_seen = ?4, online = 1,
-                    offline_since = NULL WHERE id = ?1",
-            )?
-            .execute(params![id.as_str(), to_i64(report.counter), bytes, to_i64(now)])?;
-        if let Some(inv) = &report.inventory {
-            let inv = postcard::to_stdvec(inv).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            self.fast
-                .prepare_cached("UPDATE devices SET inventory = ?2 WHERE id = ?1")?
-                .execute(params![id.as_str(), inv])?;
-        }
-        if let Some(d) = cache.get_mut(id) {
-            d.report_counter = report.counter;
-            d.last_seen = now;
-            d.online = true;
-            d.offline_since = None;
-            if let Some(inv) = &report.inventory {
-                d.inventory = inv.clone();
-            }
-            d.last_report = Some(report.clone());
-        }
-        Ok(())
-    }
-
-    pub fn put_blob(&self, bytes: &[u8]) -> Result<Digest> {
-        let d = Digest::of(bytes);
-        let path = self.blob_path(&d);
-        if !path.exists() {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, &path)?;
-        }
-        Ok(d)
-    }
-
-    pub fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.blobs.join(d.to_hex())
-    }
-
-    pub fn insert_release(
-        &self,
-        digest: &Digest,
-        release: &Release,
-        signed: &Signed,
-        now: u64,
-    ) -> Result<()> {
-        let bytes = postcard::to_stdvec(signed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.conn.execute(
-            "INSERT INTO releases (digest, name, version, epoch, kind, artifact_digest, artifact_size, signed, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                digest.0.as_slice(),
-                release.name.as_str(),
-                release.version,
-                release.epoch,
-                kind_str(release.kind),
-                release.artifact_digest.0.as_slice(),
-                to_i64(release.artifact_size),
-                bytes,
-                to_i64(now)
-            ],
-        )?;
-        Ok(())
-    }
-
     fn release_query(&self, sql: &str, p: impl rusqlite::Params) -> Result<Vec<ReleaseRow>> {
         let mut stmt = self.conn.prepare(sql)?;
         let rows = stmt.query_map(p, |r| {
@@ -530,187 +307,12 @@ impl Store {
         }
         Ok(out)
     }
-
-    pub fn releases(&self) -> Result<Vec<ReleaseRow>> {
-        self.release_query(
-            "SELECT digest, signed, created_at FROM releases ORDER BY name, created_at",
-            [],
-        )
-    }
-
-    pub fn release_by_digest(&self, d: &Digest) -> Result<Option<ReleaseRow>> {
-        Ok(self
-            .release_query(
-                "SELECT digest, signed, created_at FROM releases WHERE digest = ?1",
-                [d.0.as_slice()],
-            )?
-            .pop())
-    }
-
-    pub fn release_by_version(&self, name: &str, version: &str) -> Result<Option<ReleaseRow>> {
-        Ok(self
-            .release_query(
-                "SELECT digest, signed, created_at FROM releases WHERE name = ?1 AND version = ?2",
-                params![name, version],
-            )?
-            .pop())
-    }
-
-    /// Persists a rollout snapshot (after every transition).
-    pub fn save_rollout(
-        &self,
-        deployment: &str,
-        stable: &str,
-        target: &str,
-        snapshot: &[u8],
-        now: u64,
-    ) -> Result<()> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO rollouts (deployment, stable_source, target_source, snapshot, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![deployment, stable, target, snapshot, to_i64(now)],
-        )?;
-        Ok(())
-    }
-
-    /// (deployment, stable source, target source, snapshot) of every stored rollout.
-    pub fn rollouts(&self) -> Result<Vec<RolloutRow>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT deployment, stable_source, target_source, snapshot FROM rollouts")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
-    }
-
-    /// Overwrites a deployment's source without bumping the revision history semantics (rollback to stable).
-    pub fn set_deployment_source(&self, name: &str, source: &str, now: u64) -> Result<()> {
-        self.conn.execute(
-            "UPDATE deployments SET source = ?2, revision = revision + 1, updated_at = ?3 WHERE name = ?1",
-            params![name, source, to_i64(now)],
-        )?;
-        Ok(())
-    }
-
-    pub fn deployment_source(&self, name: &str) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT source FROM deployments WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-
-    pub fn upsert_deployment(&self, name: &str, source: &str, now: u64) -> Result<u64> {
-        let rev: i64 = self.conn.query_row(
-            "INSERT INTO deployments (name, source, revision, updated_at) VALUES (?1, ?2, 1, ?3)
-             ON CONFLICT(name) DO UPDATE SET source = ?2, revision = revision + 1, updated_at = ?3 RETURNING revision",
-            params![name, source, to_i64(now)],
-            |r| r.get(0),
-        )?;
-        Ok(to_u64(rev))
-    }
-
-    pub fn delete_deployment(&self, name: &str) -> Result<bool> {
-        self.conn
-            .execute("DELETE FROM placements WHERE deployment = ?1", [name])?;
-        Ok(self
-            .conn
-            .execute("DELETE FROM deployments WHERE name = ?1", [name])?
-            > 0)
-    }
-
-    /// (name, source, revision, updated_at) of every deployment.
-    pub fn deployments(&self) -> Result<Vec<(String, String, u64, u64)>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT name, source, revision, updated_at FROM deployments ORDER BY name")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, to_u64(r.get(2)?), to_u64(r.get(3)?)))
-        })?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
-    }
-
-    pub fn placements(&self, deployment: &str) -> Result<Vec<DeviceId>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT device FROM placements WHERE deployment = ?1 ORDER BY device")?;
-        let rows = stmt.query_map([deployment], |r| r.get::<_, String>(0))?;
-        rows.map(|r| DeviceId::new(r?).map_err(|e| StoreError::Corrupt(e.to_string())))
-            .collect()
-    }
-
-    pub fn set_placements(&mut self, deployment: &str, devices: &[DeviceId]) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM placements WHERE deployment = ?1", [deployment])?;
-        for d in devices {
-            tx.execute(
-                "INSERT INTO placements (deployment, device) VALUES (?1, ?2)",
-                params![deployment, d.as_str()],
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// (generation, content hash, signed, expires_at) of the last published desired state of a device.
-    pub fn desired(&self, device: &DeviceId) -> Result<Option<DesiredRow>> {
-        let row: Option<(i64, Vec<u8>, Vec<u8>, i64)> = self
-            .conn
-            .query_row(
-                "SELECT generation, content, signed, expires_at FROM desired WHERE device = ?1",
-                [device.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()?;
-        row.map(|(g, c, s, e)| {
-            let signed = decode_exact(&s).map_err(|err| StoreError::Corrupt(err.to_string()))?;
-            Ok((to_u64(g), c, signed, to_u64(e)))
-        })
-        .transpose()
-    }
-
-    /// Every stored signed desired state, by device.
-    pub fn all_desired(&self) -> Result<Vec<(DeviceId, Signed)>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT device, signed FROM desired ORDER BY device")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, signed) = row?;
-            let id = DeviceId::new(id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let signed = decode_exact(&signed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            out.push((id, signed));
-        }
-        Ok(out)
-    }
-
-    pub fn save_desired(
-        &self,
-        device: &DeviceId,
-        generation: u64,
-        content: &[u8],
-        signed: &Signed,
-        issued_at: u64,
-        expires_at: u64,
-    ) -> Result<()> {
-        let bytes = postcard::to_stdvec(signed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.conn.execute(
-            "INSERT OR REPLACE INTO desired (device, generation, content, signed, issued_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![device.as_str(), to_i64(generation), content, bytes, to_i64(issued_at), to_i64(expires_at)],
-        )?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_shared::wire::{Inventory, PublicKey, Report};
 
     /// Enrollment tokens are single-use and expire; unknown tokens are refused. Time is a parameter, not a sleep.
     #[test]

@@ -216,14 +216,19 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// `--help` text.
+const USAGE: &str = "
+broker-fanout: the hub's embedded broker against Mosquitto, side by side, QoS 1 (broadcast and unicast).
+
+Usage: broker-fanout [SUBSCRIBERS] [MESSAGES] [ROUNDS]
+";
+
 fn main() -> Result<()> {
+    flotilla_fleet_tests::answer_help(USAGE);
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--serve-embedded") {
         let port: u16 = args.get(2).context("port")?.parse()?;
-        flotilla_hub::broker::start(
-            format!("127.0.0.1:{port}").parse()?,
-            flotilla_hub::broker::Config::new(20_000),
-        )?;
+        flotilla_hub::embedded::start(format!("127.0.0.1:{port}").parse()?, None)?;
         loop {
             std::thread::park();
         }

@@ -5,8 +5,8 @@
 #![no_main]
 
 use bytes::BytesMut;
-use flotilla_hub::broker::core::{ConnectRequest, Connected, Core, Limits, Message, Qos};
-use flotilla_hub::broker::topic;
+use flotilla_broker::core::{ConnectRequest, Connected, Core, Limits, Message, Qos};
+use flotilla_broker::topic;
 use libfuzzer_sys::fuzz_target;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::Packet;

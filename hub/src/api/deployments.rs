@@ -1,0 +1,103 @@
+//! Deployments: apply a spec, list, status, delete.
+
+use super::devices::state_str;
+use super::{ApiResult, ApiState, Problem, Role, ok};
+use crate::hub::{Hub, HubError};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use flotilla_shared::wire::WorkloadState;
+use serde_json::{Value, json};
+
+pub(super) async fn apply(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let who = s.auth(&headers, Role::Operator).await?;
+    let file = headers
+        .get("x-flotilla-spec-file")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("spec")
+        .to_owned();
+    let text = String::from_utf8(body.to_vec()).map_err(|_| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid request",
+            format!("{file}: not UTF-8"),
+        )
+    })?;
+    let (name, rev) = s.call(move |h| h.apply(&file, &text, &who)).await??;
+    ok(json!({"deployment": name, "revision": rev}))
+}
+
+pub(super) fn deployment_json(h: &Hub, name: &str) -> Result<Value, HubError> {
+    let placed = h.store.placements(name)?;
+    let devices = h.store.devices()?;
+    let dep = h
+        .deployments()
+        .get(name)
+        .ok_or_else(|| HubError::NotFound(format!("no deployment {name}")))?;
+    let names: Vec<&str> = dep.workloads.iter().map(|w| w.name.as_str()).collect();
+    let mut running = 0;
+    let mut rows = Vec::new();
+    for id in &placed {
+        let d = devices.iter().find(|d| &d.id == id);
+        let states: Vec<Value> = names
+            .iter()
+            .map(|n| {
+                let st = d
+                    .and_then(|d| d.last_report.as_ref())
+                    .and_then(|r| r.workloads.iter().find(|w| w.name.as_str() == *n));
+                json!({"workload": n, "state": st.map_or("pending", |w| state_str(w.state))})
+            })
+            .collect();
+        let all_running = d.and_then(|d| d.last_report.as_ref()).is_some_and(|r| {
+            names.iter().all(|n| {
+                r.workloads
+                    .iter()
+                    .any(|w| w.name.as_str() == *n && w.state == WorkloadState::Running)
+            })
+        });
+        if all_running {
+            running += 1;
+        }
+        rows.push(json!({"device": id.as_str(), "online": d.is_some_and(|d| d.online), "workloads": states}));
+    }
+    Ok(
+        json!({"name": name, "workloads": names, "placed": placed.len(), "running": running, "devices": rows}),
+    )
+}
+
+pub(super) async fn deployments(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    s.auth(&headers, Role::Viewer).await?;
+    let v = s
+        .call(|h| -> Result<Value, HubError> {
+            let names: Vec<String> = h.deployments().keys().cloned().collect();
+            Ok(Value::Array(
+                names
+                    .iter()
+                    .map(|n| deployment_json(h, n))
+                    .collect::<Result<_, _>>()?,
+            ))
+        })
+        .await??;
+    ok(v)
+}
+
+pub(super) async fn deployment_status(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    s.auth(&headers, Role::Viewer).await?;
+    let v = s.call(move |h| deployment_json(h, &name)).await??;
+    ok(v)
+}
+
+pub(super) async fn delete_deployment(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let who = s.auth(&headers, Role::Operator).await?;
+    s.call(move |h| h.delete_deployment(&name, &who)).await??;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

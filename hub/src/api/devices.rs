@@ -1,0 +1,125 @@
+//! Devices: the registry, one device, its telemetry view, and `why`.
+
+use super::{ApiResult, ApiState, Problem, Role, ok};
+use crate::hub::{Hub, HubError};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use flotilla_shared::DeviceId;
+use flotilla_shared::wire::WorkloadState;
+use serde_json::{Value, json};
+
+pub(super) fn state_str(s: WorkloadState) -> &'static str {
+    match s {
+        WorkloadState::Downloading => "downloading",
+        WorkloadState::Starting => "starting",
+        WorkloadState::Running => "running",
+        WorkloadState::Exited => "exited",
+        WorkloadState::BackingOff => "backing-off",
+        WorkloadState::Failed => "failed",
+        WorkloadState::HeldByGeofence => "held-by-geofence",
+    }
+}
+
+pub(super) fn device_json(h: &Hub, d: &crate::store::DeviceRow) -> Value {
+    let desired = h.desired_generation(&d.id);
+    let workloads: Vec<Value> = d.last_report.as_ref().map_or(vec![], |r| {
+        r.workloads
+            .iter()
+            .map(|w| {
+                let version = h.store.release_by_digest(&w.release).ok().flatten().map(|r| r.release.version);
+                json!({"name": w.name.as_str(), "state": state_str(w.state), "healthy": w.healthy,
+                       "version": version, "release": w.release.to_hex(), "restarts": w.restarts,
+                       "last_error": w.last_error, "rejected": w.rejected.as_ref().map(|r| format!("{r:?}"))})
+            })
+            .collect()
+    });
+    let inv = &d.inventory;
+    json!({
+        "id": d.id.as_str(),
+        "online": d.online,
+        "last_seen": d.last_seen,
+        "offline_since": d.offline_since,
+        "region": inv.region.as_ref().map(|r| r.as_str()),
+        "zone": inv.zone.as_ref().map(|z| z.as_str()),
+        "labels": inv.labels.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect::<serde_json::Map<_, _>>(),
+        "location": inv.location.map(|l| json!({"lat": l.lat, "lon": l.lon})),
+        "arch": inv.arch, "agent_version": inv.agent_version, "memory_mib": inv.memory_mib,
+        "desired_generation": desired,
+        "applied_generation": d.last_report.as_ref().map_or(0, |r| r.applied_generation),
+        "rejection": d.last_report.as_ref().and_then(|r| r.last_rejection.as_ref()).map(|r| format!("gen {}: {:?}", r.generation, r.reason)),
+        "telemetry_dropped": d.last_report.as_ref().map_or(0, |r| r.telemetry_dropped),
+        "hold": d.last_report.as_ref().and_then(|r| r.hold.clone()),
+        "workloads": workloads,
+    })
+}
+
+pub(super) async fn devices(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    s.auth(&headers, Role::Viewer).await?;
+    let v = s
+        .call(|h| -> Result<Value, HubError> {
+            let devs = h.store.devices()?;
+            Ok(Value::Array(
+                devs.iter().map(|d| device_json(h, d)).collect(),
+            ))
+        })
+        .await??;
+    ok(v)
+}
+
+pub(super) async fn device(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    s.auth(&headers, Role::Viewer).await?;
+    let id = DeviceId::new(id)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))?;
+    let v = s
+        .call(move |h| -> Result<Value, HubError> {
+            let devs = h.store.devices()?;
+            let d = devs
+                .iter()
+                .find(|d| d.id == id)
+                .ok_or_else(|| HubError::NotFound(format!("no device {id}")))?;
+            Ok(device_json(h, d))
+        })
+        .await??;
+    ok(v)
+}
+
+pub(super) async fn device_telemetry(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    s.auth(&headers, Role::Viewer).await?;
+    let id = DeviceId::new(id)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))?;
+    let v = s
+        .call(move |h| {
+            let streams: Vec<Value> = h
+                .telemetry
+                .device_streams(&id)
+                .map(|(stream, st)| {
+                    json!({"stream": stream, "records": st.records, "gaps": st.gaps, "duplicates": st.duplicates,
+                           "last_seq": st.last_seq, "last_at": st.last_at, "metrics": st.metrics, "last_bytes": st.last_bytes})
+                })
+                .collect();
+            json!({"device": id.as_str(), "streams": streams})
+        })
+        .await?;
+    ok(v)
+}
+
+pub(super) async fn why(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((device, workload)): Path<(String, String)>,
+) -> ApiResult {
+    s.auth(&headers, Role::Viewer).await?;
+    let id = DeviceId::new(device)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))?;
+    let w = workload.clone();
+    let text = s.call(move |h| h.why(&id, &w)).await??;
+    ok(json!({"workload": workload, "explanation": text}))
+}

@@ -1,0 +1,78 @@
+//! Prometheus `/metrics` (hub counters, fleet gauges, the embedded broker's) and the OpenAPI document.
+
+use super::{ApiResult, ApiState};
+use crate::hub::HubError;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+pub(super) async fn metrics(State(s): State<ApiState>) -> ApiResult {
+    let text = s
+        .call(|h| -> Result<String, HubError> {
+            // One pass over the cached rows, no copies: scrapes must stay cheap at 10,000+ devices.
+            let (mut total, mut online) = (0usize, 0usize);
+            let (mut desired, mut acked, mut converged) = (0u64, 0u64, 0usize);
+            h.store.with_devices(|devs| {
+                for d in devs {
+                    let g = h.desired_generation(&d.id);
+                    let a = d.last_report.as_ref().map_or(0, |r| r.applied_generation);
+                    total += 1;
+                    online += usize::from(d.online);
+                    desired += g;
+                    acked += a;
+                    converged += usize::from(a >= g);
+                }
+            })?;
+            let m = &h.metrics;
+            Ok(format!(
+                "# TYPE flotilla_devices gauge\nflotilla_devices{{state=\"online\"}} {online}\nflotilla_devices{{state=\"offline\"}} {}\n\
+                 # TYPE flotilla_generation_sum gauge\nflotilla_generation_sum{{kind=\"desired\"}} {desired}\nflotilla_generation_sum{{kind=\"acknowledged\"}} {acked}\n\
+                 # TYPE flotilla_devices_converged gauge\nflotilla_devices_converged {converged}\n\
+                 # TYPE flotilla_placement_duration_seconds gauge\nflotilla_placement_duration_seconds {}\n\
+                 # TYPE flotilla_desired_published_total counter\nflotilla_desired_published_total {}\n\
+                 # TYPE flotilla_reports_total counter\nflotilla_reports_total{{result=\"accepted\"}} {}\nflotilla_reports_total{{result=\"rejected\"}} {}\n\
+                 # TYPE flotilla_messages_rejected_total counter\nflotilla_messages_rejected_total {}\n\
+                 # TYPE flotilla_chunks_served_total counter\nflotilla_chunks_served_total {}\n\
+                 # TYPE flotilla_telemetry_records_total counter\nflotilla_telemetry_records_total {}\n\
+                 # TYPE flotilla_report_lag_seconds gauge\nflotilla_report_lag_seconds {}\n",
+                total - online,
+                m.last_placement_secs,
+                m.desired_published,
+                m.reports_accepted,
+                m.reports_rejected,
+                m.messages_rejected,
+                m.chunks_served,
+                m.telemetry_records,
+                m.report_lag_secs,
+            ))
+        })
+        .await??;
+    let mut text = text;
+    if let Some(b) = &s.broker {
+        let b = b.snapshot();
+        text += &format!(
+            "# TYPE flotilla_broker_connections gauge\nflotilla_broker_connections {}\n\
+             # TYPE flotilla_broker_retained_messages gauge\nflotilla_broker_retained_messages {}\n\
+             # TYPE flotilla_broker_messages_total counter\nflotilla_broker_messages_total{{direction=\"received\"}} {}\n\
+             flotilla_broker_messages_total{{direction=\"delivered\"}} {}\n\
+             # TYPE flotilla_broker_messages_dropped_total counter\n\
+             flotilla_broker_messages_dropped_total{{reason=\"queue_full\"}} {}\n\
+             flotilla_broker_messages_dropped_total{{reason=\"offline_queue_full\"}} {}\n",
+            b.connections,
+            b.retained,
+            b.received,
+            b.delivered,
+            b.dropped_queue_full,
+            b.dropped_offline
+        );
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+pub(super) async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("../openapi.json"),
+    )
+        .into_response()
+}

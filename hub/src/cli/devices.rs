@@ -1,0 +1,186 @@
+//! `flotilla device ls|show`, `flotilla enroll-token create`, `flotilla token`, `flotilla why`.
+
+use super::{Conn, print_json, s};
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+/// One line per device: presence, region, zone, generations and workloads.
+pub fn ls(conn: Conn) -> Result<()> {
+    let v = conn.client()?.get("/api/v1/devices")?;
+    if conn.json() {
+        print_json(&v);
+    } else {
+        outln!(
+            "{:<16} {:<8} {:<12} {:<8} {:>5}/{:<5} WORKLOADS",
+            "DEVICE",
+            "ONLINE",
+            "REGION",
+            "ZONE",
+            "APPL",
+            "WANT"
+        );
+        for d in v.as_array().into_iter().flatten() {
+            let ws: Vec<String> = d["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|w| format!("{}@{}:{}", s(w, "name"), s(w, "version"), s(w, "state")))
+                .collect();
+            outln!(
+                "{:<16} {:<8} {:<12} {:<8} {:>5}/{:<5} {}",
+                s(d, "id"),
+                s(d, "online"),
+                s(d, "region"),
+                s(d, "zone"),
+                s(d, "applied_generation"),
+                s(d, "desired_generation"),
+                ws.join(" ")
+            );
+        }
+    }
+
+    Ok(())
+}
+
+/// One device in detail: a readable summary by default, the API's JSON with `-o json`.
+pub fn show(id: &str, conn: Conn) -> Result<()> {
+    let v = conn.client()?.get(&format!("/api/v1/devices/{id}"))?;
+    if conn.json() {
+        print_json(&v);
+        return Ok(());
+    }
+    let rows = [
+        ("device", s(&v, "id")),
+        ("online", s(&v, "online")),
+        ("region", s(&v, "region")),
+        ("zone", s(&v, "zone")),
+        ("arch", s(&v, "arch")),
+        ("agent", s(&v, "agent_version")),
+        (
+            "location",
+            match (v["location"]["lat"].as_f64(), v["location"]["lon"].as_f64()) {
+                (Some(lat), Some(lon)) => format!("{lat:.3}, {lon:.3}"),
+                _ => "-".into(),
+            },
+        ),
+        ("labels", labels(&v["labels"])),
+        (
+            "generation",
+            format!(
+                "{} applied / {} desired",
+                s(&v, "applied_generation"),
+                s(&v, "desired_generation")
+            ),
+        ),
+        ("last seen", s(&v, "last_seen")),
+        ("hold", s(&v, "hold")),
+        ("rejection", s(&v, "rejection")),
+        ("telemetry dropped", s(&v, "telemetry_dropped")),
+    ];
+    for (k, val) in rows {
+        outln!("{:<18} {val}", format!("{k}:"));
+    }
+    let workloads = v["workloads"].as_array().cloned().unwrap_or_default();
+    if workloads.is_empty() {
+        outln!("workloads:         -");
+    } else {
+        outln!(
+            "\n{:<16} {:<12} {:<16} {:>8} {:>8}  LAST ERROR",
+            "WORKLOAD",
+            "VERSION",
+            "STATE",
+            "HEALTHY",
+            "RESTARTS"
+        );
+        for w in &workloads {
+            outln!(
+                "{:<16} {:<12} {:<16} {:>8} {:>8}  {}",
+                s(w, "name"),
+                s(w, "version"),
+                s(w, "state"),
+                s(w, "healthy"),
+                s(w, "restarts"),
+                s(w, "last_error")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `{"k": "v", ...}` or `[["k", "v"], ...]` as `k=v, ...`.
+fn labels(v: &Value) -> String {
+    let pairs: Vec<String> = match v {
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
+            .collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|p| Some(format!("{}={}", p.get(0)?.as_str()?, p.get(1)?.as_str()?)))
+            .collect(),
+        _ => vec![],
+    };
+    if pairs.is_empty() {
+        "-".into()
+    } else {
+        pairs.join(", ")
+    }
+}
+
+/// Creates a one-time enrollment token with presets.
+pub fn enroll_token(
+    region: Option<String>,
+    zone: Option<String>,
+    labels: Vec<String>,
+    ttl_secs: u64,
+    conn: Conn,
+) -> Result<()> {
+    let mut l = serde_json::Map::new();
+    for kv in labels {
+        let (k, v) = kv.split_once('=').context("--label must be key=value")?;
+        l.insert(k.into(), Value::from(v));
+    }
+    let body =
+        serde_json::json!({"region": region, "zone": zone, "labels": l, "ttl_secs": ttl_secs});
+    let v = conn.client()?.post(
+        "/api/v1/enrollment-tokens",
+        "application/json",
+        body.to_string().as_bytes(),
+        &[],
+    )?;
+    if conn.json() {
+        print_json(&v);
+    } else {
+        outln!("{}", s(&v, "token"));
+    }
+
+    Ok(())
+}
+
+/// Creates an API token for an operator or a tool.
+pub fn api_token(name: String, role: String, conn: Conn) -> Result<()> {
+    let body = serde_json::json!({"name": name, "role": role});
+    let v = conn.client()?.post(
+        "/api/v1/tokens",
+        "application/json",
+        body.to_string().as_bytes(),
+        &[],
+    )?;
+    outln!("{}", s(&v, "token"));
+
+    Ok(())
+}
+
+/// Explains why a device is or is not running a workload.
+pub fn why(device: &str, workload: &str, conn: Conn) -> Result<()> {
+    let v = conn
+        .client()?
+        .get(&format!("/api/v1/why/{device}/{workload}"))?;
+    if conn.json() {
+        print_json(&v);
+    } else {
+        outln!("{device} / {workload}: {}", s(&v, "explanation"));
+    }
+
+    Ok(())
+}

@@ -1,0 +1,397 @@
+//! The `flotilla` command line: the argument surface (clap), dispatch to one module per command group, output
+//! helpers that end quietly when the reader of stdout goes away, and logging set-up.
+//!
+//! `serve` runs the hub; `demo` a whole fleet; `keys`, `root` and `release sign` are the offline key tool; every
+//! other command talks to a running hub over its API, prints a table by default and JSON with `-o json`.
+
+/// `println!` for command output: a closed stdout (`flotilla device ls | head -3`) ends the process quietly with
+/// the status a shell gives a command killed by SIGPIPE (141), instead of a panic and a backtrace.
+macro_rules! outln {
+    () => { $crate::cli::out_line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::cli::out_line(format_args!($($arg)*)) };
+}
+
+mod deploy;
+mod devices;
+mod releases;
+mod rollout;
+mod serve;
+
+use crate::client::Client;
+use crate::keys_cli::{self, KeysCmd, ReleaseSign, RootCmd};
+use crate::server::{self, DataDir};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status of a command whose output pipe was closed (128 + SIGPIPE), as shells report it.
+pub const EXIT_BROKEN_PIPE: u8 = 141;
+
+/// Writes one line of command output; see [`outln!`].
+pub fn out_line(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            std::process::exit(i32::from(EXIT_BROKEN_PIPE))
+        }
+        Err(e) => {
+            eprintln!("error: writing to stdout: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+pub(crate) fn print_json(v: &Value) {
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// A JSON field as table text: strings bare, missing or null as `-`.
+pub(crate) fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Logs go to stderr (or a file, for the demo); colour only when the destination is a terminal.
+pub fn init_logging(to_file: Option<std::fs::File>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match to_file {
+        Some(file) => builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .init(),
+        None => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+}
+
+/// The `flotilla` binary's `main`: parse, run, map errors to exit codes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.cmd {
+        // The demo's table owns the terminal: its hub logs go to a file under the demo directory.
+        Cmd::Demo(args) => match crate::demo::prepare(args) {
+            Ok(log) => init_logging(Some(log)),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(1);
+            }
+        },
+        _ => init_logging(None),
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Flotilla edge fleet orchestrator: hub server and operator CLI"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Conn {
+    /// Hub API URL.
+    #[arg(long, env = "FLOTILLA_SERVER", global = true)]
+    server: Option<String>,
+    /// API bearer token (or FLOTILLA_TOKEN, or --token-file).
+    #[arg(long, env = "FLOTILLA_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// `table` for people, `json` for scripts.
+    #[arg(long, short = 'o', default_value = "table", global = true)]
+    output: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a hub data directory: keys, trust root, database, admin token.
+    Init {
+        #[arg(long, default_value = "flotilla-data")]
+        data_dir: PathBuf,
+    },
+    /// Run the hub (embedded MQTT broker unless --broker is given).
+    Serve {
+        #[arg(long, default_value = "flotilla-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// Embedded broker listen address.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        mqtt: SocketAddr,
+        /// External broker instead of the embedded one: mqtt://host:port or mqtts://host:port.
+        #[arg(long)]
+        broker: Option<String>,
+        /// CA certificate (PEM) for an mqtts:// broker.
+        #[arg(long)]
+        broker_ca: Option<PathBuf>,
+        /// Also serve MQTT over TLS for devices on this address (embedded broker only); needs --mqtt-tls-cert and
+        /// --mqtt-tls-key.
+        #[arg(long, requires_all = ["mqtt_tls_cert", "mqtt_tls_key"], conflicts_with = "broker")]
+        mqtt_tls: Option<SocketAddr>,
+        /// Server certificate chain (PEM) for --mqtt-tls.
+        #[arg(long, requires = "mqtt_tls")]
+        mqtt_tls_cert: Option<PathBuf>,
+        /// Server private key (PEM) for --mqtt-tls.
+        #[arg(long, requires = "mqtt_tls")]
+        mqtt_tls_key: Option<PathBuf>,
+        /// Require device certificates that chain to this CA (PEM) on --mqtt-tls (mutual TLS).
+        #[arg(long, requires = "mqtt_tls")]
+        mqtt_client_ca: Option<PathBuf>,
+    },
+    /// Start a hub and a small fleet of real agents across three regions, deploy, and watch it converge.
+    Demo(crate::demo::DemoArgs),
+    /// Key generation.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Create, co-sign and inspect trust roots.
+    #[command(subcommand)]
+    Root(RootCmd),
+    /// Sign, push and list releases.
+    #[command(subcommand)]
+    Release(ReleaseCmd),
+    /// Devices.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// One-time enrollment tokens.
+    #[command(subcommand, name = "enroll-token")]
+    EnrollToken(TokenCmd),
+    /// Apply a deployment spec file (TOML).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Deployments.
+    #[command(subcommand)]
+    Deploy(DeployCmd),
+    /// Progressive rollouts: a deployment spec with a [rollout] section moves devices wave by wave.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
+    /// API tokens for operators and tools (admin only).
+    Token {
+        #[arg(long)]
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Explain why a device is or is not running a workload.
+    Why {
+        device: String,
+        workload: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReleaseCmd {
+    /// Sign an artifact as a release and write the signed release file (offline).
+    Sign(ReleaseSign),
+    /// Sign (with your release key) and upload an artifact and its release.
+    Push {
+        #[command(flatten)]
+        sign: ReleaseSign,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCmd {
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Show {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    Create {
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        zone: Option<String>,
+        /// key=value, repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCmd {
+    /// Apply a spec whose [rollout] section says how to roll the change out.
+    Start {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show waves, device states and history; --watch refreshes until the rollout finishes.
+    Status {
+        deployment: String,
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Pause {
+        deployment: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Resume {
+        deployment: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Abort {
+        deployment: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Approve the next wave (plans with manual_approval = true).
+    Approve {
+        deployment: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeployCmd {
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Status {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Rm {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+impl Conn {
+    pub fn client(&self) -> Result<Client> {
+        let server = self
+            .server
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => {
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+            }
+            (None, None) => std::fs::read_to_string("flotilla-data/admin.token")
+                .context("no token: pass --token, FLOTILLA_TOKEN or --token-file")?,
+        };
+        Ok(Client::new(&server, &token))
+    }
+    pub fn json(&self) -> bool {
+        self.output == "json"
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Init { data_dir } => {
+            server::init(&DataDir(data_dir))?;
+        }
+        Cmd::Serve {
+            data_dir,
+            http,
+            mqtt,
+            broker,
+            broker_ca,
+            mqtt_tls,
+            mqtt_tls_cert,
+            mqtt_tls_key,
+            mqtt_client_ca,
+        } => serve::run(serve::ServeArgs {
+            data_dir,
+            http,
+            mqtt,
+            broker,
+            broker_ca,
+            mqtt_tls,
+            mqtt_tls_cert,
+            mqtt_tls_key,
+            mqtt_client_ca,
+        })?,
+        Cmd::Demo(args) => crate::demo::run(args)?,
+        Cmd::Keys(c) => keys_cli::run_keys(c)?,
+        Cmd::Root(c) => keys_cli::run_root(c)?,
+        Cmd::Release(ReleaseCmd::Sign(a)) => keys_cli::run_release_sign(a)?,
+        Cmd::Release(ReleaseCmd::Push { sign, conn }) => releases::push(sign, conn)?,
+        Cmd::Release(ReleaseCmd::Ls { conn }) => releases::ls(conn)?,
+        Cmd::Device(DeviceCmd::Ls { conn }) => devices::ls(conn)?,
+        Cmd::Device(DeviceCmd::Show { id, conn }) => devices::show(&id, conn)?,
+        Cmd::EnrollToken(TokenCmd::Create {
+            region,
+            zone,
+            labels,
+            ttl_secs,
+            conn,
+        }) => devices::enroll_token(region, zone, labels, ttl_secs, conn)?,
+        Cmd::Apply { file, conn } => deploy::apply(&file, conn)?,
+        Cmd::Deploy(DeployCmd::Ls { conn }) => deploy::ls(conn)?,
+        Cmd::Deploy(DeployCmd::Status { name, conn }) => deploy::status(&name, conn)?,
+        Cmd::Deploy(DeployCmd::Rm { name, conn }) => deploy::rm(&name, conn)?,
+        Cmd::Rollout(cmd) => rollout::run(cmd)?,
+        Cmd::Token { name, role, conn } => devices::api_token(name, role, conn)?,
+        Cmd::Why {
+            device,
+            workload,
+            conn,
+        } => devices::why(&device, &workload, conn)?,
+    }
+    Ok(())
+}

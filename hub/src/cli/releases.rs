@@ -1,0 +1,61 @@
+//! `flotilla release push|ls`: sign on the operator's side, upload the artifact and its release; list releases.
+
+use super::{Conn, print_json, s};
+use crate::keys_cli::{self, ReleaseSign};
+use anyhow::Result;
+
+/// Signs the artifact with the operator's release key(s), uploads it, then uploads the signed release.
+pub fn push(sign: ReleaseSign, conn: Conn) -> Result<()> {
+    let c = conn.client()?;
+    let (signed, release) = keys_cli::sign_release(&sign)?;
+    let bytes = std::fs::read(&sign.artifact)?;
+    eprintln!(
+        "uploading {} ({} bytes)...",
+        sign.artifact.display(),
+        bytes.len()
+    );
+    c.upload("/api/v1/artifacts", bytes)?;
+    let body = postcard::to_stdvec(&signed)?;
+    let v = c.post("/api/v1/releases", "application/octet-stream", &body, &[])?;
+    if conn.json() {
+        print_json(&v);
+    } else {
+        outln!(
+            "pushed {}@{} release {}",
+            release.name,
+            release.version,
+            s(&v, "digest")
+        );
+    }
+
+    Ok(())
+}
+
+/// Lists the hub's releases.
+pub fn ls(conn: Conn) -> Result<()> {
+    let v = conn.client()?.get("/api/v1/releases")?;
+    if conn.json() {
+        print_json(&v);
+    } else {
+        outln!(
+            "{:<20} {:<12} {:>5} {:>10}  DIGEST",
+            "NAME",
+            "VERSION",
+            "EPOCH",
+            "SIZE"
+        );
+        for r in v.as_array().into_iter().flatten() {
+            let d = s(r, "digest");
+            outln!(
+                "{:<20} {:<12} {:>5} {:>10}  {}",
+                s(r, "name"),
+                s(r, "version"),
+                s(r, "epoch"),
+                s(r, "size"),
+                &d[..d.len().min(16)]
+            );
+        }
+    }
+
+    Ok(())
+}

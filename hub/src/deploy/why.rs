@@ -1,0 +1,127 @@
+//! `flotilla why DEVICE WORKLOAD`: explains, in one sentence, why a device is or is not running a workload at the
+//! expected version (placement, rejections, holds, generations, workload state).
+
+use crate::fleet::device_view;
+use crate::hub::{Hub, HubError, unix_now};
+use flotilla_hub_core::{DeviceView, Excluded, place};
+use flotilla_shared::DeviceId;
+use flotilla_shared::wire::WorkloadState;
+use std::collections::BTreeSet;
+
+impl Hub {
+    /// Explains why `device` is or is not running `workload` at the expected version.
+    pub fn why(&self, device: &DeviceId, workload: &str) -> Result<String, HubError> {
+        let devices = self.store.devices()?;
+        let d = devices
+            .iter()
+            .find(|d| &d.id == device)
+            .ok_or_else(|| HubError::NotFound(format!("no device {device}")))?;
+        let Some((dep_name, dep)) = self
+            .deployments
+            .iter()
+            .find(|(_, dep)| dep.workloads.iter().any(|w| w.name.as_str() == workload))
+        else {
+            return Ok(format!("no deployment contains workload {workload}"));
+        };
+        let views: Vec<DeviceView> = devices.iter().map(device_view).collect();
+        let previous: BTreeSet<DeviceId> = self.store.placements(dep_name)?.into_iter().collect();
+        let placement = place(
+            &views,
+            &dep.target,
+            &dep.policy,
+            &dep.constraints,
+            &previous,
+            unix_now(),
+        );
+        if let Some(why) = placement.excluded.get(device) {
+            return Ok(format!(
+                "not selected by deployment {dep_name}: {}",
+                describe_exclusion(why)
+            ));
+        }
+        let expected = self
+            .resolve(dep)?
+            .into_iter()
+            .find(|w| w.name.as_str() == workload);
+        let desired_gen = self.store.desired(device)?.map_or(0, |(g, ..)| g);
+        let offline = if d.online {
+            String::new()
+        } else {
+            format!(
+                " (offline since {})",
+                d.offline_since.unwrap_or(d.last_seen)
+            )
+        };
+        let Some(report) = &d.last_report else {
+            return Ok(format!(
+                "placed by {dep_name}; no report from the device yet{offline}"
+            ));
+        };
+        if let Some(rej) = &report.last_rejection
+            && rej.generation >= desired_gen
+        {
+            return Ok(format!(
+                "desired generation {} rejected by the device: {:?}{offline}",
+                rej.generation, rej.reason
+            ));
+        }
+        if let Some(hold) = &report.hold {
+            return Ok(format!("the device holds updates: {hold}{offline}"));
+        }
+        if report.applied_generation < desired_gen {
+            return Ok(format!(
+                "waiting for the device to apply generation {desired_gen} (it has {}){offline}",
+                report.applied_generation
+            ));
+        }
+        let Some(st) = report
+            .workloads
+            .iter()
+            .find(|w| w.name.as_str() == workload)
+        else {
+            return Ok(format!(
+                "placed, but the device does not report {workload}{offline}"
+            ));
+        };
+        let at_expected = expected.as_ref().is_some_and(|e| e.release == st.release);
+        let version = self
+            .store
+            .release_by_digest(&st.release)?
+            .map_or_else(|| st.release.short(), |r| r.release.version);
+        let text = match (st.state, &st.rejected) {
+            (_, Some(reason)) => format!(
+                "release rejected by the device: {reason:?}; version {version} keeps running"
+            ),
+            (WorkloadState::Downloading, _) => "waiting for download".to_owned(),
+            (WorkloadState::HeldByGeofence, _) => {
+                "held by geofence: the device is outside the workload's fence".into()
+            }
+            (WorkloadState::BackingOff | WorkloadState::Failed, _) => format!(
+                "crash-looping ({} restarts), last error: {}",
+                st.restarts,
+                st.last_error.as_deref().unwrap_or("unknown")
+            ),
+            (WorkloadState::Running, _) if at_expected => {
+                format!("running version {version} (healthy: {})", st.healthy)
+            }
+            (state, _) => format!(
+                "{state:?} at version {version} (expected {})",
+                if at_expected { "this" } else { "another" }
+            ),
+        };
+        Ok(format!("{text}{offline}"))
+    }
+}
+
+fn describe_exclusion(e: &Excluded) -> String {
+    match e {
+        Excluded::Label(k) => format!("label selector `{k}` does not match"),
+        Excluded::Region => "device region is not targeted".into(),
+        Excluded::Zone => "device zone is not targeted".into(),
+        Excluded::OutsideGeofence => "device location is outside the target geofence".into(),
+        Excluded::Arch => "architecture constraint".into(),
+        Excluded::Runtime => "runtime constraint".into(),
+        Excluded::Memory => "memory constraint".into(),
+        Excluded::NotChosen => "eligible, but the placement policy chose other devices".into(),
+    }
+}

@@ -1,0 +1,154 @@
+//! Enrollment: one-time tokens (created by operators, with label/region/zone presets) are exchanged over MQTT for a
+//! device id and the trust root; token use, registration and the audit entry commit together.
+
+use super::validate_inventory;
+use crate::hub::{Hub, HubError, unix_now};
+use crate::store::TokenPresets;
+use flotilla_mqtt::Publisher;
+use flotilla_shared::codec::{self, Message};
+use flotilla_shared::topics;
+use flotilla_shared::trust;
+use flotilla_shared::wire::{EnrollRequest, EnrollResponse, Inventory, WorkloadKind};
+use flotilla_shared::{DeviceId, Label};
+
+impl Hub {
+    fn respond_enroll(&self, nonce: &str, resp: EnrollResponse) {
+        if let Ok(bytes) = codec::encode(&Message::EnrollResponse(resp)) {
+            let _ = self
+                .link
+                .publish(&topics::enroll_response(nonce), bytes, false);
+        }
+    }
+
+    pub(crate) fn on_enroll(&mut self, nonce: String, req: EnrollRequest) {
+        let now = unix_now();
+        if let Err(e) = validate_inventory(&req.inventory) {
+            self.respond_enroll(&nonce, EnrollResponse::Refused { reason: e });
+            return;
+        }
+        let id = match req.requested_id.clone() {
+            Some(id) => id,
+            None => match DeviceId::new(format!("dev-{}", trust::random_hex(4))) {
+                Ok(id) => id,
+                Err(_) => return,
+            },
+        };
+        // An already-registered device re-sending its request (lost response) gets the same answer again.
+        if let Ok(Some(d)) = self.store.device(&id) {
+            let resp = if d.public_key == req.public_key {
+                EnrollResponse::Accepted {
+                    device: id,
+                    root: self.root_signed.clone(),
+                }
+            } else {
+                EnrollResponse::Refused {
+                    reason: format!("device id {} is taken", d.id),
+                }
+            };
+            self.respond_enroll(&nonce, resp);
+            return;
+        }
+        // Token use, registration and the audit entry commit together (one fsync, and a token is never burned
+        // without a device to show for it).
+        let mut inv = req.inventory;
+        let key = req.public_key;
+        let result = self.store.transaction(|store| {
+            let presets = match store.consume_enroll_token(&req.token, &id, now)? {
+                Ok(p) => p,
+                Err(e) => return Ok(Err(e)),
+            };
+            apply_presets(&mut inv, &presets);
+            store.insert_device(&id, &key, &inv, now)?;
+            store.audit(
+                now,
+                &format!("device:{id}"),
+                "enroll",
+                "enrolled with a one-time token",
+            )?;
+            Ok(Ok(presets))
+        });
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(device = %id, error = %e, "enrollment refused");
+                self.respond_enroll(
+                    &nonce,
+                    EnrollResponse::Refused {
+                        reason: e.to_string(),
+                    },
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "enrollment store error");
+                return;
+            }
+        }
+        self.metrics.enrollments += 1;
+        tracing::info!(device = %id, "device enrolled");
+        self.respond_enroll(
+            &nonce,
+            EnrollResponse::Accepted {
+                device: id,
+                root: self.root_signed.clone(),
+            },
+        );
+        self.dirty = true;
+    }
+
+    pub fn create_enroll_token(
+        &mut self,
+        presets: TokenPresets,
+        ttl_secs: u64,
+        who: &str,
+    ) -> Result<String, HubError> {
+        let mut t = self.create_enroll_tokens(presets, ttl_secs, 1, who)?;
+        t.pop()
+            .ok_or_else(|| HubError::Internal("no token created".into()))
+    }
+
+    /// Creates `count` one-time tokens with the same presets, in one transaction.
+    pub fn create_enroll_tokens(
+        &mut self,
+        presets: TokenPresets,
+        ttl_secs: u64,
+        count: usize,
+        who: &str,
+    ) -> Result<Vec<String>, HubError> {
+        if let Some(r) = &presets.region {
+            Label::new(r.clone()).map_err(|e| HubError::BadRequest(format!("region: {e}")))?;
+        }
+        if let Some(z) = &presets.zone {
+            Label::new(z.clone()).map_err(|e| HubError::BadRequest(format!("zone: {e}")))?;
+        }
+        let tokens: Vec<String> = (0..count)
+            .map(|_| format!("fet_{}", trust::random_hex(16)))
+            .collect();
+        let now = unix_now();
+        self.store
+            .add_enroll_tokens(&tokens, &presets, now + ttl_secs.max(1))?;
+        self.store.audit(
+            now,
+            who,
+            "enroll-token",
+            &format!("{count} x region={:?} ttl={ttl_secs}s", presets.region),
+        )?;
+        Ok(tokens)
+    }
+}
+
+fn apply_presets(inv: &mut Inventory, p: &TokenPresets) {
+    for (k, v) in &p.labels {
+        inv.labels.retain(|(k2, _)| k2 != k);
+        inv.labels.push((k.clone(), v.clone()));
+    }
+    if let Some(r) = p.region.clone().and_then(|r| Label::new(r).ok()) {
+        inv.region = Some(r);
+    }
+    if let Some(z) = p.zone.clone().and_then(|z| Label::new(z).ok()) {
+        inv.zone = Some(z);
+    }
+    if !inv.runtimes.contains(&WorkloadKind::Wasm) && inv.runtimes.is_empty() {
+        inv.runtimes.push(WorkloadKind::Wasm);
+    }
+}

@@ -1,0 +1,43 @@
+//! The fleet: who the devices are and what they say. Enrollment ([`enroll`]), reports and presence ([`reports`]),
+//! and the views of the device registry that placement and the API read.
+
+pub mod enroll;
+pub mod reports;
+
+use crate::store::DeviceRow;
+use flotilla_hub_core::DeviceView;
+use flotilla_shared::wire::Inventory;
+
+/// The placement core's view of a registered device.
+pub(crate) fn device_view(d: &DeviceRow) -> DeviceView {
+    DeviceView {
+        id: d.id.clone(),
+        labels: d.inventory.labels.iter().cloned().collect(),
+        region: d.inventory.region.as_ref().map(|r| r.to_string()),
+        zone: d.inventory.zone.as_ref().map(|z| z.to_string()),
+        location: d.inventory.location,
+        arch: d.inventory.arch.clone(),
+        runtimes: d.inventory.runtimes.clone(),
+        memory_mib: d.inventory.memory_mib,
+        online: d.online,
+        offline_since: d.offline_since,
+    }
+}
+
+/// Rejects inventories that would poison placement (non-finite positions, absurd labels).
+pub(crate) fn validate_inventory(inv: &Inventory) -> Result<(), String> {
+    if let Some(l) = inv.location
+        && !(l.lat.is_finite() && l.lon.is_finite() && l.lat.abs() <= 90.0 && l.lon.abs() <= 180.0)
+    {
+        return Err("location is not a valid latitude/longitude".into());
+    }
+    if inv.labels.len() > 64
+        || inv
+            .labels
+            .iter()
+            .any(|(k, v)| k.len() > 64 || v.len() > 256)
+    {
+        return Err("too many or too long labels".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! Device reports and presence: a report is verified against the device's key and its monotonic counter, merged
+//! with what the operator set at enrollment, stored, and fed to active rollouts; presence only moves a device
+//! online or offline.
+
+use super::validate_inventory;
+use crate::hub::{Hub, unix_now};
+use flotilla_shared::DeviceId;
+use flotilla_shared::trust;
+use flotilla_shared::wire::{Presence, Signed};
+
+impl Hub {
+    pub(crate) fn on_report(&mut self, device: &DeviceId, signed: &Signed) -> Result<(), String> {
+        let d = self
+            .store
+            .device(device)
+            .map_err(|e| e.to_string())?
+            .ok_or("report from an unknown device")?;
+        let report = match trust::verify_report(&d.public_key, device, signed, d.report_counter) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.reports_rejected += 1;
+                return Err(e.to_string());
+            }
+        };
+        if let Some(inv) = &report.inventory {
+            validate_inventory(inv)?;
+        }
+        let now = unix_now();
+        self.metrics.report_lag_secs = now.saturating_sub(report.sent_at) as f64;
+        // What the operator set at enrollment (token presets) stays authoritative over what the device reports.
+        let mut report = report;
+        let mut inventory_changed = false;
+        if let Some(reported) = report.inventory.take() {
+            let mut merged = reported;
+            for (k, v) in &d.inventory.labels {
+                merged.labels.retain(|(k2, _)| k2 != k);
+                merged.labels.push((k.clone(), v.clone()));
+            }
+            merged.region = d.inventory.region.clone().or(merged.region);
+            merged.zone = d.inventory.zone.clone().or(merged.zone);
+            inventory_changed = merged != d.inventory;
+            report.inventory = Some(merged);
+        }
+        self.store
+            .save_report(device, &report, now)
+            .map_err(|e| e.to_string())?;
+        self.metrics.reports_accepted += 1;
+        self.observe_for_rollouts(device, &report, now);
+        if inventory_changed || !d.online {
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Presence is unsigned (the broker's last will); it only moves online/offline, never state.
+    pub(crate) fn on_presence(&mut self, device: &DeviceId, p: &Presence) -> Result<(), String> {
+        if self.store.device_exists(device).unwrap_or(false) {
+            let _ = self.store.set_presence(device, p.online, unix_now());
+            self.dirty = true;
+        }
+        Ok(())
+    }
+}
