@@ -15,6 +15,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Answers `-h`/`--help` for the harness's hand-parsed binaries: prints `usage` and exits 0 when asked.
+pub fn answer_help(usage: &str) {
+    if std::env::args().skip(1).any(|a| a == "-h" || a == "--help") {
+        println!("{}", usage.trim());
+        std::process::exit(0);
+    }
+}
+
 /// Default patience for waits: generous, because CI machines are shared and builds may run alongside.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 

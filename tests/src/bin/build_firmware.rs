@@ -5,6 +5,9 @@
 use std::path::Path;
 
 fn main() -> anyhow::Result<()> {
+    flotilla_fleet_tests::answer_help(
+        "build-firmware: compiles firmware-images/wat/*.wat into firmware-images/wasm/*.wasm.\n\nUsage: build-firmware",
+    );
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-images");
     std::fs::create_dir_all(root.join("wasm"))?;
     let mut entries: Vec<_> = std::fs::read_dir(root.join("wat"))?.collect::<Result<_, _>>()?;

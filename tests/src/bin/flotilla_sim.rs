@@ -128,7 +128,21 @@ fn guard_main(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `--help` text.
+const USAGE: &str = "
+flotilla-sim: scale simulator. A hub (embedded broker, or Mosquitto) and N simulated agents in this process;
+applies a deployment to every device and measures apply -> running (p50, p99, max), hub+broker RSS and CPU.
+
+Usage: flotilla-sim [DEVICES] [--mosquitto] [--source-addresses K]
+
+  DEVICES                 simulated devices (default 1000)
+  --mosquitto             the hub uses an external Mosquitto started here instead of its embedded broker
+  --source-addresses K    spread the devices' connections over K loopback source addresses
+  -h, --help              this text
+";
+
 fn main() -> Result<()> {
+    flotilla_fleet_tests::answer_help(USAGE);
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--relay") {
         return relay_main(&args);
@@ -138,7 +152,11 @@ fn main() -> Result<()> {
     }
     let n: usize = std::env::args()
         .nth(1)
-        .map(|s| s.parse())
+        .filter(|a| !a.starts_with("--"))
+        .map(|s| {
+            s.parse()
+                .with_context(|| format!("DEVICES {s:?} is not a number; see --help"))
+        })
         .transpose()?
         .unwrap_or(1000);
     // `--mosquitto`: the hub uses an external Mosquitto (started here) instead of its embedded broker.
