@@ -47,6 +47,8 @@ impl std::fmt::Debug for Event {
 #[derive(Debug, Default, Clone)]
 pub struct HubMetrics {
     pub desired_published: u64,
+    /// Desired states handed to the broker again by anti-entropy (device behind, or back online).
+    pub desired_resent: u64,
     pub reports_accepted: u64,
     pub reports_rejected: u64,
     pub messages_rejected: u64,

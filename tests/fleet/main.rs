@@ -1,6 +1,7 @@
 //! Fleet scenarios: real hub, real broker, real agents on loopback. One test binary (house style).
 
 mod cli;
+mod correctness;
 mod crash;
 mod e2e;
 mod lifecycle;

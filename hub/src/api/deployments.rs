@@ -24,7 +24,15 @@ pub(super) async fn apply(State(s): State<ApiState>, headers: HeaderMap, body: B
             format!("{file}: not UTF-8"),
         )
     })?;
-    let (name, rev) = s.call(move |h| h.apply(&file, &text, &who)).await??;
+    // `x-flotilla-force: true` (the CLI's --force): apply even if it removes a workload from every device, or
+    // names a region or zone nobody knows yet.
+    let force = headers
+        .get("x-flotilla-force")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "true");
+    let (name, rev) = s
+        .call(move |h| h.apply(&file, &text, &who, force))
+        .await??;
     ok(json!({"deployment": name, "revision": rev}))
 }
 
@@ -62,7 +70,8 @@ pub(super) fn deployment_json(h: &Hub, name: &str) -> Result<Value, HubError> {
         rows.push(json!({"device": id.as_str(), "online": d.is_some_and(|d| d.online), "workloads": states}));
     }
     Ok(
-        json!({"name": name, "workloads": names, "placed": placed.len(), "running": running, "devices": rows}),
+        json!({"name": name, "workloads": names, "placed": placed.len(), "running": running, "devices": rows,
+               "failed": h.desired.failed.get(name)}),
     )
 }
 

@@ -30,6 +30,8 @@ pub(super) async fn metrics(State(s): State<ApiState>) -> ApiResult {
                  # TYPE flotilla_devices_converged gauge\nflotilla_devices_converged {converged}\n\
                  # TYPE flotilla_placement_duration_seconds gauge\nflotilla_placement_duration_seconds {}\n\
                  # TYPE flotilla_desired_published_total counter\nflotilla_desired_published_total {}\n\
+                 # TYPE flotilla_desired_resent_total counter\nflotilla_desired_resent_total {}\n\
+                 # TYPE flotilla_deployments_failed gauge\nflotilla_deployments_failed {}\n\
                  # TYPE flotilla_reports_total counter\nflotilla_reports_total{{result=\"accepted\"}} {}\nflotilla_reports_total{{result=\"rejected\"}} {}\n\
                  # TYPE flotilla_messages_rejected_total counter\nflotilla_messages_rejected_total {}\n\
                  # TYPE flotilla_chunks_served_total counter\nflotilla_chunks_served_total {}\n\
@@ -38,6 +40,8 @@ pub(super) async fn metrics(State(s): State<ApiState>) -> ApiResult {
                 total - online,
                 m.last_placement_secs,
                 m.desired_published,
+                m.desired_resent,
+                h.desired.failed.len(),
                 m.reports_accepted,
                 m.reports_rejected,
                 m.messages_rejected,

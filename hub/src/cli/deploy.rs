@@ -2,18 +2,13 @@
 
 use super::{Conn, print_json, s};
 use anyhow::{Context, Result};
+use serde_json::Value;
 use std::path::Path;
 
 /// Sends a spec file to the hub; a refusal names the file and the line or field.
-pub fn apply(file: &Path, conn: Conn) -> Result<()> {
+pub fn apply(file: &Path, force: bool, conn: Conn) -> Result<()> {
     let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let name = file.display().to_string();
-    let v = conn.client()?.post(
-        "/api/v1/deployments",
-        "application/toml",
-        &text,
-        &[("x-flotilla-spec-file", &name)],
-    )?;
+    let v = post_spec(&conn, file, &text, force)?;
     if conn.json() {
         print_json(&v);
     } else {
@@ -27,6 +22,22 @@ pub fn apply(file: &Path, conn: Conn) -> Result<()> {
     Ok(())
 }
 
+/// Posts a spec file to the hub's deployments endpoint.
+pub(super) fn post_spec(
+    conn: &Conn,
+    file: &Path,
+    text: &[u8],
+    force: bool,
+) -> Result<serde_json::Value> {
+    let name = file.display().to_string();
+    let mut headers = vec![("x-flotilla-spec-file", name.as_str())];
+    if force {
+        headers.push(("x-flotilla-force", "true"));
+    }
+    conn.client()?
+        .post("/api/v1/deployments", "application/toml", text, &headers)
+}
+
 /// Lists deployments.
 pub fn ls(conn: Conn) -> Result<()> {
     let v = conn.client()?.get("/api/v1/deployments")?;
@@ -34,18 +45,30 @@ pub fn ls(conn: Conn) -> Result<()> {
         print_json(&v);
     } else {
         outln!(
-            "{:<20} {:>7} {:>7}  WORKLOADS",
+            "{:<20} {:>7} {:>7}  {:<8} WORKLOADS",
             "DEPLOYMENT",
             "PLACED",
-            "RUNNING"
+            "RUNNING",
+            "STATUS"
         );
         for d in v.as_array().into_iter().flatten() {
+            let workloads: Vec<&str> = d["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
             outln!(
-                "{:<20} {:>7} {:>7}  {}",
+                "{:<20} {:>7} {:>7}  {:<8} {}",
                 s(d, "name"),
                 s(d, "placed"),
                 s(d, "running"),
-                d["workloads"]
+                if d["failed"].is_string() {
+                    "failed"
+                } else {
+                    "ok"
+                },
+                workloads.join(", ")
             );
         }
     }
@@ -65,6 +88,9 @@ pub fn status(name: &str, conn: Conn) -> Result<()> {
             s(&v, "running"),
             s(&v, "placed")
         );
+        if let Some(reason) = v["failed"].as_str() {
+            outln!("  FAILED: {reason}");
+        }
         for d in v["devices"].as_array().into_iter().flatten() {
             let st: Vec<String> = d["workloads"]
                 .as_array()

@@ -186,6 +186,10 @@ enum Cmd {
     Apply {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Apply even if the change removes a workload from every device it runs on, or targets a region or zone
+        /// no device or enrollment token knows yet.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -267,6 +271,9 @@ pub enum RolloutCmd {
     Start {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// As for `flotilla apply --force`.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -381,7 +388,7 @@ fn run(cli: Cli) -> Result<()> {
             ttl_secs,
             conn,
         }) => devices::enroll_token(region, zone, labels, ttl_secs, conn)?,
-        Cmd::Apply { file, conn } => deploy::apply(&file, conn)?,
+        Cmd::Apply { file, force, conn } => deploy::apply(&file, force, conn)?,
         Cmd::Deploy(DeployCmd::Ls { conn }) => deploy::ls(conn)?,
         Cmd::Deploy(DeployCmd::Status { name, conn }) => deploy::status(&name, conn)?,
         Cmd::Deploy(DeployCmd::Rm { name, conn }) => deploy::rm(&name, conn)?,

@@ -33,7 +33,7 @@ fn print_rollout(v: &Value) {
 
 pub fn run(cmd: RolloutCmd) -> Result<()> {
     match cmd {
-        RolloutCmd::Start { file, conn } => {
+        RolloutCmd::Start { file, force, conn } => {
             let text =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             if !String::from_utf8_lossy(&text).contains("[rollout]") {
@@ -42,13 +42,7 @@ pub fn run(cmd: RolloutCmd) -> Result<()> {
                     file.display()
                 );
             }
-            let name = file.display().to_string();
-            let v = conn.client()?.post(
-                "/api/v1/deployments",
-                "application/toml",
-                &text,
-                &[("x-flotilla-spec-file", &name)],
-            )?;
+            let v = super::deploy::post_spec(&conn, &file, &text, force)?;
             outln!(
                 "rollout of {} started (revision {}); follow it with `flotilla rollout status {} --watch`",
                 s(&v, "deployment"),

@@ -1,15 +1,19 @@
 //! Deployments: loading, resolving (release names to signed release digests) and applying operator specs. Placement
 //! and the signing and publishing of desired states live in [`publish`]; explanations for operators in [`why`].
 
+pub mod plan;
 pub mod publish;
 pub mod why;
 
+use crate::fleet::device_view;
 use crate::hub::{Hub, HubError, unix_now};
 use crate::spec::{self, Deployment, ReleaseRef};
 use crate::store::Store;
 use anyhow::Result;
+use flotilla_hub_core::DeviceView;
 use flotilla_shared::wire::WorkloadSpec;
-use std::collections::BTreeMap;
+use plan::flatten;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Loads every stored deployment; one that no longer parses is logged and skipped, the others still run.
 pub fn load(store: &Store) -> Result<BTreeMap<String, Deployment>> {
@@ -66,14 +70,20 @@ impl Hub {
     }
 
     /// Validates and stores a deployment spec, then re-places. Nothing changes if anything is invalid.
+    ///
+    /// Before anything is stored the spec is placed over the fleet as it is now: a deployment whose desired state
+    /// would not fit a device is refused naming the workload, one that names a region or zone no device or
+    /// enrollment token knows is refused listing the known ones, and one that would remove a workload from every
+    /// device it runs on needs `force`.
     pub fn apply(
         &mut self,
         file: &str,
         source: &str,
         who: &str,
+        force: bool,
     ) -> Result<(String, u64), HubError> {
         let d = spec::parse(file, source).map_err(|e| HubError::BadRequest(e.to_string()))?;
-        self.resolve(&d)?;
+        let specs = self.resolve(&d)?;
         for (other_name, other) in &self.deployments {
             if other_name == d.name.as_str() {
                 continue;
@@ -100,6 +110,10 @@ impl Hub {
                 "a rollout of {name} is in progress; wait for it, or abort it with `flotilla rollout abort {name}`"
             )));
         }
+        if !force {
+            self.check_known_locations(file, &d)?;
+        }
+        self.check_placement(file, &d, &specs, force)?;
         let previous = self.store.deployment_source(&name)?;
         let rollout_from = match (&d.rollout, &previous, self.deployments.get(&name)) {
             (Some(_), Some(prev_source), Some(prev))
@@ -126,6 +140,109 @@ impl Hub {
         Ok((name, rev))
     }
 
+    /// Refuses target regions and zones that no enrolled device and no enrollment token names: a typo there
+    /// would silently place the deployment nowhere.
+    fn check_known_locations(&self, file: &str, d: &Deployment) -> Result<(), HubError> {
+        if d.target.regions.is_empty() && d.target.zones.is_empty() {
+            return Ok(());
+        }
+        let (token_regions, token_zones) = self.store.token_locations()?;
+        let mut regions: BTreeSet<String> = token_regions.into_iter().collect();
+        let mut zones: BTreeSet<String> = token_zones.into_iter().collect();
+        self.store.with_devices(|rows| {
+            for row in rows {
+                regions.extend(row.inventory.region.as_ref().map(|r| r.to_string()));
+                zones.extend(row.inventory.zone.as_ref().map(|z| z.to_string()));
+            }
+        })?;
+        let check = |field: &str, wanted: &[String], known: &BTreeSet<String>| match wanted
+            .iter()
+            .find(|w| !known.contains(*w))
+        {
+            None => Ok(()),
+            Some(unknown) => Err(HubError::BadRequest(format!(
+                "{file}: target.{field}: no enrolled device and no enrollment token has {} {unknown:?}; \
+                     known {field}: {}. Fix the name, or pass --force for a {} whose devices have not enrolled yet",
+                field.trim_end_matches('s'),
+                if known.is_empty() {
+                    "none yet".to_owned()
+                } else {
+                    known.iter().cloned().collect::<Vec<_>>().join(", ")
+                },
+                field.trim_end_matches('s'),
+            ))),
+        };
+        check("regions", &d.target.regions, &regions)?;
+        check("zones", &d.target.zones, &zones)
+    }
+
+    /// Places the candidate over the fleet without storing anything: every device it would reach must still fit
+    /// its desired state, and (unless `force`) no workload may lose every device it is placed on.
+    fn check_placement(
+        &self,
+        file: &str,
+        d: &Deployment,
+        specs: &[WorkloadSpec],
+        force: bool,
+    ) -> Result<(), HubError> {
+        let name = d.name.to_string();
+        let now = unix_now();
+        let views: Vec<DeviceView> = self
+            .store
+            .with_devices(|rows| rows.map(device_view).collect())?;
+        let mut candidate = self.deployments.clone();
+        candidate.insert(name.clone(), d.clone());
+        let plan = self.plan_fleet(&candidate, &views, now)?;
+        let placed = plan.placements.get(&name).cloned().unwrap_or_default();
+        // The new specs on every device it is placed on, as if any rollout had already reached them all.
+        for device in &placed {
+            let mut groups = plan.per_device.get(device).cloned().unwrap_or_default();
+            for (n, s) in &mut groups {
+                if *n == name {
+                    *s = specs.to_vec();
+                }
+            }
+            if let Err(over) = self.check_fits(device, flatten(&groups), now) {
+                let (i, w) = largest_workload(d, specs);
+                return Err(HubError::BadRequest(format!(
+                    "{file}: workloads[{i}] ({w}): device {device} cannot take this deployment: {over}. \
+                     Make the workload's `config` smaller, or split the deployment; nothing was applied"
+                )));
+            }
+        }
+        if force {
+            return Ok(());
+        }
+        let Some(old) = self.deployments.get(&name) else {
+            return Ok(());
+        };
+        let before = self.store.placements(&name)?;
+        if before.is_empty() {
+            return Ok(());
+        }
+        for w in &old.workloads {
+            let kept = d.workloads.iter().any(|n| n.name == w.name) && !placed.is_empty();
+            if !kept {
+                let shown: Vec<String> = before.iter().take(5).map(|d| d.to_string()).collect();
+                let more = before.len().saturating_sub(shown.len());
+                return Err(HubError::Conflict(format!(
+                    "{file}: this change would remove workload {} from every device it runs on ({} device{}: {}{}). \
+                     If that is what you want, apply it again with --force",
+                    w.name,
+                    before.len(),
+                    if before.len() == 1 { "" } else { "s" },
+                    shown.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    },
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn delete_deployment(&mut self, name: &str, who: &str) -> Result<(), HubError> {
         if !self.store.delete_deployment(name)? {
             return Err(HubError::NotFound(format!("no deployment {name}")));
@@ -141,4 +258,20 @@ impl Hub {
     pub fn deployments(&self) -> &BTreeMap<String, Deployment> {
         &self.deployments
     }
+}
+
+/// The workload of `d` with the largest encoded spec (what to point at when a desired state is too large).
+fn largest_workload(d: &Deployment, specs: &[WorkloadSpec]) -> (usize, String) {
+    specs
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, s)| postcard::to_stdvec(s).map_or(0, |b| b.len()))
+        .map_or((0, String::new()), |(i, _)| {
+            (
+                i,
+                d.workloads
+                    .get(i)
+                    .map_or_else(String::new, |w| w.name.to_string()),
+            )
+        })
 }

@@ -2,10 +2,11 @@
 //! are signed into a desired state only when they change (or the signature ages), saved in one transaction and
 //! published retained only after it commits.
 
+use super::plan::{Oversize, encode_desired, flatten};
 use crate::fleet::device_view;
 use crate::hub::{Hub, unix_now};
 use anyhow::Result;
-use flotilla_hub_core::{DeviceView, place};
+use flotilla_hub_core::DeviceView;
 use flotilla_mqtt::Publisher;
 use flotilla_shared::DeviceId;
 use flotilla_shared::codec::{self, Message};
@@ -29,9 +30,82 @@ pub struct DesiredCache {
     batch: Option<Vec<(DeviceId, Vec<u8>)>>,
     /// Whether this process has re-published the stored desired states (once, on the first broker connection).
     republished: bool,
+    /// Deployments the last placement pass could not deliver everywhere, with the reason (shown in their status).
+    pub failed: BTreeMap<String, String>,
+    /// Anti-entropy: per device behind its desired generation, when its state may be re-sent next and the
+    /// current backoff.
+    resend: BTreeMap<DeviceId, (u64, u64)>,
 }
 
+/// First anti-entropy re-send delay after one re-send; doubles while the device stays behind, up to the maximum.
+const RESEND_BACKOFF_MIN_SECS: u64 = 5;
+const RESEND_BACKOFF_MAX_SECS: u64 = 300;
+/// A device that has had its desired state for less than this is not behind yet, only busy receiving it.
+const RESEND_GRACE_SECS: u64 = 5;
+
 impl Hub {
+    /// Anti-entropy: the device's retained desired state may have been lost or replaced (a broker restarted
+    /// without persistence, a stray retained publish), so hand the stored one to the broker again. Called when a
+    /// device comes online and when it reports a generation below the one it should have; re-sends back off while
+    /// the device stays behind, so a device that cannot catch up costs one message per few minutes, not per report.
+    pub(crate) fn resend_desired(&mut self, device: &DeviceId, why: &str) {
+        let now = unix_now();
+        if let Some((next_at, _)) = self.desired.resend.get(device)
+            && now < *next_at
+        {
+            return;
+        }
+        let signed = match self.store.desired(device) {
+            Ok(Some((_, _, signed, _))) => signed,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(device = %device, error = %e, "cannot read the stored desired state");
+                return;
+            }
+        };
+        let Ok(bytes) = encode_desired(&signed) else {
+            return;
+        };
+        let backoff = self
+            .desired
+            .resend
+            .get(device)
+            .map_or(RESEND_BACKOFF_MIN_SECS, |(_, b)| {
+                (b * 2).min(RESEND_BACKOFF_MAX_SECS)
+            });
+        self.desired
+            .resend
+            .insert(device.clone(), (now + backoff, backoff));
+        tracing::info!(device = %device, reason = why, "desired state re-sent");
+        self.metrics.desired_resent += 1;
+        self.send_desired(device.clone(), bytes);
+    }
+
+    /// A report: a device behind its desired generation for longer than it takes to deliver one gets its state
+    /// again; one that caught up (or that refused this very generation, which a re-send would not change) is done.
+    pub(crate) fn check_behind(
+        &mut self,
+        device: &DeviceId,
+        report: &flotilla_shared::wire::Report,
+    ) {
+        let Some((desired, expires)) = self.desired.published.get(device).map(|(g, _, e)| (*g, *e))
+        else {
+            return;
+        };
+        let issued_at = expires.saturating_sub(DESIRED_TTL_SECS);
+        let refused = report
+            .last_rejection
+            .as_ref()
+            .is_some_and(|r| r.generation >= desired);
+        if report.applied_generation >= desired || refused {
+            self.desired.resend.remove(device);
+            return;
+        }
+        if unix_now().saturating_sub(issued_at) >= RESEND_GRACE_SECS {
+            self.resend_desired(device, "reported behind its desired generation");
+        }
+    }
+
     /// The broker (re)connected: the first time in this process, hand it every stored desired state.
     pub(crate) fn on_broker_connected(&mut self) {
         if !self.desired.republished {
@@ -39,47 +113,29 @@ impl Hub {
         }
     }
 
-    /// Places every deployment and publishes changed desired states.
+    /// Places every deployment and publishes changed desired states. A deployment that cannot be resolved, or that
+    /// would push a device's desired state over its cap, is marked failed (see [`DesiredCache::failed`]) and left
+    /// out; every other deployment still reaches its devices.
     pub fn reconcile_fleet(&mut self) -> Result<()> {
         let started = Instant::now();
         let now = unix_now();
         let views: Vec<DeviceView> = self
             .store
             .with_devices(|rows| rows.map(device_view).collect())?;
-        let mut per_device: BTreeMap<DeviceId, Vec<WorkloadSpec>> = BTreeMap::new();
-        for (name, d) in &self.deployments {
-            let specs = match self.resolve(d) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(deployment = %name, error = %e, "cannot resolve deployment");
-                    continue;
-                }
-            };
-            // During a rollout only the devices it moved run the new specs; everyone else keeps the stable ones.
-            let active = self.rollouts.get(name).filter(|r| !r.rollout.is_finished());
-            let stable_specs = match active.and_then(|r| r.stable.as_ref()) {
-                Some(stable) => Some(self.resolve(stable).map_err(|e| anyhow::anyhow!("{e}"))?),
-                None => None,
-            };
+        let plan = self.plan_fleet(&self.deployments, &views, now)?;
+        let mut failed: BTreeMap<String, String> = BTreeMap::new();
+        for (name, reason) in &plan.unresolved {
+            tracing::error!(deployment = %name, error = %reason, "cannot resolve deployment");
+            failed.insert(name.clone(), reason.clone());
+        }
+        for (name, chosen) in &plan.placements {
             let previous: BTreeSet<DeviceId> = self.store.placements(name)?.into_iter().collect();
-            let placement = place(&views, &d.target, &d.policy, &d.constraints, &previous, now);
-            let chosen: Vec<DeviceId> = placement.chosen.iter().cloned().collect();
-            if placement.chosen != previous {
+            if *chosen != previous {
+                let chosen: Vec<DeviceId> = chosen.iter().cloned().collect();
                 self.store.set_placements(name, &chosen)?;
             }
-            for id in chosen {
-                let on_new = active.is_none_or(|r| r.rollout.on_new.contains(&id));
-                let use_specs = if on_new {
-                    &specs
-                } else {
-                    stable_specs.as_ref().unwrap_or(&specs)
-                };
-                per_device
-                    .entry(id)
-                    .or_default()
-                    .extend(use_specs.iter().cloned());
-            }
         }
+        let mut per_device = plan.per_device;
         self.metrics.last_placement_secs = started.elapsed().as_secs_f64();
         for (device, bytes) in std::mem::take(&mut self.desired.unpublished) {
             if self
@@ -101,12 +157,27 @@ impl Hub {
         self.store.begin()?;
         self.desired.batch = Some(Vec::new());
         let mut result = Ok(());
-        for d in views.iter().map(|v| &v.id) {
-            let mut workloads = per_device.remove(d).unwrap_or_default();
-            workloads.sort_by(|a, b| a.name.cmp(&b.name));
-            result = self.publish_desired(d, workloads, now);
-            if result.is_err() {
-                break;
+        'devices: for d in views.iter().map(|v| &v.id) {
+            let mut groups = per_device.remove(d).unwrap_or_default();
+            loop {
+                match self.publish_desired(d, flatten(&groups), now) {
+                    Ok(Ok(())) => break,
+                    // Too large: leave out the last deployment (in name order) on this device and try again, so
+                    // that one oversized deployment cannot keep the others from the device.
+                    Ok(Err(over)) => match groups.pop() {
+                        Some((name, _)) => {
+                            tracing::error!(deployment = %name, device = %d, "left out: {over}");
+                            failed
+                                .entry(name)
+                                .or_insert_with(|| format!("not delivered to device {d}: {over}"));
+                        }
+                        None => break,
+                    },
+                    Err(e) => {
+                        result = Err(e);
+                        break 'devices;
+                    }
+                }
             }
         }
         let batch = self.desired.batch.take().unwrap_or_default();
@@ -119,6 +190,7 @@ impl Hub {
         for (device, bytes) in batch {
             self.send_desired(device, bytes);
         }
+        self.desired.failed = failed;
         Ok(())
     }
 
@@ -171,7 +243,7 @@ impl Hub {
         device: &DeviceId,
         workloads: Vec<WorkloadSpec>,
         now: u64,
-    ) -> Result<()> {
+    ) -> Result<Result<(), Oversize>> {
         let content = postcard::to_stdvec(&workloads)?;
         // The last published (generation, content, expiry) per device, cached: this runs for every device every
         // second, and the store is the source of truth only on a cache miss.
@@ -184,11 +256,11 @@ impl Hub {
             Some((_, c, expires))
                 if *c == content && expires.saturating_sub(now) > DESIRED_TTL_SECS / 3 =>
             {
-                return Ok(());
+                return Ok(Ok(()));
             }
             Some((g, ..)) => g + 1,
             // A device with nothing deployed and no history gets nothing (no retained message to clean up).
-            None if workloads.is_empty() => return Ok(()),
+            None if workloads.is_empty() => return Ok(Ok(())),
             None => 1,
         };
         let ds = DesiredState {
@@ -199,7 +271,10 @@ impl Hub {
             workloads,
         };
         let signed = trust::sign(DocType::DesiredState, &ds, &[&self.hub_key]);
-        let bytes = codec::encode(&Message::DesiredState(signed.clone()))?;
+        let bytes = match encode_desired(&signed) {
+            Ok(b) => b,
+            Err(over) => return Ok(Err(over)),
+        };
         // Persist first: a crash after publishing but before saving would reuse the generation number.
         self.store
             .save_desired(device, generation, &content, &signed, now, ds.expires_at)?;
@@ -212,7 +287,7 @@ impl Hub {
             Some(batch) => batch.push((device.clone(), bytes)),
             None => self.send_desired(device.clone(), bytes),
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// The generation last published to a device (from the in-memory cache when possible).
@@ -248,27 +323,33 @@ mod tests {
         let dev = DeviceId::new("gw-1").expect("id");
         let generation = |h: &Hub| h.store.desired(&dev).expect("read").map_or(0, |(g, ..)| g);
         let t0 = 1_000_000;
-        hub.publish_desired(&dev, vec![], t0).expect("publish");
+        hub.publish_desired(&dev, vec![], t0)
+            .expect("publish")
+            .expect("fits");
         assert_eq!(
             generation(&hub),
             0,
             "nothing to publish for an empty device without history"
         );
         hub.publish_desired(&dev, vec![spec("a")], t0)
-            .expect("publish");
+            .expect("publish")
+            .expect("fits");
         assert_eq!(generation(&hub), 1);
         hub.publish_desired(&dev, vec![spec("a")], t0 + 86_400)
-            .expect("publish");
+            .expect("publish")
+            .expect("fits");
         assert_eq!(
             generation(&hub),
             1,
             "unchanged content, fresh signature: no new generation"
         );
         hub.publish_desired(&dev, vec![spec("a")], t0 + DESIRED_TTL_SECS * 2 / 3 + 1)
-            .expect("publish");
+            .expect("publish")
+            .expect("fits");
         assert_eq!(generation(&hub), 2, "re-signed before expiry");
         hub.publish_desired(&dev, vec![spec("a"), spec("b")], t0 + DESIRED_TTL_SECS)
-            .expect("publish");
+            .expect("publish")
+            .expect("fits");
         assert_eq!(generation(&hub), 3, "content changed");
         let (_, _, signed, expires) = hub.store.desired(&dev).expect("read").expect("stored");
         let ds: DesiredState = codec::decode_exact(&signed.body).expect("decode");
@@ -288,7 +369,8 @@ mod tests {
             let d = DeviceId::new(d).expect("id");
             first
                 .publish_desired(&d, vec![spec("a")], 1_000_000)
-                .expect("publish");
+                .expect("publish")
+                .expect("fits");
         }
         drop(first);
         let (mut second, _rx2) = test_hub(dir.path());
@@ -297,5 +379,141 @@ mod tests {
         assert_eq!(second.metrics.desired_published, 2);
         second.handle(Event::Link(LinkEvent::Connected));
         assert_eq!(second.metrics.desired_published, 2, "only once per process");
+    }
+}
+
+#[cfg(test)]
+mod isolation {
+    use crate::hub::test_support::test_hub;
+    use crate::hub::{Hub, HubError};
+    use flotilla_shared::trust::{self, DocType, SigningKey};
+    use flotilla_shared::wire::{DesiredState, Inventory, Release, WorkloadKind};
+    use flotilla_shared::{DeviceId, Digest, Label, WorkloadName, codec};
+
+    /// Stores a release `name@1.0.0`, signed with the test hub's key (it holds every role in the test root).
+    fn add_release(hub: &Hub, name: &str) {
+        let key = SigningKey::from_seed([9; 32]);
+        let release = Release {
+            name: WorkloadName::new(name).expect("name"),
+            version: "1.0.0".into(),
+            epoch: 1,
+            kind: WorkloadKind::Wasm,
+            artifact_digest: Digest([7; 32]),
+            artifact_size: 1,
+            precompiled: vec![],
+        };
+        let signed = trust::sign(DocType::Release, &release, &[&key]);
+        let digest = trust::document_digest(&signed);
+        hub.store
+            .insert_release(&digest, &release, &signed, 1)
+            .expect("release");
+    }
+
+    fn add_device(hub: &Hub, id: &str, labels: &[(&str, &str)]) {
+        let inv = Inventory {
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            region: Label::new("eu-west").ok(),
+            zone: None,
+            location: None,
+            arch: "x86_64".into(),
+            runtimes: vec![WorkloadKind::Wasm],
+            memory_mib: 512,
+            agent_version: "test".into(),
+        };
+        hub.store
+            .insert_device(
+                &DeviceId::new(id).expect("id"),
+                &SigningKey::from_seed([1; 32]).public(),
+                &inv,
+                1,
+            )
+            .expect("device");
+    }
+
+    /// A deployment `name` (one workload of the same name) on devices whose label `key` is `value`, with a config
+    /// of `config_bytes`.
+    fn spec(name: &str, key: &str, value: &str, config_bytes: usize) -> String {
+        format!(
+            "name = \"{name}\"\n[target]\nselector = {{ {key} = \"{value}\" }}\n[[workloads]]\nname = \"{name}\"\n\
+             release = \"{name}@1.0.0\"\nconfig = {{ blob = \"{}\" }}\n",
+            "x".repeat(config_bytes)
+        )
+    }
+
+    fn workloads(hub: &Hub, id: &str) -> Vec<String> {
+        hub.store
+            .desired(&DeviceId::new(id).expect("id"))
+            .expect("read")
+            .map(|(_, _, signed, _)| {
+                let ds: DesiredState = codec::decode_exact(&signed.body).expect("decode");
+                ds.workloads.iter().map(|w| w.name.to_string()).collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// An apply that would push a device's desired state over its cap is refused before anything is stored, with
+    /// the file and the workload; a deployment that only later stops fitting (a new device that two deployments
+    /// target) is left out on that device and marked failed, while every other deployment and device carries on.
+    #[tokio::test]
+    async fn oversized_deployments_are_refused_or_isolated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut hub, _rx) = test_hub(dir.path());
+        for r in ["alpha", "beta", "huge"] {
+            add_release(&hub, r);
+        }
+        add_device(&hub, "gw-b", &[("role", "gw")]);
+        let err = hub
+            .apply(
+                "huge.toml",
+                &spec("huge", "role", "gw", 20_000),
+                "test",
+                false,
+            )
+            .expect_err("refused");
+        let HubError::BadRequest(msg) = err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            msg.contains("huge.toml: workloads[0] (huge)") && msg.contains("16 KiB cap"),
+            "{msg}"
+        );
+        assert!(
+            hub.store.deployment_source("huge").expect("read").is_none(),
+            "a refused spec is not stored"
+        );
+        hub.apply(
+            "alpha.toml",
+            &spec("alpha", "site", "a", 9_000),
+            "test",
+            false,
+        )
+        .expect("alpha fits (no device yet)");
+        hub.apply(
+            "beta.toml",
+            &spec("beta", "role", "gw", 9_000),
+            "test",
+            false,
+        )
+        .expect("beta fits");
+        assert_eq!(workloads(&hub, "gw-b"), ["beta"]);
+        // A device both target enrolls: alpha (first by name) reaches it, beta is left out there and marked failed.
+        add_device(&hub, "gw-ab", &[("role", "gw"), ("site", "a")]);
+        hub.reconcile_fleet().expect("placement goes on");
+        assert_eq!(workloads(&hub, "gw-ab"), ["alpha"]);
+        assert_eq!(workloads(&hub, "gw-b"), ["beta"], "beta still reaches gw-b");
+        let reason = hub.desired.failed.get("beta").expect("beta marked failed");
+        assert!(
+            reason.contains("gw-ab") && reason.contains("cap"),
+            "{reason}"
+        );
+        assert!(!hub.desired.failed.contains_key("alpha"));
+        // Shrinking beta's config makes it fit again: the failure clears and gw-ab gets both.
+        hub.apply("beta.toml", &spec("beta", "role", "gw", 100), "test", false)
+            .expect("smaller beta");
+        assert_eq!(workloads(&hub, "gw-ab"), ["alpha", "beta"]);
+        assert!(hub.desired.failed.is_empty(), "{:?}", hub.desired.failed);
     }
 }

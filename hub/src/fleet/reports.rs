@@ -45,6 +45,7 @@ impl Hub {
             .save_report(device, &report, now)
             .map_err(|e| e.to_string())?;
         self.metrics.reports_accepted += 1;
+        self.check_behind(device, &report);
         self.observe_for_rollouts(device, &report, now);
         if inventory_changed || !d.online {
             self.dirty = true;
@@ -57,6 +58,9 @@ impl Hub {
         if self.store.device_exists(device).unwrap_or(false) {
             let _ = self.store.set_presence(device, p.online, unix_now());
             self.dirty = true;
+            if p.online {
+                self.resend_desired(device, "came online");
+            }
         }
         Ok(())
     }

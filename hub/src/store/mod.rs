@@ -236,6 +236,26 @@ impl Store {
         Ok(())
     }
 
+    /// Every region and zone an enrollment token presets (used or not): places the operator has announced.
+    pub fn token_locations(&self) -> Result<(Vec<String>, Vec<String>)> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT DISTINCT region, zone FROM enroll_tokens")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?,
+                r.get::<_, Option<String>>(1)?,
+            ))
+        })?;
+        let (mut regions, mut zones) = (Vec::new(), Vec::new());
+        for row in rows {
+            let (region, zone) = row?;
+            regions.extend(region);
+            zones.extend(zone);
+        }
+        Ok((regions, zones))
+    }
+
     /// Marks a token used by `device` if it is valid; single use, checked and consumed in one statement.
     pub fn consume_enroll_token(
         &self,

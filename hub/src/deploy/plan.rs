@@ -1,0 +1,126 @@
+//! Fleet planning: every deployment placed by the sans-IO core, and the result grouped per device, so that one
+//! pass can publish it and an apply can try a candidate set of deployments without storing or publishing anything.
+
+use crate::hub::{DESIRED_TTL_SECS, Hub};
+use crate::spec::Deployment;
+use flotilla_hub_core::{DeviceView, place};
+use flotilla_shared::DeviceId;
+use flotilla_shared::codec::{self, EncodeError, Message};
+use flotilla_shared::trust::{self, DocType};
+use flotilla_shared::wire::{DesiredState, WorkloadSpec};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What placing a set of deployments gives.
+#[derive(Debug, Default)]
+pub struct FleetPlan {
+    /// Per device, the workloads of each deployment placed on it, in deployment-name order.
+    pub per_device: BTreeMap<DeviceId, Vec<(String, Vec<WorkloadSpec>)>>,
+    /// Per deployment, the devices it is placed on.
+    pub placements: BTreeMap<String, BTreeSet<DeviceId>>,
+    /// Deployments that could not be resolved, with the reason; the others are planned regardless.
+    pub unresolved: BTreeMap<String, String>,
+}
+
+/// A device's desired state would not fit its envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Oversize {
+    pub len: usize,
+    pub cap: usize,
+}
+
+impl std::fmt::Display for Oversize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "its signed desired state would be {:.1} KiB, over the {} KiB cap",
+            self.len as f64 / 1024.0,
+            self.cap / 1024
+        )
+    }
+}
+
+/// Encodes a signed desired state, telling an oversized one apart from other failures.
+pub(crate) fn encode_desired(signed: &flotilla_shared::wire::Signed) -> Result<Vec<u8>, Oversize> {
+    match codec::encode(&Message::DesiredState(signed.clone())) {
+        Ok(bytes) => Ok(bytes),
+        Err(EncodeError::TooLarge { len, cap, .. }) => Err(Oversize { len, cap }),
+        // A signed document is plain bytes: serialising it cannot fail for any other reason than its size, and
+        // if it ever did, refusing it as unpublishable is the safe answer.
+        Err(_) => Err(Oversize { len: 0, cap: 0 }),
+    }
+}
+
+impl Hub {
+    /// Places `deployments` over `views` at `now`. During a rollout only the devices it moved get the new specs;
+    /// everyone else keeps the stable ones.
+    pub(crate) fn plan_fleet(
+        &self,
+        deployments: &BTreeMap<String, Deployment>,
+        views: &[DeviceView],
+        now: u64,
+    ) -> crate::store::Result<FleetPlan> {
+        let mut plan = FleetPlan::default();
+        for (name, d) in deployments {
+            let specs = match self.resolve(d) {
+                Ok(s) => s,
+                Err(e) => {
+                    plan.unresolved.insert(name.clone(), e.to_string());
+                    continue;
+                }
+            };
+            let active = self.rollouts.get(name).filter(|r| !r.rollout.is_finished());
+            let stable_specs = match active
+                .and_then(|r| r.stable.as_ref())
+                .map(|s| self.resolve(s))
+            {
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    plan.unresolved
+                        .insert(name.clone(), format!("stable version: {e}"));
+                    continue;
+                }
+                None => None,
+            };
+            let previous: BTreeSet<DeviceId> = self.store.placements(name)?.into_iter().collect();
+            let placement = place(views, &d.target, &d.policy, &d.constraints, &previous, now);
+            for id in &placement.chosen {
+                let on_new = active.is_none_or(|r| r.rollout.on_new.contains(id));
+                let use_specs = match (&stable_specs, on_new) {
+                    (Some(stable), false) => stable,
+                    _ => &specs,
+                };
+                plan.per_device
+                    .entry(id.clone())
+                    .or_default()
+                    .push((name.clone(), use_specs.clone()));
+            }
+            plan.placements.insert(name.clone(), placement.chosen);
+        }
+        Ok(plan)
+    }
+
+    /// Whether `device`'s desired state with `workloads` fits its envelope, signed as the hub would sign it.
+    pub(crate) fn check_fits(
+        &self,
+        device: &DeviceId,
+        workloads: Vec<WorkloadSpec>,
+        now: u64,
+    ) -> Result<(), Oversize> {
+        let ds = DesiredState {
+            device: device.clone(),
+            generation: u64::MAX,
+            issued_at: now,
+            expires_at: now + DESIRED_TTL_SECS,
+            workloads,
+        };
+        let signed = trust::sign(DocType::DesiredState, &ds, &[&self.hub_key]);
+        encode_desired(&signed).map(|_| ())
+    }
+}
+
+/// The workloads of a device's groups, sorted by name (the order a desired state lists them in).
+pub(crate) fn flatten(groups: &[(String, Vec<WorkloadSpec>)]) -> Vec<WorkloadSpec> {
+    let mut out: Vec<WorkloadSpec> = groups.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
