@@ -26,7 +26,8 @@ use flotilla_mqtt::{Link, LinkEvent, LinkSettings, TlsSettings};
 use flotilla_shared::codec::{self, Message};
 use flotilla_shared::topics::{self, DeviceTopic};
 use flotilla_shared::wire::{
-    ArtifactRef, DesiredState, LatLon, Presence, RejectReason, Rejection, Release, Signed,
+    ArtifactRef, DesiredState, Inventory, LatLon, Presence, RejectReason, Rejection, Release,
+    Signed, WorkloadSpec,
 };
 use flotilla_shared::{DeviceId, Digest, WorkloadName};
 use std::collections::{BTreeMap, BTreeSet};
@@ -72,11 +73,18 @@ pub struct Agent {
     pub(crate) rejection: Option<Rejection>,
     pub(crate) position: Option<LatLon>,
     pub(crate) holds: Holds,
+    /// Per workload, the spec and artifact that last started successfully (persisted): what keeps running when
+    /// the wanted release cannot, across restarts too.
+    pub(crate) last_good: BTreeMap<WorkloadName, (WorkloadSpec, Digest)>,
+    /// When the database's WAL was last checkpointed.
+    pub(crate) last_checkpoint: Instant,
     pub(crate) artifact_history: ArtifactHistory,
     pub(crate) link: Option<Link>,
     pub(crate) connected: bool,
     pub(crate) reconnects: u64,
-    pub(crate) inventory_sent: bool,
+    /// The inventory the hub last received from this connection; a report carries the inventory whenever the
+    /// current one differs (a moved device, a changed label), and always first after connecting.
+    pub(crate) inventory_sent: Option<Inventory>,
     epoch: Instant,
     pub(crate) last_report: Instant,
     last_metrics: Instant,
@@ -110,6 +118,11 @@ impl Agent {
         let trust = load_trust(&store)?.context("not enrolled")?;
         let (rt_tx, rt_rx) = mpsc::channel(1024);
         let rejection = store.rejection()?;
+        let last_good = store
+            .last_good()?
+            .into_iter()
+            .map(|(name, spec, artifact)| (name, (spec, artifact)))
+            .collect();
         let position = read_position(&cfg.position);
         std::fs::create_dir_all(cfg.data_dir.join("artifacts"))?;
         std::fs::create_dir_all(cfg.data_dir.join("staging"))?;
@@ -129,11 +142,13 @@ impl Agent {
             rejection,
             position,
             holds: Holds::default(),
+            last_good,
+            last_checkpoint: now,
             artifact_history: ArtifactHistory::default(),
             link: None,
             connected: false,
             reconnects: 0,
-            inventory_sent: false,
+            inventory_sent: None,
             epoch: now,
             last_report: now,
             last_metrics: now,
@@ -217,6 +232,10 @@ impl Agent {
             if self.reconciler.take_changed() {
                 self.save_workload_states();
                 self.send_report();
+                // The Prometheus endpoint shows a state change at once, not on the next tick.
+                if self.cfg.metrics_listen.is_some() {
+                    self.metrics_tx.send_replace(self.metrics());
+                }
             }
         }
         self.shutdown(&mut rt_rx).await;
@@ -228,7 +247,7 @@ impl Agent {
         match event {
             Event::Link(LinkEvent::Connected) => {
                 self.connected = true;
-                self.inventory_sent = false;
+                self.inventory_sent = None;
                 tracing::info!(device = %self.trust.device, "connected");
                 self.publish_presence(true);
                 self.send_report();
@@ -288,7 +307,11 @@ impl Agent {
                 } else {
                     tracing::info!(workload = %name, "running");
                 }
+                let started = result.is_ok();
                 self.reconciler.op_finished(now, &name, op, result);
+                if started {
+                    self.remember_last_good(&name);
+                }
             }
             RuntimeEvent::Exited { name, op, exit } => {
                 tracing::info!(workload = %name, ?exit, "exited");
@@ -326,9 +349,13 @@ impl Agent {
                 tracing::info!(?p, "position changed");
                 self.position = p;
                 self.refresh_desired();
+                // The hub places by position: tell it now, not at the next periodic report.
+                self.send_report();
             }
         }
         self.rerequest_stalled_fetches();
+        self.retry_refused_downloads();
+        self.checkpoint_if_due();
         if self.last_report.elapsed()
             >= Duration::from_secs(u64::from(self.cfg.report_interval_secs))
         {
@@ -410,6 +437,21 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(200)).await;
             link.disconnect().await;
         }
+    }
+
+    /// Persists what `name` runs now as its last good version (a no-op when it is already recorded).
+    fn remember_last_good(&mut self, name: &WorkloadName) {
+        let Some((spec, artifact)) = self.reconciler.running(name) else {
+            return;
+        };
+        if self.last_good.get(name) == Some(&(spec.clone(), artifact)) {
+            return;
+        }
+        if let Err(e) = self.store.save_last_good(&spec, &artifact) {
+            tracing::warn!(workload = %name, error = %e, "cannot persist the last good version");
+            return;
+        }
+        self.last_good.insert(name.clone(), (spec, artifact));
     }
 
     /// Names of workloads currently running (for tests and metrics).

@@ -78,6 +78,9 @@ struct RawLimits {
     max_memory_mib: u32,
     keepalive_secs: u16,
     report_interval_secs: u32,
+    /// Most the agent's data directory (database, artifacts, staging) may use, in MiB; 0 = the partition's free
+    /// space is the only limit.
+    max_data_mib: u64,
 }
 
 impl Default for RawLimits {
@@ -87,6 +90,7 @@ impl Default for RawLimits {
             max_memory_mib: 512,
             keepalive_secs: 60,
             report_interval_secs: 60,
+            max_data_mib: 0,
         }
     }
 }
@@ -149,6 +153,8 @@ pub struct Config {
     pub max_memory_mib: u32,
     pub keepalive_secs: u16,
     pub report_interval_secs: u32,
+    /// Quota on the data directory in bytes (`limits.max_data_mib`), if any.
+    pub max_data_bytes: Option<u64>,
     pub outbox_bytes: u64,
     pub metrics_interval_secs: u32,
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -303,6 +309,8 @@ impl Config {
             max_memory_mib: raw.limits.max_memory_mib,
             keepalive_secs: raw.limits.keepalive_secs.max(5),
             report_interval_secs: raw.limits.report_interval_secs.max(1),
+            max_data_bytes: (raw.limits.max_data_mib > 0)
+                .then(|| raw.limits.max_data_mib.saturating_mul(1024 * 1024)),
             outbox_bytes: raw.telemetry.outbox_bytes,
             metrics_interval_secs: raw.telemetry.metrics_interval_secs.max(1),
             metrics_listen: raw.metrics_listen,

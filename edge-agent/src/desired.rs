@@ -7,8 +7,9 @@ use flotilla_agent_core::{DesiredWorkload, geo};
 use flotilla_shared::codec;
 use flotilla_shared::trust;
 use flotilla_shared::wire::{
-    ArtifactRef, DesiredState, RejectReason, Rejection, Signed, WorkloadKind,
+    ArtifactRef, DesiredState, RejectReason, Rejection, Signed, WorkloadKind, WorkloadSpec,
 };
+use flotilla_shared::{Digest, WorkloadName};
 
 impl Agent {
     pub(crate) fn on_desired(&mut self, signed: Signed) {
@@ -72,6 +73,12 @@ impl Agent {
             let _ = self.store.set_rejection(None);
         }
         self.workload_rejects.clear();
+        // Workloads that left the desired state have no version to fall back to any more.
+        let names: Vec<WorkloadName> = ds.workloads.iter().map(|w| w.name.clone()).collect();
+        self.last_good.retain(|n, _| names.contains(n));
+        if let Err(e) = self.store.retain_last_good(&names) {
+            tracing::warn!(error = %e, "cannot forget removed workloads' last good versions");
+        }
         self.accepted = Some((signed, ds));
         self.refresh_desired();
         self.send_report();
@@ -92,7 +99,9 @@ impl Agent {
     }
 
     /// Recomputes what the reconciler should run from the accepted desired state, verified releases, the artifact
-    /// cache and the position; starts downloads for what is missing.
+    /// cache, holds and the position; starts downloads for what is missing. A workload whose wanted release cannot
+    /// run (refused, not fetched yet, held) keeps its last good version: the one that ran in memory, and after a
+    /// restart the one persisted in `last_good`, re-verified at boot.
     pub(crate) fn refresh_desired(&mut self) {
         let Some((_, ds)) = self.accepted.clone() else {
             self.reconciler.set_desired(self.millis(), vec![]);
@@ -100,36 +109,44 @@ impl Agent {
         };
         let mut list = Vec::new();
         let mut keep = Vec::new();
+        let held = self.hold_reason().is_some();
         for spec in ds.workloads {
             let inside_fence = spec
                 .geofence
                 .as_ref()
                 .is_none_or(|f| geo::contains(f, self.position));
-            let mut rejected = self.workload_rejects.get(&spec.name).cloned();
             let mut artifact = None;
             if spec.kind != WorkloadKind::Wasm {
-                rejected = Some(RejectReason::UnsupportedKind);
+                self.workload_rejects
+                    .insert(spec.name.clone(), RejectReason::UnsupportedKind);
             } else if let Some(release) = self.releases.get(&spec.release).cloned() {
                 keep.push(release.artifact_digest);
                 match self.store.has_artifact(&release.artifact_digest) {
                     Ok(true) => artifact = Some(release.artifact_digest),
-                    Ok(false) if !self.frozen && rejected.is_none() => self.start_fetch(
-                        ArtifactRef::Blob(release.artifact_digest),
-                        release.artifact_size,
-                        &spec.name,
-                    ),
+                    Ok(false)
+                        if !self.frozen && !self.workload_rejects.contains_key(&spec.name) =>
+                    {
+                        self.start_fetch(
+                            ArtifactRef::Blob(release.artifact_digest),
+                            release.artifact_size,
+                            &spec.name,
+                        )
+                    }
                     Ok(false) => {}
                     Err(e) => tracing::error!(error = %e, "artifact index"),
                 }
-            } else if !self.frozen && rejected.is_none() {
+            } else if !self.frozen && !self.workload_rejects.contains_key(&spec.name) {
                 self.start_fetch(
                     ArtifactRef::Release(spec.release),
                     MAX_RELEASE_DOC,
                     &spec.name,
                 );
             }
+            // Read after the fetch started: a download refused up front (disk space) shows in this very plan, and
+            // so in the report that follows it, instead of waiting for something else to re-plan.
+            let rejected = self.workload_rejects.get(&spec.name).cloned();
             // A hold defers release changes (the download may go ahead); what runs keeps running.
-            if self.hold_reason().is_some() {
+            if held {
                 let running = self
                     .reconciler
                     .status(self.millis())
@@ -143,14 +160,41 @@ impl Agent {
                     artifact = None;
                 }
             }
-            list.push(DesiredWorkload {
-                spec,
-                artifact,
-                inside_fence,
-                rejected,
-            });
+            let target = match (artifact, self.fallback(&spec)) {
+                (None, Some((last_spec, last_artifact))) => {
+                    keep.push(last_artifact);
+                    DesiredWorkload {
+                        inside_fence: last_spec
+                            .geofence
+                            .as_ref()
+                            .is_none_or(|f| geo::contains(f, self.position)),
+                        spec: last_spec,
+                        artifact: Some(last_artifact),
+                        rejected,
+                    }
+                }
+                (artifact, _) => DesiredWorkload {
+                    spec,
+                    artifact,
+                    inside_fence,
+                    rejected,
+                },
+            };
+            list.push(target);
         }
         self.reconciler.set_desired(self.millis(), list);
         self.collect_garbage(&keep);
+    }
+
+    /// The last good version of the workload `spec` names, if it differs from `spec`, is still verified (its
+    /// release is in the verified set, so it passes the current root and floor) and its artifact is cached.
+    fn fallback(&self, spec: &WorkloadSpec) -> Option<(WorkloadSpec, Digest)> {
+        let (last, artifact) = self.last_good.get(&spec.name)?;
+        if last == spec {
+            return None;
+        }
+        let release = self.releases.get(&last.release)?;
+        (release.artifact_digest == *artifact && self.store.has_artifact(artifact).unwrap_or(false))
+            .then(|| (last.clone(), *artifact))
     }
 }

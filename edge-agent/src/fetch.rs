@@ -34,8 +34,9 @@ const STALLS_BEFORE_REPORT: u32 = 3;
 /// Largest signed release document accepted.
 pub(crate) const MAX_RELEASE_DOC: u64 = 16 * 1024;
 
-/// Space kept free beyond an artifact, so the database and logs can still be written after a download.
-pub(crate) const DISK_RESERVE: u64 = 1 << 20;
+/// Space kept free beyond an artifact, so the database (which may grow by its WAL limit before a checkpoint) and
+/// logs can still be written after a download.
+pub(crate) const DISK_RESERVE: u64 = (1 << 20) + crate::store::WAL_LIMIT_BYTES;
 
 /// Refuses a download up front when the artifact plus the reserve does not fit in the free space.
 pub(crate) fn disk_check(size: u64, free: u64) -> Result<(), RejectReason> {
@@ -74,8 +75,7 @@ impl Agent {
             stalls: 0,
         };
         if is_blob {
-            let free = rustix::fs::statvfs(&self.cfg.data_dir)
-                .map_or(u64::MAX, |s| s.f_bavail.saturating_mul(s.f_frsize));
+            let free = self.free_disk();
             if let Err(reason) = disk_check(size, free) {
                 tracing::warn!(workload = %workload, ?reason, "artifact refused before download");
                 self.workload_rejects.insert(workload.clone(), reason);

@@ -42,6 +42,8 @@ impl Agent {
             .iter()
             .chain(running.iter().map(|(_, d)| d))
             .chain(previous.iter())
+            // What a workload falls back to when its wanted release cannot run, after a restart too.
+            .chain(self.last_good.values().map(|(_, a)| a))
             .copied()
             .collect();
         if keep.is_empty() && self.accepted.is_none() {

@@ -22,37 +22,31 @@ pub(crate) fn inventory(cfg: &Config, position: Option<LatLon>) -> Inventory {
     }
 }
 
-/// Reads the position source once. A file that is missing or malformed means "position unknown".
+/// The position file's format: a JSON object with `lat` and `lon` in degrees (WGS 84). Other fields (a GPS
+/// daemon's `accuracy_m`, `source`, `at`, ...) are ignored.
+#[derive(Debug, serde::Deserialize)]
+struct PositionFile {
+    lat: f64,
+    lon: f64,
+}
+
+/// Reads the position source once. A file that is missing, is not such an object, or holds an impossible
+/// position means "position unknown", never a bogus position.
 pub(crate) fn read_position(src: &PositionSource) -> Option<LatLon> {
-    match src {
-        PositionSource::None => None,
-        PositionSource::Static(p) => Some(*p),
+    let p = match src {
+        PositionSource::None => return None,
+        PositionSource::Static(p) => *p,
         PositionSource::File(path) => {
             let text = std::fs::read_to_string(path).ok()?;
-            let (mut lat, mut lon) = (None, None);
-            // `{"lat": 52.5, "lon": 13.4}`: parsed by hand to keep serde_json out of the agent.
-            for part in text
-                .trim()
-                .trim_start_matches('{')
-                .trim_end_matches('}')
-                .split(',')
-            {
-                let (k, v) = part.split_once(':')?;
-                let v: f64 = v.trim().parse().ok()?;
-                match k.trim().trim_matches('"') {
-                    "lat" => lat = Some(v),
-                    "lon" => lon = Some(v),
-                    _ => {}
-                }
+            let f: PositionFile = serde_json::from_str(&text).ok()?;
+            LatLon {
+                lat: f.lat,
+                lon: f.lon,
             }
-            let p = LatLon {
-                lat: lat?,
-                lon: lon?,
-            };
-            (p.lat.is_finite() && p.lon.is_finite() && p.lat.abs() <= 90.0 && p.lon.abs() <= 180.0)
-                .then_some(p)
         }
-    }
+    };
+    (p.lat.is_finite() && p.lon.is_finite() && p.lat.abs() <= 90.0 && p.lon.abs() <= 180.0)
+        .then_some(p)
 }
 
 #[cfg(test)]
@@ -75,6 +69,15 @@ mod tests {
             ("{\"lat\": 95.0, \"lon\": 13.4}", None),
             ("{\"lat\": \"x\"}", None),
             ("garbage", None),
+            // A GPS daemon's extra fields are ignored, whatever their type.
+            (
+                "{\"lat\": 48.1, \"lon\": 11.6, \"accuracy_m\": 4.5, \"source\": \"gps\", \"sats\": [1, 2]}",
+                Some(LatLon {
+                    lat: 48.1,
+                    lon: 11.6,
+                }),
+            ),
+            ("{\"lon\": 11.6}", None),
         ];
         for (text, want) in cases {
             std::fs::write(&path, text).expect("write");

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod config;
 pub mod desired;
+pub mod disk;
 pub mod enroll;
 pub mod fetch;
 pub mod gc;

@@ -31,8 +31,7 @@ impl Agent {
                 Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
             })
             .unwrap_or(0.0);
-        let disk_free = rustix::fs::statvfs(&self.cfg.data_dir)
-            .map_or(0.0, |s| (s.f_bavail * s.f_frsize) as f64);
+        let disk_free = self.free_disk() as f64;
         vec![
             ("workloads_desired".into(), status.len() as f64),
             ("workloads_running".into(), running as f64),
@@ -40,6 +39,7 @@ impl Agent {
             ("rss_bytes".into(), rss),
             ("cpu_seconds_total".into(), cpu),
             ("disk_free_bytes".into(), disk_free),
+            ("database_bytes".into(), self.store.disk_bytes() as f64),
             ("mqtt_reconnects_total".into(), self.reconnects as f64),
             (
                 "telemetry_dropped_total".into(),

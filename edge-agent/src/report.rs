@@ -9,13 +9,20 @@ use flotilla_shared::WorkloadName;
 use flotilla_shared::codec::{self, Message};
 use flotilla_shared::topics::{self, DeviceTopic};
 use flotilla_shared::trust::{self, DocType};
-use flotilla_shared::wire::{Presence, Report, Signed};
+use flotilla_shared::wire::{Inventory, Presence, Report, Signed};
 use std::time::Instant;
 
 impl Agent {
     /// The full observed state, signed with the device key and a persisted monotonic counter.
     pub fn build_report(&mut self) -> Result<Signed> {
+        Ok(self.build_report_with_inventory()?.0)
+    }
+
+    /// The signed report, and the inventory it carries (when it differs from what the hub last received).
+    fn build_report_with_inventory(&mut self) -> Result<(Signed, Option<Inventory>)> {
         let counter = self.store.next_counter("report")?;
+        let current = inventory(&self.cfg, self.position);
+        let changed = (self.inventory_sent.as_ref() != Some(&current)).then_some(current);
         let report = Report {
             device: self.trust.device.clone(),
             counter,
@@ -23,11 +30,14 @@ impl Agent {
             applied_generation: self.accepted.as_ref().map_or(0, |(_, ds)| ds.generation),
             last_rejection: self.rejection.clone(),
             workloads: self.reconciler.status(self.millis()),
-            inventory: (!self.inventory_sent).then(|| inventory(&self.cfg, self.position)),
+            inventory: changed.clone(),
             telemetry_dropped: self.store.counter("telemetry_dropped")?,
             hold: self.hold_reason(),
         };
-        Ok(trust::sign(DocType::Report, &report, &[&self.trust.key]))
+        Ok((
+            trust::sign(DocType::Report, &report, &[&self.trust.key]),
+            changed,
+        ))
     }
 
     pub(crate) fn send_report(&mut self) {
@@ -35,7 +45,7 @@ impl Agent {
         if !self.connected {
             return; // Level-based: the next connect sends the then-current state.
         }
-        let signed = match self.build_report() {
+        let (signed, inventory) = match self.build_report_with_inventory() {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot build report");
@@ -52,8 +62,9 @@ impl Agent {
                         false,
                     )
                     .is_ok()
+                    && let Some(inv) = inventory
                 {
-                    self.inventory_sent = true;
+                    self.inventory_sent = Some(inv);
                 }
             }
             Err(e) => tracing::error!(error = %e, "report too large"),

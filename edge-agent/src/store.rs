@@ -7,7 +7,7 @@
 
 use flotilla_shared::codec::decode_exact;
 use flotilla_shared::trust::TrustFloor;
-use flotilla_shared::wire::{Rejection, Signed};
+use flotilla_shared::wire::{Rejection, Signed, WorkloadSpec};
 use flotilla_shared::{DeviceId, Digest, WorkloadName};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -40,7 +40,15 @@ const MIGRATIONS: &[&str] = &[
           CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL);",
     // 2: per-workload runtime history, so restart counts and the last error survive agent restarts.
     "CREATE TABLE workload_state (name TEXT PRIMARY KEY, restarts INTEGER NOT NULL, last_error TEXT);",
+    // 3: per workload, the spec and artifact that last started successfully: what runs after a restart when the
+    // accepted desired state names a release the device refused or has not fetched yet.
+    "CREATE TABLE last_good (name TEXT PRIMARY KEY, spec BLOB NOT NULL, artifact BLOB NOT NULL);",
 ];
+
+/// Largest the write-ahead log may stay after a checkpoint, and roughly how far it grows between automatic ones:
+/// on a small data partition an unbounded WAL (SQLite's default leaves it at its high-water mark, ~4 MiB with one
+/// busy workload) starves artifact downloads.
+pub const WAL_LIMIT_BYTES: u64 = 1024 * 1024;
 
 /// An open agent database.
 #[derive(Debug)]
@@ -58,6 +66,9 @@ fn open_conn(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "journal_size_limit", to_i64(WAL_LIMIT_BYTES))?;
+    // Pages of 4 KiB: an automatic checkpoint once the WAL holds about WAL_LIMIT_BYTES.
+    conn.pragma_update(None, "wal_autocheckpoint", to_i64(WAL_LIMIT_BYTES / 4096))?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(conn)
@@ -121,6 +132,68 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Copies the WAL into the database and truncates it (bounded disk use; run every minute by the agent).
+    pub fn checkpoint(&self) -> Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    /// Bytes the database uses on disk: the file, its WAL and its shared-memory index.
+    pub fn disk_bytes(&self) -> u64 {
+        ["", "-wal", "-shm"]
+            .iter()
+            .filter_map(|ext| {
+                let mut p = self.path.clone().into_os_string();
+                p.push(ext);
+                std::fs::metadata(p).ok().map(|m| m.len())
+            })
+            .sum()
+    }
+
+    /// Records what a workload is running after a successful start (spec and artifact), for restarts.
+    pub fn save_last_good(&mut self, spec: &WorkloadSpec, artifact: &Digest) -> Result<()> {
+        let bytes = postcard::to_stdvec(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO last_good (name, spec, artifact) VALUES (?1, ?2, ?3)",
+            params![spec.name.as_str(), bytes, artifact.0.as_slice()],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets the last-good entries of workloads not in `keep` (they left the desired state).
+    pub fn retain_last_good(&mut self, keep: &[WorkloadName]) -> Result<()> {
+        for (name, ..) in self.last_good()? {
+            if !keep.contains(&name) {
+                self.conn
+                    .execute("DELETE FROM last_good WHERE name = ?1", [name.as_str()])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every workload's last successfully started spec and artifact.
+    pub fn last_good(&self) -> Result<Vec<(WorkloadName, WorkloadSpec, Digest)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT spec, artifact FROM last_good ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (spec, artifact) = row?;
+            let spec: WorkloadSpec = decode_exact(&spec)
+                .map_err(|e| StoreError::Corrupt(format!("last_good spec: {e}")))?;
+            let artifact: [u8; 32] = artifact
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("last_good artifact digest".into()))?;
+            out.push((spec.name.clone(), spec, Digest(artifact)));
+        }
+        Ok(out)
     }
 
     /// `PRAGMA integrity_check` (used by the crash campaign and at start).

@@ -70,8 +70,15 @@ impl Agent {
             }
             Err(e) => bail!("stored desired state does not verify: {e}"),
         }
+        // The releases of the desired workloads, and of their last good versions (what runs if the wanted one
+        // cannot): each is verified against the current root and floor before it may run.
+        let last_good: Vec<_> = self
+            .last_good
+            .values()
+            .map(|(spec, _)| spec.clone())
+            .collect();
         if let Some((_, ds)) = &self.accepted {
-            for w in ds.workloads.clone() {
+            for w in ds.workloads.clone().into_iter().chain(last_good) {
                 if let Some(signed) = self.store.release(&w.release)? {
                     match trust::verify_release_for(
                         &self.trust.root,

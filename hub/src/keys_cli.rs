@@ -81,7 +81,8 @@ pub struct ReleaseSign {
     /// Release signing keys (repeatable to meet a threshold).
     #[arg(long = "key", required = true)]
     pub keys: Vec<PathBuf>,
-    /// Where to write the signed release (default: ARTIFACT.release).
+    /// Where to write the signed release. `release sign` defaults to ARTIFACT.release; `release push` writes
+    /// nothing unless this is given (the artifact's directory may be read-only).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }

@@ -130,7 +130,7 @@ impl Hub {
                 match report.workloads.iter().find(|w| w.name == spec.name) {
                     Some(w) if w.release == spec.release => {
                         if let Some(reason) = &w.rejected {
-                            failure = Some(format!("{}: rejected {reason:?}", w.name));
+                            failure = Some(format!("{}: refused by the device: {reason}", w.name));
                         } else if matches!(
                             w.state,
                             WorkloadState::BackingOff | WorkloadState::Failed
@@ -145,8 +145,8 @@ impl Hub {
                         }
                         healthy &= w.state == WorkloadState::Running && w.healthy;
                     }
-                    Some(w) if w.rejected.is_some() => {
-                        failure = Some(format!("{}: rejected {:?}", w.name, w.rejected));
+                    Some(w) if let Some(reason) = &w.rejected => {
+                        failure = Some(format!("{}: refused by the device: {reason}", w.name));
                     }
                     _ => healthy = false,
                 }

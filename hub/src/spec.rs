@@ -301,6 +301,16 @@ pub enum ReleaseRef {
     Digest(Digest),
 }
 
+/// As written in a spec: `name@version` or `sha256:<hex>`.
+impl std::fmt::Display for ReleaseRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Version { name, version } => write!(f, "{name}@{version}"),
+            Self::Digest(d) => write!(f, "sha256:{}", d.to_hex()),
+        }
+    }
+}
+
 /// One validated workload of a deployment (release not yet resolved).
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkloadTemplate {

@@ -194,6 +194,82 @@ pub enum RejectReason {
     InvalidSpec(String),
 }
 
+/// Sizes for people: `1.5 MiB`, `512 B`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// A sentence for operators (`flotilla why`, the console, logs): what was refused and what fixes it.
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Malformed => f.write_str("the document is not a valid Flotilla payload"),
+            Self::Unsigned => f.write_str("the document carries no signature"),
+            Self::UnknownKey => f.write_str(
+                "it is signed by a key the device's trust root does not know; check that the hub and the device \
+                 use the same root (`flotilla root show`)",
+            ),
+            Self::BadSignature => f.write_str("a signature does not verify"),
+            Self::BelowThreshold { valid, needed } => write!(
+                f,
+                "only {valid} valid signature(s) where {needed} are required; co-sign it with more keys"
+            ),
+            Self::WrongDevice => f.write_str("it is addressed to another device"),
+            Self::StaleGeneration { floor, got } => write!(
+                f,
+                "generation {got} is older than generation {floor}, which the device already accepted"
+            ),
+            Self::Expired { expires_at, now } => write!(
+                f,
+                "it expired at unix time {expires_at} (device time {now}); the hub re-signs well before expiry, \
+                 so check the clocks of the hub and the device"
+            ),
+            Self::RootExpired => f.write_str(
+                "the device's trust root has expired; sign and publish a new root version (`flotilla root sign`)",
+            ),
+            Self::ReleaseMissing => {
+                f.write_str("the hub does not have this release (never pushed, or removed)")
+            }
+            Self::ReleaseMismatch => f.write_str(
+                "the release does not match what the desired state names (its digest or its kind)",
+            ),
+            Self::EpochDowngrade { floor, got } => write!(
+                f,
+                "the release has security epoch {got}, below epoch {floor} that this device already accepted for \
+                 the workload (anti-rollback); release the version again with --epoch {floor} or higher"
+            ),
+            Self::ArtifactDigestMismatch => {
+                f.write_str("the downloaded artifact's SHA-256 differs from the signed release")
+            }
+            Self::ArtifactTooLarge => {
+                f.write_str("the artifact is larger than the signed release says")
+            }
+            Self::ArtifactStalled => f.write_str(
+                "the artifact download stalled (requests unanswered); the device keeps trying",
+            ),
+            Self::InsufficientDisk { needed, free } => write!(
+                f,
+                "not enough disk space: the artifact needs {} plus a reserve, {} is free; free space on the \
+                 device's data partition (or raise limits.max_data_mib), the device retries by itself",
+                human_bytes(*needed),
+                human_bytes(*free)
+            ),
+            Self::UnsupportedKind => f.write_str("this device cannot run this kind of workload"),
+            Self::InvalidSpec(why) => write!(f, "invalid workload spec: {why}"),
+        }
+    }
+}
+
 /// Per-workload observed state in a report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkloadStatus {

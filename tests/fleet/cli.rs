@@ -128,6 +128,17 @@ fn cli_against_a_running_hub() {
         ],
     );
     assert!(pushed.contains("pushed sensor@1.0.0"), "{pushed}");
+    let beside: Vec<_> = std::fs::read_dir(fleet.root.path())
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("sensor"))
+        .collect();
+    assert_eq!(
+        beside.len(),
+        1,
+        "release push writes nothing beside the artifact: {beside:?}"
+    );
     assert!(ok(hub, &["release", "ls"]).contains("sensor"));
     let spec = fleet.root.path().join("sensors.toml");
     std::fs::write(&spec, "name = \"sensors\"\n[[workloads]]\nname = \"sensor\"\nrelease = \"sensor@1.0.0\"\ntick_ms = 100\n")

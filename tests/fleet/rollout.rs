@@ -253,7 +253,7 @@ fn device_hold_defers_the_update() {
     wait_for("canary held", PATIENCE, || {
         let v = status(&f);
         let st = v["waves"][0]["devices"][0]["status"].as_str()?.to_owned();
-        st.starts_with("Held").then_some(())
+        (st == "held").then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}: {}", status(&f)));
     let why = f.hub.client.get("/api/v1/why/eu-1/sensor").expect("why");

@@ -466,6 +466,8 @@ pub struct AgentSpec {
     pub position_file: bool,
     /// Extra top-level TOML lines for the agent config (placed before any table).
     pub extra_config: String,
+    /// Extra lines for the agent config's `[limits]` table (e.g. `max_data_mib = 8`).
+    pub extra_limits: String,
 }
 
 impl AgentSpec {
@@ -479,6 +481,7 @@ impl AgentSpec {
             labels: vec![("role".into(), "gateway".into())],
             position_file: false,
             extra_config: String::new(),
+            extra_limits: String::new(),
         }
     }
 }
@@ -675,13 +678,14 @@ impl FleetBuilder {
                 &config,
                 format!(
                     "version = 1\n{}device_id = \"{}\"\ndata_dir = \"{}\"\nbroker = \"{scheme}://{host}:{port}\"\nenroll_token = \"{token}\"\n\
-                     region = \"{}\"\nzone = \"{}\"\n{position}\n[limits]\nkeepalive_secs = 5\nreport_interval_secs = 5\n\n\
+                     region = \"{}\"\nzone = \"{}\"\n{position}\n[limits]\nkeepalive_secs = 5\nreport_interval_secs = 5\n{}\n\
                      [telemetry]\nmetrics_interval_secs = 3600\n{tls_table}",
                     spec.extra_config,
                     spec.id,
                     dir.join("state").display(),
                     spec.region,
-                    spec.zone
+                    spec.zone,
+                    spec.extra_limits,
                 ),
             )?;
             let mut agent = Agent {

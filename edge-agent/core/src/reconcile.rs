@@ -358,6 +358,11 @@ impl Reconciler {
         std::mem::take(&mut self.changed)
     }
 
+    /// The spec and artifact `name` is running (or starting) right now.
+    pub fn running(&self, name: &WorkloadName) -> Option<(WorkloadSpec, Digest)> {
+        self.slots.get(name).and_then(|s| s.running.clone())
+    }
+
     /// Names of workloads that are running or starting (what a report calls "up").
     pub fn is_running(&self, name: &WorkloadName) -> bool {
         self.slots

@@ -143,6 +143,43 @@ pub enum DeviceStatus {
     },
 }
 
+impl DeviceStatus {
+    /// A short name for tables and APIs: `pending`, `waiting-for-window`, `updating`, `healthy`, `held`,
+    /// `failed`, `skipped`, `rolled-back`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::WaitingForWindow => "waiting-for-window",
+            Self::Updating { .. } => "updating",
+            Self::Healthy { .. } => "healthy",
+            Self::Held { .. } => "held",
+            Self::Failed { .. } => "failed",
+            Self::Skipped => "skipped",
+            Self::RolledBack { .. } => "rolled-back",
+        }
+    }
+
+    /// Why, for the states that have a reason.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Self::Held { reason, .. } | Self::Failed { reason } | Self::RolledBack { reason } => {
+                Some(reason)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `failed: trap on start`, `healthy`: how the history and operators read a device's state.
+impl std::fmt::Display for DeviceStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.detail() {
+            Some(d) => write!(f, "{}: {d}", self.name()),
+            None => f.write_str(self.name()),
+        }
+    }
+}
+
 /// What the hub learned about a device assigned the new release (from its reports).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Observation {
@@ -312,7 +349,7 @@ impl Rollout {
             _ => return,
         };
         if next != current {
-            self.log(now, format!("{device}: {next:?}"));
+            self.log(now, format!("{device}: {next}"));
             if let DeviceStatus::Failed { .. } = next {
                 // A failed device goes back at once; the gate decides whether the rollout continues.
                 self.revert(device);
@@ -391,13 +428,32 @@ impl Rollout {
     }
 
     fn abort(&mut self, now: u64, reason: String) {
+        // Devices that failed went back to the old release the moment they failed; they are rolled back as much
+        // as the ones still on the new release, and are counted and shown as such.
+        let failed: Vec<(DeviceId, String)> = self
+            .status
+            .iter()
+            .filter_map(|(d, s)| match s {
+                DeviceStatus::Failed { reason } => Some((d.clone(), reason.clone())),
+                _ => None,
+            })
+            .collect();
         self.log(
             now,
             format!(
-                "aborted: {reason}; rolling back {} devices",
-                self.on_new.len()
+                "aborted: {reason}; rolling back {} devices ({} of them already back after failing)",
+                self.on_new.len() + failed.len(),
+                failed.len()
             ),
         );
+        for (d, why) in failed {
+            self.status.insert(
+                d,
+                DeviceStatus::RolledBack {
+                    reason: format!("failed ({why}), then the rollout was aborted"),
+                },
+            );
+        }
         for d in std::mem::take(&mut self.on_new) {
             self.actions.push_back(Action::Assign {
                 device: d.clone(),

@@ -429,6 +429,20 @@ fn thousand_device_fleet_canary_fails() {
             .values()
             .all(|s| !matches!(s, DeviceStatus::Updating { .. }))
     );
+    // Every device that ever got the release is rolled back and counted, the failed canaries included.
+    assert!(
+        ever_new
+            .iter()
+            .all(|d| matches!(r.status.get(d), Some(DeviceStatus::RolledBack { .. }))),
+        "{:?}",
+        r.status
+    );
+    let last = &r.history.last().expect("history").1;
+    assert!(
+        last.contains(&format!("rolling back {} devices", ever_new.len())),
+        "{last} (moved: {})",
+        ever_new.len()
+    );
     println!(
         "aborted after {} wave-1 reports: {:?}",
         now,

@@ -29,7 +29,7 @@ pub(super) fn device_json(h: &Hub, d: &crate::store::DeviceRow) -> Value {
                 let version = h.store.release_by_digest(&w.release).ok().flatten().map(|r| r.release.version);
                 json!({"name": w.name.as_str(), "state": state_str(w.state), "healthy": w.healthy,
                        "version": version, "release": w.release.to_hex(), "restarts": w.restarts,
-                       "last_error": w.last_error, "rejected": w.rejected.as_ref().map(|r| format!("{r:?}"))})
+                       "last_error": w.last_error, "rejected": w.rejected.as_ref().map(ToString::to_string)})
             })
             .collect()
     });
@@ -46,7 +46,7 @@ pub(super) fn device_json(h: &Hub, d: &crate::store::DeviceRow) -> Value {
         "arch": inv.arch, "agent_version": inv.agent_version, "memory_mib": inv.memory_mib,
         "desired_generation": desired,
         "applied_generation": d.last_report.as_ref().map_or(0, |r| r.applied_generation),
-        "rejection": d.last_report.as_ref().and_then(|r| r.last_rejection.as_ref()).map(|r| format!("gen {}: {:?}", r.generation, r.reason)),
+        "rejection": d.last_report.as_ref().and_then(|r| r.last_rejection.as_ref()).map(|r| format!("generation {}: {}", r.generation, r.reason)),
         "telemetry_dropped": d.last_report.as_ref().map_or(0, |r| r.telemetry_dropped),
         "hold": d.last_report.as_ref().and_then(|r| r.hold.clone()),
         "workloads": workloads,

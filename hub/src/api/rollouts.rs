@@ -29,7 +29,8 @@ pub(super) async fn rollout_status(
                 .map(|(i, w)| {
                     let devices: Vec<Value> = w
                         .iter()
-                        .map(|d| json!({"device": d.as_str(), "status": ro.status.get(d).map(|s| format!("{s:?}"))}))
+                        .map(|d| json!({"device": d.as_str(), "status": ro.status.get(d).map(|s| s.name()),
+                                      "detail": ro.status.get(d).and_then(|s| s.detail())}))
                         .collect();
                     json!({"wave": i + 1, "devices": devices})
                 })

@@ -8,6 +8,9 @@ use anyhow::Result;
 pub fn push(sign: ReleaseSign, conn: Conn) -> Result<()> {
     let c = conn.client()?;
     let (signed, release) = keys_cli::sign_release(&sign)?;
+    if let Some(out) = &sign.out {
+        crate::keyfile::write_signed(out, &signed)?;
+    }
     let bytes = std::fs::read(&sign.artifact)?;
     eprintln!(
         "uploading {} ({} bytes)...",

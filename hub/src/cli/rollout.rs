@@ -16,13 +16,7 @@ fn print_rollout(v: &Value) {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|d| {
-                format!(
-                    "{}={}",
-                    s(d, "device"),
-                    s(d, "status").split([' ', '{']).next().unwrap_or("?")
-                )
-            })
+            .map(|d| format!("{}={}", s(d, "device"), s(d, "status")))
             .collect();
         outln!("  wave {}: {}", s(w, "wave"), devs.join(" "));
     }

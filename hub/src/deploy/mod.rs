@@ -42,12 +42,7 @@ impl Hub {
                 }
                 ReleaseRef::Digest(dg) => self.store.release_by_digest(dg)?,
             }
-            .ok_or_else(|| {
-                HubError::BadRequest(format!(
-                    "workloads[{i}].release: no such release {:?}",
-                    w.release
-                ))
-            })?;
+            .ok_or_else(|| self.no_such_release(i, &w.release))?;
             if row.release.name != w.name {
                 return Err(HubError::BadRequest(format!(
                     "workloads[{i}].release: release is for workload {}, not {}",
@@ -69,6 +64,33 @@ impl Hub {
         Ok(out)
     }
 
+    /// The error for a spec naming a release the hub does not have: which versions it does have, and how to add one.
+    fn no_such_release(&self, i: usize, r: &ReleaseRef) -> HubError {
+        let known: Vec<String> = match r {
+            ReleaseRef::Version { name, .. } => self
+                .store
+                .releases()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|row| row.release.name.as_str() == name)
+                .map(|row| row.release.version)
+                .collect(),
+            ReleaseRef::Digest(_) => vec![],
+        };
+        let known = match (r, known.is_empty()) {
+            (ReleaseRef::Version { name, .. }, true) => {
+                format!("the hub has no release of {name} at all")
+            }
+            (ReleaseRef::Version { name, .. }, false) => {
+                format!("releases of {name} on the hub: {}", known.join(", "))
+            }
+            (ReleaseRef::Digest(_), _) => "no release has that digest".to_owned(),
+        };
+        HubError::BadRequest(format!(
+            "workloads[{i}].release: no release {r} ({known}); push it first with `flotilla release push`"
+        ))
+    }
+
     /// Validates and stores a deployment spec, then re-places. Nothing changes if anything is invalid.
     ///
     /// Before anything is stored the spec is placed over the fleet as it is now: a deployment whose desired state
@@ -83,7 +105,10 @@ impl Hub {
         force: bool,
     ) -> Result<(String, u64), HubError> {
         let d = spec::parse(file, source).map_err(|e| HubError::BadRequest(e.to_string()))?;
-        let specs = self.resolve(&d)?;
+        let specs = self.resolve(&d).map_err(|e| match e {
+            HubError::BadRequest(m) => HubError::BadRequest(format!("{file}: {m}")),
+            other => other,
+        })?;
         for (other_name, other) in &self.deployments {
             if other_name == d.name.as_str() {
                 continue;

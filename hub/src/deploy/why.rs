@@ -61,7 +61,7 @@ impl Hub {
             && rej.generation >= desired_gen
         {
             return Ok(format!(
-                "desired generation {} rejected by the device: {:?}{offline}",
+                "the device refused desired generation {}: {}{offline}",
                 rej.generation, rej.reason
             ));
         }
@@ -84,29 +84,49 @@ impl Hub {
             ));
         };
         let at_expected = expected.as_ref().is_some_and(|e| e.release == st.release);
-        let version = self
-            .store
-            .release_by_digest(&st.release)?
-            .map_or_else(|| st.release.short(), |r| r.release.version);
+        let version_of = |digest: &flotilla_shared::Digest| -> Result<String, HubError> {
+            Ok(self
+                .store
+                .release_by_digest(digest)?
+                .map_or_else(|| digest.short(), |r| r.release.version))
+        };
+        let version = version_of(&st.release)?;
+        let wanted = match &expected {
+            Some(e) => version_of(&e.release)?,
+            None => "?".to_owned(),
+        };
         let text = match (st.state, &st.rejected) {
-            (_, Some(reason)) => format!(
-                "release rejected by the device: {reason:?}; version {version} keeps running"
-            ),
-            (WorkloadState::Downloading, _) => "waiting for download".to_owned(),
-            (WorkloadState::HeldByGeofence, _) => {
-                "held by geofence: the device is outside the workload's fence".into()
+            (_, Some(reason)) if at_expected => {
+                format!("version {version} was refused by the device: {reason}")
             }
+            (_, Some(reason)) => format!(
+                "version {wanted} was refused by the device: {reason}. Version {version} keeps running"
+            ),
+            (WorkloadState::Downloading, _) => {
+                format!("waiting for download: the device is fetching version {wanted}")
+            }
+            (WorkloadState::HeldByGeofence, _) => format!(
+                "held by geofence: the device is outside the workload's fence, so version {version} does not run \
+                 here until the device moves inside it"
+            ),
             (WorkloadState::BackingOff | WorkloadState::Failed, _) => format!(
-                "crash-looping ({} restarts), last error: {}",
+                "crash-looping ({} restarts) at version {version}, last error: {}",
                 st.restarts,
                 st.last_error.as_deref().unwrap_or("unknown")
             ),
-            (WorkloadState::Running, _) if at_expected => {
-                format!("running version {version} (healthy: {})", st.healthy)
+            (WorkloadState::Running, _) if at_expected && st.healthy => {
+                format!("running version {version} (healthy: true)")
             }
-            (state, _) => format!(
-                "{state:?} at version {version} (expected {})",
-                if at_expected { "this" } else { "another" }
+            (WorkloadState::Running, _) if at_expected => format!(
+                "running version {version} (healthy: false, it has not yet run for as long as its health rule asks)"
+            ),
+            (WorkloadState::Running, _) => format!(
+                "running version {version} while version {wanted} is on its way; the device switches over once \
+                 the new artifact is downloaded and verified"
+            ),
+            (WorkloadState::Starting, _) => format!("starting version {version}"),
+            (WorkloadState::Exited, _) => format!(
+                "version {version} ran to completion and exited; its restart policy does not start it again"
             ),
         };
         Ok(format!("{text}{offline}"))
