@@ -181,6 +181,12 @@ impl Agent {
             port: self.cfg.broker.port,
             keepalive: Duration::from_secs(u64::from(self.cfg.keepalive_secs)),
             tls: tls_settings(&self.cfg),
+            // Username: the device id; password: the secret the hub issued at enrollment. A device enrolled
+            // before brokers authenticated has none, and is refused until it enrolls again.
+            credentials: self
+                .store
+                .mqtt_secret()?
+                .map(|secret| (dev.to_string(), secret)),
             last_will: Some((topics::device(dev, DeviceTopic::Presence), offline)),
             subscriptions: vec![
                 topics::device(dev, DeviceTopic::Desired),

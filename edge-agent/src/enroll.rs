@@ -24,6 +24,7 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
         port: cfg.broker.port,
         keepalive: Duration::from_secs(30),
         tls: tls_settings(cfg),
+        credentials: None,
         last_will: None,
         subscriptions: vec![topics::enroll_response(&nonce)],
         clean_session: true,
@@ -60,7 +61,7 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
                     tracing::warn!(error = %e, "enrollment: broker unreachable, retrying");
                 }
                 Some(LinkEvent::Message { payload, .. }) => match codec::decode(&payload) {
-                    Ok(Message::EnrollResponse(EnrollResponse::Accepted { device, root })) => {
+                    Ok(Message::EnrollResponse(EnrollResponse::Accepted { device, root, mqtt_password })) => {
                         let verified = trust::verify_initial_root(&root, unix_now())
                             .map_err(|e| EnrollError::Config(format!("hub sent an invalid root: {e}")))?;
                         if let Some(pinned) = &pinned {
@@ -71,6 +72,7 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
                             }
                         }
                         store.save_identity(&device, &key.to_file_text(), &root, verified.version)
+                            .and_then(|()| store.set_mqtt_secret(&mqtt_password))
                             .map_err(|e| EnrollError::Transient(e.to_string()))?;
                         link.disconnect().await;
                         tracing::info!(device = %device, "enrolled");

@@ -43,6 +43,8 @@ const MIGRATIONS: &[&str] = &[
     // 3: per workload, the spec and artifact that last started successfully: what runs after a restart when the
     // accepted desired state names a release the device refused or has not fetched yet.
     "CREATE TABLE last_good (name TEXT PRIMARY KEY, spec BLOB NOT NULL, artifact BLOB NOT NULL);",
+    // 4: the MQTT secret the hub issued at enrollment (the database is 0600, like the device key in it).
+    "ALTER TABLE identity ADD COLUMN mqtt_secret TEXT;",
 ];
 
 /// Largest the write-ahead log may stay after a checkpoint, and roughly how far it grows between automatic ones:
@@ -120,6 +122,15 @@ impl Store {
         }
         let mut conn = open_conn(&path)?;
         migrate(&mut conn)?;
+        // The database holds the device's signing key and MQTT secret: readable by the agent's user alone.
+        for ext in ["", "-wal", "-shm"] {
+            let mut p = path.clone().into_os_string();
+            p.push(ext);
+            let p = PathBuf::from(p);
+            if p.exists() {
+                std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            }
+        }
         let outbox = open_conn(&path)?;
         outbox.pragma_update(None, "synchronous", "NORMAL")?;
         Ok(Self {
@@ -132,6 +143,26 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Stores the MQTT secret issued at enrollment.
+    pub fn set_mqtt_secret(&mut self, secret: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE identity SET mqtt_secret = ?1 WHERE id = 1",
+            [secret],
+        )?;
+        Ok(())
+    }
+
+    /// The MQTT secret issued at enrollment, if any.
+    pub fn mqtt_secret(&self) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT mqtt_secret FROM identity WHERE id = 1", [], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()?
+            .flatten())
     }
 
     /// Copies the WAL into the database and truncates it (bounded disk use; run every minute by the agent).

@@ -19,12 +19,42 @@ pub fn config(max_connections: usize) -> flotilla_broker::Config {
     c
 }
 
+/// The broker authenticates and authorises through the hub's credential registry and access policy.
+#[cfg(feature = "embedded-broker")]
+impl flotilla_broker::auth::Authorizer for crate::access::Credentials {
+    fn authenticate(
+        &self,
+        c: &flotilla_broker::auth::ConnectInfo<'_>,
+    ) -> Result<flotilla_broker::auth::Principal, flotilla_broker::auth::Refusal> {
+        use crate::access::Denied;
+        match crate::access::Credentials::authenticate(self, c.client_id, c.username, c.password) {
+            Ok(p) => Ok(p.name().into()),
+            Err(Denied::BadCredentials) => Err(flotilla_broker::auth::Refusal::BadCredentials),
+            Err(Denied::NotAuthorized) => Err(flotilla_broker::auth::Refusal::NotAuthorized),
+        }
+    }
+
+    fn allow(&self, principal: &str, action: flotilla_broker::auth::Action, topic: &str) -> bool {
+        use crate::access::policy::Access;
+        use flotilla_broker::auth::Action;
+        let access = match action {
+            Action::Publish => Access::Publish,
+            Action::PublishRetained => Access::PublishRetained,
+            Action::Subscribe => Access::Subscribe,
+            Action::Will => Access::Will,
+        };
+        crate::access::Credentials::allow(self, principal, access, topic)
+    }
+}
+
 /// Starts the embedded broker on `listen`, and on `tls` (address, certificate, key, optional client CA) when
-/// given. The TLS material is read before anything listens, so a bad file fails the start cleanly.
+/// given, authenticating every connection against `credentials`. The TLS material is read before anything
+/// listens, so a bad file fails the start cleanly.
 #[cfg(feature = "embedded-broker")]
 pub fn start(
     listen: SocketAddr,
     tls: Option<(SocketAddr, &Path, &Path, Option<&Path>)>,
+    credentials: crate::access::Credentials,
 ) -> anyhow::Result<(Broker, Option<SocketAddr>)> {
     let tls = match tls {
         Some((addr, cert, key, ca)) => {
@@ -32,7 +62,11 @@ pub fn start(
         }
         None => None,
     };
-    let broker = flotilla_broker::start(listen, config(MAX_CONNECTIONS))?;
+    let broker = flotilla_broker::start(
+        listen,
+        config(MAX_CONNECTIONS),
+        std::sync::Arc::new(credentials),
+    )?;
     let mqtts = match tls {
         Some((addr, config)) => Some(broker.listen_tls(addr, config)?),
         None => None,
@@ -53,6 +87,9 @@ impl Broker {
     pub fn addr(&self) -> SocketAddr {
         match *self {}
     }
+    pub fn disconnect(&self, _principal: &str) -> usize {
+        match *self {}
+    }
 }
 
 #[cfg(not(feature = "embedded-broker"))]
@@ -64,12 +101,14 @@ pub struct Snapshot {
     pub delivered: u64,
     pub dropped_queue_full: u64,
     pub dropped_offline: u64,
+    pub denied: [(&'static str, u64); 5],
 }
 
 #[cfg(not(feature = "embedded-broker"))]
 pub fn start(
     _listen: SocketAddr,
     _tls: Option<(SocketAddr, &Path, &Path, Option<&Path>)>,
+    _credentials: crate::access::Credentials,
 ) -> anyhow::Result<(Broker, Option<SocketAddr>)> {
     anyhow::bail!("this build has no embedded broker; pass --broker mqtt://host:port")
 }

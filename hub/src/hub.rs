@@ -13,6 +13,7 @@ use crate::store::Store;
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
 use flotilla_mqtt::{Link, LinkEvent};
+use flotilla_shared::Digest;
 use flotilla_shared::codec::{self, Message};
 use flotilla_shared::topics::{self, DeviceTopic};
 use flotilla_shared::trust::{self, SigningKey};
@@ -73,6 +74,12 @@ pub struct Hub {
     pub telemetry: Telemetry,
     pub(crate) desired: DesiredCache,
     pub metrics: HubMetrics,
+    /// The MQTT credential registry the embedded broker authenticates against (shared with it).
+    pub access: crate::access::Credentials,
+    /// The key device MQTT secrets are derived under (see [`crate::access::device_secret`]).
+    pub(crate) enroll_key: Vec<u8>,
+    /// The embedded broker, when this hub runs one: revocation disconnects through it.
+    pub(crate) broker: Option<crate::embedded::Broker>,
     /// Something placement reads changed: re-place on the next tick. The one cross-concern signal.
     pub(crate) dirty: bool,
 }
@@ -111,7 +118,13 @@ impl From<crate::store::StoreError> for HubError {
 }
 
 impl Hub {
-    pub fn new(store: Store, link: Link, hub_key: SigningKey, root_signed: Signed) -> Result<Self> {
+    pub fn new(
+        store: Store,
+        link: Link,
+        hub_key: SigningKey,
+        root_signed: Signed,
+        access: crate::access::Credentials,
+    ) -> Result<Self> {
         let root = trust::verify_initial_root(&root_signed, unix_now()).context("hub root")?;
         let deployments = crate::deploy::load(&store)?;
         let rollouts = crate::rollout::load(&store)?;
@@ -126,6 +139,9 @@ impl Hub {
             telemetry: Telemetry::default(),
             desired: DesiredCache::default(),
             metrics: HubMetrics::default(),
+            access,
+            enroll_key: trust::random_hex(32).into_bytes(),
+            broker: None,
             dirty: true,
         })
     }
@@ -234,6 +250,19 @@ impl Hub {
         }
     }
 
+    /// Sets the key device secrets are derived under; it must stay the same across restarts (the hub's own MQTT
+    /// secret is used), or re-sent enrollments would get secrets the stored hashes do not match.
+    pub fn set_enroll_key(&mut self, key: &[u8]) {
+        self.enroll_key = Digest::of(&[b"flotilla enrollment key\0".as_slice(), key].concat())
+            .0
+            .to_vec();
+    }
+
+    /// Hands the hub the embedded broker it runs on (for revocation).
+    pub fn set_broker(&mut self, broker: crate::embedded::Broker) {
+        self.broker = Some(broker);
+    }
+
     pub fn root(&self) -> &Root {
         &self.root
     }
@@ -289,6 +318,7 @@ pub(crate) mod test_support {
             port: 1,
             keepalive: std::time::Duration::from_secs(30),
             tls: None,
+            credentials: None,
             last_will: None,
             subscriptions: vec![],
             clean_session: true,
@@ -296,6 +326,10 @@ pub(crate) mod test_support {
         })
         .expect("link");
         let store = Store::open(dir).expect("store");
-        (Hub::new(store, link, key, root_signed).expect("hub"), rx)
+        let access = crate::access::Credentials::new("test-hub-secret", true);
+        (
+            Hub::new(store, link, key, root_signed, access).expect("hub"),
+            rx,
+        )
     }
 }

@@ -1,5 +1,6 @@
 //! The Flotilla hub: fleet registry, placement, signed desired state over MQTT, and the operator CLI.
 
+pub mod access;
 pub mod api;
 pub mod artifacts;
 #[macro_use]

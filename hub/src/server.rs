@@ -37,6 +37,10 @@ impl DataDir {
     pub fn endpoints(&self) -> PathBuf {
         self.0.join("endpoints.txt")
     }
+    /// The hub's own MQTT secret (username `hub`), 0600.
+    pub fn hub_mqtt_secret(&self) -> PathBuf {
+        self.0.join("mqtt-hub.secret")
+    }
     pub fn initialized(&self) -> bool {
         self.root().exists() && self.hub_key().exists()
     }
@@ -68,6 +72,7 @@ pub fn init(dir: &DataDir) -> Result<String> {
     let token = format!("fat_{}", trust::random_hex(20));
     store.add_api_token(&token, "admin", "admin")?;
     keyfile::write_private(&dir.admin_token(), &format!("{token}\n"))?;
+    hub_mqtt_secret(dir)?;
     println!("initialised {}", dir.0.display());
     println!("  root key (move offline!): {}", root_path.display());
     println!("  release key:              {}", release_path.display());
@@ -106,12 +111,55 @@ pub struct EmbeddedTls {
     pub client_ca: Option<PathBuf>,
 }
 
+/// The hub's MQTT secret, created (random, 0600) on first use: data directories made before brokers
+/// authenticated get one on their next start.
+pub fn hub_mqtt_secret(dir: &DataDir) -> Result<String> {
+    let path = dir.hub_mqtt_secret();
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        _ => {
+            let secret = trust::random_hex(32);
+            keyfile::write_private(&path, &format!("{secret}\n"))?;
+            Ok(secret)
+        }
+    }
+}
+
+/// The credential registry as stored: every device's and feed's secret hash, region and revocation.
+pub fn load_credentials(
+    store: &Store,
+    hub_secret: &str,
+    anonymous_enrollment: bool,
+) -> Result<crate::access::Credentials> {
+    use crate::access::policy::Principal;
+    let access = crate::access::Credentials::new(hub_secret, anonymous_enrollment);
+    for row in store.credentials()? {
+        match Principal::parse(&row.principal) {
+            Some(Principal::Device(id)) => {
+                let region = store
+                    .device(&id)?
+                    .and_then(|d| d.inventory.region.map(|r| r.to_string()));
+                access.set_device(&id, row.secret_hash, region, row.revoked);
+            }
+            Some(Principal::Feed(name)) if !row.revoked => {
+                access.set_feed(&name, row.secret_hash, row.regions);
+            }
+            _ => {}
+        }
+    }
+    Ok(access)
+}
+
 /// Runs the hub until ctrl-c/SIGTERM. Initialises the data directory on first start (zero set-up).
 pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     if !dir.initialized() {
         init(&dir)?;
     }
+    let store = Store::open(&dir.0)?;
+    let hub_secret = hub_mqtt_secret(&dir)?;
+    let access = load_credentials(&store, &hub_secret, true)?;
+    let hub_secret_for_key = hub_secret.clone();
     let mut mqtts = None;
     let (host, port, tls, embedded) = match broker {
         BrokerChoice::Embedded { listen, tls } => {
@@ -125,6 +173,7 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
                         t.client_ca.as_deref(),
                     )
                 }),
+                access.clone(),
             )?;
             mqtts = tls_addr;
             let addr = broker.addr();
@@ -133,7 +182,6 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
         }
         BrokerChoice::External { host, port, tls } => (host, port, tls, None),
     };
-    let store = Store::open(&dir.0)?;
     let hub_key = keyfile::read_signing_key(&dir.hub_key())?;
     let root = keyfile::read_signed(&dir.root())?;
     let (link, link_rx) = flotilla_mqtt::connect(LinkSettings {
@@ -142,13 +190,18 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
         port,
         keepalive: Duration::from_secs(30),
         tls,
+        credentials: Some(("hub".to_owned(), hub_secret.clone())),
         last_will: None,
         subscriptions: Hub::subscriptions(),
         clean_session: true,
         // One desired state per device can be queued by a single placement pass: size for large fleets.
         queue: 65_536,
     })?;
-    let hub = Hub::new(store, link, hub_key, root)?;
+    let mut hub = Hub::new(store, link, hub_key, root, access)?;
+    hub.set_enroll_key(hub_secret_for_key.as_bytes());
+    if let Some(b) = &embedded {
+        hub.set_broker(b.clone());
+    }
     let (calls_tx, calls_rx) = tokio::sync::mpsc::channel(256);
     let listener = tokio::net::TcpListener::bind(http)
         .await

@@ -393,6 +393,13 @@ pub struct EnrollRequest {
 /// The hub's answer to an enrollment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EnrollResponse {
-    Accepted { device: DeviceId, root: Signed },
-    Refused { reason: String },
+    /// `mqtt_password` is the device's MQTT secret (username: its device id); only its hash stays on the hub.
+    Accepted {
+        device: DeviceId,
+        root: Signed,
+        mqtt_password: String,
+    },
+    Refused {
+        reason: String,
+    },
 }

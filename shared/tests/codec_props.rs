@@ -117,7 +117,8 @@ fn message() -> impl Strategy<Value = Message> {
         (ident(), signed()).prop_map(|(d, root)| Message::EnrollResponse(
             EnrollResponse::Accepted {
                 device: DeviceId::new(d).expect("grammar"),
-                root
+                root,
+                mqtt_password: "0123456789abcdef".into(),
             }
         )),
         ident().prop_map(|reason| Message::EnrollResponse(EnrollResponse::Refused { reason })),

@@ -2,7 +2,7 @@
 //! refusal). Each test reproduces what a careless operator or an unlucky network does, against a real hub, broker
 //! and agents, and checks that the loop recovers or refuses without losing anything.
 
-use flotilla_fleet_tests::{AgentSpec, FleetBuilder, PATIENCE, TestClient, firmware, wait_for};
+use flotilla_fleet_tests::{AgentSpec, FleetBuilder, PATIENCE, firmware, wait_for};
 use serde_json::Value;
 
 fn sensor_spec(version: &str, target: &str) -> String {
@@ -57,8 +57,9 @@ fn lost_retained_desired_state_is_resent() {
     let hub = &fleet.hub;
     hub.apply(&sensor_spec("1.1.0", "")).expect("apply 1.1.0");
     let (_, desired) = generations(hub, "gw-1").expect("generations");
-    // The hub's state is retained on the broker; a stray client overwrites it while the device is away.
-    let stray = TestClient::connect(fleet.broker_port(), &[]).expect("stray client");
+    // The hub's state is retained on the broker; a stray privileged client (a misconfigured tool with the hub's
+    // credentials; anyone else is refused by the broker) overwrites it while the device is away.
+    let stray = hub.privileged_client(&[]).expect("stray client");
     stray
         .publish("flotilla/v1/dev/gw-1/desired", b"garbage".to_vec(), true)
         .expect("publish");

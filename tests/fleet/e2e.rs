@@ -1,9 +1,7 @@
 //! End to end with real agents: deploy, converge, change the spec (only affected devices get a new generation),
 //! telemetry on the feed topic, `why`, bad specs and wrong roles. Against the embedded broker and Mosquitto.
 
-use flotilla_fleet_tests::{
-    AgentSpec, BrokerKind, FleetBuilder, PATIENCE, TestClient, firmware, wait_for,
-};
+use flotilla_fleet_tests::{AgentSpec, BrokerKind, FleetBuilder, PATIENCE, firmware, wait_for};
 use flotilla_shared::codec::{self, Message};
 use flotilla_shared::topics;
 use std::time::Duration;
@@ -32,7 +30,8 @@ fn scenario(broker: BrokerKind) {
         .start()
         .expect("fleet starts");
     let hub = &fleet.hub;
-    let mut feed = TestClient::connect(fleet.broker_port(), &["flotilla/v1/telemetry/eu-west/#"])
+    let mut feed = hub
+        .feed_client("e2e", &["eu-west"], &["flotilla/v1/telemetry/eu-west/#"])
         .expect("feed");
     hub.push_release("sensor", "1.0.0", 1, &firmware("sensor"))
         .expect("release pushed");
@@ -302,6 +301,7 @@ fn embedded_broker_mutual_tls_refuses_unknown_clients() {
                     client_cert: cert.map(|c| c.0.to_owned()),
                     client_key: cert.map(|c| c.1.to_owned()),
                 }),
+                credentials: None,
                 last_will: None,
                 subscriptions: vec![],
                 clean_session: true,
@@ -323,10 +323,12 @@ fn embedded_broker_mutual_tls_refuses_unknown_clients() {
         "certificate from another CA: {foreign}"
     );
     println!("without a certificate: {none}\nwith another CA's certificate: {foreign}");
+    // A certificate from the configured CA gets through TLS; the broker then wants to know who it is (a device
+    // authenticates with its credentials, which this probe has none of): refused by MQTT, not by TLS.
     let good = first_event(Some((&pki.client_cert, &pki.client_key)));
-    assert_eq!(
-        good, "connected",
-        "a device certificate from the configured CA"
+    assert!(
+        good.contains("BadUserNamePassword"),
+        "a device certificate from the configured CA passes TLS: {good}"
     );
     assert!(
         fleet.hub.client.get("/api/v1/devices").is_ok(),

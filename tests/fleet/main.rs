@@ -1,5 +1,6 @@
 //! Fleet scenarios: real hub, real broker, real agents on loopback. One test binary (house style).
 
+mod access;
 mod cli;
 mod correctness;
 mod crash;

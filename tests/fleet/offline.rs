@@ -96,11 +96,14 @@ fn quiet_reconnect_and_store_and_forward() {
         .agent(AgentSpec::new("gw-1", "eu-west", 52.5, 13.4))
         .start()
         .expect("fleet");
-    let mut feed = TestClient::connect(
-        fleet.broker_port(),
-        &["flotilla/v1/telemetry/eu-west/gw-1/count"],
-    )
-    .expect("feed");
+    let mut feed = fleet
+        .hub
+        .feed_client(
+            "offline",
+            &["eu-west"],
+            &["flotilla/v1/telemetry/eu-west/gw-1/count"],
+        )
+        .expect("feed");
     fleet
         .hub
         .push_release("sensor", "1.0.0", 1, &firmware("sensor"))

@@ -367,6 +367,41 @@ impl Hub {
         Ok(())
     }
 
+    /// A client with the hub's own MQTT credentials: what a compromised broker or a misbehaving privileged tool
+    /// can do (trust tests inject forged documents this way; the broker lets nobody else publish them).
+    pub fn privileged_client(&self, subscriptions: &[&str]) -> Result<TestClient> {
+        let secret = std::fs::read_to_string(self.dir.join("mqtt-hub.secret"))?;
+        TestClient::connect_with(
+            self.mqtt_port,
+            &format!(
+                "flotilla-hub-test-{}",
+                flotilla_shared::trust::random_hex(4)
+            ),
+            Some(("hub".into(), secret.trim().to_owned())),
+            subscriptions,
+        )
+    }
+
+    /// A read-only telemetry consumer for `regions`, with a credential created through the API.
+    pub fn feed_client(
+        &self,
+        name: &str,
+        regions: &[&str],
+        subscriptions: &[&str],
+    ) -> Result<TestClient> {
+        let body = serde_json::json!({"name": name, "regions": regions});
+        let c = self.client.post(
+            "/api/v1/feed-credentials",
+            "application/json",
+            body.to_string().as_bytes(),
+            &[],
+        )?;
+        let user = c["username"].as_str().context("username")?.to_owned();
+        let pass = c["password"].as_str().context("password")?.to_owned();
+        let id = c["client_id"].as_str().context("client_id")?.to_owned();
+        TestClient::connect_with(self.mqtt_port, &id, Some((user, pass)), subscriptions)
+    }
+
     pub fn release_key(&self) -> PathBuf {
         self.dir.join("keys/release.key")
     }
@@ -762,34 +797,62 @@ impl std::fmt::Debug for TestClient {
 }
 
 impl TestClient {
+    /// An anonymous client (the embedded broker refuses it unless it is an enrollment, `enroll-<nonce>`).
     pub fn connect(port: u16, subscriptions: &[&str]) -> Result<Self> {
+        Self::connect_with(
+            port,
+            &format!("test-{}", flotilla_shared::trust::random_hex(4)),
+            None,
+            subscriptions,
+        )
+    }
+
+    /// A client with `client_id` and, when given, (username, password). Fails at once when the broker refuses the
+    /// connection.
+    pub fn connect_with(
+        port: u16,
+        client_id: &str,
+        credentials: Option<(String, String)>,
+        subscriptions: &[&str],
+    ) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()?;
         let settings = flotilla_mqtt::LinkSettings {
-            client_id: format!("test-{}", flotilla_shared::trust::random_hex(4)),
+            client_id: client_id.to_owned(),
             host: "127.0.0.1".into(),
             port,
             keepalive: Duration::from_secs(30),
             tls: None,
+            credentials,
             last_will: None,
             subscriptions: subscriptions.iter().map(|s| (*s).to_owned()).collect(),
             clean_session: true,
             queue: flotilla_mqtt::QUEUE,
         };
         let (link, mut rx) = rt.block_on(async { flotilla_mqtt::connect(settings) })?;
-        rt.block_on(async {
+        let connected = rt.block_on(async {
             tokio::time::timeout(PATIENCE, async {
                 while let Some(ev) = rx.recv().await {
-                    if matches!(ev, flotilla_mqtt::LinkEvent::Connected) {
-                        return;
+                    match ev {
+                        flotilla_mqtt::LinkEvent::Connected => return Ok(()),
+                        flotilla_mqtt::LinkEvent::Disconnected(e) => return Err(e),
+                        flotilla_mqtt::LinkEvent::Message { .. } => {}
                     }
                 }
+                Err("link closed".to_owned())
             })
             .await
-        })
-        .context("test client connect")?;
+        });
+        match connected {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                rt.block_on(link.disconnect());
+                bail!("test client {client_id} refused: {e}")
+            }
+            Err(_) => bail!("test client {client_id}: no CONNACK in time"),
+        }
         // Give the broker a moment to register the subscriptions sent right after CONNACK.
         std::thread::sleep(Duration::from_millis(200));
         Ok(Self { link, rx, rt })

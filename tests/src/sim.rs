@@ -137,8 +137,10 @@ fn settings(
     port: u16,
     subs: Vec<String>,
     will: Option<(String, Vec<u8>)>,
+    secret: Option<String>,
 ) -> LinkSettings {
     LinkSettings {
+        credentials: secret.map(|s| (client_id.clone(), s)),
         client_id,
         host: "127.0.0.1".into(),
         port,
@@ -171,7 +173,7 @@ fn device_key(i: usize) -> SigningKey {
     SigningKey::from_seed(s)
 }
 
-/// Enrolls over a short-lived session and returns the verified root of trust.
+/// Enrolls over a short-lived session and returns the verified root of trust and the device's MQTT secret.
 async fn enroll(
     i: usize,
     port: u16,
@@ -179,12 +181,13 @@ async fn enroll(
     key: &SigningKey,
     id: &DeviceId,
     shared: &Shared,
-) -> Result<flotilla_shared::wire::Root> {
+) -> Result<(flotilla_shared::wire::Root, String)> {
     let nonce = trust::random_hex(16);
     let (link, mut rx) = flotilla_mqtt::connect(settings(
         format!("enroll-{nonce}"),
         port,
         vec![topics::enroll_response(&nonce)],
+        None,
         None,
     ))?;
     let req = codec::encode(&Message::EnrollRequest(EnrollRequest {
@@ -202,7 +205,11 @@ async fn enroll(
                 shared.sent.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Some(LinkEvent::Message { payload, .. })) => match codec::decode(&payload)? {
-                Message::EnrollResponse(EnrollResponse::Accepted { root, .. }) => break root,
+                Message::EnrollResponse(EnrollResponse::Accepted {
+                    root,
+                    mqtt_password,
+                    ..
+                }) => break (root, mqtt_password),
                 Message::EnrollResponse(EnrollResponse::Refused { reason }) => {
                     bail!("refused: {reason}")
                 }
@@ -213,7 +220,7 @@ async fn enroll(
         }
     };
     link.disconnect().await;
-    Ok(trust::verify_initial_root(&root, 0)?)
+    Ok((trust::verify_initial_root(&root.0, 0)?, root.1))
 }
 
 /// One simulated agent: enroll, then serve desired states until the runtime ends.
@@ -227,7 +234,7 @@ async fn agent(
     let key = device_key(i);
     let region = REGIONS[i % REGIONS.len()];
     let id = DeviceId::new(format!("sim-{i:05}"))?;
-    let root = {
+    let (root, secret) = {
         let _permit = slots.acquire_owned().await?;
         enroll(i, port, token, &key, &id, shared).await?
     };
@@ -241,6 +248,7 @@ async fn agent(
         port,
         vec![topics::device(&id, DeviceTopic::Desired)],
         Some((topics::device(&id, DeviceTopic::Presence), offline)),
+        Some(secret),
     ))?;
     let mut floor = TrustFloor::default();
     let mut accepted: Option<Vec<u8>> = None;

@@ -2,6 +2,7 @@
 //! (queued messages, QoS 1 packet ids in flight) polled together in one task, so neither side's full socket buffer
 //! can stall the other.
 
+use super::auth::{Action, ConnectInfo, Refusal as AuthRefusal};
 use super::core::{ConnId, ConnectRequest, Connected, Message, Qos, Refusal};
 use super::{Handle, Out, Shared, topic};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -86,11 +87,21 @@ enum Ending {
 }
 
 /// Serves one client over any byte stream (TCP, or TLS over TCP) until it leaves or breaks the protocol.
-pub(super) async fn run<S>(shared: Arc<Shared>, id: ConnId, stream: S, peer: SocketAddr)
+/// What the listener knows about a connection before its CONNECT.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Meta {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    /// SHA-256 of the verified client certificate, on a TLS listener that received one.
+    pub cert_sha256: Option<[u8; 32]>,
+}
+
+pub(super) async fn run<S>(shared: Arc<Shared>, id: ConnId, stream: S, meta: Meta)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    match serve(&shared, id, stream).await {
+    let peer = meta.peer;
+    match serve(&shared, id, stream, meta).await {
         Ok(()) => tracing::debug!(%peer, conn = id, "mqtt connection closed"),
         Err(e) => tracing::debug!(%peer, conn = id, error = %e, "mqtt connection ended"),
     }
@@ -134,7 +145,29 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-async fn serve<S>(shared: &Arc<Shared>, id: ConnId, mut stream: S) -> Result<(), ConnError>
+/// Counts a denial and logs the first few of a connection (a misbehaving client must not flood the log).
+fn denied(shared: &Shared, logged: &mut u32, principal: &str, action: Action, topic: &str) {
+    shared.stats.denied(action).fetch_add(1, Ordering::Relaxed);
+    if *logged < DENIALS_LOGGED {
+        *logged += 1;
+        tracing::warn!(
+            principal,
+            action = action.label(),
+            topic,
+            "mqtt access denied"
+        );
+    }
+}
+
+/// Denials logged per connection; the rest are only counted.
+const DENIALS_LOGGED: u32 = 3;
+
+async fn serve<S>(
+    shared: &Arc<Shared>,
+    id: ConnId,
+    mut stream: S,
+    meta: Meta,
+) -> Result<(), ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -154,6 +187,39 @@ where
         stream.write_all(&encode(&Packet::ConnAck(nack))?).await?;
         return Err(ConnError::Protocol("only MQTT 3.1.1 is spoken here"));
     }
+    let info = ConnectInfo {
+        client_id: &connect.client_id,
+        username: connect.login.as_ref().map(|l| l.username.as_str()),
+        password: connect.login.as_ref().map(|l| l.password.as_str()),
+        cert_sha256: meta.cert_sha256,
+        tls: meta.tls,
+        peer: meta.peer,
+    };
+    let authenticated = shared.auth.authenticate(&info).and_then(|p| {
+        // A will is published in the client's name: it must be a topic the client may publish on itself.
+        match &connect.last_will {
+            Some(w) if !shared.auth.allow(&p, Action::Will, &w.topic) => {
+                shared.stats.denied_will.fetch_add(1, Ordering::Relaxed);
+                Err(AuthRefusal::NotAuthorized)
+            }
+            _ => Ok(p),
+        }
+    });
+    let principal = match authenticated {
+        Ok(p) => p,
+        Err(why) => {
+            shared.stats.denied_connect.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(peer = %meta.peer, client_id = %connect.client_id, ?why, "mqtt connection refused");
+            let code = match why {
+                AuthRefusal::BadCredentials => ConnectReturnCode::BadUserNamePassword,
+                AuthRefusal::NotAuthorized => ConnectReturnCode::NotAuthorized,
+            };
+            stream
+                .write_all(&encode(&Packet::ConnAck(ConnAck::new(code, false)))?)
+                .await?;
+            return Err(ConnError::Protocol("not authenticated"));
+        }
+    };
     let will = match connect.last_will {
         Some(w) => {
             topic::validate_name(&w.topic)?;
@@ -205,6 +271,7 @@ where
                 control.send(&tx, ack);
                 let mut handle = Handle {
                     tx: tx.clone(),
+                    principal: principal.clone(),
                     queued: queued.clone(),
                     warned: false,
                 };
@@ -237,12 +304,13 @@ where
         max_inflight: shared.config.max_inflight,
         queued,
         control: control.clone(),
+        revoked: false,
     };
     let ended = tokio::select! {
-        r = read_loop(shared, id, &mut rd, rbuf, keepalive, &tx, &control) => r,
+        r = read_loop(shared, id, &principal, &mut rd, rbuf, keepalive, &tx, &control) => r,
         r = writer.run(&mut wr, &mut rx) => r.map(|()| Ending::TakenOver),
     };
-    let graceful = matches!(ended, Ok(Ending::Disconnect));
+    let graceful = matches!(ended, Ok(Ending::Disconnect)) || writer.revoked;
     {
         let mut st = shared.lock();
         // Once the handle is gone nothing more is routed here, so draining now loses no message.
@@ -254,9 +322,11 @@ where
     ended.map(|_| ())
 }
 
+#[allow(clippy::too_many_arguments)] // Reason: the connection's parts, passed once from `serve`.
 async fn read_loop<R: AsyncRead + Unpin>(
     shared: &Shared,
     id: ConnId,
+    principal: &str,
     rd: &mut R,
     mut buf: BytesMut,
     keepalive: u16,
@@ -267,6 +337,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let grace = (keepalive > 0).then(|| Duration::from_millis(u64::from(keepalive) * 1500));
     let max_packet = shared.config.max_packet;
     let mut awaiting_rel: HashSet<u16> = HashSet::new();
+    let mut logged = 0;
     let raw = |p: Packet| -> Result<(), ConnError> {
         control.send(tx, encode(&p)?);
         Ok(())
@@ -298,7 +369,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     }
                     _ => true,
                 };
-                if first_time {
+                let action = if p.retain {
+                    Action::PublishRetained
+                } else {
+                    Action::Publish
+                };
+                // A refused publish is acknowledged and dropped: MQTT 3.1.1 has no negative PUBACK, and a client
+                // that is not acknowledged would only send it again.
+                let allowed = shared.auth.allow(principal, action, &p.topic);
+                if !allowed && first_time {
+                    denied(shared, &mut logged, principal, action, &p.topic);
+                }
+                if first_time && allowed {
                     let msg = Message {
                         topic: p.topic.into(),
                         payload: p.payload,
@@ -329,16 +411,31 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 raw(Packet::PubComp(PubComp::new(r.pkid)))?;
             }
             Packet::Subscribe(s) => {
+                // Each filter is authorised as a whole: one that could match a topic the principal may not read
+                // is refused (0x80 in the SUBACK), never silently narrowed.
+                let allowed: Vec<bool> = s
+                    .filters
+                    .iter()
+                    .map(|f| shared.auth.allow(principal, Action::Subscribe, &f.path))
+                    .collect();
+                for (f, ok) in s.filters.iter().zip(&allowed) {
+                    if !ok {
+                        denied(shared, &mut logged, principal, Action::Subscribe, &f.path);
+                    }
+                }
                 let filters: Vec<(String, Qos)> = s
                     .filters
                     .into_iter()
-                    .map(|f| (f.path, qos_in(f.qos)))
+                    .zip(&allowed)
+                    .filter(|(_, ok)| **ok)
+                    .map(|(f, _)| (f.path, qos_in(f.qos)))
                     .collect();
                 let mut st = shared.lock();
                 let (granted, retained) = st.core.subscribe(id, &filters);
-                let codes = granted
-                    .into_iter()
-                    .map(|g| match g {
+                let mut granted = granted.into_iter();
+                let codes = allowed
+                    .iter()
+                    .map(|ok| match ok.then(|| granted.next()).flatten().flatten() {
                         Some(Qos::AtMostOnce) => SubscribeReasonCode::Success(QoS::AtMostOnce),
                         Some(Qos::AtLeastOnce) => SubscribeReasonCode::Success(QoS::AtLeastOnce),
                         None => SubscribeReasonCode::Failure,
@@ -380,6 +477,8 @@ struct Writer {
     max_inflight: usize,
     queued: Arc<AtomicUsize>,
     control: Arc<Control>,
+    /// Closed because its credential was revoked: the will is not published.
+    revoked: bool,
 }
 
 impl Writer {
@@ -438,6 +537,10 @@ impl Writer {
                 }
             }
             Out::Close => return true,
+            Out::Revoke => {
+                self.revoked = true;
+                return true;
+            }
         }
         false
     }

@@ -6,17 +6,20 @@
 //! Built for one hub and many small devices: one task per connection and no router thread (a message is routed on
 //! its publisher's task), a subscription tree so routing cost does not grow with the fleet, a few KiB of idle state
 //! per connection, and a bounded queue per subscriber so one stalled client cannot grow the broker without limit.
+//! - `auth`: the authorisation hook (who a connection is, what it may publish and subscribe to);
 //! - `topic`: names, filters and the subscription tree;
 //! - `core`: sans-IO sessions, routing, retained messages and wills;
 //! - `conn`: the per-connection shell (framing, keepalive, QoS 1 in flight), over TCP or TLS;
 //! - `tls`: the optional TLS listener's configuration (server certificate, optional client CA).
 
+pub mod auth;
 mod conn;
 pub mod core;
 pub mod tls;
 pub mod topic;
 
 use self::core::{Core, Delivery, Limits, Message};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -61,6 +64,24 @@ pub struct Stats {
     pub delivered: AtomicU64,
     /// Dropped because a live subscriber's queue was full.
     pub dropped: AtomicU64,
+    /// Refused by the authoriser: connections, and per [`auth::Action`] (publish, retained publish, subscribe,
+    /// will).
+    pub denied_connect: AtomicU64,
+    pub denied_publish: AtomicU64,
+    pub denied_publish_retained: AtomicU64,
+    pub denied_subscribe: AtomicU64,
+    pub denied_will: AtomicU64,
+}
+
+impl Stats {
+    fn denied(&self, action: auth::Action) -> &AtomicU64 {
+        match action {
+            auth::Action::Publish => &self.denied_publish,
+            auth::Action::PublishRetained => &self.denied_publish_retained,
+            auth::Action::Subscribe => &self.denied_subscribe,
+            auth::Action::Will => &self.denied_will,
+        }
+    }
 }
 
 /// What every message to a connection's writer is.
@@ -74,11 +95,15 @@ enum Out {
     Acked(u16),
     /// Close the connection (taken over by a new one with the same client id).
     Close,
+    /// Close the connection of a revoked credential: its will is discarded (the application clears its topics).
+    Revoke,
 }
 
 #[derive(Debug)]
 struct Handle {
     tx: mpsc::UnboundedSender<Out>,
+    /// Who this connection was authenticated as.
+    principal: auth::Principal,
     /// Messages sent to this connection and not yet written to its socket.
     queued: Arc<AtomicUsize>,
     /// Logged once per connection, not once per dropped message.
@@ -97,6 +122,7 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     config: Config,
+    auth: Arc<dyn auth::Authorizer>,
     stats: Stats,
     next_conn: AtomicU64,
 }
@@ -155,6 +181,8 @@ pub struct Snapshot {
     pub dropped_queue_full: u64,
     /// Dropped from a full offline queue of a persistent session.
     pub dropped_offline: u64,
+    /// Refused by the authoriser, by action: `connect`, `publish`, `publish_retained`, `subscribe`, `will`.
+    pub denied: [(&'static str, u64); 5],
 }
 
 impl Broker {
@@ -204,13 +232,40 @@ impl Broker {
             delivered: stats.delivered.load(Ordering::Relaxed),
             dropped_queue_full: stats.dropped.load(Ordering::Relaxed),
             dropped_offline: st.core.dropped_offline,
+            denied: [
+                ("connect", stats.denied_connect.load(Ordering::Relaxed)),
+                ("publish", stats.denied_publish.load(Ordering::Relaxed)),
+                (
+                    "publish_retained",
+                    stats.denied_publish_retained.load(Ordering::Relaxed),
+                ),
+                ("subscribe", stats.denied_subscribe.load(Ordering::Relaxed)),
+                ("will", stats.denied_will.load(Ordering::Relaxed)),
+            ],
         }
+    }
+
+    /// Closes every connection authenticated as `principal` (a revoked credential); returns how many.
+    pub fn disconnect(&self, principal: &str) -> usize {
+        let st = self.shared.lock();
+        let mut n = 0;
+        for h in st.conns.values() {
+            if &*h.principal == principal {
+                let _ = h.tx.send(Out::Revoke);
+                n += 1;
+            }
+        }
+        n
     }
 }
 
 /// Starts the broker on `listen` (port 0 picks a free port) in its own threads; returns once it accepts
-/// connections, with the address it got.
-pub fn start(listen: SocketAddr, config: Config) -> anyhow::Result<Broker> {
+/// connections, with the address it got. Every connection is authenticated and every action authorised by `auth`.
+pub fn start(
+    listen: SocketAddr,
+    config: Config,
+    auth: Arc<dyn auth::Authorizer>,
+) -> anyhow::Result<Broker> {
     use anyhow::Context;
     let std_listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("binding the MQTT broker to {listen}"))?;
@@ -225,6 +280,7 @@ pub fn start(listen: SocketAddr, config: Config) -> anyhow::Result<Broker> {
             conns: HashMap::new(),
         }),
         config,
+        auth,
         stats: Stats::default(),
         next_conn: AtomicU64::new(1),
     });
@@ -271,14 +327,32 @@ async fn accept_loop(
                 let shared = shared.clone();
                 match &tls {
                     None => {
-                        tokio::spawn(conn::run(shared, id, stream, peer));
+                        let meta = conn::Meta {
+                            peer,
+                            tls: false,
+                            cert_sha256: None,
+                        };
+                        tokio::spawn(conn::run(shared, id, stream, meta));
                     }
                     Some(acceptor) => {
                         // The handshake runs in the connection's own task, so a slow client delays nobody.
                         let accept = acceptor.accept(stream);
                         tokio::spawn(async move {
                             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
-                                Ok(Ok(stream)) => conn::run(shared, id, stream, peer).await,
+                                Ok(Ok(stream)) => {
+                                    let cert_sha256 = stream
+                                        .get_ref()
+                                        .1
+                                        .peer_certificates()
+                                        .and_then(|c| c.first())
+                                        .map(|der| Sha256::digest(der.as_ref()).into());
+                                    let meta = conn::Meta {
+                                        peer,
+                                        tls: true,
+                                        cert_sha256,
+                                    };
+                                    conn::run(shared, id, stream, meta).await
+                                }
                                 Ok(Err(e)) => {
                                     tracing::info!(%peer, error = %e, "mqtt tls handshake refused")
                                 }

@@ -2,6 +2,7 @@
 //! protocol paths, raw TCP for what a well-behaved client never does (garbage, silence, a stalled reader).
 
 use bytes::BytesMut;
+use flotilla_broker::auth::{Action, AllowAll, Authorizer, ConnectInfo, Principal, Refusal};
 use flotilla_broker::{self as broker, Broker, Config};
 use rumqttc::mqttbytes::v4::{Connect, LastWill, Packet, Publish, Subscribe};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, QoS};
@@ -15,7 +16,11 @@ use tokio::sync::mpsc;
 const PATIENCE: Duration = Duration::from_secs(20);
 
 fn start(config: Config) -> Broker {
-    broker::start("127.0.0.1:0".parse().expect("addr"), config).expect("broker starts")
+    start_with(config, std::sync::Arc::new(AllowAll))
+}
+
+fn start_with(config: Config, auth: std::sync::Arc<dyn Authorizer>) -> Broker {
+    broker::start("127.0.0.1:0".parse().expect("addr"), config, auth).expect("broker starts")
 }
 
 /// A client whose received publishes arrive on a channel; its event loop runs in a task.
@@ -276,4 +281,158 @@ async fn persistent_session_receives_what_was_published_while_away() {
     .await
     .expect("backlog in time");
     assert_eq!(got, [&b"while-away"[..], &b"marker"[..]]);
+}
+
+/// A toy policy for the hook itself: `alice`/`secret` may publish and subscribe under `alice/`, retain only
+/// `alice/state`, and leave a will only on `alice/will`; `bob` is refused, everyone else is anonymous and may do
+/// nothing.
+#[derive(Debug)]
+struct Toy;
+
+impl Authorizer for Toy {
+    fn authenticate(&self, c: &ConnectInfo<'_>) -> Result<Principal, Refusal> {
+        match (c.username, c.password) {
+            (Some("alice"), Some("secret")) if c.client_id == "alice" => Ok("alice".into()),
+            (Some("alice"), Some("secret")) => Err(Refusal::NotAuthorized),
+            (Some(_), _) => Err(Refusal::BadCredentials),
+            (None, _) => Ok("anonymous".into()),
+        }
+    }
+
+    fn allow(&self, principal: &str, action: Action, topic: &str) -> bool {
+        match (principal, action) {
+            ("alice", Action::Will) => topic == "alice/will",
+            ("alice", Action::PublishRetained) => topic == "alice/state",
+            ("alice", _) => topic.starts_with("alice/"),
+            _ => false,
+        }
+    }
+}
+
+fn connect_packet(id: &str, login: Option<(&str, &str)>) -> Connect {
+    let mut c = Connect::new(id);
+    if let Some((u, p)) = login {
+        c.set_login(u, p);
+    }
+    c
+}
+
+/// Reads one packet from a raw connection; `buf` keeps what arrived beyond it for the next call.
+async fn read(s: &mut TcpStream, buf: &mut BytesMut) -> Packet {
+    loop {
+        match Packet::read(buf, 1 << 20) {
+            Ok(p) => return p,
+            Err(_) => {
+                let n = tokio::time::timeout(PATIENCE, s.read_buf(buf))
+                    .await
+                    .expect("in time")
+                    .expect("read");
+                assert!(n > 0, "closed while waiting for a packet");
+            }
+        }
+    }
+}
+
+/// The hook decides CONNECT (bad credentials 4, a wrong client id or a refused will 5), each SUBSCRIBE filter
+/// (0x80 for a refused one, the others granted), and each PUBLISH (a refused one is acknowledged and dropped);
+/// every denial is counted, and `disconnect` closes a principal's connections.
+#[tokio::test]
+async fn the_authorizer_decides_connects_subscriptions_and_publishes() {
+    let b = start_with(Config::new(100), std::sync::Arc::new(Toy));
+    let refused = |code: u8| [0x20, 2, 0, code];
+    for (connect, code) in [
+        (connect_packet("x", Some(("mallory", "guess"))), 4),
+        (connect_packet("bob", Some(("alice", "secret"))), 5),
+    ] {
+        let mut s = TcpStream::connect(b.addr()).await.expect("tcp");
+        send(&mut s, Packet::Connect(connect)).await;
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).await.expect("connack");
+        assert_eq!(ack, refused(code));
+    }
+    let mut with_will = connect_packet("alice", Some(("alice", "secret")));
+    with_will.last_will = Some(LastWill::new(
+        "bob/presence",
+        "gone",
+        rumqttc::mqttbytes::QoS::AtLeastOnce,
+        true,
+    ));
+    let mut s = TcpStream::connect(b.addr()).await.expect("tcp");
+    send(&mut s, Packet::Connect(with_will)).await;
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).await.expect("connack");
+    assert_eq!(
+        ack,
+        refused(5),
+        "a will on someone else's topic refuses the connection"
+    );
+
+    let mut alice = raw_connect(&b, connect_packet("alice", Some(("alice", "secret")))).await;
+    let (mut abuf, mut nbuf) = (BytesMut::new(), BytesMut::new());
+    let mut sub = Subscribe::new("alice/#", rumqttc::mqttbytes::QoS::AtLeastOnce);
+    sub.pkid = 1;
+    sub.add("#".into(), rumqttc::mqttbytes::QoS::AtLeastOnce);
+    sub.add("$SYS/#".into(), rumqttc::mqttbytes::QoS::AtLeastOnce);
+    send(&mut alice, Packet::Subscribe(sub)).await;
+    let Packet::SubAck(ack) = read(&mut alice, &mut abuf).await else {
+        panic!("expected SUBACK")
+    };
+    use rumqttc::mqttbytes::v4::SubscribeReasonCode as Code;
+    assert_eq!(
+        ack.return_codes,
+        vec![
+            Code::Success(rumqttc::mqttbytes::QoS::AtLeastOnce),
+            Code::Failure,
+            Code::Failure
+        ]
+    );
+    // Allowed and refused publishes from an anonymous client: both acknowledged, only nothing delivered.
+    let mut anon = raw_connect(&b, connect_packet("anon", None)).await;
+    let mut p = Publish::new(
+        "alice/inbox",
+        rumqttc::mqttbytes::QoS::AtLeastOnce,
+        "spoofed",
+    );
+    p.pkid = 7;
+    send(&mut anon, Packet::Publish(p)).await;
+    assert!(matches!(read(&mut anon, &mut nbuf).await, Packet::PubAck(a) if a.pkid == 7));
+    let mut retained = Publish::new(
+        "alice/inbox",
+        rumqttc::mqttbytes::QoS::AtLeastOnce,
+        "not retained here",
+    );
+    retained.pkid = 8;
+    retained.retain = true;
+    send(&mut alice, Packet::Publish(retained)).await;
+    assert!(matches!(read(&mut alice, &mut abuf).await, Packet::PubAck(a) if a.pkid == 8));
+    let mut own = Publish::new("alice/inbox", rumqttc::mqttbytes::QoS::AtLeastOnce, "hello");
+    own.pkid = 9;
+    send(&mut alice, Packet::Publish(own)).await;
+    // Alice receives her own message (she subscribed to alice/#), and only it.
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match read(&mut alice, &mut abuf).await {
+            Packet::Publish(p) => got.push(String::from_utf8_lossy(&p.payload).into_owned()),
+            Packet::PubAck(a) => got.push(format!("ack {}", a.pkid)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        got.contains(&"hello".to_owned()) && got.contains(&"ack 9".to_owned()),
+        "{got:?}"
+    );
+    let snap = b.snapshot();
+    let denied: std::collections::BTreeMap<_, _> = snap.denied.into_iter().collect();
+    assert_eq!(denied["connect"], 3, "{denied:?}");
+    assert_eq!(denied["will"], 1, "{denied:?}");
+    assert_eq!(denied["subscribe"], 2, "{denied:?}");
+    assert_eq!(denied["publish"], 1, "{denied:?}");
+    assert_eq!(denied["publish_retained"], 1, "{denied:?}");
+    assert_eq!(b.disconnect("alice"), 1);
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(PATIENCE, alice.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    let _ = n;
 }

@@ -49,6 +49,7 @@ pub(super) fn device_json(h: &Hub, d: &crate::store::DeviceRow) -> Value {
         "rejection": d.last_report.as_ref().and_then(|r| r.last_rejection.as_ref()).map(|r| format!("generation {}: {}", r.generation, r.reason)),
         "telemetry_dropped": d.last_report.as_ref().map_or(0, |r| r.telemetry_dropped),
         "hold": d.last_report.as_ref().and_then(|r| r.hold.clone()),
+        "revoked": h.access.is_revoked(&d.id),
         "workloads": workloads,
     })
 }
@@ -122,4 +123,17 @@ pub(super) async fn why(
     let w = workload.clone();
     let text = s.call(move |h| h.why(&id, &w)).await??;
     ok(json!({"workload": workload, "explanation": text}))
+}
+
+pub(super) async fn revoke(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let who = s.auth(&headers, Role::Admin).await?;
+    let id = DeviceId::new(id)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))?;
+    let device = id.to_string();
+    let closed = s.call(move |h| h.revoke_device(&id, &who)).await??;
+    ok(json!({"device": device, "revoked": true, "connections_closed": closed}))
 }

@@ -69,6 +69,10 @@ pub(super) async fn metrics(State(s): State<ApiState>) -> ApiResult {
             b.dropped_queue_full,
             b.dropped_offline
         );
+        text += "# TYPE flotilla_broker_denied_total counter\n";
+        for (action, n) in b.denied {
+            text += &format!("flotilla_broker_denied_total{{action=\"{action}\"}} {n}\n");
+        }
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }

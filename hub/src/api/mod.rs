@@ -15,12 +15,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use deployments::{apply, delete_deployment, deployment_status, deployments};
-use devices::{device, device_telemetry, devices, why};
+use devices::{device, device_telemetry, devices, revoke, why};
 use metrics::{metrics, openapi};
 use releases::{push_release, releases, upload_artifact};
 use rollouts::{rollout_action, rollout_status};
 use serde_json::{Value, json};
-use tokens::{audit, create_api_token, enroll_token};
+use tokens::{audit, create_api_token, create_feed_credential, enroll_token};
 use tokio::sync::{mpsc, oneshot};
 
 /// Operator roles, ordered by power.
@@ -173,6 +173,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
+        .route("/api/v1/devices/{id}/revoke", post(revoke))
+        .route("/api/v1/feed-credentials", post(create_feed_credential))
         .route("/api/v1/enrollment-tokens", post(enroll_token))
         .route("/api/v1/artifacts", post(upload_artifact))
         .route("/api/v1/releases", get(releases).post(push_release))

@@ -111,3 +111,30 @@ pub(super) async fn audit(State(s): State<ApiState>, headers: HeaderMap) -> ApiR
         rows.into_iter().map(|(at, who, action, detail)| json!({"at": at, "who": who, "action": action, "detail": detail})).collect(),
     ))
 }
+
+/// `POST /api/v1/feed-credentials {"name": .., "regions": [..]}`: a read-only MQTT credential for telemetry of
+/// those regions. The password is in this response only.
+pub(super) async fn create_feed_credential(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let who = s.auth(&headers, Role::Admin).await?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid JSON", e.to_string()))?;
+    let name = v["name"].as_str().unwrap_or_default().to_owned();
+    let regions: Vec<String> = v["regions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.as_str().map(str::to_owned))
+        .collect();
+    let c = s
+        .call(move |h| h.create_feed_credential(&name, regions, &who))
+        .await??;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"username": c.username, "password": c.password, "client_id": c.client_id})),
+    )
+        .into_response())
+}

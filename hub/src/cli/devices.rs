@@ -184,3 +184,46 @@ pub fn why(device: &str, workload: &str, conn: Conn) -> Result<()> {
 
     Ok(())
 }
+
+/// Revokes a device.
+pub fn revoke(id: &str, conn: Conn) -> Result<()> {
+    let v = conn.client()?.post(
+        &format!("/api/v1/devices/{id}/revoke"),
+        "application/json",
+        b"{}",
+        &[],
+    )?;
+    if conn.json() {
+        print_json(&v);
+    } else {
+        outln!(
+            "revoked {id}: {} connection(s) closed; it can enroll again only with a new token",
+            s(&v, "connections_closed")
+        );
+    }
+    Ok(())
+}
+
+/// Creates a telemetry feed credential and prints it once.
+pub fn feed_credential(name: &str, regions: &[String], conn: Conn) -> Result<()> {
+    let body = serde_json::json!({"name": name, "regions": regions});
+    let v = conn.client()?.post(
+        "/api/v1/feed-credentials",
+        "application/json",
+        body.to_string().as_bytes(),
+        &[],
+    )?;
+    if conn.json() {
+        print_json(&v);
+    } else {
+        outln!("username:  {}", s(&v, "username"));
+        outln!("password:  {}", s(&v, "password"));
+        outln!(
+            "client id: {} (or {}-anything)",
+            s(&v, "client_id"),
+            s(&v, "client_id")
+        );
+        outln!("(the password is shown only now; create a new credential to replace it)");
+    }
+    Ok(())
+}

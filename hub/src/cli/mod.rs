@@ -179,6 +179,9 @@ enum Cmd {
     /// Devices.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// MQTT credentials for telemetry consumers (Grafana, Node-RED, mosquitto_sub).
+    #[command(subcommand, name = "feed-credential")]
+    FeedCredential(FeedCmd),
     /// One-time enrollment tokens.
     #[command(subcommand, name = "enroll-token")]
     EnrollToken(TokenCmd),
@@ -243,6 +246,26 @@ enum DeviceCmd {
     },
     Show {
         id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Revoke a device: disconnect it now, refuse its credential, clear its retained state, stop placing on it.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FeedCmd {
+    /// A read-only MQTT credential for the telemetry of some regions (printed once).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Comma-separated regions the credential may read.
+        #[arg(long, value_delimiter = ',', required = true)]
+        regions: Vec<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -381,6 +404,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Release(ReleaseCmd::Ls { conn }) => releases::ls(conn)?,
         Cmd::Device(DeviceCmd::Ls { conn }) => devices::ls(conn)?,
         Cmd::Device(DeviceCmd::Show { id, conn }) => devices::show(&id, conn)?,
+        Cmd::Device(DeviceCmd::Revoke { id, conn }) => devices::revoke(&id, conn)?,
+        Cmd::FeedCredential(FeedCmd::Create {
+            name,
+            regions,
+            conn,
+        }) => devices::feed_credential(&name, &regions, conn)?,
         Cmd::EnrollToken(TokenCmd::Create {
             region,
             zone,

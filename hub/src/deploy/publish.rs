@@ -49,6 +49,9 @@ impl Hub {
     /// device comes online and when it reports a generation below the one it should have; re-sends back off while
     /// the device stays behind, so a device that cannot catch up costs one message per few minutes, not per report.
     pub(crate) fn resend_desired(&mut self, device: &DeviceId, why: &str) {
+        if self.access.is_revoked(device) {
+            return;
+        }
         let now = unix_now();
         if let Some((next_at, _)) = self.desired.resend.get(device)
             && now < *next_at
@@ -119,9 +122,12 @@ impl Hub {
     pub fn reconcile_fleet(&mut self) -> Result<()> {
         let started = Instant::now();
         let now = unix_now();
-        let views: Vec<DeviceView> = self
-            .store
-            .with_devices(|rows| rows.map(device_view).collect())?;
+        // A revoked device is out of placement, and gets no desired state at all.
+        let views: Vec<DeviceView> = self.store.with_devices(|rows| {
+            rows.filter(|d| !self.access.is_revoked(&d.id))
+                .map(device_view)
+                .collect()
+        })?;
         let plan = self.plan_fleet(&self.deployments, &views, now)?;
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
         for (name, reason) in &plan.unresolved {

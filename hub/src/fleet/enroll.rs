@@ -2,6 +2,8 @@
 //! device id and the trust root; token use, registration and the audit entry commit together.
 
 use super::validate_inventory;
+use crate::access::policy::{self, Principal};
+use crate::access::{device_secret, hash_secret};
 use crate::hub::{Hub, HubError, unix_now};
 use crate::store::TokenPresets;
 use flotilla_mqtt::Publisher;
@@ -27,38 +29,68 @@ impl Hub {
             return;
         }
         let id = match req.requested_id.clone() {
+            Some(id) if policy::reserved_device_id(id.as_str()) => {
+                let reason = format!(
+                    "device id {id} is reserved (ids may not start with enroll-, feed- or flotilla-hub)"
+                );
+                self.respond_enroll(&nonce, EnrollResponse::Refused { reason });
+                return;
+            }
             Some(id) => id,
             None => match DeviceId::new(format!("dev-{}", trust::random_hex(4))) {
                 Ok(id) => id,
                 Err(_) => return,
             },
         };
-        // An already-registered device re-sending its request (lost response) gets the same answer again.
+        let principal = Principal::Device(id.clone()).name();
+        let revoked = self.store.credential_revoked(&principal).unwrap_or(false);
+        // An already-registered device re-sending its request (lost response) gets a fresh secret (the hub keeps
+        // only hashes, so it cannot send the first one again). A revoked device enrolls again only with a new
+        // token and a new key.
+        let mut replaces_revoked = false;
         if let Ok(Some(d)) = self.store.device(&id) {
-            let resp = if d.public_key == req.public_key {
-                EnrollResponse::Accepted {
-                    device: id,
-                    root: self.root_signed.clone(),
-                }
+            if revoked && d.public_key != req.public_key {
+                replaces_revoked = true;
             } else {
-                EnrollResponse::Refused {
-                    reason: format!("device id {} is taken", d.id),
-                }
-            };
-            self.respond_enroll(&nonce, resp);
-            return;
+                let resp = if revoked {
+                    EnrollResponse::Refused {
+                        reason: format!(
+                            "device {id} is revoked; enroll again with a new token and a new key (remove the \
+                             agent's data directory)"
+                        ),
+                    }
+                } else if d.public_key == req.public_key {
+                    EnrollResponse::Accepted {
+                        device: id.clone(),
+                        root: self.root_signed.clone(),
+                        mqtt_password: device_secret(&self.enroll_key, &id, &d.public_key.0),
+                    }
+                } else {
+                    EnrollResponse::Refused {
+                        reason: format!("device id {} is taken", d.id),
+                    }
+                };
+                self.respond_enroll(&nonce, resp);
+                return;
+            }
         }
         // Token use, registration and the audit entry commit together (one fsync, and a token is never burned
         // without a device to show for it).
         let mut inv = req.inventory;
         let key = req.public_key;
+        let mqtt_password = device_secret(&self.enroll_key, &id, &key.0);
+        let secret_hash = hash_secret(&mqtt_password);
         let result = self.store.transaction(|store| {
             let presets = match store.consume_enroll_token(&req.token, &id, now)? {
                 Ok(p) => p,
                 Err(e) => return Ok(Err(e)),
             };
             apply_presets(&mut inv, &presets);
+            if replaces_revoked {
+                store.delete_device(&id)?;
+            }
             store.insert_device(&id, &key, &inv, now)?;
+            store.set_credential(&principal, &secret_hash, &[], now)?;
             store.audit(
                 now,
                 &format!("device:{id}"),
@@ -84,6 +116,12 @@ impl Hub {
                 return;
             }
         }
+        self.access.set_device(
+            &id,
+            secret_hash,
+            inv.region.as_ref().map(|r| r.to_string()),
+            false,
+        );
         self.metrics.enrollments += 1;
         tracing::info!(device = %id, "device enrolled");
         self.respond_enroll(
@@ -91,6 +129,7 @@ impl Hub {
             EnrollResponse::Accepted {
                 device: id,
                 root: self.root_signed.clone(),
+                mqtt_password,
             },
         );
         self.dirty = true;

@@ -3,6 +3,7 @@
 
 pub mod enroll;
 pub mod reports;
+pub mod revoke;
 
 use crate::store::DeviceRow;
 use flotilla_hub_core::DeviceView;

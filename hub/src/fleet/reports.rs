@@ -39,6 +39,11 @@ impl Hub {
             merged.region = d.inventory.region.clone().or(merged.region);
             merged.zone = d.inventory.zone.clone().or(merged.zone);
             inventory_changed = merged != d.inventory;
+            if merged.region != d.inventory.region {
+                // Its telemetry topic follows its region.
+                self.access
+                    .set_region(device, merged.region.as_ref().map(|r| r.to_string()));
+            }
             report.inventory = Some(merged);
         }
         self.store

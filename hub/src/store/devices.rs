@@ -96,6 +96,14 @@ impl Store {
         })
     }
 
+    /// Removes a device row (a revoked device enrolling again with a new key).
+    pub fn delete_device(&self, id: &DeviceId) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM devices WHERE id = ?1", [id.as_str()])?;
+        self.device_cache()?.remove(id);
+        Ok(())
+    }
+
     pub fn insert_device(
         &self,
         id: &DeviceId,

@@ -1,8 +1,11 @@
 //! The hub's SQLite state and content-addressed blob store. Owned by the hub loop alone.
 
+mod credentials;
 mod deployments;
 mod devices;
 mod releases;
+
+pub use credentials::CredentialRow;
 
 pub use devices::DeviceRow;
 
@@ -56,6 +59,8 @@ CREATE TABLE IF NOT EXISTS desired (device TEXT PRIMARY KEY, generation INTEGER 
     signed BLOB NOT NULL, issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS rollouts (deployment TEXT PRIMARY KEY, stable_source TEXT NOT NULL,
     target_source TEXT NOT NULL, snapshot BLOB NOT NULL, updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS mqtt_credentials (principal TEXT PRIMARY KEY, secret_hash BLOB NOT NULL,
+    regions TEXT NOT NULL DEFAULT '', revoked INTEGER NOT NULL DEFAULT 0, updated_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, who TEXT NOT NULL,
     action TEXT NOT NULL, detail TEXT NOT NULL);
 ";

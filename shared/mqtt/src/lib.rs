@@ -72,6 +72,8 @@ pub struct LinkSettings {
     pub port: u16,
     pub keepalive: Duration,
     pub tls: Option<TlsSettings>,
+    /// MQTT username and password, when the broker authenticates (the embedded one always does).
+    pub credentials: Option<(String, String)>,
     /// Retained last-will message (topic, payload), e.g. the offline presence marker.
     pub last_will: Option<(String, Vec<u8>)>,
     /// Topic filters (QoS 1) subscribed on every (re)connect.
@@ -169,6 +171,9 @@ pub fn connect(settings: LinkSettings) -> Result<(Link, mpsc::Receiver<LinkEvent
     );
     opts.set_keep_alive(settings.keepalive);
     opts.set_clean_session(settings.clean_session);
+    if let Some((user, pass)) = &settings.credentials {
+        opts.set_credentials(user.clone(), pass.clone());
+    }
     // Slightly above the largest envelope so a maximal chunk plus MQTT framing fits, and nothing larger does.
     opts.set_max_packet_size(MAX_ENVELOPE + 1024, MAX_ENVELOPE + 1024);
     opts.set_inflight(64);

@@ -228,7 +228,13 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--serve-embedded") {
         let port: u16 = args.get(2).context("port")?.parse()?;
-        flotilla_hub::embedded::start(format!("127.0.0.1:{port}").parse()?, None)?;
+        // Sized as `flotilla serve` sizes it; the benchmark's anonymous clients and topics are let through (the
+        // fleet's access policy is a few string comparisons per message, not what this compares).
+        flotilla_broker::start(
+            format!("127.0.0.1:{port}").parse()?,
+            flotilla_hub::embedded::config(flotilla_hub::embedded::MAX_CONNECTIONS),
+            std::sync::Arc::new(flotilla_broker::auth::AllowAll),
+        )?;
         loop {
             std::thread::park();
         }

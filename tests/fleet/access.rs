@@ -1,0 +1,478 @@
+//! Device identity on the wire, against the embedded broker with its defaults: every connection authenticated,
+//! client ids bound to identities, per-identity topic ACLs, enrollment confined to its own topics, revocation.
+
+use flotilla_fleet_tests::{AgentSpec, Fleet, FleetBuilder, PATIENCE, firmware, wait_for};
+use rumqttc::mqttbytes::v4::SubscribeReasonCode;
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use std::time::{Duration, Instant};
+
+/// A raw MQTT client that reports SUBACK codes and received messages, for probing the broker's decisions.
+struct Probe {
+    rt: tokio::runtime::Runtime,
+    client: AsyncClient,
+    el: EventLoop,
+    /// Messages received while waiting for something else, in arrival order.
+    inbox: Vec<(String, Vec<u8>)>,
+}
+
+/// How a CONNECT went.
+#[derive(Debug, PartialEq, Eq)]
+enum Connect {
+    Accepted,
+    Refused(String),
+}
+
+impl Probe {
+    fn connect(
+        port: u16,
+        client_id: &str,
+        creds: Option<(&str, &str)>,
+        will: Option<&str>,
+    ) -> (Self, Connect) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        if let Some((u, p)) = creds {
+            opts.set_credentials(u, p);
+        }
+        if let Some(topic) = will {
+            opts.set_last_will(LastWill::new(topic, "gone", QoS::AtLeastOnce, true));
+        }
+        let (client, mut el) = AsyncClient::new(opts, 16);
+        let outcome = rt.block_on(async {
+            tokio::time::timeout(PATIENCE, async {
+                loop {
+                    match el.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => return Connect::Accepted,
+                        Ok(_) => {}
+                        Err(e) => return Connect::Refused(e.to_string()),
+                    }
+                }
+            })
+            .await
+            .expect("a CONNACK in time")
+        });
+        let probe = Self {
+            rt,
+            client,
+            el,
+            inbox: Vec::new(),
+        };
+        (probe, outcome)
+    }
+
+    /// Polls until `want` picks an incoming packet, keeping every PUBLISH that arrives meanwhile in the inbox.
+    fn poll_for<T>(&mut self, what: &str, mut want: impl FnMut(&Packet) -> Option<T>) -> T {
+        let (el, inbox) = (&mut self.el, &mut self.inbox);
+        self.rt.block_on(async {
+            tokio::time::timeout(PATIENCE, async {
+                loop {
+                    if let Ok(Event::Incoming(p)) = el.poll().await {
+                        if let Packet::Publish(m) = &p {
+                            inbox.push((m.topic.clone(), m.payload.to_vec()));
+                        }
+                        if let Some(v) = want(&p) {
+                            return v;
+                        }
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{what} in time"))
+        })
+    }
+
+    /// Subscribes to `filter` and says whether the broker granted it.
+    fn subscribe(&mut self, filter: &str) -> bool {
+        let client = self.client.clone();
+        let filter_owned = filter.to_owned();
+        self.rt.block_on(async move {
+            client
+                .subscribe(filter_owned, QoS::AtLeastOnce)
+                .await
+                .expect("queue");
+        });
+        self.poll_for("a SUBACK", |p| match p {
+            Packet::SubAck(a) => Some(matches!(
+                a.return_codes[..],
+                [SubscribeReasonCode::Success(_)]
+            )),
+            _ => None,
+        })
+    }
+
+    /// Publishes and waits for the PUBACK (the broker acknowledges refused publishes too, and drops them).
+    fn publish(&mut self, topic: &str, payload: &[u8], retain: bool) {
+        let client = self.client.clone();
+        let (topic, payload) = (topic.to_owned(), payload.to_vec());
+        self.rt.block_on(async move {
+            client
+                .publish(topic, QoS::AtLeastOnce, retain, payload)
+                .await
+                .expect("queue");
+        });
+        self.poll_for("a PUBACK", |p| matches!(p, Packet::PubAck(_)).then_some(()));
+    }
+
+    /// Every message received until one arrives on `marker` (which the caller published after everything else,
+    /// on a topic this client is subscribed to): the broker delivers in order, so nothing else is still coming.
+    fn messages_until(&mut self, marker: &str) -> Vec<(String, Vec<u8>)> {
+        if !self.inbox.iter().any(|(t, _)| t == marker) {
+            self.poll_for("the marker", |p| match p {
+                Packet::Publish(m) if m.topic == marker => Some(()),
+                _ => None,
+            });
+        }
+        let all = std::mem::take(&mut self.inbox);
+        all.into_iter().take_while(|(t, _)| t != marker).collect()
+    }
+}
+
+fn two_devices() -> Fleet {
+    FleetBuilder::new()
+        .agent(AgentSpec::new("gw-a", "eu-west", 52.5, 13.4))
+        .agent(AgentSpec::new("gw-b", "us-east", 40.7, -74.0))
+        .start()
+        .expect("fleet")
+}
+
+/// The MQTT secret the hub issued to an agent at enrollment (read from the agent's own database).
+fn device_secret(fleet: &Fleet, id: &str) -> String {
+    let store =
+        flotilla_agent::store::Store::open(&fleet.agent(id).state_dir()).expect("agent store");
+    store.mqtt_secret().expect("read").expect("a secret")
+}
+
+fn hub_secret(fleet: &Fleet) -> String {
+    std::fs::read_to_string(fleet.hub.dir.join("mqtt-hub.secret"))
+        .expect("hub secret")
+        .trim()
+        .to_owned()
+}
+
+fn denied(fleet: &Fleet, action: &str) -> u64 {
+    let m = fleet.hub.client.get_text("/metrics").expect("metrics");
+    let key = format!("flotilla_broker_denied_total{{action=\"{action}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The ACL matrix against the embedded broker: identities {device A, the hub, a region feed consumer, an
+/// anonymous enrollment, an anonymous client} x targets {own topics, device B's, `#`, `+` patterns, `$SYS/#`} x
+/// {subscribe, publish, retained publish, will}. Exactly the allowed cells succeed; every refusal is counted.
+#[test]
+fn acl_matrix_against_the_embedded_broker() {
+    let fleet = two_devices();
+    let port = fleet.broker_port();
+    let a_secret = device_secret(&fleet, "gw-a");
+    let feed = fleet
+        .hub
+        .client
+        .post(
+            "/api/v1/feed-credentials",
+            "application/json",
+            br#"{"name": "grafana", "regions": ["eu-west"]}"#,
+            &[],
+        )
+        .expect("feed credential");
+    let feed_pass = feed["password"].as_str().expect("password").to_owned();
+    let hub_pass = hub_secret(&fleet);
+
+    // Who may connect at all.
+    assert!(matches!(
+        Probe::connect(port, "test-anon", None, None).1,
+        Connect::Refused(_)
+    ));
+    assert!(matches!(
+        Probe::connect(port, "gw-a", Some(("gw-a", "wrong")), None).1,
+        Connect::Refused(_)
+    ));
+    assert!(matches!(
+        Probe::connect(
+            port,
+            "gw-a-2",
+            Some(("gw-a", &a_secret)),
+            Some("flotilla/v1/dev/gw-b/presence")
+        )
+        .1,
+        Connect::Refused(_)
+    ));
+    let wills_before = denied(&fleet, "will");
+    let (_, will) = Probe::connect(
+        port,
+        "gw-a",
+        Some(("gw-a", &a_secret)),
+        Some("flotilla/v1/dev/gw-b/presence"),
+    );
+    assert!(
+        matches!(will, Connect::Refused(_)),
+        "a will on B's presence"
+    );
+    assert!(denied(&fleet, "will") > wills_before);
+
+    // Device A.
+    let (mut a, ok) = Probe::connect(port, "gw-a", Some(("gw-a", &a_secret)), None);
+    assert_eq!(ok, Connect::Accepted);
+    for (filter, allowed) in [
+        ("flotilla/v1/dev/gw-a/desired", true),
+        ("flotilla/v1/dev/gw-a/root", true),
+        ("flotilla/v1/dev/gw-a/artifact/chunk", true),
+        ("flotilla/v1/dev/gw-b/desired", false),
+        ("flotilla/v1/dev/+/desired", false),
+        ("flotilla/v1/dev/gw-a/#", false),
+        ("flotilla/v1/telemetry/#", false),
+        ("flotilla/v1/enroll/+/req", false),
+        ("#", false),
+        ("$SYS/#", false),
+    ] {
+        assert_eq!(a.subscribe(filter), allowed, "device A subscribes {filter}");
+    }
+    // The hub watches what A's publishes do.
+    let (mut hub, ok) = Probe::connect(port, "flotilla-hub-probe", Some(("hub", &hub_pass)), None);
+    assert_eq!(ok, Connect::Accepted);
+    assert!(hub.subscribe("#"), "the hub reads everything");
+    a.publish("flotilla/v1/dev/gw-b/report", b"spoofed report", false);
+    a.publish("flotilla/v1/dev/gw-b/presence", b"spoofed presence", true);
+    a.publish(
+        "flotilla/v1/dev/gw-a/desired",
+        b"own desired, retained",
+        true,
+    );
+    a.publish(
+        "flotilla/v1/telemetry/us-east/gw-a/count",
+        b"wrong region",
+        false,
+    );
+    a.publish(
+        "flotilla/v1/telemetry/eu-west/gw-b/count",
+        b"another id",
+        false,
+    );
+    a.publish(
+        "flotilla/v1/telemetry/eu-west/gw-a/count",
+        b"own telemetry",
+        false,
+    );
+    hub.publish("probe/marker", b"", false);
+    let seen = hub.messages_until("probe/marker");
+    let payloads: Vec<&[u8]> = seen.iter().map(|(_, p)| p.as_slice()).collect();
+    assert!(payloads.contains(&&b"own telemetry"[..]), "{seen:?}");
+    for refused in [
+        &b"spoofed report"[..],
+        b"spoofed presence",
+        b"own desired, retained",
+        b"wrong region",
+        b"another id",
+    ] {
+        assert!(
+            !payloads.contains(&refused),
+            "{:?} got through",
+            String::from_utf8_lossy(refused)
+        );
+    }
+
+    // A region feed consumer: read-only, its regions only.
+    let (mut f, ok) = Probe::connect(
+        port,
+        "feed-grafana",
+        Some(("feed:grafana", &feed_pass)),
+        None,
+    );
+    assert_eq!(ok, Connect::Accepted);
+    for (filter, allowed) in [
+        ("flotilla/v1/telemetry/eu-west/#", true),
+        ("flotilla/v1/telemetry/eu-west/+/count", true),
+        ("flotilla/v1/telemetry/us-east/#", false),
+        ("flotilla/v1/telemetry/+/gw-a/count", false),
+        ("flotilla/v1/telemetry/#", false),
+        ("flotilla/v1/dev/+/desired", false),
+        ("#", false),
+        ("$SYS/#", false),
+    ] {
+        assert_eq!(f.subscribe(filter), allowed, "feed subscribes {filter}");
+    }
+    f.publish(
+        "flotilla/v1/telemetry/eu-west/gw-a/count",
+        b"feed publish",
+        false,
+    );
+    // A feed consumer cannot pose as a device's client id (that would take over its session).
+    assert!(matches!(
+        Probe::connect(port, "gw-a", Some(("feed:grafana", &feed_pass)), None).1,
+        Connect::Refused(_)
+    ));
+
+    // An anonymous enrollment: its own request and response only; nobody else's tokens.
+    let nonce = "00112233445566778899aabbccddeeff";
+    let (mut e, ok) = Probe::connect(port, &format!("enroll-{nonce}"), None, None);
+    assert_eq!(ok, Connect::Accepted);
+    for (filter, allowed) in [
+        (format!("flotilla/v1/enroll/{nonce}/resp"), true),
+        ("flotilla/v1/enroll/+/req".to_owned(), false),
+        ("flotilla/v1/enroll/#".to_owned(), false),
+        (
+            "flotilla/v1/enroll/ffeeddccbbaa99887766554433221100/resp".to_owned(),
+            false,
+        ),
+        ("flotilla/v1/dev/+/desired".to_owned(), false),
+        ("#".to_owned(), false),
+    ] {
+        assert_eq!(
+            e.subscribe(&filter),
+            allowed,
+            "enrollment subscribes {filter}"
+        );
+    }
+    e.publish("flotilla/v1/dev/gw-a/desired", b"anonymous retained", true);
+    hub.publish("probe/marker", b"", false);
+    let seen = hub.messages_until("probe/marker");
+    assert!(
+        !seen
+            .iter()
+            .any(|(_, p)| p == b"feed publish" || p == b"anonymous retained"),
+        "{seen:?}"
+    );
+    for action in [
+        "connect",
+        "publish",
+        "publish_retained",
+        "subscribe",
+        "will",
+    ] {
+        assert!(
+            denied(&fleet, action) > 0,
+            "denials of {action} are counted"
+        );
+    }
+}
+
+/// Device A's credential cannot connect as device B nor take over B's session; B stays connected and working.
+#[test]
+fn a_device_credential_cannot_take_over_another_device() {
+    let fleet = two_devices();
+    let port = fleet.broker_port();
+    let a_secret = device_secret(&fleet, "gw-a");
+    wait_for("both online", PATIENCE, || {
+        let b = fleet.hub.device("gw-b")?;
+        (b["online"] == true).then_some(())
+    })
+    .expect("online");
+    let (_, outcome) = Probe::connect(port, "gw-b", Some(("gw-a", &a_secret)), None);
+    assert!(matches!(outcome, Connect::Refused(_)), "{outcome:?}");
+    let (_, outcome) = Probe::connect(port, "gw-b", Some(("gw-b", &a_secret)), None);
+    assert!(matches!(outcome, Connect::Refused(_)), "{outcome:?}");
+    // B's own session was never touched: its agent logged no disconnection.
+    let log = fleet.agent("gw-b").log();
+    assert!(!log.contains("\"message\":\"disconnected\""), "{log}");
+}
+
+/// An anonymous client that tries to overwrite a device's retained desired state and to read other devices'
+/// traffic gets nothing; the device, restarted afterwards, receives the hub's genuine state and runs it.
+#[test]
+fn anonymous_clients_cannot_poison_or_read_the_fleet() {
+    let mut fleet = two_devices();
+    fleet
+        .hub
+        .push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("release");
+    fleet
+        .hub
+        .apply("name = \"sensors\"\n[[workloads]]\nname = \"sensor\"\nrelease = \"sensor@1.0.0\"\ntick_ms = 100\n")
+        .expect("apply");
+    fleet
+        .hub
+        .wait_workload("gw-a", "sensor", "running")
+        .expect("running");
+    let port = fleet.broker_port();
+    let nonce = "0123456789abcdef0123456789abcdef";
+    let (mut anon, ok) = Probe::connect(port, &format!("enroll-{nonce}"), None, None);
+    assert_eq!(
+        ok,
+        Connect::Accepted,
+        "enrollment stays open to anonymous clients"
+    );
+    assert!(!anon.subscribe("flotilla/v1/dev/+/desired"));
+    assert!(!anon.subscribe("flotilla/v1/telemetry/#"));
+    anon.publish("flotilla/v1/dev/gw-a/desired", b"garbage", true);
+    assert!(anon.subscribe(&format!("flotilla/v1/enroll/{nonce}/resp")));
+    let agent = fleet.agent_mut("gw-a");
+    agent.kill9();
+    agent.start().expect("restart");
+    agent
+        .wait_log(&["\"message\":\"running\"", "\"workload\":\"sensor\""], 1)
+        .expect("runs again");
+    let log = agent.log();
+    assert!(
+        !log.contains("desired state rejected"),
+        "the garbage never reached it:\n{log}"
+    );
+}
+
+/// Revocation: the device is disconnected at once, cannot reconnect, and its retained topics are gone.
+#[test]
+fn revoked_device_is_disconnected_and_stays_out() {
+    let fleet = two_devices();
+    let hub = &fleet.hub;
+    hub.push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("release");
+    hub.apply("name = \"sensors\"\n[[workloads]]\nname = \"sensor\"\nrelease = \"sensor@1.0.0\"\ntick_ms = 100\n")
+        .expect("apply");
+    hub.wait_workload("gw-a", "sensor", "running")
+        .expect("running");
+    let t0 = Instant::now();
+    let v = hub
+        .client
+        .post(
+            "/api/v1/devices/gw-a/revoke",
+            "application/json",
+            b"{}",
+            &[],
+        )
+        .expect("revoke");
+    assert_eq!(v["connections_closed"], 1, "{v}");
+    let agent = fleet.agent("gw-a");
+    agent
+        .wait_log(&["\"message\":\"disconnected\""], 1)
+        .expect("disconnected");
+    println!(
+        "revocation -> agent saw the disconnect in {:?}",
+        t0.elapsed()
+    );
+    // Its reconnects are refused (counted as denied connects), and the hub never sees it online again.
+    let refused = denied(&fleet, "connect");
+    wait_for("a refused reconnect", PATIENCE, || {
+        (denied(&fleet, "connect") > refused).then_some(())
+    })
+    .expect("reconnect refused");
+    let d = hub.device("gw-a").expect("device");
+    assert_eq!(
+        (d["online"].as_bool(), d["revoked"].as_bool()),
+        (Some(false), Some(true)),
+        "{d}"
+    );
+    // Nothing retained is left for it: a subscriber gets no desired state, root or presence before a marker.
+    let (mut probe, ok) = Probe::connect(
+        fleet.broker_port(),
+        "flotilla-hub-probe",
+        Some(("hub", &hub_secret(&fleet))),
+        None,
+    );
+    assert_eq!(ok, Connect::Accepted);
+    assert!(probe.subscribe("flotilla/v1/dev/gw-a/#"));
+    assert!(probe.subscribe("probe/marker"));
+    probe.publish("probe/marker", b"", false);
+    let seen = probe.messages_until("probe/marker");
+    assert!(
+        seen.iter().all(|(_, p)| p.is_empty()),
+        "retained state left: {:?}",
+        seen.iter().map(|(t, _)| t).collect::<Vec<_>>()
+    );
+    // gw-b is untouched.
+    hub.wait_workload("gw-b", "sensor", "running")
+        .expect("gw-b keeps running");
+}
