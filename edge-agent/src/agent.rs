@@ -105,10 +105,22 @@ impl std::fmt::Debug for Agent {
 
 /// The link's TLS settings from `[tls]` in `agent.toml`.
 pub(crate) fn tls_settings(cfg: &Config) -> Option<TlsSettings> {
-    cfg.tls.as_ref().map(|t| TlsSettings {
-        ca_file: t.ca_file.clone(),
-        client_cert: t.client_cert.clone(),
-        client_key: t.client_key.clone(),
+    if !cfg.broker.tls && cfg.tls.is_none() {
+        return None;
+    }
+    let ca_file = cfg.tls.as_ref().and_then(|t| t.ca_file.clone());
+    Some(TlsSettings {
+        // Without a CA file, the broker is pinned by the CA fingerprint in the enrollment token.
+        ca_sha256: if ca_file.is_none() {
+            cfg.enroll_token
+                .as_deref()
+                .and_then(crate::config::token_ca_pin)
+        } else {
+            None
+        },
+        ca_file,
+        client_cert: cfg.tls.as_ref().and_then(|t| t.client_cert.clone()),
+        client_key: cfg.tls.as_ref().and_then(|t| t.client_key.clone()),
     })
 }
 

@@ -66,7 +66,7 @@ struct RawPosition {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTls {
-    ca_file: PathBuf,
+    ca_file: Option<PathBuf>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
 }
@@ -131,7 +131,8 @@ pub struct BrokerUrl {
 /// TLS material for `mqtts://`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsFiles {
-    pub ca_file: PathBuf,
+    /// The broker's CA; without it, the CA pinned by the enrollment token's fingerprint.
+    pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
 }
@@ -169,6 +170,13 @@ pub struct Overrides {
     pub device_id: Option<String>,
     pub enroll_token: Option<String>,
     pub region: Option<String>,
+}
+
+/// The broker CA fingerprint an enrollment token carries (`fet_<secret>.<64 hex digits>`), if any.
+pub fn token_ca_pin(token: &str) -> Option<[u8; 32]> {
+    let (_, fp) = token.rsplit_once('.')?;
+    let bytes = hex::decode(fp).ok()?;
+    bytes.try_into().ok()
 }
 
 /// Parses `mqtt://host:port` or `mqtts://host:port`.
@@ -237,8 +245,15 @@ impl Config {
             client_cert: t.client_cert,
             client_key: t.client_key,
         });
-        if broker.tls && tls.is_none() {
-            return Err(invalid("tls", "mqtts:// needs [tls] ca_file".into()));
+        let token = ov.enroll_token.clone().or(raw.enroll_token.clone());
+        let pinned = token.as_deref().and_then(token_ca_pin).is_some();
+        if broker.tls && tls.as_ref().and_then(|t| t.ca_file.as_ref()).is_none() && !pinned {
+            return Err(invalid(
+                "tls",
+                "mqtts:// needs [tls] ca_file, or an enroll_token with the broker's CA fingerprint \
+                 (fet_<secret>.<sha256>)"
+                    .into(),
+            ));
         }
         let label = |field: &'static str, v: Option<String>| {
             v.map(Label::new)

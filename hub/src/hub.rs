@@ -76,6 +76,9 @@ pub struct Hub {
     pub metrics: HubMetrics,
     /// The MQTT credential registry the embedded broker authenticates against (shared with it).
     pub access: crate::access::Credentials,
+    /// SHA-256 of the broker CA's certificate, appended to enrollment tokens (`fet_<secret>.<sha256>`) so a fresh
+    /// device pins the broker with nothing but its token; `None` without the generated TLS listener.
+    pub(crate) broker_ca_fingerprint: Option<String>,
     /// The key device MQTT secrets are derived under (see [`crate::access::device_secret`]).
     pub(crate) enroll_key: Vec<u8>,
     /// The embedded broker, when this hub runs one: revocation disconnects through it.
@@ -141,6 +144,7 @@ impl Hub {
             metrics: HubMetrics::default(),
             access,
             enroll_key: trust::random_hex(32).into_bytes(),
+            broker_ca_fingerprint: None,
             broker: None,
             dirty: true,
         })
@@ -256,6 +260,11 @@ impl Hub {
         self.enroll_key = Digest::of(&[b"flotilla enrollment key\0".as_slice(), key].concat())
             .0
             .to_vec();
+    }
+
+    /// Sets the broker CA fingerprint new enrollment tokens carry.
+    pub fn set_broker_ca_fingerprint(&mut self, fingerprint: String) {
+        self.broker_ca_fingerprint = Some(fingerprint);
     }
 
     /// Hands the hub the embedded broker it runs on (for revocation).

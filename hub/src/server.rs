@@ -46,8 +46,14 @@ impl DataDir {
     }
 }
 
-/// Creates keys, a root, the database and an admin token. Refuses to overwrite an initialised directory.
+/// Creates keys, a root, the database, an admin token and the broker's TLS material. Refuses to overwrite an
+/// initialised directory.
 pub fn init(dir: &DataDir) -> Result<String> {
+    init_with(dir, &[])
+}
+
+/// [`init`], with extra names for the broker's TLS certificate.
+pub fn init_with(dir: &DataDir, broker_hosts: &[String]) -> Result<String> {
     if dir.initialized() {
         bail!("{} is already initialised", dir.0.display());
     }
@@ -73,6 +79,8 @@ pub fn init(dir: &DataDir) -> Result<String> {
     store.add_api_token(&token, "admin", "admin")?;
     keyfile::write_private(&dir.admin_token(), &format!("{token}\n"))?;
     hub_mqtt_secret(dir)?;
+    let pki = crate::pki::BrokerPki::in_dir(&dir.0);
+    pki.create(&crate::pki::default_hosts(broker_hosts))?;
     println!("initialised {}", dir.0.display());
     println!("  root key (move offline!): {}", root_path.display());
     println!("  release key:              {}", release_path.display());
@@ -81,6 +89,10 @@ pub fn init(dir: &DataDir) -> Result<String> {
     println!(
         "  admin API token:          {}",
         dir.admin_token().display()
+    );
+    println!(
+        "  broker CA (devices pin it through their enrollment token): {}",
+        pki.ca.display()
     );
     Ok(token)
 }
@@ -105,8 +117,8 @@ pub enum BrokerChoice {
 #[derive(Debug, Clone)]
 pub struct EmbeddedTls {
     pub listen: SocketAddr,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// Certificate chain and key; `None` uses the pair `flotilla init` made (`tls/server.pem`).
+    pub cert_and_key: Option<(PathBuf, PathBuf)>,
     /// When set, devices must present a certificate that chains to this CA (mutual TLS).
     pub client_ca: Option<PathBuf>,
 }
@@ -158,20 +170,28 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
     }
     let store = Store::open(&dir.0)?;
     let hub_secret = hub_mqtt_secret(&dir)?;
+    // Data directories from before the broker had TLS get their certificates on the next start.
+    let pki = crate::pki::BrokerPki::in_dir(&dir.0);
+    if !pki.exists() {
+        pki.create(&crate::pki::default_hosts(&[]))?;
+    }
     let access = load_credentials(&store, &hub_secret, true)?;
     let hub_secret_for_key = hub_secret.clone();
     let mut mqtts = None;
+    let embedded_tls_generated = match &broker {
+        BrokerChoice::Embedded { tls: Some(t), .. } => Some(t.cert_and_key.is_none()),
+        _ => None,
+    };
     let (host, port, tls, embedded) = match broker {
         BrokerChoice::Embedded { listen, tls } => {
             let (broker, tls_addr) = crate::embedded::start(
                 listen,
                 tls.as_ref().map(|t| {
-                    (
-                        t.listen,
-                        t.cert.as_path(),
-                        t.key.as_path(),
-                        t.client_ca.as_deref(),
-                    )
+                    let (cert, key) = match &t.cert_and_key {
+                        Some((c, k)) => (c.as_path(), k.as_path()),
+                        None => (pki.server_chain.as_path(), pki.server_key.as_path()),
+                    };
+                    (t.listen, cert, key, t.client_ca.as_deref())
                 }),
                 access.clone(),
             )?;
@@ -199,6 +219,10 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
     })?;
     let mut hub = Hub::new(store, link, hub_key, root, access)?;
     hub.set_enroll_key(hub_secret_for_key.as_bytes());
+    // Tokens carry the CA's fingerprint only when devices can actually meet this broker's own certificate.
+    if matches!(&embedded_tls_generated, Some(true)) {
+        hub.set_broker_ca_fingerprint(pki.ca_fingerprint()?);
+    }
     if let Some(b) = &embedded {
         hub.set_broker(b.clone());
     }

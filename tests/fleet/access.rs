@@ -476,3 +476,60 @@ fn revoked_device_is_disconnected_and_stays_out() {
     hub.wait_workload("gw-b", "sensor", "running")
         .expect("gw-b keeps running");
 }
+
+/// Secure by default: a hub started with its defaults serves devices over TLS, and an agent whose config names
+/// only `mqtts://host:port` and an enrollment token verifies the broker against the CA fingerprint in the token,
+/// enrolls, and runs a workload. A token whose fingerprint is not the broker's CA gets no connection at all.
+#[test]
+fn agents_pin_the_broker_through_their_token() {
+    let mut spec = AgentSpec::new("gw-tls", "eu-west", 52.5, 13.4);
+    spec.pinned_tls = true;
+    let fleet = FleetBuilder::new().agent(spec).start().expect("fleet");
+    let hub = &fleet.hub;
+    let config = std::fs::read_to_string(&fleet.agent("gw-tls").config).expect("config");
+    assert!(
+        config.contains("mqtts://localhost:") && !config.contains("[tls]"),
+        "{config}"
+    );
+    let token = hub.enroll_token("eu-west", "eu-a", &[]).expect("token");
+    let (secret, fingerprint) = token.rsplit_once('.').expect("a pinned token");
+    assert!(
+        secret.starts_with("fet_") && fingerprint.len() == 64,
+        "{token}"
+    );
+    hub.push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("release");
+    hub.apply("name = \"sensors\"\n[[workloads]]\nname = \"sensor\"\nrelease = \"sensor@1.0.0\"\ntick_ms = 100\n")
+        .expect("apply");
+    hub.wait_workload("gw-tls", "sensor", "running")
+        .expect("running over the pinned TLS listener");
+    // The same listener with a token that pins another CA: the handshake fails before any MQTT.
+    let wrong = format!("{secret}.{}", "0".repeat(64));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let port = hub.mqtts_port().expect("tls port");
+    let outcome = rt.block_on(async {
+        let (_link, mut rx) = flotilla_mqtt::connect(flotilla_mqtt::LinkSettings {
+            client_id: "enroll-00112233445566778899aabbccddeeff".into(),
+            host: "localhost".into(),
+            port,
+            keepalive: Duration::from_secs(5),
+            tls: Some(flotilla_mqtt::TlsSettings {
+                ca_file: None,
+                ca_sha256: flotilla_agent::config::token_ca_pin(&wrong),
+                client_cert: None,
+                client_key: None,
+            }),
+            credentials: None,
+            last_will: None,
+            subscriptions: vec![],
+            clean_session: true,
+            queue: 16,
+        })
+        .expect("settings");
+        tokio::time::timeout(PATIENCE, rx.recv()).await
+    });
+    assert!(
+        matches!(&outcome, Ok(Some(flotilla_mqtt::LinkEvent::Disconnected(e))) if e.contains("pinned CA")),
+        "{outcome:?}"
+    );
+}

@@ -297,7 +297,8 @@ fn embedded_broker_mutual_tls_refuses_unknown_clients() {
                 port,
                 keepalive: Duration::from_secs(5),
                 tls: Some(flotilla_mqtt::TlsSettings {
-                    ca_file: pki.ca.clone(),
+                    ca_file: Some(pki.ca.clone()),
+                    ca_sha256: None,
                     client_cert: cert.map(|c| c.0.to_owned()),
                     client_key: cert.map(|c| c.1.to_owned()),
                 }),

@@ -286,6 +286,9 @@ impl Hub {
                         .arg(&pki.server_key)
                         .arg("--mqtt-client-ca")
                         .arg(&pki.ca);
+                } else {
+                    // The default TLS listener (0.0.0.0:8883) on a free loopback port, so hubs run side by side.
+                    cmd.arg("--mqtt-tls").arg("127.0.0.1:0");
                 }
             }
         }
@@ -365,6 +368,15 @@ impl Hub {
             self.client.get("/api/v1/devices").ok()
         })?;
         Ok(())
+    }
+
+    /// The port of the hub's device TLS listener (the default one, with the certificate `flotilla init` made).
+    pub fn mqtts_port(&self) -> Option<u16> {
+        let text = std::fs::read_to_string(self.dir.join("endpoints.txt")).ok()?;
+        let url = text
+            .lines()
+            .find_map(|l| l.strip_prefix("mqtts=mqtts://"))?;
+        url.rsplit_once(':')?.1.parse().ok()
     }
 
     /// A client with the hub's own MQTT credentials: what a compromised broker or a misbehaving privileged tool
@@ -503,6 +515,9 @@ pub struct AgentSpec {
     pub extra_config: String,
     /// Extra lines for the agent config's `[limits]` table (e.g. `max_data_mib = 8`).
     pub extra_limits: String,
+    /// Connect to the hub's default TLS listener with no `[tls]` table: the enrollment token's CA fingerprint is
+    /// all the agent has to verify the broker.
+    pub pinned_tls: bool,
 }
 
 impl AgentSpec {
@@ -517,6 +532,7 @@ impl AgentSpec {
             position_file: false,
             extra_config: String::new(),
             extra_limits: String::new(),
+            pinned_tls: false,
         }
     }
 }
@@ -691,6 +707,13 @@ impl FleetBuilder {
                         pki.client_cert.display(),
                         pki.client_key.display()
                     ),
+                ),
+                // The hub's default device listener, pinned by the CA fingerprint in the token alone.
+                (None, None) if spec.pinned_tls => (
+                    "mqtts",
+                    "localhost",
+                    hub.mqtts_port().context("the hub's TLS listener")?,
+                    String::new(),
                 ),
                 (None, None) => ("mqtt", "127.0.0.1", port, String::new()),
             };

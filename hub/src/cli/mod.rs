@@ -135,6 +135,10 @@ enum Cmd {
     Init {
         #[arg(long, default_value = "flotilla-data")]
         data_dir: PathBuf,
+        /// Names devices reach the broker by, for its TLS certificate (repeatable; localhost, the loopback
+        /// addresses and this machine's hostname are always included).
+        #[arg(long = "broker-host")]
+        broker_hosts: Vec<String>,
     },
     /// Run the hub (embedded MQTT broker unless --broker is given).
     Serve {
@@ -151,18 +155,21 @@ enum Cmd {
         /// CA certificate (PEM) for an mqtts:// broker.
         #[arg(long)]
         broker_ca: Option<PathBuf>,
-        /// Also serve MQTT over TLS for devices on this address (embedded broker only); needs --mqtt-tls-cert and
-        /// --mqtt-tls-key.
-        #[arg(long, requires_all = ["mqtt_tls_cert", "mqtt_tls_key"], conflicts_with = "broker")]
-        mqtt_tls: Option<SocketAddr>,
-        /// Server certificate chain (PEM) for --mqtt-tls.
-        #[arg(long, requires = "mqtt_tls")]
+        /// MQTT over TLS for devices (embedded broker), with the certificate `flotilla init` made unless
+        /// --mqtt-tls-cert/--mqtt-tls-key name others. The plain --mqtt listener stays for the hub and local tools.
+        #[arg(long, default_value = "0.0.0.0:8883", conflicts_with = "broker")]
+        mqtt_tls: SocketAddr,
+        /// Serve no TLS listener (devices then reach the broker only through --mqtt).
+        #[arg(long, conflicts_with_all = ["mqtt_tls_cert", "mqtt_tls_key", "mqtt_client_ca"])]
+        no_mqtt_tls: bool,
+        /// Server certificate chain (PEM) for --mqtt-tls, instead of the generated one.
+        #[arg(long, requires = "mqtt_tls_key")]
         mqtt_tls_cert: Option<PathBuf>,
         /// Server private key (PEM) for --mqtt-tls.
-        #[arg(long, requires = "mqtt_tls")]
+        #[arg(long, requires = "mqtt_tls_cert")]
         mqtt_tls_key: Option<PathBuf>,
         /// Require device certificates that chain to this CA (PEM) on --mqtt-tls (mutual TLS).
-        #[arg(long, requires = "mqtt_tls")]
+        #[arg(long)]
         mqtt_client_ca: Option<PathBuf>,
     },
     /// Start a hub and a small fleet of real agents across three regions, deploy, and watch it converge.
@@ -372,8 +379,11 @@ impl Conn {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Init { data_dir } => {
-            server::init(&DataDir(data_dir))?;
+        Cmd::Init {
+            data_dir,
+            broker_hosts,
+        } => {
+            server::init_with(&DataDir(data_dir), &broker_hosts)?;
         }
         Cmd::Serve {
             data_dir,
@@ -382,10 +392,12 @@ fn run(cli: Cli) -> Result<()> {
             broker,
             broker_ca,
             mqtt_tls,
+            no_mqtt_tls,
             mqtt_tls_cert,
             mqtt_tls_key,
             mqtt_client_ca,
         } => serve::run(serve::ServeArgs {
+            no_mqtt_tls,
             data_dir,
             http,
             mqtt,

@@ -13,7 +13,8 @@ pub struct ServeArgs {
     pub mqtt: SocketAddr,
     pub broker: Option<String>,
     pub broker_ca: Option<PathBuf>,
-    pub mqtt_tls: Option<SocketAddr>,
+    pub mqtt_tls: SocketAddr,
+    pub no_mqtt_tls: bool,
     pub mqtt_tls_cert: Option<PathBuf>,
     pub mqtt_tls_key: Option<PathBuf>,
     pub mqtt_client_ca: Option<PathBuf>,
@@ -27,6 +28,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         broker,
         broker_ca,
         mqtt_tls,
+        no_mqtt_tls,
         mqtt_tls_cert,
         mqtt_tls_key,
         mqtt_client_ca,
@@ -41,7 +43,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let (host, port) = rest.rsplit_once(':').context("--broker needs a port")?;
             let tls = match (tls, broker_ca) {
                 (true, Some(ca_file)) => Some(flotilla_mqtt::TlsSettings {
-                    ca_file,
+                    ca_file: Some(ca_file),
+                    ca_sha256: None,
                     client_cert: None,
                     client_key: None,
                 }),
@@ -56,16 +59,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         None => BrokerChoice::Embedded {
             listen: mqtt,
-            tls: match (mqtt_tls, mqtt_tls_cert, mqtt_tls_key) {
-                (Some(listen), Some(cert), Some(key)) => Some(server::EmbeddedTls {
-                    listen,
-                    cert,
-                    key,
-                    client_ca: mqtt_client_ca,
-                }),
-                // clap's `requires` rules make any other combination unreachable.
-                _ => None,
-            },
+            tls: (!no_mqtt_tls).then_some(server::EmbeddedTls {
+                listen: mqtt_tls,
+                // clap's `requires` rules give both or neither; neither means the generated pair.
+                cert_and_key: mqtt_tls_cert.zip(mqtt_tls_key),
+                client_ca: mqtt_client_ca,
+            }),
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -160,8 +160,14 @@ impl Hub {
         if let Some(z) = &presets.zone {
             Label::new(z.clone()).map_err(|e| HubError::BadRequest(format!("zone: {e}")))?;
         }
+        // The kubeadm join pattern: the token carries the broker CA's fingerprint, so the device can verify the
+        // broker on first contact with nothing else configured.
+        let suffix = self
+            .broker_ca_fingerprint
+            .as_ref()
+            .map_or(String::new(), |fp| format!(".{fp}"));
         let tokens: Vec<String> = (0..count)
-            .map(|_| format!("fet_{}", trust::random_hex(16)))
+            .map(|_| format!("fet_{}{suffix}", trust::random_hex(16)))
             .collect();
         let now = unix_now();
         self.store

@@ -59,7 +59,11 @@ pub trait Publisher: Send + Sync {
 /// TLS material for `mqtts://`.
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
-    pub ca_file: PathBuf,
+    /// PEM CA bundle the broker's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// Or, without a CA file: the SHA-256 of the broker's CA certificate (DER), which the broker sends in its
+    /// chain. Pinned from an enrollment token (`fet_<secret>.<sha256>`), so a fresh device needs nothing else.
+    pub ca_sha256: Option<[u8; 32]>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
 }
@@ -122,18 +126,30 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, SetupError> {
 fn tls_config(tls: &TlsSettings) -> Result<rustls::ClientConfig, SetupError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&read(&tls.ca_file)?) {
-        let cert = cert.map_err(|e| SetupError::Tls(format!("ca_file: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| SetupError::Tls(format!("ca_file: {e}")))?;
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    let versions = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| SetupError::Tls(e.to_string()))?
-        .with_root_certificates(roots);
+        .map_err(|e| SetupError::Tls(e.to_string()))?;
+    let builder = match (&tls.ca_file, tls.ca_sha256) {
+        (Some(ca_file), _) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(&read(ca_file)?) {
+                let cert = cert.map_err(|e| SetupError::Tls(format!("ca_file: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| SetupError::Tls(format!("ca_file: {e}")))?;
+            }
+            versions.with_root_certificates(roots)
+        }
+        (None, Some(pin)) => versions
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(pin::PinnedCa::new(pin, provider))),
+        (None, None) => {
+            return Err(SetupError::Tls(
+                "mqtts needs a CA: ca_file, or an enrollment token that pins one".into(),
+            ));
+        }
+    };
     match (&tls.client_cert, &tls.client_key) {
         (Some(c), Some(k)) => {
             let certs = CertificateDer::pem_slice_iter(&read(c)?)
@@ -149,6 +165,91 @@ fn tls_config(tls: &TlsSettings) -> Result<rustls::ClientConfig, SetupError> {
         _ => Err(SetupError::Tls(
             "client_cert and client_key go together".into(),
         )),
+    }
+}
+
+mod pin {
+    //! Verifying a broker against a pinned CA fingerprint: the CA must be in the chain the broker presents, and
+    //! the broker's certificate must verify against that CA (name, validity, signature) exactly as with a CA file.
+    use rustls::DigitallySignedStruct;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+    use std::sync::Arc;
+
+    #[derive(Debug)]
+    pub struct PinnedCa {
+        pin: [u8; 32],
+        provider: Arc<CryptoProvider>,
+    }
+
+    impl PinnedCa {
+        pub fn new(pin: [u8; 32], provider: Arc<CryptoProvider>) -> Self {
+            Self { pin, provider }
+        }
+    }
+
+    impl ServerCertVerifier for PinnedCa {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp_response: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            let ca = intermediates
+                .iter()
+                .find(|c| flotilla_shared::Digest::of(c.as_ref()).0 == self.pin)
+                .ok_or_else(|| {
+                    rustls::Error::General(
+                        "the broker's certificate chain does not contain the pinned CA".into(),
+                    )
+                })?;
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.clone().into_owned())?;
+            let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                self.provider.clone(),
+            )
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+            verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
     }
 }
 

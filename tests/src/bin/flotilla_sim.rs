@@ -181,6 +181,9 @@ fn main() -> Result<()> {
     if let Some(m) = &broker {
         hub_args.push("--broker".into());
         hub_args.push(format!("mqtt://127.0.0.1:{}", m.port));
+    } else {
+        // The default device TLS listener on a free port (the simulated devices use the loopback listener).
+        hub_args.extend(["--mqtt-tls".to_owned(), "127.0.0.1:0".to_owned()]);
     }
     hub_args.push("--data-dir".into());
     hub_args.push(hub_dir.display().to_string());
