@@ -300,6 +300,19 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    // The telemetry feed needs a credential like any other client: a read-only one for the demo's eu-west region.
+    let feed = client.post(
+        "/api/v1/feed-credentials",
+        "application/json",
+        br#"{"name": "demo", "regions": ["eu-west"]}"#,
+        &[],
+    )?;
+    let feed_login = format!(
+        "-i {} -u {} -P {}",
+        feed["client_id"].as_str().unwrap_or("feed-demo"),
+        feed["username"].as_str().unwrap_or("feed:demo"),
+        feed["password"].as_str().unwrap_or("?")
+    );
     let token_file = std::path::absolute(hub_dir.admin_token())?;
     // The hints must work as printed: the binaries are not on the PATH after `./scripts/demo.sh`.
     let bin_dir = agent_bin
@@ -311,7 +324,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
          \x20 flotilla device ls\n\
          \x20 flotilla deploy status sensors\n\
          \x20 flotilla why paris-gw sensor\n\
-         \x20 mosquitto_sub -h {} -p {} -t 'flotilla/v1/telemetry/eu-west/#' -v   # the telemetry feed (binary payloads)\n\
+         \x20 mosquitto_sub -h {} -p {} {feed_login} -t 'flotilla/v1/telemetry/eu-west/#' -v   # telemetry (binary)\n\
          API: {api}/api/v1/openapi.json   metrics: {api}/metrics   spec: {}\n",
         token_file.display(),
         mqtt.ip(),
