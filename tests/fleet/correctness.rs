@@ -331,6 +331,7 @@ fn agent_database_wal_stays_bounded() {
         (records >= 1500).then_some(())
     })
     .expect("telemetry flows");
+    println!("agent.db-wal high-water mark: {largest} bytes");
     assert!(
         largest <= 1536 * 1024,
         "agent.db-wal reached {largest} bytes (limit 1 MiB plus one transaction)"
