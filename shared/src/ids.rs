@@ -69,6 +69,12 @@ macro_rules! ident_type {
                 &self.0
             }
         }
+        /// Maps keyed by the id can be searched with a `&str` (hashes and order agree with `String`'s).
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
         impl TryFrom<String> for $name {
             type Error = IdError;
             fn try_from(s: String) -> Result<Self, IdError> {

@@ -14,7 +14,7 @@
 //! enrollment ([`reserved_device_id`]).
 
 use flotilla_shared::DeviceId;
-use flotilla_shared::topics::{self, DeviceTopic, NO_REGION, PREFIX};
+use flotilla_shared::topics::{self, NO_REGION, PREFIX};
 
 /// Who a connection is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,48 +100,86 @@ pub struct Facts {
 pub fn allow(principal: &Principal, facts: &Facts, access: Access, topic: &str) -> bool {
     match principal {
         Principal::Hub => true,
-        Principal::Device(d) => device_allows(d, facts, access, topic),
-        Principal::Feed(_) => access == Access::Subscribe && feed_allows(&facts.regions, topic),
-        Principal::Enroll(nonce) => match access {
-            Access::Publish => topic == topics::enroll_request(nonce),
-            Access::Subscribe => topic == topics::enroll_response(nonce),
-            Access::PublishRetained | Access::Will => false,
-        },
+        Principal::Device(d) => device_allows(d.as_str(), facts.region.as_deref(), access, topic),
+        Principal::Feed(_) => feed_allows(&facts.regions, access, topic),
+        Principal::Enroll(nonce) => enroll_allows(nonce, access, topic),
     }
 }
 
-fn device_allows(d: &DeviceId, facts: &Facts, access: Access, topic: &str) -> bool {
-    let own = |leaf| topic == topics::device(d, leaf);
-    match access {
-        Access::Subscribe => {
-            own(DeviceTopic::Desired) || own(DeviceTopic::Root) || own(DeviceTopic::ArtifactChunk)
+// The checks below run for every message a device sends, on the broker's connection tasks: they compare slices
+// of the topic and allocate nothing.
+
+/// `flotilla/v1/dev/{id}/{leaf}` split into (id, leaf).
+fn split_device(topic: &str) -> Option<(&str, &str)> {
+    topic
+        .strip_prefix(PREFIX)?
+        .strip_prefix("/dev/")?
+        .split_once('/')
+}
+
+/// What device `id` (registered in `region`) may do on `topic`.
+pub fn device_allows(id: &str, region: Option<&str>, access: Access, topic: &str) -> bool {
+    if let Some((owner, leaf)) = split_device(topic) {
+        if owner != id {
+            return false;
         }
-        Access::Will | Access::PublishRetained => own(DeviceTopic::Presence),
-        Access::Publish => {
-            own(DeviceTopic::Report)
-                || own(DeviceTopic::Presence)
-                || own(DeviceTopic::ArtifactRequest)
-                || own_telemetry(d, facts, topic)
-        }
+        return match access {
+            Access::Subscribe => matches!(leaf, "desired" | "root" | "artifact/chunk"),
+            Access::Will | Access::PublishRetained => leaf == "presence",
+            Access::Publish => matches!(leaf, "report" | "presence" | "artifact/req"),
+        };
     }
+    access == Access::Publish && own_telemetry(id, region, topic)
 }
 
 /// `flotilla/v1/telemetry/{its region}/{its id}/{one stream level}`.
-fn own_telemetry(d: &DeviceId, facts: &Facts, topic: &str) -> bool {
-    let region = facts.region.as_deref().unwrap_or(NO_REGION);
-    let prefix = format!("{PREFIX}/telemetry/{region}/{d}/");
-    topic
-        .strip_prefix(&prefix)
-        .is_some_and(|stream| !stream.is_empty() && !stream.contains(['/', '+', '#']))
+fn own_telemetry(id: &str, region: Option<&str>, topic: &str) -> bool {
+    let Some(rest) = topic
+        .strip_prefix(PREFIX)
+        .and_then(|t| t.strip_prefix("/telemetry/"))
+    else {
+        return false;
+    };
+    let mut parts = rest.splitn(3, '/');
+    let (Some(r), Some(owner), Some(stream)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    r == region.unwrap_or(NO_REGION)
+        && owner == id
+        && !stream.is_empty()
+        && !stream.contains(['/', '+', '#'])
 }
 
-/// A telemetry filter whose region level is literally one of `regions`; the levels after it may be wildcards.
-fn feed_allows(regions: &[String], filter: &str) -> bool {
-    let Some(rest) = filter.strip_prefix(&format!("{PREFIX}/telemetry/")) else {
+/// A feed consumer subscribes to telemetry filters whose region level is literally one of `regions` (the levels
+/// after it may be wildcards), and publishes nothing.
+pub fn feed_allows(regions: &[String], access: Access, filter: &str) -> bool {
+    if access != Access::Subscribe {
+        return false;
+    }
+    let Some(rest) = filter
+        .strip_prefix(PREFIX)
+        .and_then(|t| t.strip_prefix("/telemetry/"))
+    else {
         return false;
     };
     let region = rest.split('/').next().unwrap_or("");
     regions.iter().any(|r| r == region)
+}
+
+/// An anonymous enrollment publishes its own request and subscribes to its own response, nothing else.
+pub fn enroll_allows(nonce: &str, access: Access, topic: &str) -> bool {
+    let Some(rest) = topic
+        .strip_prefix(PREFIX)
+        .and_then(|t| t.strip_prefix("/enroll/"))
+        .and_then(|t| t.strip_prefix(nonce))
+    else {
+        return false;
+    };
+    match access {
+        Access::Publish => rest == "/req",
+        Access::Subscribe => rest == "/resp",
+        Access::PublishRetained | Access::Will => false,
+    }
 }
 
 #[cfg(test)]
