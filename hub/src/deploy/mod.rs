@@ -219,6 +219,7 @@ impl Hub {
         candidate.insert(name.clone(), d.clone());
         let plan = self.plan_fleet(&candidate, &views, now)?;
         let placed = plan.placements.get(&name).cloned().unwrap_or_default();
+        let fits = self.fit_check(now);
         // The new specs on every device it is placed on, as if any rollout had already reached them all.
         for device in &placed {
             let mut groups = plan.per_device.get(device).cloned().unwrap_or_default();
@@ -227,7 +228,7 @@ impl Hub {
                     *s = specs.to_vec();
                 }
             }
-            if let Err(over) = self.check_fits(device, flatten(&groups), now) {
+            if let Err(over) = fits.check(device, flatten(&groups)) {
                 let (i, w) = largest_workload(d, specs);
                 return Err(HubError::BadRequest(format!(
                     "{file}: workloads[{i}] ({w}): device {device} cannot take this deployment: {over}. \
