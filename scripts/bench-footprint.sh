@@ -22,7 +22,7 @@ echo "binary sizes (stripped, release profile: lto, codegen-units=1, opt-level=s
 ls -l "$BIN/flotilla-agent" "$BIN/flotilla" | awk '{printf "  %-28s %6.1f MiB (%d bytes)\n", $9, $5/1048576, $5}'
 
 "$BIN/flotilla" init --data-dir "$W/hub" >/dev/null
-"$BIN/flotilla" serve --data-dir "$W/hub" --http 127.0.0.1:0 --mqtt 127.0.0.1:0 >/dev/null 2>"$W/hub.log" &
+"$BIN/flotilla" serve --data-dir "$W/hub" --http 127.0.0.1:0 --mqtt 127.0.0.1:0 --mqtt-tls 127.0.0.1:0 >/dev/null 2>"$W/hub.log" &
 for _ in $(seq 100); do [ -f "$W/hub/endpoints.txt" ] && break; sleep 0.1; done
 API=$(sed -n 's/^http=//p' "$W/hub/endpoints.txt"); MQTT=$(sed -n 's/^mqtt=//p' "$W/hub/endpoints.txt")
 export FLOTILLA_SERVER="$API" FLOTILLA_TOKEN_FILE="$W/hub/admin.token"
