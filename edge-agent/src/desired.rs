@@ -160,7 +160,13 @@ impl Agent {
                     artifact = None;
                 }
             }
-            let target = match (artifact, self.fallback(&spec)) {
+            // The fallback is looked up (an artifact-index read) only when the wanted version cannot run.
+            let fallback = if artifact.is_none() {
+                self.fallback(&spec)
+            } else {
+                None
+            };
+            let target = match (artifact, fallback) {
                 (None, Some((last_spec, last_artifact))) => {
                     keep.push(last_artifact);
                     DesiredWorkload {

@@ -181,6 +181,31 @@ fn acl_matrix_against_the_embedded_broker() {
         )
         .expect("feed credential");
     let feed_pass = feed["password"].as_str().expect("password").to_owned();
+    // Bad input to the credential and revocation calls is refused with a reason, and changes nothing.
+    for (body, needle) in [
+        (&br#"{"name": "nothing", "regions": []}"#[..], "regions"),
+        (br#"{"name": "Bad Name", "regions": ["eu-west"]}"#, "name"),
+    ] {
+        let err = fleet
+            .hub
+            .client
+            .post("/api/v1/feed-credentials", "application/json", body, &[])
+            .expect_err("refused")
+            .to_string();
+        assert!(err.starts_with("400") && err.contains(needle), "{err}");
+    }
+    let err = fleet
+        .hub
+        .client
+        .post(
+            "/api/v1/devices/no-such-device/revoke",
+            "application/json",
+            b"{}",
+            &[],
+        )
+        .expect_err("unknown device")
+        .to_string();
+    assert!(err.starts_with("404"), "{err}");
     let hub_pass = hub_secret(&fleet);
 
     // Who may connect at all.

@@ -24,7 +24,6 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use std::io::{IsTerminal, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -141,37 +140,7 @@ enum Cmd {
         broker_hosts: Vec<String>,
     },
     /// Run the hub (embedded MQTT broker unless --broker is given).
-    Serve {
-        #[arg(long, default_value = "flotilla-data")]
-        data_dir: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http: SocketAddr,
-        /// Embedded broker listen address.
-        #[arg(long, default_value = "127.0.0.1:1883")]
-        mqtt: SocketAddr,
-        /// External broker instead of the embedded one: mqtt://host:port or mqtts://host:port.
-        #[arg(long)]
-        broker: Option<String>,
-        /// CA certificate (PEM) for an mqtts:// broker.
-        #[arg(long)]
-        broker_ca: Option<PathBuf>,
-        /// MQTT over TLS for devices (embedded broker), with the certificate `flotilla init` made unless
-        /// --mqtt-tls-cert/--mqtt-tls-key name others. The plain --mqtt listener stays for the hub and local tools.
-        #[arg(long, default_value = "0.0.0.0:8883", conflicts_with = "broker")]
-        mqtt_tls: SocketAddr,
-        /// Serve no TLS listener (devices then reach the broker only through --mqtt).
-        #[arg(long, conflicts_with_all = ["mqtt_tls_cert", "mqtt_tls_key", "mqtt_client_ca"])]
-        no_mqtt_tls: bool,
-        /// Server certificate chain (PEM) for --mqtt-tls, instead of the generated one.
-        #[arg(long, requires = "mqtt_tls_key")]
-        mqtt_tls_cert: Option<PathBuf>,
-        /// Server private key (PEM) for --mqtt-tls.
-        #[arg(long, requires = "mqtt_tls_cert")]
-        mqtt_tls_key: Option<PathBuf>,
-        /// Require device certificates that chain to this CA (PEM) on --mqtt-tls (mutual TLS).
-        #[arg(long)]
-        mqtt_client_ca: Option<PathBuf>,
-    },
+    Serve(serve::ServeArgs),
     /// Start a hub and a small fleet of real agents across three regions, deploy, and watch it converge.
     Demo(crate::demo::DemoArgs),
     /// Key generation.
@@ -385,29 +354,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             server::init_with(&DataDir(data_dir), &broker_hosts)?;
         }
-        Cmd::Serve {
-            data_dir,
-            http,
-            mqtt,
-            broker,
-            broker_ca,
-            mqtt_tls,
-            no_mqtt_tls,
-            mqtt_tls_cert,
-            mqtt_tls_key,
-            mqtt_client_ca,
-        } => serve::run(serve::ServeArgs {
-            no_mqtt_tls,
-            data_dir,
-            http,
-            mqtt,
-            broker,
-            broker_ca,
-            mqtt_tls,
-            mqtt_tls_cert,
-            mqtt_tls_key,
-            mqtt_client_ca,
-        })?,
+        Cmd::Serve(args) => serve::run(args)?,
         Cmd::Demo(args) => crate::demo::run(args)?,
         Cmd::Keys(c) => keys_cli::run_keys(c)?,
         Cmd::Root(c) => keys_cli::run_root(c)?,

@@ -5,18 +5,37 @@ use anyhow::{Context, Result};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// The `serve` arguments, as clap parsed them.
-#[derive(Debug)]
+/// The `serve` arguments.
+#[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    #[arg(long, default_value = "flotilla-data")]
     pub data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
+    /// Embedded broker listen address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
     pub mqtt: SocketAddr,
+    /// External broker instead of the embedded one: mqtt://host:port or mqtts://host:port.
+    #[arg(long)]
     pub broker: Option<String>,
+    /// CA certificate (PEM) for an mqtts:// broker.
+    #[arg(long)]
     pub broker_ca: Option<PathBuf>,
+    /// MQTT over TLS for devices (embedded broker), with the certificate `flotilla init` made unless
+    /// --mqtt-tls-cert/--mqtt-tls-key name others. The plain --mqtt listener stays for the hub and local tools.
+    #[arg(long, default_value = "0.0.0.0:8883", conflicts_with = "broker")]
     pub mqtt_tls: SocketAddr,
+    /// Serve no TLS listener (devices then reach the broker only through --mqtt).
+    #[arg(long, conflicts_with_all = ["mqtt_tls_cert", "mqtt_tls_key", "mqtt_client_ca"])]
     pub no_mqtt_tls: bool,
+    /// Server certificate chain (PEM) for --mqtt-tls, instead of the generated one.
+    #[arg(long, requires = "mqtt_tls_key")]
     pub mqtt_tls_cert: Option<PathBuf>,
+    /// Server private key (PEM) for --mqtt-tls.
+    #[arg(long, requires = "mqtt_tls_cert")]
     pub mqtt_tls_key: Option<PathBuf>,
+    /// Require device certificates that chain to this CA (PEM) on --mqtt-tls (mutual TLS).
+    #[arg(long)]
     pub mqtt_client_ca: Option<PathBuf>,
 }
 

@@ -17,6 +17,8 @@ pub struct FleetPlan {
     pub per_device: BTreeMap<DeviceId, Vec<(String, Vec<WorkloadSpec>)>>,
     /// Per deployment, the devices it is placed on.
     pub placements: BTreeMap<String, BTreeSet<DeviceId>>,
+    /// Per deployment, the devices it was placed on before this plan (as stored), read once for both uses.
+    pub previous: BTreeMap<String, BTreeSet<DeviceId>>,
     /// Deployments that could not be resolved, with the reason; the others are planned regardless.
     pub unresolved: BTreeMap<String, String>,
 }
@@ -95,6 +97,7 @@ impl Hub {
                     .push((name.clone(), use_specs.clone()));
             }
             plan.placements.insert(name.clone(), placement.chosen);
+            plan.previous.insert(name.clone(), previous);
         }
         Ok(plan)
     }

@@ -13,7 +13,7 @@ use flotilla_shared::codec::{self, Message};
 use flotilla_shared::topics::{self, DeviceTopic};
 use flotilla_shared::trust::{self, DocType};
 use flotilla_shared::wire::{DesiredState, WorkloadSpec};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// Lifetime of a signed desired state; re-signed (new generation, same content) when less than a third is left.
@@ -135,8 +135,7 @@ impl Hub {
             failed.insert(name.clone(), reason.clone());
         }
         for (name, chosen) in &plan.placements {
-            let previous: BTreeSet<DeviceId> = self.store.placements(name)?.into_iter().collect();
-            if *chosen != previous {
+            if plan.previous.get(name) != Some(chosen) {
                 let chosen: Vec<DeviceId> = chosen.iter().cloned().collect();
                 self.store.set_placements(name, &chosen)?;
             }
