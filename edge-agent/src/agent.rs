@@ -93,6 +93,8 @@ pub struct Agent {
     /// Latest metrics snapshot for the optional Prometheus endpoint (written by the loop, read by the server).
     metrics_tx: tokio::sync::watch::Sender<Vec<(String, f64)>>,
     link_rx: Option<mpsc::Receiver<LinkEvent>>,
+    /// Client certificate renewal and rotation.
+    pub(crate) renewal: crate::credentials::Renewal,
 }
 
 impl std::fmt::Debug for Agent {
@@ -109,6 +111,22 @@ pub(crate) fn tls_settings(cfg: &Config) -> Option<TlsSettings> {
         return None;
     }
     let ca_file = cfg.tls.as_ref().and_then(|t| t.ca_file.clone());
+    // A certificate configured by hand wins; otherwise the one the hub issued, once there is one on disk.
+    let configured = cfg
+        .tls
+        .as_ref()
+        .and_then(|t| t.client_cert.clone().zip(t.client_key.clone()));
+    let (client_cert, client_key) = match configured {
+        Some((c, k)) => (Some(c), Some(k)),
+        None => {
+            let (c, k) = crate::credentials::client_files(&cfg.data_dir);
+            if c.exists() && k.exists() {
+                (Some(c), Some(k))
+            } else {
+                (None, None)
+            }
+        }
+    };
     Some(TlsSettings {
         // Without a CA file, the broker is pinned by the CA fingerprint in the enrollment token.
         ca_sha256: if ca_file.is_none() {
@@ -119,8 +137,8 @@ pub(crate) fn tls_settings(cfg: &Config) -> Option<TlsSettings> {
             None
         },
         ca_file,
-        client_cert: cfg.tls.as_ref().and_then(|t| t.client_cert.clone()),
-        client_key: cfg.tls.as_ref().and_then(|t| t.client_key.clone()),
+        client_cert,
+        client_key,
     })
 }
 
@@ -168,6 +186,7 @@ impl Agent {
             rt_rx: Some(rt_rx),
             metrics_tx: tokio::sync::watch::channel(Vec::new()).0,
             link_rx: None,
+            renewal: crate::credentials::Renewal::default(),
         })
     }
 
@@ -204,6 +223,7 @@ impl Agent {
                 topics::device(dev, DeviceTopic::Desired),
                 topics::device(dev, DeviceTopic::Root),
                 topics::device(dev, DeviceTopic::ArtifactChunk),
+                topics::device(dev, DeviceTopic::CredentialResponse),
             ],
             clean_session: true,
             queue: flotilla_mqtt::QUEUE,
@@ -212,6 +232,16 @@ impl Agent {
         self.link = Some(link);
         self.link_rx = Some(rx);
         Ok(())
+    }
+
+    /// Replaces the link with one that uses the credentials on disk now (after a renewal or rotation). The old
+    /// connection is closed cleanly; the new one takes over the session.
+    pub(crate) fn reconnect(&mut self) -> Result<()> {
+        if let Some(old) = self.link.take() {
+            tokio::spawn(async move { old.disconnect().await });
+        }
+        self.connected = false;
+        self.connect()
     }
 
     /// Runs until `shutdown` resolves; then stops workloads, flushes the outbox and closes cleanly.
@@ -246,6 +276,10 @@ impl Agent {
                 break;
             }
             self.handle(event);
+            // A reconnect with new credentials made a new link.
+            if let Some(rx) = self.link_rx.take() {
+                link_rx = Some(rx);
+            }
             self.drain_actions();
             if self.reconciler.take_changed() {
                 self.save_workload_states();
@@ -311,6 +345,9 @@ impl Agent {
             (DeviceTopic::Desired, Message::DesiredState(signed)) => self.on_desired(signed),
             (DeviceTopic::Root, Message::RootUpdate(update)) => self.on_root(&update.chain),
             (DeviceTopic::ArtifactChunk, Message::ArtifactChunk(chunk)) => self.on_chunk(chunk),
+            (DeviceTopic::CredentialResponse, Message::CredentialResponse(resp)) => {
+                self.on_credentials(resp)
+            }
             (leaf, _) => tracing::warn!(?leaf, "message kind does not belong on this topic"),
         }
     }
@@ -373,6 +410,7 @@ impl Agent {
         }
         self.rerequest_stalled_fetches();
         self.retry_refused_downloads();
+        self.renew_if_due();
         self.checkpoint_if_due();
         if self.last_report.elapsed()
             >= Duration::from_secs(u64::from(self.cfg.report_interval_secs))

@@ -17,6 +17,9 @@ use std::time::Duration;
 pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> {
     let token = cfg.enroll_token.clone().ok_or(EnrollError::NoToken)?;
     let key = SigningKey::generate();
+    // The MQTT client key pair: the hub's device CA signs a certificate for it; the key never leaves the device.
+    let (mqtt_key, csr) = crate::credentials::new_csr()
+        .map_err(|e| EnrollError::Config(format!("key generation: {e}")))?;
     let nonce = trust::random_hex(16);
     let settings = LinkSettings {
         client_id: format!("enroll-{nonce}"),
@@ -37,6 +40,7 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
         public_key: key.public(),
         requested_id: cfg.device_id.clone(),
         inventory: inventory(cfg, read_position(&cfg.position)),
+        csr: Some(csr),
     }))
     .map_err(|e| EnrollError::Transient(e.to_string()))?;
     let pinned = match &cfg.trust_root {
@@ -61,7 +65,7 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
                     tracing::warn!(error = %e, "enrollment: broker unreachable, retrying");
                 }
                 Some(LinkEvent::Message { payload, .. }) => match codec::decode(&payload) {
-                    Ok(Message::EnrollResponse(EnrollResponse::Accepted { device, root, mqtt_password })) => {
+                    Ok(Message::EnrollResponse(EnrollResponse::Accepted { device, root, mqtt_password, client_cert })) => {
                         let verified = trust::verify_initial_root(&root, unix_now())
                             .map_err(|e| EnrollError::Config(format!("hub sent an invalid root: {e}")))?;
                         if let Some(pinned) = &pinned {
@@ -73,6 +77,10 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
                         }
                         store.save_identity(&device, &key.to_file_text(), &root, verified.version)
                             .and_then(|()| store.set_mqtt_secret(&mqtt_password))
+                            .and_then(|()| match &client_cert {
+                                Some(cert) => crate::credentials::save_issued(&cfg.data_dir, store, &mqtt_key, cert),
+                                None => Ok(()),
+                            })
                             .map_err(|e| EnrollError::Transient(e.to_string()))?;
                         link.disconnect().await;
                         tracing::info!(device = %device, "enrolled");

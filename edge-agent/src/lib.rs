@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod credentials;
 pub mod desired;
 pub mod disk;
 pub mod enroll;

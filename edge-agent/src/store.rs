@@ -154,6 +154,42 @@ impl Store {
         Ok(())
     }
 
+    /// Remembers the validity of the client certificate the hub issued.
+    pub fn set_cert_validity(&self, not_before: u64, not_after: u64) -> Result<()> {
+        let mut value = not_before.to_le_bytes().to_vec();
+        value.extend_from_slice(&not_after.to_le_bytes());
+        self.conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('client_cert_validity', ?1)",
+            [value],
+        )?;
+        Ok(())
+    }
+
+    /// (not_before, not_after) of the issued client certificate, if there is one.
+    pub fn cert_validity(&self) -> Result<Option<(u64, u64)>> {
+        let v: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'client_cert_validity'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        v.map(|v| {
+            let (a, b) = v
+                .split_at_checked(8)
+                .ok_or_else(|| StoreError::Corrupt("certificate validity".into()))?;
+            let a: [u8; 8] = a
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("certificate validity".into()))?;
+            let b: [u8; 8] = b
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("certificate validity".into()))?;
+            Ok((u64::from_le_bytes(a), u64::from_le_bytes(b)))
+        })
+        .transpose()
+    }
+
     /// The MQTT secret issued at enrollment, if any.
     pub fn mqtt_secret(&self) -> Result<Option<String>> {
         Ok(self

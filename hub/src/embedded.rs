@@ -6,7 +6,18 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 #[cfg(feature = "embedded-broker")]
+pub use flotilla_broker::tls::ClientAuth;
+#[cfg(feature = "embedded-broker")]
 pub use flotilla_broker::{Broker, Snapshot};
+
+/// How the TLS listener asks for client certificates (mirrors `flotilla_broker::tls::ClientAuth`).
+#[cfg(not(feature = "embedded-broker"))]
+#[derive(Debug, Clone, Copy)]
+pub enum ClientAuth<'a> {
+    None,
+    Optional(&'a Path),
+    Required(&'a Path),
+}
 
 /// Connections the embedded broker accepts before refusing new ones.
 pub const MAX_CONNECTIONS: usize = 20_000;
@@ -27,7 +38,13 @@ impl flotilla_broker::auth::Authorizer for crate::access::Credentials {
         c: &flotilla_broker::auth::ConnectInfo<'_>,
     ) -> Result<flotilla_broker::auth::Principal, flotilla_broker::auth::Refusal> {
         use crate::access::Denied;
-        match crate::access::Credentials::authenticate(self, c.client_id, c.username, c.password) {
+        let given = crate::access::Given {
+            client_id: c.client_id,
+            username: c.username,
+            password: c.password,
+            cert_sha256: c.cert_sha256,
+        };
+        match crate::access::Credentials::authenticate(self, &given) {
             Ok(p) => Ok(p.name().into()),
             Err(Denied::BadCredentials) => Err(flotilla_broker::auth::Refusal::BadCredentials),
             Err(Denied::NotAuthorized) => Err(flotilla_broker::auth::Refusal::NotAuthorized),
@@ -47,13 +64,13 @@ impl flotilla_broker::auth::Authorizer for crate::access::Credentials {
     }
 }
 
-/// Starts the embedded broker on `listen`, and on `tls` (address, certificate, key, optional client CA) when
+/// Starts the embedded broker on `listen`, and on `tls` (address, certificate, key, client certificates) when
 /// given, authenticating every connection against `credentials`. The TLS material is read before anything
 /// listens, so a bad file fails the start cleanly.
 #[cfg(feature = "embedded-broker")]
 pub fn start(
     listen: SocketAddr,
-    tls: Option<(SocketAddr, &Path, &Path, Option<&Path>)>,
+    tls: Option<(SocketAddr, &Path, &Path, ClientAuth<'_>)>,
     credentials: crate::access::Credentials,
 ) -> anyhow::Result<(Broker, Option<SocketAddr>)> {
     let tls = match tls {
@@ -107,7 +124,7 @@ pub struct Snapshot {
 #[cfg(not(feature = "embedded-broker"))]
 pub fn start(
     _listen: SocketAddr,
-    _tls: Option<(SocketAddr, &Path, &Path, Option<&Path>)>,
+    _tls: Option<(SocketAddr, &Path, &Path, ClientAuth<'_>)>,
     _credentials: crate::access::Credentials,
 ) -> anyhow::Result<(Broker, Option<SocketAddr>)> {
     anyhow::bail!("this build has no embedded broker; pass --broker mqtt://host:port")

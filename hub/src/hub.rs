@@ -56,6 +56,8 @@ pub struct HubMetrics {
     pub chunks_served: u64,
     pub telemetry_records: u64,
     pub enrollments: u64,
+    /// Client certificates and passwords issued after enrollment (renewals and rotations).
+    pub credentials_issued: u64,
     pub last_placement_secs: f64,
     /// Seconds between a report's `sent_at` and its arrival, last seen.
     pub report_lag_secs: f64,
@@ -81,6 +83,8 @@ pub struct Hub {
     pub(crate) broker_ca_fingerprint: Option<String>,
     /// The key device MQTT secrets are derived under (see [`crate::access::device_secret`]).
     pub(crate) enroll_key: Vec<u8>,
+    /// The device CA that signs client certificates, when this hub has one.
+    pub(crate) device_certs: Option<crate::fleet::credentials::DeviceCerts>,
     /// The embedded broker, when this hub runs one: revocation disconnects through it.
     pub(crate) broker: Option<crate::embedded::Broker>,
     /// Something placement reads changed: re-place on the next tick. The one cross-concern signal.
@@ -145,6 +149,7 @@ impl Hub {
             access,
             enroll_key: trust::random_hex(32).into_bytes(),
             broker_ca_fingerprint: None,
+            device_certs: None,
             broker: None,
             dirty: true,
         })
@@ -156,6 +161,7 @@ impl Hub {
             topics::all_devices(DeviceTopic::Report),
             topics::all_devices(DeviceTopic::Presence),
             topics::all_devices(DeviceTopic::ArtifactRequest),
+            topics::all_devices(DeviceTopic::CredentialRequest),
             topics::ENROLL_REQUESTS.to_owned(),
             topics::telemetry_filter(None),
         ]
@@ -198,6 +204,7 @@ impl Hub {
                 // Grace periods and expiry move with time alone; re-place once a second at most.
                 self.dirty = true;
                 self.tick_rollouts(unix_now());
+                self.persist_superseded();
             }
         }
         self.drive_rollouts();
@@ -246,6 +253,9 @@ impl Hub {
             (DeviceTopic::ArtifactRequest, Message::ArtifactRequest(req)) => {
                 self.on_artifact_request(&device, req)
             }
+            (DeviceTopic::CredentialRequest, Message::CredentialRequest(req)) => {
+                self.on_credential_request(&device, &req)
+            }
             _ => Err("message kind does not belong on this topic".to_owned()),
         };
         if let Err(e) = result {
@@ -265,6 +275,11 @@ impl Hub {
     /// Sets the broker CA fingerprint new enrollment tokens carry.
     pub fn set_broker_ca_fingerprint(&mut self, fingerprint: String) {
         self.broker_ca_fingerprint = Some(fingerprint);
+    }
+
+    /// Gives the hub its device CA: enrollments with a CSR get a client certificate valid `lifetime_secs`.
+    pub fn set_device_certs(&mut self, ca: crate::pki::DeviceCa, lifetime_secs: u64) {
+        self.device_certs = Some(crate::fleet::credentials::DeviceCerts { ca, lifetime_secs });
     }
 
     /// Hands the hub the embedded broker it runs on (for revocation).

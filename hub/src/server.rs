@@ -81,6 +81,7 @@ pub fn init_with(dir: &DataDir, broker_hosts: &[String]) -> Result<String> {
     hub_mqtt_secret(dir)?;
     let pki = crate::pki::BrokerPki::in_dir(&dir.0);
     pki.create(&crate::pki::default_hosts(broker_hosts))?;
+    crate::pki::DeviceCa::in_dir(&dir.0).create()?;
     println!("initialised {}", dir.0.display());
     println!("  root key (move offline!): {}", root_path.display());
     println!("  release key:              {}", release_path.display());
@@ -151,7 +152,14 @@ pub fn load_credentials(
                 let region = store
                     .device(&id)?
                     .and_then(|d| d.inventory.region.map(|r| r.to_string()));
-                access.set_device(&id, row.secret_hash, region, row.revoked);
+                // Mid-rotation: the previous secret first, so the current one ends up newest.
+                match store.previous_secret(&row.principal)? {
+                    Some(prev) => {
+                        access.set_device(&id, prev, region, row.revoked);
+                        access.add_generation(&id, Some(row.secret_hash), None);
+                    }
+                    None => access.set_device(&id, row.secret_hash, region, row.revoked),
+                }
             }
             Some(Principal::Feed(name)) if !row.revoked => {
                 access.set_feed(&name, row.secret_hash, row.regions);
@@ -159,11 +167,39 @@ pub fn load_credentials(
             _ => {}
         }
     }
+    // Unexpired, unretired certificates, oldest first so each device's newest ends up first.
+    let mut certs: Vec<_> = store
+        .device_certs(crate::hub::unix_now())?
+        .into_iter()
+        .filter(|c| c.retired_at.is_none())
+        .collect();
+    certs.sort_by_key(|c| c.issued_at);
+    for c in certs {
+        if let Ok(id) = flotilla_shared::DeviceId::new(c.device.clone()) {
+            access.add_generation(&id, None, Some(c.sha256));
+        }
+    }
     Ok(access)
 }
 
 /// Runs the hub until ctrl-c/SIGTERM. Initialises the data directory on first start (zero set-up).
 pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Result<()> {
+    serve_with(
+        dir,
+        http,
+        broker,
+        crate::fleet::credentials::DEFAULT_CERT_LIFETIME_SECS,
+    )
+    .await
+}
+
+/// [`serve`], with the lifetime of the client certificates the device CA issues.
+pub async fn serve_with(
+    dir: DataDir,
+    http: SocketAddr,
+    broker: BrokerChoice,
+    device_cert_secs: u64,
+) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     if !dir.initialized() {
         init(&dir)?;
@@ -174,6 +210,10 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
     let pki = crate::pki::BrokerPki::in_dir(&dir.0);
     if !pki.exists() {
         pki.create(&crate::pki::default_hosts(&[]))?;
+    }
+    let device_ca = crate::pki::DeviceCa::in_dir(&dir.0);
+    if !device_ca.exists() {
+        device_ca.create()?;
     }
     let access = load_credentials(&store, &hub_secret, true)?;
     let hub_secret_for_key = hub_secret.clone();
@@ -191,7 +231,13 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
                         Some((c, k)) => (c.as_path(), k.as_path()),
                         None => (pki.server_chain.as_path(), pki.server_key.as_path()),
                     };
-                    (t.listen, cert, key, t.client_ca.as_deref())
+                    // Device certificates are optional on the listener (password devices and enrollment use it
+                    // too) unless --mqtt-client-ca makes them mandatory.
+                    let client_auth = match t.client_ca.as_deref() {
+                        Some(ca) => crate::embedded::ClientAuth::Required(ca),
+                        None => crate::embedded::ClientAuth::Optional(device_ca.cert.as_path()),
+                    };
+                    (t.listen, cert, key, client_auth)
                 }),
                 access.clone(),
             )?;
@@ -219,6 +265,7 @@ pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Resu
     })?;
     let mut hub = Hub::new(store, link, hub_key, root, access)?;
     hub.set_enroll_key(hub_secret_for_key.as_bytes());
+    hub.set_device_certs(device_ca.clone(), device_cert_secs);
     // Tokens carry the CA's fingerprint only when devices can actually meet this broker's own certificate.
     if matches!(&embedded_tls_generated, Some(true)) {
         hub.set_broker_ca_fingerprint(pki.ca_fingerprint()?);

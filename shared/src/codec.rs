@@ -4,15 +4,15 @@
 //! checked against the kind's own limit *before* the body is parsed, so an oversized payload costs nothing.
 
 use crate::wire::{
-    ArtifactChunk, ArtifactRequest, EnrollRequest, EnrollResponse, Presence, RootUpdate, Signed,
-    TelemetryRecord,
+    ArtifactChunk, ArtifactRequest, CredentialRequest, CredentialResponse, EnrollRequest,
+    EnrollResponse, Presence, RootUpdate, Signed, TelemetryRecord,
 };
 use serde::{Serialize, de::DeserializeOwned};
 
 /// First byte of every envelope; lets a consumer tell Flotilla payloads from anything else on a shared broker.
 pub const MAGIC: u8 = 0xF1;
 /// Bumped on any change to a wire type.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Largest envelope of any kind. MQTT clients set their max packet size just above this.
 pub const MAX_ENVELOPE: usize = 80 * 1024;
 /// Largest artifact chunk payload; leaves room for the chunk header inside [`MAX_ENVELOPE`].
@@ -33,6 +33,10 @@ pub enum Message {
     Telemetry(Vec<TelemetryRecord>),
     EnrollRequest(EnrollRequest),
     EnrollResponse(EnrollResponse),
+    /// Agent -> hub: a CSR for renewed or rotated credentials.
+    CredentialRequest(CredentialRequest),
+    /// Hub -> agent: new credentials, or a request to rotate.
+    CredentialResponse(CredentialResponse),
 }
 
 /// The one-byte kind tag and its size cap.
@@ -48,6 +52,8 @@ pub enum Kind {
     Telemetry = 7,
     EnrollRequest = 8,
     EnrollResponse = 9,
+    CredentialRequest = 10,
+    CredentialResponse = 11,
 }
 
 impl Kind {
@@ -62,6 +68,8 @@ impl Kind {
             7 => Self::Telemetry,
             8 => Self::EnrollRequest,
             9 => Self::EnrollResponse,
+            10 => Self::CredentialRequest,
+            11 => Self::CredentialResponse,
             _ => return None,
         })
     }
@@ -78,6 +86,8 @@ impl Kind {
             Self::Telemetry => 64 * 1024,
             Self::EnrollRequest => 8 * 1024,
             Self::EnrollResponse => 16 * 1024,
+            Self::CredentialRequest => 4 * 1024,
+            Self::CredentialResponse => 8 * 1024,
         }
     }
 }
@@ -95,6 +105,8 @@ impl Message {
             Self::Telemetry(_) => Kind::Telemetry,
             Self::EnrollRequest(_) => Kind::EnrollRequest,
             Self::EnrollResponse(_) => Kind::EnrollResponse,
+            Self::CredentialRequest(_) => Kind::CredentialRequest,
+            Self::CredentialResponse(_) => Kind::CredentialResponse,
         }
     }
 }
@@ -145,6 +157,8 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
         Message::Telemetry(v) => body_bytes(v)?,
         Message::EnrollRequest(v) => body_bytes(v)?,
         Message::EnrollResponse(v) => body_bytes(v)?,
+        Message::CredentialRequest(v) => body_bytes(v)?,
+        Message::CredentialResponse(v) => body_bytes(v)?,
     };
     let mut out = Vec::with_capacity(3 + body.len());
     out.extend_from_slice(&[MAGIC, PROTOCOL_VERSION, kind as u8]);
@@ -203,5 +217,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         Kind::Telemetry => Message::Telemetry(decode_exact(body)?),
         Kind::EnrollRequest => Message::EnrollRequest(decode_exact(body)?),
         Kind::EnrollResponse => Message::EnrollResponse(decode_exact(body)?),
+        Kind::CredentialRequest => Message::CredentialRequest(decode_exact(body)?),
+        Kind::CredentialResponse => Message::CredentialResponse(decode_exact(body)?),
     })
 }

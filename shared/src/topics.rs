@@ -8,6 +8,8 @@
 //! | `flotilla/v1/dev/{device}/presence` | agent -> hub, last will | yes | `Presence` |
 //! | `flotilla/v1/dev/{device}/artifact/req` | agent -> hub | no | `ArtifactRequest` |
 //! | `flotilla/v1/dev/{device}/artifact/chunk` | hub -> agent | no | `ArtifactChunk` |
+//! | `flotilla/v1/dev/{device}/cert/req` | agent -> hub | no | `CredentialRequest` |
+//! | `flotilla/v1/dev/{device}/cert/resp` | hub -> agent | no | `CredentialResponse` |
 //! | `flotilla/v1/telemetry/{region}/{device}/{stream}` | agent -> consumers | no | `Telemetry` |
 //! | `flotilla/v1/enroll/{nonce}/req` | agent -> hub | no | `EnrollRequest` |
 //! | `flotilla/v1/enroll/{nonce}/resp` | hub -> agent | no | `EnrollResponse` |
@@ -28,6 +30,8 @@ pub enum DeviceTopic {
     Presence,
     ArtifactRequest,
     ArtifactChunk,
+    CredentialRequest,
+    CredentialResponse,
 }
 
 impl DeviceTopic {
@@ -39,15 +43,19 @@ impl DeviceTopic {
             Self::Presence => "presence",
             Self::ArtifactRequest => "artifact/req",
             Self::ArtifactChunk => "artifact/chunk",
+            Self::CredentialRequest => "cert/req",
+            Self::CredentialResponse => "cert/resp",
         }
     }
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 8] = [
         Self::Desired,
         Self::Root,
         Self::Report,
         Self::Presence,
         Self::ArtifactRequest,
         Self::ArtifactChunk,
+        Self::CredentialRequest,
+        Self::CredentialResponse,
     ];
 }
 

@@ -388,6 +388,43 @@ pub struct EnrollRequest {
     pub public_key: PublicKey,
     pub requested_id: Option<DeviceId>,
     pub inventory: Inventory,
+    /// A PKCS#10 certificate signing request (DER) for the device's MQTT client certificate. The agent keeps the
+    /// private key; the hub's device CA signs the request with the device id as the subject.
+    pub csr: Option<Vec<u8>>,
+}
+
+/// A client certificate the hub's device CA issued (PEM), and its validity in Unix seconds: `not_before` is when
+/// it was issued (the certificate itself is valid from a few minutes earlier, for clock skew), so renewal can
+/// be planned as a fraction of `not_after - not_before`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCert {
+    pub pem: String,
+    pub not_before: UnixSecs,
+    pub not_after: UnixSecs,
+}
+
+/// Agent -> hub on `dev/{id}/cert/req`, sent over its authenticated connection: new credentials, for a key pair
+/// the agent just generated (renewal before expiry, or rotation when the hub asked for it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialRequest {
+    /// PKCS#10 request (DER) for the new key.
+    pub csr: Vec<u8>,
+}
+
+/// Hub -> agent on `dev/{id}/cert/resp`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CredentialResponse {
+    /// New credentials: a certificate for the requested key and a new MQTT password. The previous ones stay valid
+    /// until the device first connects with the new ones, so a lost response never locks a device out.
+    Issued {
+        cert: IssuedCert,
+        mqtt_password: String,
+    },
+    /// The operator asked for a rotation (`flotilla device rotate-credentials`): send a request now.
+    RotateNow,
+    Refused {
+        reason: String,
+    },
 }
 
 /// The hub's answer to an enrollment.
@@ -398,6 +435,8 @@ pub enum EnrollResponse {
         device: DeviceId,
         root: Signed,
         mqtt_password: String,
+        /// The client certificate for the request's CSR, when it carried one.
+        client_cert: Option<IssuedCert>,
     },
     Refused {
         reason: String,

@@ -112,13 +112,28 @@ fn message() -> impl Strategy<Value = Message> {
                 public_key: PublicKey(pk),
                 requested_id: None,
                 inventory,
+                csr: Some(pk.to_vec()),
             })
         }),
+        proptest::collection::vec(any::<u8>(), 0..600)
+            .prop_map(|csr| Message::CredentialRequest(CredentialRequest { csr })),
+        (ident(), any::<u64>()).prop_map(|(pem, t)| Message::CredentialResponse(
+            CredentialResponse::Issued {
+                cert: IssuedCert {
+                    pem,
+                    not_before: t / 2,
+                    not_after: t,
+                },
+                mqtt_password: "0123456789abcdef".into(),
+            }
+        )),
+        Just(Message::CredentialResponse(CredentialResponse::RotateNow)),
         (ident(), signed()).prop_map(|(d, root)| Message::EnrollResponse(
             EnrollResponse::Accepted {
                 device: DeviceId::new(d).expect("grammar"),
                 root,
                 mqtt_password: "0123456789abcdef".into(),
+                client_cert: None,
             }
         )),
         ident().prop_map(|reason| Message::EnrollResponse(EnrollResponse::Refused { reason })),

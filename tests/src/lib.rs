@@ -243,6 +243,8 @@ pub struct Hub {
     broker: Option<ExternalBroker>,
     /// The embedded broker's TLS listener port and the PKI it uses, for [`BrokerKind::EmbeddedTls`].
     pub embedded_tls: Option<(u16, TestPki)>,
+    /// More `flotilla serve` arguments, kept for restarts.
+    extra_args: Vec<String>,
 }
 
 /// How a hub reaches an external broker: its URL (`mqtt://` or `mqtts://`), the CA for TLS, and the broker's
@@ -261,13 +263,15 @@ impl Hub {
         mqtt: SocketAddr,
         broker: &Option<ExternalBroker>,
         embedded_tls: &Option<(u16, TestPki)>,
+        extra_args: &[String],
     ) -> Result<Proc> {
         let mut cmd = Command::new(bin_dir().join("flotilla"));
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(dir)
             .arg("--http")
-            .arg(http.to_string());
+            .arg(http.to_string())
+            .args(extra_args);
         match broker {
             Some(b) => {
                 cmd.arg("--broker").arg(&b.url);
@@ -307,7 +311,7 @@ impl Hub {
 
     /// Starts a hub with a fresh data directory.
     pub fn start(dir: &Path, broker: Option<ExternalBroker>) -> Result<Self> {
-        Self::start_with(dir, broker, None)
+        Self::start_with(dir, broker, None, vec![])
     }
 
     /// Like [`Hub::start`], with the embedded broker's TLS listener on the given port and PKI.
@@ -315,6 +319,7 @@ impl Hub {
         dir: &Path,
         broker: Option<ExternalBroker>,
         embedded_tls: Option<(u16, TestPki)>,
+        extra_args: Vec<String>,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let status = Command::new(bin_dir().join("flotilla"))
@@ -328,7 +333,7 @@ impl Hub {
         }
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let proc = Self::spawn(dir, http, mqtt, &broker, &embedded_tls)?;
+        let proc = Self::spawn(dir, http, mqtt, &broker, &embedded_tls, &extra_args)?;
         let (api, mqtt_url) = wait_for("hub endpoints", PATIENCE, || {
             flotilla_hub::server::read_endpoints(dir)
         })?;
@@ -352,6 +357,7 @@ impl Hub {
             http,
             broker,
             embedded_tls,
+            extra_args,
         })
     }
 
@@ -360,7 +366,14 @@ impl Hub {
         self.proc.kill9();
         let _ = std::fs::remove_file(self.dir.join("endpoints.txt"));
         let mqtt: SocketAddr = format!("127.0.0.1:{}", self.mqtt_port).parse()?;
-        self.proc = Self::spawn(&self.dir, self.http, mqtt, &self.broker, &self.embedded_tls)?;
+        self.proc = Self::spawn(
+            &self.dir,
+            self.http,
+            mqtt,
+            &self.broker,
+            &self.embedded_tls,
+            &self.extra_args,
+        )?;
         wait_for("hub endpoints after restart", PATIENCE, || {
             flotilla_hub::server::read_endpoints(&self.dir)
         })?;
@@ -620,6 +633,7 @@ pub struct FleetBuilder {
     broker: BrokerKind,
     agents: Vec<AgentSpec>,
     proxies: bool,
+    hub_args: Vec<String>,
 }
 
 impl Default for FleetBuilder {
@@ -628,6 +642,7 @@ impl Default for FleetBuilder {
             broker: BrokerKind::Embedded,
             agents: vec![],
             proxies: false,
+            hub_args: vec![],
         }
     }
 }
@@ -642,6 +657,11 @@ impl FleetBuilder {
     }
     pub fn agent(mut self, a: AgentSpec) -> Self {
         self.agents.push(a);
+        self
+    }
+    /// Passes more arguments to `flotilla serve`.
+    pub fn hub_args(mut self, args: &[&str]) -> Self {
+        self.hub_args.extend(args.iter().map(|a| (*a).to_owned()));
         self
     }
     /// Puts a fault proxy between each agent and the broker.
@@ -679,7 +699,12 @@ impl FleetBuilder {
             BrokerKind::EmbeddedTls => Some((free_port(), test_pki(&root.path().join("pki"))?)),
             _ => None,
         };
-        let hub = Hub::start_with(&root.path().join("hub"), external, embedded_tls)?;
+        let hub = Hub::start_with(
+            &root.path().join("hub"),
+            external,
+            embedded_tls,
+            self.hub_args,
+        )?;
         let mut agents = Vec::new();
         for spec in self.agents {
             let dir = root.path().join("agents").join(&spec.id);

@@ -195,6 +195,8 @@ async fn enroll(
         public_key: key.public(),
         requested_id: Some(id.clone()),
         inventory: inventory(REGIONS[i % REGIONS.len()]),
+        // Simulated devices connect on the plain listener with their passwords.
+        csr: None,
     }))?;
     let root = loop {
         match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {

@@ -46,12 +46,23 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
     Ok(certs)
 }
 
-/// Builds the server configuration from PEM files. With `client_ca`, clients must present a certificate that
-/// chains to it; without, any client may connect (server authentication and encryption only).
+/// Whether and how the listener asks clients for certificates.
+#[derive(Debug, Clone, Copy)]
+pub enum ClientAuth<'a> {
+    /// No client certificates (server authentication and encryption only).
+    None,
+    /// A client may present a certificate; if it does, it must chain to this CA (PEM). Clients without one still
+    /// connect and authenticate otherwise (password, anonymous enrollment).
+    Optional(&'a Path),
+    /// Every client must present a certificate that chains to this CA (PEM).
+    Required(&'a Path),
+}
+
+/// Builds the server configuration from PEM files, asking for client certificates as `client_auth` says.
 pub fn server_config(
     cert: &Path,
     key: &Path,
-    client_ca: Option<&Path>,
+    client_auth: ClientAuth<'_>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = certs(cert)?;
@@ -63,6 +74,11 @@ pub fn server_config(
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsSetupError::Config(e.to_string()))?;
+    let (client_ca, optional) = match client_auth {
+        ClientAuth::None => (None, false),
+        ClientAuth::Optional(ca) => (Some(ca), true),
+        ClientAuth::Required(ca) => (Some(ca), false),
+    };
     let builder = match client_ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
@@ -71,7 +87,12 @@ pub fn server_config(
                     .add(c)
                     .map_err(|e| TlsSetupError::Config(format!("client CA: {e}")))?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            let mut verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            if optional {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier
                 .build()
                 .map_err(|e| TlsSetupError::Config(format!("client CA: {e}")))?;
             builder.with_client_cert_verifier(verifier)
@@ -95,12 +116,12 @@ mod tests {
         let missing = dir.path().join("missing.pem");
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not a certificate").expect("write");
-        let err = server_config(&missing, &missing, None).expect_err("missing file");
+        let err = server_config(&missing, &missing, ClientAuth::None).expect_err("missing file");
         assert!(
             matches!(err, TlsSetupError::Read { ref path, .. } if *path == missing),
             "{err}"
         );
-        let err = server_config(&junk, &junk, None).expect_err("no PEM blocks");
+        let err = server_config(&junk, &junk, ClientAuth::None).expect_err("no PEM blocks");
         assert!(
             matches!(err, TlsSetupError::Pem { ref path, .. } if *path == junk),
             "{err}"

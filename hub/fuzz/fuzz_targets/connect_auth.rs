@@ -32,7 +32,9 @@ fuzz_target!(|data: &[u8]| {
             Packet::Connect(c) => {
                 let user = c.login.as_ref().map(|l| l.username.as_str());
                 let pass = c.login.as_ref().map(|l| l.password.as_str());
-                let got = creds.authenticate(&c.client_id, user, pass).ok();
+                let got = creds
+                    .authenticate(&flotilla_hub::access::Given::password(&c.client_id, user, pass))
+                    .ok();
                 match (&got, user, pass) {
                     (Some(Principal::Hub), _, p) => assert_eq!(p, Some("hub-secret")),
                     (Some(Principal::Device(_)), _, p) => assert_eq!(p, Some("a-secret")),

@@ -4,7 +4,7 @@
 //! | principal | publish | retained publish / will | subscribe |
 //! |---|---|---|---|
 //! | `hub` | everything | everything | everything |
-//! | `device:{id}` | its own `report`, `artifact/req`, `presence`; telemetry under its own region and id | its own `presence` | exactly its own `desired`, `root`, `artifact/chunk` |
+//! | `device:{id}` | its own `report`, `artifact/req`, `cert/req`, `presence`; telemetry under its own region and id | its own `presence` | exactly its own `desired`, `root`, `artifact/chunk`, `cert/resp` |
 //! | `feed:{name}` | nothing | nothing | telemetry filters whose region level is one of its regions |
 //! | `enroll:{nonce}` (anonymous) | its own `enroll/{nonce}/req` | nothing | exactly its own `enroll/{nonce}/resp` |
 //!
@@ -124,9 +124,11 @@ pub fn device_allows(id: &str, region: Option<&str>, access: Access, topic: &str
             return false;
         }
         return match access {
-            Access::Subscribe => matches!(leaf, "desired" | "root" | "artifact/chunk"),
+            Access::Subscribe => {
+                matches!(leaf, "desired" | "root" | "artifact/chunk" | "cert/resp")
+            }
             Access::Will | Access::PublishRetained => leaf == "presence",
-            Access::Publish => matches!(leaf, "report" | "presence" | "artifact/req"),
+            Access::Publish => matches!(leaf, "report" | "presence" | "artifact/req" | "cert/req"),
         };
     }
     access == Access::Publish && own_telemetry(id, region, topic)
@@ -217,6 +219,12 @@ mod tests {
                 "flotilla/v1/dev/gw-a/artifact/chunk",
                 true,
             ),
+            (&a, &eu, Subscribe, "flotilla/v1/dev/gw-a/cert/resp", true),
+            (&a, &eu, Subscribe, "flotilla/v1/dev/gw-b/cert/resp", false),
+            (&a, &eu, Subscribe, "flotilla/v1/dev/gw-a/cert/req", false),
+            (&a, &eu, Publish, "flotilla/v1/dev/gw-a/cert/req", true),
+            (&a, &eu, Publish, "flotilla/v1/dev/gw-b/cert/req", false),
+            (&a, &eu, Publish, "flotilla/v1/dev/gw-a/cert/resp", false),
             (&a, &eu, Subscribe, "flotilla/v1/dev/gw-a/report", false),
             (&a, &eu, Subscribe, "flotilla/v1/dev/gw-b/desired", false),
             (&a, &eu, Subscribe, "flotilla/v1/dev/+/desired", false),

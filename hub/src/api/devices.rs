@@ -137,3 +137,18 @@ pub(super) async fn revoke(
     let closed = s.call(move |h| h.revoke_device(&id, &who)).await??;
     ok(json!({"device": device, "revoked": true, "connections_closed": closed}))
 }
+
+pub(super) async fn rotate_credentials(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let who = s.auth(&headers, Role::Admin).await?;
+    let id = DeviceId::new(id)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))?;
+    let device = id.to_string();
+    let online = s
+        .call(move |h| h.rotate_device_credentials(&id, &who))
+        .await??;
+    ok(json!({"device": device, "rotation_requested": true, "online": online}))
+}

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use deployments::{apply, delete_deployment, deployment_status, deployments};
-use devices::{device, device_telemetry, devices, revoke, why};
+use devices::{device, device_telemetry, devices, revoke, rotate_credentials, why};
 use metrics::{metrics, openapi};
 use releases::{push_release, releases, upload_artifact};
 use rollouts::{rollout_action, rollout_status};
@@ -174,6 +174,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
         .route("/api/v1/devices/{id}/revoke", post(revoke))
+        .route(
+            "/api/v1/devices/{id}/rotate-credentials",
+            post(rotate_credentials),
+        )
         .route("/api/v1/feed-credentials", post(create_feed_credential))
         .route("/api/v1/enrollment-tokens", post(enroll_token))
         .route("/api/v1/artifacts", post(upload_artifact))

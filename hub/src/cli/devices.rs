@@ -204,6 +204,27 @@ pub fn revoke(id: &str, conn: Conn) -> Result<()> {
     Ok(())
 }
 
+/// Asks a device to rotate its credentials.
+pub fn rotate_credentials(id: &str, conn: Conn) -> Result<()> {
+    let v = conn.client()?.post(
+        &format!("/api/v1/devices/{id}/rotate-credentials"),
+        "application/json",
+        b"{}",
+        &[],
+    )?;
+    if conn.json() {
+        print_json(&v);
+    } else if v["online"] == true {
+        outln!(
+            "asked {id} for a new key: it gets a new certificate and password now; its old ones stop working \
+             when it first connects with the new ones"
+        );
+    } else {
+        outln!("{id} is offline: it will be asked for a new key when it next connects");
+    }
+    Ok(())
+}
+
 /// Creates a telemetry feed credential and prints it once.
 pub fn feed_credential(name: &str, regions: &[String], conn: Conn) -> Result<()> {
     let body = serde_json::json!({"name": name, "regions": regions});

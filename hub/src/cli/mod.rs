@@ -231,6 +231,13 @@ enum DeviceCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Rotate a device's credentials: it makes a new key and gets a new client certificate and MQTT password;
+    /// the old ones are refused once it has connected with the new ones.
+    RotateCredentials {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -364,6 +371,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Device(DeviceCmd::Ls { conn }) => devices::ls(conn)?,
         Cmd::Device(DeviceCmd::Show { id, conn }) => devices::show(&id, conn)?,
         Cmd::Device(DeviceCmd::Revoke { id, conn }) => devices::revoke(&id, conn)?,
+        Cmd::Device(DeviceCmd::RotateCredentials { id, conn }) => {
+            devices::rotate_credentials(&id, conn)?
+        }
         Cmd::FeedCredential(FeedCmd::Create {
             name,
             regions,

@@ -37,6 +37,9 @@ pub struct ServeArgs {
     /// Require device certificates that chain to this CA (PEM) on --mqtt-tls (mutual TLS).
     #[arg(long)]
     pub mqtt_client_ca: Option<PathBuf>,
+    /// Lifetime of the client certificates the device CA issues, in seconds; agents renew after two thirds.
+    #[arg(long, default_value_t = crate::fleet::credentials::DEFAULT_CERT_LIFETIME_SECS, value_parser = clap::value_parser!(u64).range(60..))]
+    pub device_cert_secs: u64,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -51,6 +54,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         mqtt_tls_cert,
         mqtt_tls_key,
         mqtt_client_ca,
+        device_cert_secs,
     } = args;
     let choice = match broker {
         Some(url) => {
@@ -89,7 +93,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(server::serve(DataDir(data_dir), http, choice))?;
+    rt.block_on(server::serve_with(
+        DataDir(data_dir),
+        http,
+        choice,
+        device_cert_secs,
+    ))?;
 
     Ok(())
 }

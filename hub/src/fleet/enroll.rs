@@ -10,7 +10,7 @@ use flotilla_mqtt::Publisher;
 use flotilla_shared::codec::{self, Message};
 use flotilla_shared::topics;
 use flotilla_shared::trust;
-use flotilla_shared::wire::{EnrollRequest, EnrollResponse, Inventory, WorkloadKind};
+use flotilla_shared::wire::{EnrollRequest, EnrollResponse, Inventory, IssuedCert, WorkloadKind};
 use flotilla_shared::{DeviceId, Label};
 
 impl Hub {
@@ -60,10 +60,19 @@ impl Hub {
                         ),
                     }
                 } else if d.public_key == req.public_key {
+                    // The response was lost: the same password (derived), and a certificate for the CSR.
+                    let client_cert = match self.enrollment_cert(&id, req.csr.as_deref(), now) {
+                        Ok(c) => c,
+                        Err(reason) => {
+                            self.respond_enroll(&nonce, EnrollResponse::Refused { reason });
+                            return;
+                        }
+                    };
                     EnrollResponse::Accepted {
                         device: id.clone(),
                         root: self.root_signed.clone(),
                         mqtt_password: device_secret(&self.enroll_key, &id, &d.public_key.0),
+                        client_cert,
                     }
                 } else {
                     EnrollResponse::Refused {
@@ -74,6 +83,18 @@ impl Hub {
                 return;
             }
         }
+        // A CSR that cannot be signed refuses the enrollment before the token is used.
+        let issued = match (req.csr.as_deref(), &self.device_certs) {
+            (Some(csr), Some(certs)) => match certs.ca.issue(csr, &id, certs.lifetime_secs, now) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    let reason = e.to_string();
+                    self.respond_enroll(&nonce, EnrollResponse::Refused { reason });
+                    return;
+                }
+            },
+            _ => None,
+        };
         // Token use, registration and the audit entry commit together (one fsync, and a token is never burned
         // without a device to show for it).
         let mut inv = req.inventory;
@@ -122,6 +143,17 @@ impl Hub {
             inv.region.as_ref().map(|r| r.to_string()),
             false,
         );
+        let client_cert = issued.and_then(|i| match self.record_device_cert(&id, &i, now) {
+            Ok(()) => {
+                self.access.add_generation(&id, None, Some(i.sha256));
+                Some(i.cert)
+            }
+            Err(e) => {
+                // The device still has its password and renews its certificate later.
+                tracing::error!(device = %id, error = %e, "client certificate not recorded");
+                None
+            }
+        });
         self.metrics.enrollments += 1;
         tracing::info!(device = %id, "device enrolled");
         self.respond_enroll(
@@ -130,9 +162,26 @@ impl Hub {
                 device: id,
                 root: self.root_signed.clone(),
                 mqtt_password,
+                client_cert,
             },
         );
         self.dirty = true;
+    }
+
+    /// Issues the client certificate an enrollment asked for (none without a CSR or without a device CA), and
+    /// registers it with the broker.
+    fn enrollment_cert(
+        &mut self,
+        id: &DeviceId,
+        csr: Option<&[u8]>,
+        now: u64,
+    ) -> Result<Option<IssuedCert>, String> {
+        let Some(csr) = csr else { return Ok(None) };
+        let Some(issued) = self.issue_device_cert(id, csr, now)? else {
+            return Ok(None);
+        };
+        self.access.add_generation(id, None, Some(issued.sha256));
+        Ok(Some(issued.cert))
     }
 
     pub fn create_enroll_token(

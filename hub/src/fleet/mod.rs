@@ -1,6 +1,7 @@
 //! The fleet: who the devices are and what they say. Enrollment ([`enroll`]), reports and presence ([`reports`]),
 //! and the views of the device registry that placement and the API read.
 
+pub mod credentials;
 pub mod enroll;
 pub mod reports;
 pub mod revoke;

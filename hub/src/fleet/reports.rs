@@ -65,6 +65,7 @@ impl Hub {
             self.dirty = true;
             if p.online {
                 self.resend_desired(device, "came online");
+                self.resume_rotation(device);
             }
         }
         Ok(())

@@ -29,6 +29,9 @@ impl Hub {
         let principal = Principal::Device(id.clone()).name();
         let now = unix_now();
         self.store.revoke_credential(&principal, now)?;
+        // Its certificates go on the revocation list an external broker checks.
+        self.store.retire_device_certs(id.as_str(), None, now)?;
+        self.store.set_rotation_requested(id.as_str(), false, now)?;
         self.access.revoke(id);
         let closed = self.broker.as_ref().map_or(0, |b| b.disconnect(&principal));
         // An empty retained message clears what the broker keeps for the topic (MQTT 3.1.1, 3.3.1.3).

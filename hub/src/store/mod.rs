@@ -5,7 +5,7 @@ mod deployments;
 mod devices;
 mod releases;
 
-pub use credentials::CredentialRow;
+pub use credentials::{CertRow, CredentialRow};
 
 pub use devices::DeviceRow;
 
@@ -61,6 +61,11 @@ CREATE TABLE IF NOT EXISTS rollouts (deployment TEXT PRIMARY KEY, stable_source 
     target_source TEXT NOT NULL, snapshot BLOB NOT NULL, updated_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS mqtt_credentials (principal TEXT PRIMARY KEY, secret_hash BLOB NOT NULL,
     regions TEXT NOT NULL DEFAULT '', revoked INTEGER NOT NULL DEFAULT 0, updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS mqtt_previous_secrets (principal TEXT PRIMARY KEY, secret_hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS device_certs (sha256 BLOB PRIMARY KEY, device TEXT NOT NULL, serial BLOB NOT NULL,
+    not_after INTEGER NOT NULL, issued_at INTEGER NOT NULL, retired_at INTEGER);
+CREATE INDEX IF NOT EXISTS device_certs_by_device ON device_certs (device);
+CREATE TABLE IF NOT EXISTS credential_rotations (device TEXT PRIMARY KEY, requested_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, who TEXT NOT NULL,
     action TEXT NOT NULL, detail TEXT NOT NULL);
 ";
