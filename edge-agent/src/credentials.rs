@@ -85,7 +85,12 @@ pub struct Renewal {
 impl Agent {
     /// Whether the agent connects with the certificate the hub issued (TLS, no certificate configured by hand).
     pub(crate) fn uses_issued_cert(&self) -> bool {
-        crate::agent::tls_settings(&self.cfg).is_some_and(|t| t.client_cert.is_none())
+        crate::agent::tls_settings(&self.cfg).is_some()
+            && self
+                .cfg
+                .tls
+                .as_ref()
+                .is_none_or(|t| t.client_cert.is_none())
     }
 
     /// Renews the client certificate when it is due (checked every tick while connected).

@@ -4,6 +4,7 @@
 use flotilla_fleet_tests::{AgentSpec, Fleet, FleetBuilder, PATIENCE, firmware, wait_for};
 use rumqttc::mqttbytes::v4::SubscribeReasonCode;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// A raw MQTT client that reports SUBACK codes and received messages, for probing the broker's decisions.
@@ -29,17 +30,56 @@ impl Probe {
         creds: Option<(&str, &str)>,
         will: Option<&str>,
     ) -> (Self, Connect) {
+        Self::connect_with(port, client_id, creds, will, None)
+    }
+
+    /// Connects over TLS to the hub's device listener, presenting a client certificate (PEM files).
+    fn connect_cert(
+        port: u16,
+        client_id: &str,
+        creds: Option<(&str, &str)>,
+        broker_ca: &Path,
+        cert: &Path,
+        key: &Path,
+    ) -> (Self, Connect) {
+        let tls = flotilla_mqtt::TlsSettings {
+            ca_file: Some(broker_ca.to_owned()),
+            ca_sha256: None,
+            client_cert: Some(cert.to_owned()),
+            client_key: Some(key.to_owned()),
+        };
+        Self::connect_with(port, client_id, creds, None, Some(tls))
+    }
+
+    fn connect_with(
+        port: u16,
+        client_id: &str,
+        creds: Option<(&str, &str)>,
+        will: Option<&str>,
+        tls: Option<flotilla_mqtt::TlsSettings>,
+    ) -> (Self, Connect) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        let host = if tls.is_some() {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
+        let mut opts = MqttOptions::new(client_id, host, port);
         opts.set_keep_alive(Duration::from_secs(30));
         if let Some((u, p)) = creds {
             opts.set_credentials(u, p);
         }
         if let Some(topic) = will {
             opts.set_last_will(LastWill::new(topic, "gone", QoS::AtLeastOnce, true));
+        }
+        if let Some(tls) = &tls {
+            let config = flotilla_mqtt::tls_client_config(tls).expect("tls settings");
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(config)),
+            ));
         }
         let (client, mut el) = AsyncClient::new(opts, 16);
         let outcome = rt.block_on(async {
@@ -557,4 +597,137 @@ fn agents_pin_the_broker_through_their_token() {
         matches!(&outcome, Ok(Some(flotilla_mqtt::LinkEvent::Disconnected(e))) if e.contains("pinned CA")),
         "{outcome:?}"
     );
+}
+
+/// Client certificates: an agent on the TLS listener gets a certificate for its own key at enrollment (subject:
+/// its device id) and connects with it; the certificate alone authenticates it, and only as itself. It is renewed
+/// over MQTT two thirds into its life (60 s here) and the agent reconnects with the new one, after which the old
+/// certificate is refused. `rotate-credentials` gives it a new key, certificate and password at once; the old
+/// password is refused once the new credentials are in use. The device stays online and running throughout.
+#[test]
+fn device_certificates_are_issued_renewed_and_rotated() {
+    let mut spec = AgentSpec::new("gw-cert", "eu-west", 52.5, 13.4);
+    spec.pinned_tls = true;
+    let fleet = FleetBuilder::new()
+        .hub_args(&["--device-cert-secs", "60"])
+        .agent(spec)
+        .agent(AgentSpec::new("gw-other", "eu-west", 52.5, 13.4))
+        .start()
+        .expect("fleet");
+    let hub = &fleet.hub;
+    let agent = fleet.agent("gw-cert");
+    let port = hub.mqtts_port().expect("tls port");
+    let broker_ca = hub.dir.join("tls/broker-ca.pem");
+    let (cert, key) = flotilla_agent::credentials::client_files(&agent.state_dir());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key).expect("key").permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "the client key is private");
+    // Keep the first certificate to try it after renewal.
+    let first = fleet.root.path().join("first");
+    std::fs::create_dir_all(&first).expect("dir");
+    let (cert1, key1) = (first.join("cert.pem"), first.join("key.pem"));
+    std::fs::copy(&cert, &cert1).expect("copy");
+    std::fs::copy(&key, &key1).expect("copy");
+    let text = std::fs::read_to_string(&cert1).expect("cert");
+    assert!(text.contains("BEGIN CERTIFICATE"), "{text}");
+
+    // The certificate alone authenticates the device, as itself only.
+    let accepted = |cert: &Path, key: &Path, id: &str| {
+        Probe::connect_cert(port, id, None, &broker_ca, cert, key).1 == Connect::Accepted
+    };
+    assert!(accepted(&cert1, &key1, "gw-cert"), "its own certificate");
+    assert!(!accepted(&cert1, &key1, "gw-other"), "as another device");
+    let other_secret = device_secret(&fleet, "gw-other");
+    let (_, as_other) = Probe::connect_cert(
+        port,
+        "gw-other",
+        Some(("gw-other", &other_secret)),
+        &broker_ca,
+        &cert1,
+        &key1,
+    );
+    assert!(
+        matches!(as_other, Connect::Refused(_)),
+        "A's certificate with B's password: {as_other:?}"
+    );
+    // Our probe took over the agent's session for a moment; it reconnects by itself.
+    wait_for("gw-cert back online", PATIENCE, || {
+        (hub.device("gw-cert")?["online"] == true).then_some(())
+    })
+    .expect("online");
+
+    // Renewal two thirds into the certificate's life, then the agent reconnects with the new certificate.
+    agent
+        .wait_log(&["requested new credentials", "renewal"], 1)
+        .expect("renewal requested");
+    agent
+        .wait_log(&["new credentials stored"], 1)
+        .expect("renewed");
+    assert_ne!(
+        std::fs::read(&cert).expect("cert"),
+        std::fs::read(&cert1).expect("cert"),
+        "a new certificate"
+    );
+    wait_for("the old certificate refused", PATIENCE, || {
+        (!accepted(&cert1, &key1, "gw-cert")).then_some(())
+    })
+    .expect("old certificate refused after the new one was used");
+    wait_for("gw-cert online on its new certificate", PATIENCE, || {
+        (hub.device("gw-cert")?["online"] == true).then_some(())
+    })
+    .expect("online");
+
+    // Operator rotation: new key, certificate and password; the old password is refused once they are in use.
+    let old_password = device_secret(&fleet, "gw-cert");
+    let renewals = agent.log().matches("new credentials stored").count();
+    let v = hub
+        .client
+        .post(
+            "/api/v1/devices/gw-cert/rotate-credentials",
+            "application/json",
+            b"{}",
+            &[],
+        )
+        .expect("rotate");
+    assert_eq!(v["rotation_requested"], true, "{v}");
+    agent
+        .wait_log(
+            &["requested new credentials", "rotation asked by the hub"],
+            1,
+        )
+        .expect("rotation requested");
+    agent
+        .wait_log(&["new credentials stored"], renewals + 1)
+        .expect("rotated");
+    assert_ne!(
+        device_secret(&fleet, "gw-cert"),
+        old_password,
+        "a new password"
+    );
+    wait_for("the old password refused", PATIENCE, || {
+        let (_, outcome) = Probe::connect(
+            fleet.broker_port(),
+            "gw-cert",
+            Some(("gw-cert", &old_password)),
+            None,
+        );
+        matches!(outcome, Connect::Refused(_)).then_some(())
+    })
+    .expect("old password refused");
+    wait_for("gw-cert online after rotation", PATIENCE, || {
+        (hub.device("gw-cert")?["online"] == true).then_some(())
+    })
+    .expect("online");
+    let err = hub
+        .client
+        .post(
+            "/api/v1/devices/no-such/rotate-credentials",
+            "application/json",
+            b"{}",
+            &[],
+        )
+        .expect_err("unknown device")
+        .to_string();
+    assert!(err.starts_with("404"), "{err}");
 }

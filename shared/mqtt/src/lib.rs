@@ -123,6 +123,12 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, SetupError> {
     })
 }
 
+/// The rustls client configuration for `tls` (CA file or pinned CA, optional client certificate); public so that
+/// tests and tools build exactly what the link uses.
+pub fn tls_client_config(tls: &TlsSettings) -> Result<rustls::ClientConfig, SetupError> {
+    tls_config(tls)
+}
+
 fn tls_config(tls: &TlsSettings) -> Result<rustls::ClientConfig, SetupError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
