@@ -107,7 +107,15 @@ impl std::fmt::Debug for Agent {
 
 /// The link's TLS settings from `[tls]` in `agent.toml`.
 pub(crate) fn tls_settings(cfg: &Config) -> Option<TlsSettings> {
-    if !cfg.broker.tls && cfg.tls.is_none() {
+    tls_settings_to(cfg, &cfg.broker)
+}
+
+/// The TLS settings for connecting to `broker` (the device broker, or the enrollment broker).
+pub(crate) fn tls_settings_to(
+    cfg: &Config,
+    broker: &crate::config::BrokerUrl,
+) -> Option<TlsSettings> {
+    if !broker.tls && cfg.tls.is_none() {
         return None;
     }
     let ca_file = cfg.tls.as_ref().and_then(|t| t.ca_file.clone());

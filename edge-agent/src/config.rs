@@ -35,6 +35,8 @@ struct RawConfig {
     device_id: Option<String>,
     data_dir: PathBuf,
     broker: String,
+    /// Where to enroll, when not at `broker` (an external broker with a separate enrollment listener).
+    enroll_broker: Option<String>,
     trust_root: Option<PathBuf>,
     enroll_token: Option<String>,
     region: Option<String>,
@@ -143,6 +145,8 @@ pub struct Config {
     pub device_id: Option<DeviceId>,
     pub data_dir: PathBuf,
     pub broker: BrokerUrl,
+    /// The broker to enroll at: `enroll_broker`, or `broker`.
+    pub enroll_broker: BrokerUrl,
     pub tls: Option<TlsFiles>,
     pub trust_root: Option<PathBuf>,
     pub enroll_token: Option<String>,
@@ -240,6 +244,10 @@ impl Config {
             .map_err(|e| invalid("device_id", e.to_string()))?;
         let broker_s = ov.broker.clone().unwrap_or(raw.broker);
         let broker = parse_broker_url(&broker_s).map_err(|m| invalid("broker", m))?;
+        let enroll_broker = match &raw.enroll_broker {
+            Some(s) => parse_broker_url(s).map_err(|m| invalid("enroll_broker", m))?,
+            None => broker.clone(),
+        };
         let tls = raw.tls.map(|t| TlsFiles {
             ca_file: t.ca_file,
             client_cert: t.client_cert,
@@ -247,7 +255,10 @@ impl Config {
         });
         let token = ov.enroll_token.clone().or(raw.enroll_token.clone());
         let pinned = token.as_deref().and_then(token_ca_pin).is_some();
-        if broker.tls && tls.as_ref().and_then(|t| t.ca_file.as_ref()).is_none() && !pinned {
+        if (broker.tls || enroll_broker.tls)
+            && tls.as_ref().and_then(|t| t.ca_file.as_ref()).is_none()
+            && !pinned
+        {
             return Err(invalid(
                 "tls",
                 "mqtts:// needs [tls] ca_file, or an enroll_token with the broker's CA fingerprint \
@@ -313,6 +324,7 @@ impl Config {
             device_id,
             data_dir: ov.data_dir.clone().unwrap_or(raw.data_dir),
             broker,
+            enroll_broker,
             tls,
             trust_root: raw.trust_root,
             enroll_token: ov.enroll_token.clone().or(raw.enroll_token),
@@ -361,6 +373,10 @@ mod tests {
                 "broker",
             ),
             (&format!("{BASE}device_id = \"GW/1\"\n"), "device_id"),
+            (
+                &format!("{BASE}enroll_broker = \"tcp://a:1\"\n"),
+                "enroll_broker",
+            ),
             (&format!("{BASE}region = \"eu west\"\n"), "region"),
             (
                 &format!("{BASE}[position]\nlat = 91.0\nlon = 0.0\n"),

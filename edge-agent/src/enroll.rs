@@ -1,7 +1,7 @@
 //! Enrollment: a fresh device presents its one-time token and a new public key over MQTT and receives its device
 //! id and the trust root (checked against a pinned `trust_root` when configured).
 
-use crate::agent::{tls_settings, unix_now};
+use crate::agent::{tls_settings_to, unix_now};
 use crate::config::Config;
 use crate::inventory::{inventory, read_position};
 use crate::store::Store;
@@ -23,10 +23,10 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
     let nonce = trust::random_hex(16);
     let settings = LinkSettings {
         client_id: format!("enroll-{nonce}"),
-        host: cfg.broker.host.clone(),
-        port: cfg.broker.port,
+        host: cfg.enroll_broker.host.clone(),
+        port: cfg.enroll_broker.port,
         keepalive: Duration::from_secs(30),
-        tls: tls_settings(cfg),
+        tls: tls_settings_to(cfg, &cfg.enroll_broker),
         credentials: None,
         last_will: None,
         subscriptions: vec![topics::enroll_response(&nonce)],

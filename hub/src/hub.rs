@@ -85,6 +85,8 @@ pub struct Hub {
     pub(crate) enroll_key: Vec<u8>,
     /// The device CA that signs client certificates, when this hub has one.
     pub(crate) device_certs: Option<crate::fleet::credentials::DeviceCerts>,
+    /// Where the hub keeps an external Mosquitto's files current, if it does (`serve --mosquitto-dir`).
+    pub(crate) mosquitto: Option<crate::mosquitto::Export>,
     /// The embedded broker, when this hub runs one: revocation disconnects through it.
     pub(crate) broker: Option<crate::embedded::Broker>,
     /// Something placement reads changed: re-place on the next tick. The one cross-concern signal.
@@ -150,6 +152,7 @@ impl Hub {
             enroll_key: trust::random_hex(32).into_bytes(),
             broker_ca_fingerprint: None,
             device_certs: None,
+            mosquitto: None,
             broker: None,
             dirty: true,
         })
@@ -205,6 +208,7 @@ impl Hub {
                 self.dirty = true;
                 self.tick_rollouts(unix_now());
                 self.persist_superseded();
+                self.sync_mosquitto();
             }
         }
         self.drive_rollouts();
@@ -280,6 +284,30 @@ impl Hub {
     /// Gives the hub its device CA: enrollments with a CSR get a client certificate valid `lifetime_secs`.
     pub fn set_device_certs(&mut self, ca: crate::pki::DeviceCa, lifetime_secs: u64) {
         self.device_certs = Some(crate::fleet::credentials::DeviceCerts { ca, lifetime_secs });
+    }
+
+    /// Keeps an external Mosquitto's ACL, password files and revocation list current.
+    pub fn set_mosquitto_export(&mut self, export: crate::mosquitto::Export) {
+        self.mosquitto = Some(export);
+    }
+
+    /// Something the Mosquitto files show changed; they are rewritten on the next tick.
+    pub(crate) fn mosquitto_files_changed(&mut self) {
+        if let Some(m) = &mut self.mosquitto {
+            m.changed();
+        }
+    }
+
+    fn sync_mosquitto(&mut self) {
+        if let Some(m) = &mut self.mosquitto {
+            match m.sync(&self.store, unix_now()) {
+                Ok(true) => tracing::info!(dir = %m.files.dir.display(), "mosquitto files updated"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "updating the mosquitto files")
+                }
+            }
+        }
     }
 
     /// Hands the hub the embedded broker it runs on (for revocation).

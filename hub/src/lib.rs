@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod hub;
 pub mod keyfile;
 pub mod keys_cli;
+pub mod mosquitto;
 pub mod pki;
 pub mod rollout;
 pub mod server;

@@ -346,4 +346,43 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o077, 0, "server key is private");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever bytes arrive as a CSR (random, or a valid request with bytes flipped), signing never panics,
+        /// and anything it does sign names the device and carries the key of the request that was sent.
+        #[test]
+        fn csr_bytes_never_mislead_the_ca(
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), 1u8..=255), 0..4),
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let ca = DeviceCa::in_dir(dir.path());
+            ca.create().expect("create");
+            let key = rcgen::KeyPair::generate().expect("key");
+            let csr = rcgen::CertificateParams::default().serialize_request(&key).expect("csr");
+            let mut bytes = csr.der().to_vec();
+            for (at, x) in &flips {
+                let i = at % bytes.len();
+                bytes[i] ^= x;
+            }
+            let id = flotilla_shared::DeviceId::new("gw-a").expect("id");
+            let _ = ca.issue(&junk, &id, 3600, 1_800_000_000);
+            if let Ok(issued) = ca.issue(&bytes, &id, 3600, 1_800_000_000) {
+                let der = rustls_pki_types::CertificateDer::from_pem_slice(issued.cert.pem.as_bytes())
+                    .expect("pem");
+                let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).expect("parse");
+                let cn: Vec<_> = parsed
+                    .subject()
+                    .iter_common_name()
+                    .filter_map(|c| c.as_str().ok())
+                    .collect();
+                proptest::prop_assert_eq!(cn, vec!["gw-a"]);
+                proptest::prop_assert_eq!(
+                    parsed.public_key().subject_public_key.data.as_ref(),
+                    key.public_key_raw()
+                );
+            }
+        }
+    }
 }

@@ -184,21 +184,34 @@ pub fn load_credentials(
 
 /// Runs the hub until ctrl-c/SIGTERM. Initialises the data directory on first start (zero set-up).
 pub async fn serve(dir: DataDir, http: SocketAddr, broker: BrokerChoice) -> Result<()> {
-    serve_with(
-        dir,
-        http,
-        broker,
-        crate::fleet::credentials::DEFAULT_CERT_LIFETIME_SECS,
-    )
-    .await
+    serve_with(dir, http, broker, ServeOptions::default()).await
 }
 
-/// [`serve`], with the lifetime of the client certificates the device CA issues.
+/// What `flotilla serve` can set beyond where to listen.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Lifetime of the client certificates the device CA issues.
+    pub device_cert_secs: u64,
+    /// Keep an external Mosquitto's files in this directory current, reloading it with this command (or SIGHUP
+    /// to the pid in the directory).
+    pub mosquitto: Option<(PathBuf, Option<String>)>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            device_cert_secs: crate::fleet::credentials::DEFAULT_CERT_LIFETIME_SECS,
+            mosquitto: None,
+        }
+    }
+}
+
+/// [`serve`], with [`ServeOptions`].
 pub async fn serve_with(
     dir: DataDir,
     http: SocketAddr,
     broker: BrokerChoice,
-    device_cert_secs: u64,
+    options: ServeOptions,
 ) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     if !dir.initialized() {
@@ -265,7 +278,23 @@ pub async fn serve_with(
     })?;
     let mut hub = Hub::new(store, link, hub_key, root, access)?;
     hub.set_enroll_key(hub_secret_for_key.as_bytes());
-    hub.set_device_certs(device_ca.clone(), device_cert_secs);
+    hub.set_device_certs(device_ca.clone(), options.device_cert_secs);
+    if let Some((mdir, reload)) = options.mosquitto {
+        anyhow::ensure!(
+            mdir.join("mosquitto.conf").exists(),
+            "{} has no mosquitto.conf: write it first with `flotilla broker-config mosquitto --out {}`",
+            mdir.display(),
+            mdir.display()
+        );
+        // The generated Mosquitto configuration serves the hub's own broker certificate: tokens pin it.
+        hub.set_broker_ca_fingerprint(pki.ca_fingerprint()?);
+        hub.set_mosquitto_export(crate::mosquitto::Export::new(
+            std::fs::canonicalize(&mdir)?,
+            device_ca.clone(),
+            hub_secret.clone(),
+            reload,
+        ));
+    }
     // Tokens carry the CA's fingerprint only when devices can actually meet this broker's own certificate.
     if matches!(&embedded_tls_generated, Some(true)) {
         hub.set_broker_ca_fingerprint(pki.ca_fingerprint()?);

@@ -11,8 +11,8 @@
 //! | `flotilla/v1/dev/{device}/cert/req` | agent -> hub | no | `CredentialRequest` |
 //! | `flotilla/v1/dev/{device}/cert/resp` | hub -> agent | no | `CredentialResponse` |
 //! | `flotilla/v1/telemetry/{region}/{device}/{stream}` | agent -> consumers | no | `Telemetry` |
-//! | `flotilla/v1/enroll/{nonce}/req` | agent -> hub | no | `EnrollRequest` |
-//! | `flotilla/v1/enroll/{nonce}/resp` | hub -> agent | no | `EnrollResponse` |
+//! | `flotilla/v1/enroll/enroll-{nonce}/req` | agent -> hub | no | `EnrollRequest` |
+//! | `flotilla/v1/enroll/enroll-{nonce}/resp` | hub -> agent | no | `EnrollResponse` |
 
 use crate::ids::{DeviceId, Label};
 
@@ -109,13 +109,17 @@ pub fn parse_telemetry(topic: &str) -> Option<(String, DeviceId, Label)> {
     ))
 }
 
-/// Enrollment request/response topics for one attempt. The nonce is random hex chosen by the agent.
+/// Enrollment request/response topics for one attempt. The nonce is random hex chosen by the agent, which connects
+/// with client id `enroll-{nonce}`; the topic level is that client id, so an external broker can confine an
+/// anonymous client to its own enrollment topics with a client-id pattern (Mosquitto's `%c`).
 pub fn enroll_request(nonce: &str) -> String {
-    format!("{PREFIX}/enroll/{nonce}/req")
+    format!("{PREFIX}/enroll/{ENROLL_CLIENT_PREFIX}{nonce}/req")
 }
 pub fn enroll_response(nonce: &str) -> String {
-    format!("{PREFIX}/enroll/{nonce}/resp")
+    format!("{PREFIX}/enroll/{ENROLL_CLIENT_PREFIX}{nonce}/resp")
 }
+/// Client-id prefix of an enrolling agent (`enroll-{nonce}`).
+pub const ENROLL_CLIENT_PREFIX: &str = "enroll-";
 /// The hub's subscription to every enrollment request.
 pub const ENROLL_REQUESTS: &str = "flotilla/v1/enroll/+/req";
 
@@ -124,6 +128,7 @@ pub fn parse_enroll_request(topic: &str) -> Option<&str> {
     let nonce = topic
         .strip_prefix(PREFIX)?
         .strip_prefix("/enroll/")?
+        .strip_prefix(ENROLL_CLIENT_PREFIX)?
         .strip_suffix("/req")?;
     let ok = (16..=64).contains(&nonce.len())
         && nonce
@@ -175,6 +180,14 @@ mod tests {
             parse_enroll_request(&enroll_request("0123456789abcdef")),
             Some("0123456789abcdef")
         );
+        assert_eq!(
+            enroll_request("0123456789abcdef"),
+            "flotilla/v1/enroll/enroll-0123456789abcdef/req"
+        );
         assert_eq!(parse_enroll_request("flotilla/v1/enroll/+/req"), None);
+        assert_eq!(
+            parse_enroll_request("flotilla/v1/enroll/0123456789abcdef/req"),
+            None
+        );
     }
 }

@@ -377,11 +377,11 @@ fn acl_matrix_against_the_embedded_broker() {
     let (mut e, ok) = Probe::connect(port, &format!("enroll-{nonce}"), None, None);
     assert_eq!(ok, Connect::Accepted);
     for (filter, allowed) in [
-        (format!("flotilla/v1/enroll/{nonce}/resp"), true),
+        (format!("flotilla/v1/enroll/enroll-{nonce}/resp"), true),
         ("flotilla/v1/enroll/+/req".to_owned(), false),
         ("flotilla/v1/enroll/#".to_owned(), false),
         (
-            "flotilla/v1/enroll/ffeeddccbbaa99887766554433221100/resp".to_owned(),
+            "flotilla/v1/enroll/enroll-ffeeddccbbaa99887766554433221100/resp".to_owned(),
             false,
         ),
         ("flotilla/v1/dev/+/desired".to_owned(), false),
@@ -464,7 +464,7 @@ fn anonymous_clients_cannot_poison_or_read_the_fleet() {
     assert!(!anon.subscribe("flotilla/v1/dev/+/desired"));
     assert!(!anon.subscribe("flotilla/v1/telemetry/#"));
     anon.publish("flotilla/v1/dev/gw-a/desired", b"garbage", true);
-    assert!(anon.subscribe(&format!("flotilla/v1/enroll/{nonce}/resp")));
+    assert!(anon.subscribe(&format!("flotilla/v1/enroll/enroll-{nonce}/resp")));
     let agent = fleet.agent_mut("gw-a");
     agent.kill9();
     agent.start().expect("restart");

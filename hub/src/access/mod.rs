@@ -239,7 +239,7 @@ impl Credentials {
     }
 
     /// Authenticates a CONNECT. A client certificate the device CA issued identifies its device; otherwise username
-    /// `hub`, a device id, or `feed:NAME` with its secret as the password; no username only for an anonymous
+    /// `hub`, a device id, or `feed-NAME` with its secret as the password; no username only for an anonymous
     /// enrollment (client id `enroll-<nonce>`), when allowed. The client id must be in the principal's namespace
     /// ([`policy::client_id_ok`]). Using a device's newest credential retires its older ones.
     pub fn authenticate(&self, given: &Given<'_>) -> Result<Principal, Denied> {
@@ -290,7 +290,12 @@ impl Credentials {
                 .then_some((Principal::Hub, false))
                 .ok_or(Denied::BadCredentials);
         }
-        if let Some(name) = user.strip_prefix("feed:") {
+        // `feed-NAME` (what is issued now; Mosquitto password files cannot hold a `:` in a username) or the
+        // `feed:NAME` issued before.
+        if let Some(name) = user
+            .strip_prefix("feed-")
+            .or_else(|| user.strip_prefix("feed:"))
+        {
             let e = reg.feeds.get(name).ok_or(Denied::BadCredentials)?;
             if !e.secret_hashes.contains(&given_hash) {
                 return Err(Denied::BadCredentials);

@@ -6,7 +6,7 @@
 //! | `hub` | everything | everything | everything |
 //! | `device:{id}` | its own `report`, `artifact/req`, `cert/req`, `presence`; telemetry under its own region and id | its own `presence` | exactly its own `desired`, `root`, `artifact/chunk`, `cert/resp` |
 //! | `feed:{name}` | nothing | nothing | telemetry filters whose region level is one of its regions |
-//! | `enroll:{nonce}` (anonymous) | its own `enroll/{nonce}/req` | nothing | exactly its own `enroll/{nonce}/resp` |
+//! | `enroll:{nonce}` (anonymous) | its own `enroll/enroll-{nonce}/req` | nothing | exactly its own `enroll/enroll-{nonce}/resp` |
 //!
 //! Client ids are namespaced per principal so that no identity can take over another's session: a device connects
 //! with its id, the hub with `flotilla-hub-*`, a feed consumer with `feed-{name}` or `feed-{name}-*`, an
@@ -173,6 +173,7 @@ pub fn enroll_allows(nonce: &str, access: Access, topic: &str) -> bool {
     let Some(rest) = topic
         .strip_prefix(PREFIX)
         .and_then(|t| t.strip_prefix("/enroll/"))
+        .and_then(|t| t.strip_prefix(topics::ENROLL_CLIENT_PREFIX))
         .and_then(|t| t.strip_prefix(nonce))
     else {
         return false;
@@ -350,21 +351,21 @@ mod tests {
                 &enroll,
                 &Facts::default(),
                 Publish,
-                "flotilla/v1/enroll/0123456789abcdef/req",
+                "flotilla/v1/enroll/enroll-0123456789abcdef/req",
                 true,
             ),
             (
                 &enroll,
                 &Facts::default(),
                 Publish,
-                "flotilla/v1/enroll/fedcba9876543210/req",
+                "flotilla/v1/enroll/enroll-fedcba9876543210/req",
                 false,
             ),
             (
                 &enroll,
                 &Facts::default(),
                 Subscribe,
-                "flotilla/v1/enroll/0123456789abcdef/resp",
+                "flotilla/v1/enroll/enroll-0123456789abcdef/resp",
                 true,
             ),
             (
@@ -385,7 +386,7 @@ mod tests {
                 &enroll,
                 &Facts::default(),
                 PublishRetained,
-                "flotilla/v1/enroll/0123456789abcdef/req",
+                "flotilla/v1/enroll/enroll-0123456789abcdef/req",
                 false,
             ),
             (&enroll, &Facts::default(), Subscribe, "#", false),

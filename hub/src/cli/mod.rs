@@ -161,6 +161,9 @@ enum Cmd {
     /// One-time enrollment tokens.
     #[command(subcommand, name = "enroll-token")]
     EnrollToken(TokenCmd),
+    /// Configuration for an external broker that enforces the hub's identity model.
+    #[command(subcommand, name = "broker-config")]
+    BrokerConfig(BrokerConfigCmd),
     /// Apply a deployment spec file (TOML).
     Apply {
         #[arg(short = 'f', long = "file")]
@@ -251,6 +254,41 @@ enum FeedCmd {
         regions: Vec<String>,
         #[command(flatten)]
         conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BrokerConfigCmd {
+    /// Write a Mosquitto configuration (listeners, TLS, ACL, password files, revocation list) for this hub's data
+    /// directory; run the hub with `serve --broker mqtt://127.0.0.1:LOCAL_PORT --mosquitto-dir DIR` to keep it
+    /// current.
+    Mosquitto {
+        #[arg(long, default_value = "flotilla-data")]
+        data_dir: PathBuf,
+        /// Directory to write into (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// Address the device listeners bind to.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: String,
+        /// Devices with client certificates (mutual TLS).
+        #[arg(long, default_value_t = 8883)]
+        cert_port: u16,
+        /// Devices with passwords (TLS).
+        #[arg(long, default_value_t = 8884)]
+        password_port: u16,
+        /// Enrollment and telemetry consumers (TLS).
+        #[arg(long, default_value_t = 8885)]
+        clients_port: u16,
+        /// The hub and local tools (loopback, plain).
+        #[arg(long, default_value_t = 1883)]
+        local_port: u16,
+        /// Refuse anonymous enrollment connections.
+        #[arg(long)]
+        no_anonymous_enrollment: bool,
+        /// The user Mosquitto runs as (its `user` option); it must be able to read the generated files.
+        #[arg(long)]
+        user: Option<String>,
     },
 }
 
@@ -362,6 +400,39 @@ fn run(cli: Cli) -> Result<()> {
             server::init_with(&DataDir(data_dir), &broker_hosts)?;
         }
         Cmd::Serve(args) => serve::run(args)?,
+        Cmd::BrokerConfig(BrokerConfigCmd::Mosquitto {
+            data_dir,
+            out,
+            bind,
+            cert_port,
+            password_port,
+            clients_port,
+            local_port,
+            no_anonymous_enrollment,
+            user,
+        }) => {
+            let layout = crate::mosquitto::Layout {
+                bind,
+                cert_port,
+                password_port,
+                clients_port,
+                anonymous_enrollment: !no_anonymous_enrollment,
+                local_port,
+                user,
+            };
+            let files = crate::mosquitto::write_config(&DataDir(data_dir.clone()), &out, &layout)?;
+            outln!("wrote {}", files.conf().display());
+            outln!("  start it:  mosquitto -c {}", files.conf().display());
+            outln!(
+                "  then:      flotilla serve --data-dir {} --broker mqtt://127.0.0.1:{local_port} --mosquitto-dir {}",
+                data_dir.display(),
+                files.dir.display()
+            );
+            outln!(
+                "  devices:   broker = \"mqtts://HOST:{cert_port}\" (certificates) or :{password_port} (passwords), \
+                 enroll_broker = \"mqtts://HOST:{clients_port}\""
+            );
+        }
         Cmd::Demo(args) => crate::demo::run(args)?,
         Cmd::Keys(c) => keys_cli::run_keys(c)?,
         Cmd::Root(c) => keys_cli::run_root(c)?,

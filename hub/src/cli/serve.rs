@@ -40,6 +40,13 @@ pub struct ServeArgs {
     /// Lifetime of the client certificates the device CA issues, in seconds; agents renew after two thirds.
     #[arg(long, default_value_t = crate::fleet::credentials::DEFAULT_CERT_LIFETIME_SECS, value_parser = clap::value_parser!(u64).range(60..))]
     pub device_cert_secs: u64,
+    /// Keep the ACL, password files and revocation list of an external Mosquitto current in this directory (made
+    /// by `flotilla broker-config mosquitto --out DIR`), reloading Mosquitto after each change.
+    #[arg(long, requires = "broker")]
+    pub mosquitto_dir: Option<PathBuf>,
+    /// Command that makes Mosquitto reload its files (default: SIGHUP to the pid in DIR/mosquitto.pid).
+    #[arg(long, requires = "mosquitto_dir")]
+    pub mosquitto_reload: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -55,6 +62,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         mqtt_tls_key,
         mqtt_client_ca,
         device_cert_secs,
+        mosquitto_dir,
+        mosquitto_reload,
     } = args;
     let choice = match broker {
         Some(url) => {
@@ -93,12 +102,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(server::serve_with(
-        DataDir(data_dir),
-        http,
-        choice,
+    let options = server::ServeOptions {
         device_cert_secs,
-    ))?;
+        mosquitto: mosquitto_dir.map(|d| (d, mosquitto_reload)),
+    };
+    rt.block_on(server::serve_with(DataDir(data_dir), http, choice, options))?;
 
     Ok(())
 }

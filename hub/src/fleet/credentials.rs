@@ -119,6 +119,10 @@ impl Hub {
                     s.set_previous_secret(&principal, Some(p))?;
                 }
                 s.set_credential(&principal, &hash, &[], now)?;
+                s.set_password_line(
+                    &principal,
+                    &crate::mosquitto::password_line(id.as_str(), &password),
+                )?;
                 s.set_rotation_requested(id.as_str(), false, now)?;
                 s.audit(
                     now,
@@ -134,6 +138,7 @@ impl Hub {
         self.access
             .add_generation(id, Some(hash), Some(issued.sha256));
         self.metrics.credentials_issued += 1;
+        self.mosquitto_files_changed();
         tracing::info!(device = %id, not_after = issued.cert.not_after, "device credentials issued");
         self.respond_credentials(
             id,
@@ -202,5 +207,7 @@ impl Hub {
                 tracing::error!(device = %id, error = %e, "could not persist retired credentials");
             }
         }
+        // Retired certificates go on the revocation list.
+        self.mosquitto_files_changed();
     }
 }

@@ -112,6 +112,10 @@ impl Hub {
             }
             store.insert_device(&id, &key, &inv, now)?;
             store.set_credential(&principal, &secret_hash, &[], now)?;
+            store.set_password_line(
+                &principal,
+                &crate::mosquitto::password_line(id.as_str(), &mqtt_password),
+            )?;
             store.audit(
                 now,
                 &format!("device:{id}"),
@@ -154,6 +158,7 @@ impl Hub {
                 None
             }
         });
+        self.mosquitto_files_changed();
         self.metrics.enrollments += 1;
         tracing::info!(device = %id, "device enrolled");
         self.respond_enroll(

@@ -33,6 +33,7 @@ impl Hub {
         self.store.retire_device_certs(id.as_str(), None, now)?;
         self.store.set_rotation_requested(id.as_str(), false, now)?;
         self.access.revoke(id);
+        self.mosquitto_files_changed();
         let closed = self.broker.as_ref().map_or(0, |b| b.disconnect(&principal));
         // An empty retained message clears what the broker keeps for the topic (MQTT 3.1.1, 3.3.1.3).
         for leaf in [
@@ -79,7 +80,13 @@ impl Hub {
         let now = unix_now();
         self.store
             .set_credential(&principal, &hash, &regions, now)?;
+        let username = format!("feed-{name}");
+        self.store.set_password_line(
+            &principal,
+            &crate::mosquitto::password_line(&username, &secret),
+        )?;
         self.access.set_feed(name, hash, regions.clone());
+        self.mosquitto_files_changed();
         self.store.audit(
             now,
             who,
@@ -87,7 +94,7 @@ impl Hub {
             &format!("{principal} for regions {}", regions.join(",")),
         )?;
         Ok(FeedCredential {
-            username: principal,
+            username,
             password: secret,
             client_id: format!("feed-{name}"),
         })

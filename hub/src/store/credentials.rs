@@ -156,6 +156,24 @@ impl Store {
         .transpose()
     }
 
+    /// Stores the external broker's salted password line for a principal (Mosquitto's `$7$` format).
+    pub fn set_password_line(&self, principal: &str, line: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO broker_password_lines (principal, line) VALUES (?1, ?2)",
+            params![principal, line],
+        )?;
+        Ok(())
+    }
+
+    /// Every stored password line, by principal.
+    pub fn password_lines(&self) -> Result<Vec<(String, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT principal, line FROM broker_password_lines ORDER BY principal")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
     /// Records (or with `false` clears) an operator's request to rotate a device's credentials.
     pub fn set_rotation_requested(&self, device: &str, requested: bool, now: u64) -> Result<()> {
         if requested {

@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS mqtt_previous_secrets (principal TEXT PRIMARY KEY, se
 CREATE TABLE IF NOT EXISTS device_certs (sha256 BLOB PRIMARY KEY, device TEXT NOT NULL, serial BLOB NOT NULL,
     not_after INTEGER NOT NULL, issued_at INTEGER NOT NULL, retired_at INTEGER);
 CREATE INDEX IF NOT EXISTS device_certs_by_device ON device_certs (device);
+CREATE TABLE IF NOT EXISTS broker_password_lines (principal TEXT PRIMARY KEY, line TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS credential_rotations (device TEXT PRIMARY KEY, requested_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, who TEXT NOT NULL,
     action TEXT NOT NULL, detail TEXT NOT NULL);
