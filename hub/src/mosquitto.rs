@@ -313,6 +313,8 @@ pub struct Export {
     /// A shell command that makes Mosquitto reload (e.g. `systemctl reload mosquitto`); without one, the hub sends
     /// SIGHUP to the pid in the directory's `mosquitto.pid` (the generated configuration writes it).
     pub reload: Option<String>,
+    /// How the hub reaches Mosquitto (host, port, TLS), to end a revoked device's session.
+    pub broker: Option<(String, u16, Option<flotilla_mqtt::TlsSettings>)>,
     dirty: bool,
     written_at: u64,
 }
@@ -329,9 +331,57 @@ impl Export {
             device_ca,
             hub_secret,
             reload,
+            broker: None,
             dirty: true,
             written_at: 0,
         }
+    }
+
+    /// Rewrites the files and reloads Mosquitto now (revocation does not wait for the next tick).
+    pub fn sync_now(&mut self, store: &Store, now: u64) -> Result<()> {
+        self.dirty = true;
+        self.sync(store, now).map(|_| ())
+    }
+
+    /// Ends the live session of `client_id` by taking it over with the hub's own credentials (Mosquitto closes
+    /// the older connection of a client id) and disconnecting at once. Mosquitto cannot disconnect a client from
+    /// outside; with the files already reloaded, the device's reconnect is then refused.
+    pub fn end_session(&self, client_id: &str) {
+        let Some((host, port, tls)) = self.broker.clone() else {
+            return;
+        };
+        let settings = flotilla_mqtt::LinkSettings {
+            client_id: client_id.to_owned(),
+            host,
+            port,
+            keepalive: std::time::Duration::from_secs(10),
+            tls,
+            credentials: Some(("hub".to_owned(), self.hub_secret.clone())),
+            last_will: None,
+            subscriptions: vec![],
+            clean_session: true,
+            queue: 16,
+        };
+        let id = client_id.to_owned();
+        tokio::spawn(async move {
+            let Ok((link, mut rx)) = flotilla_mqtt::connect(settings) else {
+                return;
+            };
+            let connected = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while let Some(ev) = rx.recv().await {
+                    if matches!(ev, flotilla_mqtt::LinkEvent::Connected) {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            link.disconnect().await;
+            match connected {
+                Ok(true) => tracing::info!(client_id = %id, "ended the session on mosquitto"),
+                _ => tracing::warn!(client_id = %id, "could not end the session on mosquitto"),
+            }
+        });
     }
 
     /// Something the files show changed (an enrollment, new credentials, a revocation, a feed credential).

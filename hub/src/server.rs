@@ -263,6 +263,7 @@ pub async fn serve_with(
     };
     let hub_key = keyfile::read_signing_key(&dir.hub_key())?;
     let root = keyfile::read_signed(&dir.root())?;
+    let hub_link_tls = tls.clone();
     let (link, link_rx) = flotilla_mqtt::connect(LinkSettings {
         client_id: format!("flotilla-hub-{}", trust::random_hex(4)),
         host: host.clone(),
@@ -288,12 +289,14 @@ pub async fn serve_with(
         );
         // The generated Mosquitto configuration serves the hub's own broker certificate: tokens pin it.
         hub.set_broker_ca_fingerprint(pki.ca_fingerprint()?);
-        hub.set_mosquitto_export(crate::mosquitto::Export::new(
+        let mut export = crate::mosquitto::Export::new(
             std::fs::canonicalize(&mdir)?,
             device_ca.clone(),
             hub_secret.clone(),
             reload,
-        ));
+        );
+        export.broker = Some((host.clone(), port, hub_link_tls.clone()));
+        hub.set_mosquitto_export(export);
     }
     // Tokens carry the CA's fingerprint only when devices can actually meet this broker's own certificate.
     if matches!(&embedded_tls_generated, Some(true)) {

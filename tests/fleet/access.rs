@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// A raw MQTT client that reports SUBACK codes and received messages, for probing the broker's decisions.
-struct Probe {
+pub(crate) struct Probe {
     rt: tokio::runtime::Runtime,
     client: AsyncClient,
     el: EventLoop,
@@ -18,13 +18,13 @@ struct Probe {
 
 /// How a CONNECT went.
 #[derive(Debug, PartialEq, Eq)]
-enum Connect {
+pub(crate) enum Connect {
     Accepted,
     Refused(String),
 }
 
 impl Probe {
-    fn connect(
+    pub(crate) fn connect(
         port: u16,
         client_id: &str,
         creds: Option<(&str, &str)>,
@@ -34,7 +34,7 @@ impl Probe {
     }
 
     /// Connects over TLS to the hub's device listener, presenting a client certificate (PEM files).
-    fn connect_cert(
+    pub(crate) fn connect_cert(
         port: u16,
         client_id: &str,
         creds: Option<(&str, &str)>,
@@ -51,7 +51,41 @@ impl Probe {
         Self::connect_with(port, client_id, creds, None, Some(tls))
     }
 
-    fn connect_with(
+    /// Connects over TLS with a password (or anonymously), no client certificate.
+    pub(crate) fn connect_tls(
+        port: u16,
+        client_id: &str,
+        creds: Option<(&str, &str)>,
+        broker_ca: &Path,
+    ) -> (Self, Connect) {
+        let tls = flotilla_mqtt::TlsSettings {
+            ca_file: Some(broker_ca.to_owned()),
+            ca_sha256: None,
+            client_cert: None,
+            client_key: None,
+        };
+        Self::connect_with(port, client_id, creds, None, Some(tls))
+    }
+
+    /// Connects with a client certificate and a will on `will`.
+    pub(crate) fn connect_will_cert(
+        port: u16,
+        client_id: &str,
+        will: &str,
+        broker_ca: &Path,
+        cert: &Path,
+        key: &Path,
+    ) -> (Self, Connect) {
+        let tls = flotilla_mqtt::TlsSettings {
+            ca_file: Some(broker_ca.to_owned()),
+            ca_sha256: None,
+            client_cert: Some(cert.to_owned()),
+            client_key: Some(key.to_owned()),
+        };
+        Self::connect_with(port, client_id, None, Some(will), Some(tls))
+    }
+
+    pub(crate) fn connect_with(
         port: u16,
         client_id: &str,
         creds: Option<(&str, &str)>,
@@ -105,7 +139,11 @@ impl Probe {
     }
 
     /// Polls until `want` picks an incoming packet, keeping every PUBLISH that arrives meanwhile in the inbox.
-    fn poll_for<T>(&mut self, what: &str, mut want: impl FnMut(&Packet) -> Option<T>) -> T {
+    pub(crate) fn poll_for<T>(
+        &mut self,
+        what: &str,
+        mut want: impl FnMut(&Packet) -> Option<T>,
+    ) -> T {
         let (el, inbox) = (&mut self.el, &mut self.inbox);
         self.rt.block_on(async {
             tokio::time::timeout(PATIENCE, async {
@@ -126,7 +164,7 @@ impl Probe {
     }
 
     /// Subscribes to `filter` and says whether the broker granted it.
-    fn subscribe(&mut self, filter: &str) -> bool {
+    pub(crate) fn subscribe(&mut self, filter: &str) -> bool {
         let client = self.client.clone();
         let filter_owned = filter.to_owned();
         self.rt.block_on(async move {
@@ -145,7 +183,7 @@ impl Probe {
     }
 
     /// Publishes and waits for the PUBACK (the broker acknowledges refused publishes too, and drops them).
-    fn publish(&mut self, topic: &str, payload: &[u8], retain: bool) {
+    pub(crate) fn publish(&mut self, topic: &str, payload: &[u8], retain: bool) {
         let client = self.client.clone();
         let (topic, payload) = (topic.to_owned(), payload.to_vec());
         self.rt.block_on(async move {
@@ -159,7 +197,7 @@ impl Probe {
 
     /// Every message received until one arrives on `marker` (which the caller published after everything else,
     /// on a topic this client is subscribed to): the broker delivers in order, so nothing else is still coming.
-    fn messages_until(&mut self, marker: &str) -> Vec<(String, Vec<u8>)> {
+    pub(crate) fn messages_until(&mut self, marker: &str) -> Vec<(String, Vec<u8>)> {
         if !self.inbox.iter().any(|(t, _)| t == marker) {
             self.poll_for("the marker", |p| match p {
                 Packet::Publish(m) if m.topic == marker => Some(()),
@@ -180,13 +218,13 @@ fn two_devices() -> Fleet {
 }
 
 /// The MQTT secret the hub issued to an agent at enrollment (read from the agent's own database).
-fn device_secret(fleet: &Fleet, id: &str) -> String {
+pub(crate) fn device_secret(fleet: &Fleet, id: &str) -> String {
     let store =
         flotilla_agent::store::Store::open(&fleet.agent(id).state_dir()).expect("agent store");
     store.mqtt_secret().expect("read").expect("a secret")
 }
 
-fn hub_secret(fleet: &Fleet) -> String {
+pub(crate) fn hub_secret(fleet: &Fleet) -> String {
     std::fs::read_to_string(fleet.hub.dir.join("mqtt-hub.secret"))
         .expect("hub secret")
         .trim()

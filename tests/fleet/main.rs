@@ -6,6 +6,7 @@ mod correctness;
 mod crash;
 mod e2e;
 mod lifecycle;
+mod mosquitto;
 mod offline;
 mod partition;
 mod rollout;

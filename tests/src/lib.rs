@@ -100,6 +100,21 @@ pub enum BrokerKind {
     /// The embedded broker with its TLS listener requiring client certificates (mutual TLS, test CA): the agents
     /// use `mqtts://` with a device certificate; the hub's own link stays on the plain loopback listener.
     EmbeddedTls,
+    /// Mosquitto started from `flotilla broker-config mosquitto`, kept current by the hub (`--mosquitto-dir`):
+    /// agents enroll anonymously on its clients listener and connect with their issued certificate (or, with
+    /// [`AgentSpec::password_auth`], their password) over TLS, pinned by their token.
+    MosquittoSecure,
+}
+
+/// The listeners of a Mosquitto started from the generated configuration.
+#[derive(Debug, Clone)]
+pub struct SecurePorts {
+    pub cert: u16,
+    pub password: u16,
+    pub clients: u16,
+    pub local: u16,
+    /// The generated configuration directory.
+    pub dir: PathBuf,
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -140,6 +155,8 @@ pub struct Mosquitto {
     pub port: u16,
     /// (TLS port, CA certificate file) when started with TLS.
     pub tls: Option<(u16, PathBuf)>,
+    /// The listeners, when started from the configuration `flotilla broker-config mosquitto` wrote.
+    pub secure: Option<SecurePorts>,
 }
 
 /// A test CA with a server certificate for `localhost`/127.0.0.1 and a client (device) certificate, as PEM files.
@@ -227,8 +244,65 @@ impl Mosquitto {
             proc: Proc { child, log },
             port,
             tls,
+            secure: None,
         })
     }
+
+    /// Writes the configuration for the hub data directory `hub_dir` (initialised) with
+    /// `flotilla broker-config mosquitto` into `dir`, on free loopback ports, and starts Mosquitto from it.
+    pub fn start_generated(hub_dir: &Path, dir: &Path) -> Result<Self> {
+        let (cert, password, clients, local) = (free_port(), free_port(), free_port(), free_port());
+        let mut cmd = Command::new(bin_dir().join("flotilla"));
+        cmd.args(["broker-config", "mosquitto", "--bind", "127.0.0.1"])
+            .arg("--data-dir")
+            .arg(hub_dir)
+            .arg("--out")
+            .arg(dir)
+            .args(["--cert-port", &cert.to_string()])
+            .args(["--password-port", &password.to_string()])
+            .args(["--clients-port", &clients.to_string()])
+            .args(["--local-port", &local.to_string()]);
+        // As root, Mosquitto would switch to its own user, which cannot read a test's temporary files.
+        if rustix_is_root() {
+            cmd.args(["--user", "root"]);
+        }
+        let status = cmd.stdout(Stdio::null()).status()?;
+        if !status.success() {
+            bail!("flotilla broker-config mosquitto failed");
+        }
+        let conf = dir.join("mosquitto.conf");
+        let log = dir.join("mosquitto.log");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting mosquitto (apt-get install mosquitto)")?;
+        wait_for("mosquitto to listen", PATIENCE, || {
+            std::net::TcpStream::connect(("127.0.0.1", local)).ok()
+        })?;
+        Ok(Self {
+            proc: Proc { child, log },
+            port: local,
+            tls: None,
+            secure: Some(SecurePorts {
+                cert,
+                password,
+                clients,
+                local,
+                dir: dir.to_owned(),
+            }),
+        })
+    }
+}
+
+/// Whether this process runs as root (`id -u`).
+fn rustix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
 /// A running hub.
@@ -321,16 +395,7 @@ impl Hub {
         embedded_tls: Option<(u16, TestPki)>,
         extra_args: Vec<String>,
     ) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let status = Command::new(bin_dir().join("flotilla"))
-            .arg("init")
-            .arg("--data-dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("flotilla init failed");
-        }
+        Self::init(dir)?;
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let proc = Self::spawn(dir, http, mqtt, &broker, &embedded_tls, &extra_args)?;
@@ -359,6 +424,24 @@ impl Hub {
             embedded_tls,
             extra_args,
         })
+    }
+
+    /// `flotilla init` on `dir`, unless it is initialised already.
+    pub fn init(dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        if dir.join("admin.token").exists() {
+            return Ok(());
+        }
+        let status = Command::new(bin_dir().join("flotilla"))
+            .arg("init")
+            .arg("--data-dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("flotilla init failed");
+        }
+        Ok(())
     }
 
     /// Kills the hub with SIGKILL and starts it again on the same ports and data directory.
@@ -531,6 +614,8 @@ pub struct AgentSpec {
     /// Connect to the hub's default TLS listener with no `[tls]` table: the enrollment token's CA fingerprint is
     /// all the agent has to verify the broker.
     pub pinned_tls: bool,
+    /// With [`BrokerKind::MosquittoSecure`]: connect on the password listener instead of with a certificate.
+    pub password_auth: bool,
 }
 
 impl AgentSpec {
@@ -546,6 +631,7 @@ impl AgentSpec {
             extra_config: String::new(),
             extra_limits: String::new(),
             pinned_tls: false,
+            password_auth: false,
         }
     }
 }
@@ -679,8 +765,20 @@ impl FleetBuilder {
             BrokerKind::MosquittoTls => {
                 Some(Mosquitto::start_with(&root.path().join("mosquitto"), true)?)
             }
+            BrokerKind::MosquittoSecure => {
+                Hub::init(&root.path().join("hub"))?;
+                Some(Mosquitto::start_generated(
+                    &root.path().join("hub"),
+                    &root.path().join("mosquitto"),
+                )?)
+            }
             BrokerKind::Embedded | BrokerKind::EmbeddedTls => None,
         };
+        let mut hub_args = self.hub_args;
+        if let Some(sp) = mosquitto.as_ref().and_then(|m| m.secure.as_ref()) {
+            hub_args.push("--mosquitto-dir".into());
+            hub_args.push(sp.dir.display().to_string());
+        }
         let tls = mosquitto.as_ref().and_then(|m| m.tls.clone());
         // With a TLS listener the hub itself connects over mqtts:// too.
         let external = mosquitto.as_ref().map(|m| match &m.tls {
@@ -699,12 +797,7 @@ impl FleetBuilder {
             BrokerKind::EmbeddedTls => Some((free_port(), test_pki(&root.path().join("pki"))?)),
             _ => None,
         };
-        let hub = Hub::start_with(
-            &root.path().join("hub"),
-            external,
-            embedded_tls,
-            self.hub_args,
-        )?;
+        let hub = Hub::start_with(&root.path().join("hub"), external, embedded_tls, hub_args)?;
         let mut agents = Vec::new();
         for spec in self.agents {
             let dir = root.path().join("agents").join(&spec.id);
@@ -715,7 +808,21 @@ impl FleetBuilder {
                 None
             };
             let port = proxy.as_ref().map_or(hub.mqtt_port, |p| p.port());
+            let secure = mosquitto.as_ref().and_then(|m| m.secure.clone());
+            let enroll_line = secure.as_ref().map_or(String::new(), |sp| {
+                format!("enroll_broker = \"mqtts://localhost:{}\"\n", sp.clients)
+            });
             let (scheme, host, port, tls_table) = match (&tls, &hub.embedded_tls) {
+                // The generated Mosquitto: enroll on its clients listener, then certificate or password.
+                _ if secure.is_some() => {
+                    let sp = secure.as_ref().context("secure ports")?;
+                    let port = if spec.password_auth {
+                        sp.password
+                    } else {
+                        sp.cert
+                    };
+                    ("mqtts", "localhost", port, String::new())
+                }
                 (Some((tls_port, ca)), _) => (
                     "mqtts",
                     "localhost",
@@ -760,7 +867,7 @@ impl FleetBuilder {
             std::fs::write(
                 &config,
                 format!(
-                    "version = 1\n{}device_id = \"{}\"\ndata_dir = \"{}\"\nbroker = \"{scheme}://{host}:{port}\"\nenroll_token = \"{token}\"\n\
+                    "version = 1\n{}device_id = \"{}\"\ndata_dir = \"{}\"\nbroker = \"{scheme}://{host}:{port}\"\nenroll_token = \"{token}\"\n{enroll_line}\
                      region = \"{}\"\nzone = \"{}\"\n{position}\n[limits]\nkeepalive_secs = 5\nreport_interval_secs = 5\n{}\n\
                      [telemetry]\nmetrics_interval_secs = 3600\n{tls_table}",
                     spec.extra_config,

@@ -33,8 +33,15 @@ impl Hub {
         self.store.retire_device_certs(id.as_str(), None, now)?;
         self.store.set_rotation_requested(id.as_str(), false, now)?;
         self.access.revoke(id);
-        self.mosquitto_files_changed();
-        let closed = self.broker.as_ref().map_or(0, |b| b.disconnect(&principal));
+        let mut closed = self.broker.as_ref().map_or(0, |b| b.disconnect(&principal));
+        // On Mosquitto: the CRL, ACL and password file first, then the live session is taken over and closed.
+        if let Some(m) = &mut self.mosquitto {
+            if let Err(e) = m.sync_now(&self.store, now) {
+                tracing::error!(error = %format!("{e:#}"), "updating the mosquitto files");
+            }
+            m.end_session(id.as_str());
+            closed += usize::from(m.broker.is_some());
+        }
         // An empty retained message clears what the broker keeps for the topic (MQTT 3.1.1, 3.3.1.3).
         for leaf in [
             DeviceTopic::Desired,
