@@ -53,6 +53,7 @@ fn spec(name: &str, digest: Digest) -> WorkloadSpec {
         health: HealthRule::RunningFor(1),
         tick_ms: 1000,
         geofence: None,
+        secrets: vec![],
     }
 }
 
@@ -149,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
         spec: spec("sensor", d),
         artifact_path: p.to_owned(),
         artifact: d,
+        secrets: Default::default(),
     };
     // Warm the compiled-module cache once.
     let mut h = rt.start(req(0, digest, &path), tx.clone());
@@ -205,6 +207,7 @@ async fn main() -> anyhow::Result<()> {
             issued_at: 1,
             expires_at: u64::MAX - 1,
             workloads: vec![spec("sensor", digest)],
+            sealed: vec![],
         };
         let wire = codec::encode(&Message::DesiredState(trust::sign(
             DocType::DesiredState,

@@ -95,6 +95,8 @@ pub struct Agent {
     link_rx: Option<mpsc::Receiver<LinkEvent>>,
     /// Client certificate renewal and rotation.
     pub(crate) renewal: crate::credentials::Renewal,
+    /// The key the hub seals this device's workload secrets to.
+    pub(crate) sealing: flotilla_shared::seal::SealingKey,
 }
 
 impl std::fmt::Debug for Agent {
@@ -162,6 +164,16 @@ impl Agent {
             .map(|(name, spec, artifact)| (name, (spec, artifact)))
             .collect();
         let position = read_position(&cfg.position);
+        // Devices enrolled before secrets existed make their sealing key now; the next report registers it.
+        let sealing = match store.sealing_key()? {
+            Some(bytes) => flotilla_shared::seal::SealingKey::from_bytes(&bytes)
+                .context("the stored sealing key")?,
+            None => {
+                let key = flotilla_shared::seal::SealingKey::generate();
+                store.set_sealing_key(&key.to_bytes())?;
+                key
+            }
+        };
         std::fs::create_dir_all(cfg.data_dir.join("artifacts"))?;
         std::fs::create_dir_all(cfg.data_dir.join("staging"))?;
         let now = Instant::now();
@@ -195,6 +207,7 @@ impl Agent {
             metrics_tx: tokio::sync::watch::channel(Vec::new()).0,
             link_rx: None,
             renewal: crate::credentials::Renewal::default(),
+            sealing,
         })
     }
 
@@ -444,12 +457,23 @@ impl Agent {
                     spec,
                     artifact,
                 } => {
+                    let secrets = match self.open_secrets(&name, &spec) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            // A start that cannot have its secrets fails like any start, saying which and why.
+                            tracing::warn!(workload = %name, error = %e, "start failed");
+                            let now = self.millis();
+                            self.reconciler.op_finished(now, &name, op, Err(e));
+                            continue;
+                        }
+                    };
                     let req = StartRequest {
                         name: name.clone(),
                         op,
                         spec,
                         artifact_path: self.artifact_path(&artifact),
                         artifact,
+                        secrets,
                     };
                     let handle = self.runtime.start(req, self.rt_tx.clone());
                     self.running.insert(name, handle);

@@ -20,6 +20,8 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
     // The MQTT client key pair: the hub's device CA signs a certificate for it; the key never leaves the device.
     let (mqtt_key, csr) = crate::credentials::new_csr()
         .map_err(|e| EnrollError::Config(format!("key generation: {e}")))?;
+    // The key workload secrets will be sealed to; its public half goes in the inventory.
+    let sealing = flotilla_shared::seal::SealingKey::generate();
     let nonce = trust::random_hex(16);
     let settings = LinkSettings {
         client_id: format!("enroll-{nonce}"),
@@ -39,7 +41,7 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
         token,
         public_key: key.public(),
         requested_id: cfg.device_id.clone(),
-        inventory: inventory(cfg, read_position(&cfg.position)),
+        inventory: inventory(cfg, read_position(&cfg.position), Some(sealing.public())),
         csr: Some(csr),
     }))
     .map_err(|e| EnrollError::Transient(e.to_string()))?;
@@ -77,6 +79,7 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
                         }
                         store.save_identity(&device, &key.to_file_text(), &root, verified.version)
                             .and_then(|()| store.set_mqtt_secret(&mqtt_password))
+                            .and_then(|()| store.set_sealing_key(&sealing.to_bytes()))
                             .and_then(|()| match &client_cert {
                                 Some(cert) => crate::credentials::save_issued(&cfg.data_dir, store, &mqtt_key, cert),
                                 None => Ok(()),

@@ -4,8 +4,12 @@
 use crate::config::{Config, PositionSource};
 use flotilla_shared::wire::{Inventory, LatLon, WorkloadKind};
 
-/// The device's inventory as configured, at `position`.
-pub(crate) fn inventory(cfg: &Config, position: Option<LatLon>) -> Inventory {
+/// The device's inventory as configured, at `position`, with the public key its secrets are sealed to.
+pub(crate) fn inventory(
+    cfg: &Config,
+    position: Option<LatLon>,
+    sealing_key: Option<[u8; 32]>,
+) -> Inventory {
     Inventory {
         labels: cfg
             .labels
@@ -19,6 +23,7 @@ pub(crate) fn inventory(cfg: &Config, position: Option<LatLon>) -> Inventory {
         runtimes: vec![WorkloadKind::Wasm],
         memory_mib: cfg.max_memory_mib,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        sealing_key,
     }
 }
 

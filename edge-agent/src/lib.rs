@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod outbox;
 pub mod report;
 pub mod runtime;
+pub mod secrets;
 pub mod store;
 pub mod trust;

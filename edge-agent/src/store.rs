@@ -45,6 +45,8 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE last_good (name TEXT PRIMARY KEY, spec BLOB NOT NULL, artifact BLOB NOT NULL);",
     // 4: the MQTT secret the hub issued at enrollment (the database is 0600, like the device key in it).
     "ALTER TABLE identity ADD COLUMN mqtt_secret TEXT;",
+    // 5: the X25519 key workload secrets are sealed to (the database is 0600).
+    "ALTER TABLE identity ADD COLUMN sealing_key BLOB;",
 ];
 
 /// Largest the write-ahead log may stay after a checkpoint, and roughly how far it grows between automatic ones:
@@ -188,6 +190,26 @@ impl Store {
             Ok((u64::from_le_bytes(a), u64::from_le_bytes(b)))
         })
         .transpose()
+    }
+
+    /// Stores the key workload secrets are sealed to.
+    pub fn set_sealing_key(&self, key: &[u8; 32]) -> Result<()> {
+        self.conn.execute(
+            "UPDATE identity SET sealing_key = ?1 WHERE id = 1",
+            [key.as_slice()],
+        )?;
+        Ok(())
+    }
+
+    /// The key workload secrets are sealed to, if the device has one.
+    pub fn sealing_key(&self) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row("SELECT sealing_key FROM identity WHERE id = 1", [], |r| {
+                r.get::<_, Option<Vec<u8>>>(0)
+            })
+            .optional()?
+            .flatten())
     }
 
     /// The MQTT secret issued at enrollment, if any.

@@ -38,9 +38,11 @@ fn request(dir: &Path, name: &str, op: u64, tick_ms: u32, memory_mib: u32) -> St
             health: HealthRule::RunningFor(1),
             tick_ms,
             geofence: None,
+            secrets: vec![],
         },
         artifact_path: path,
         artifact: digest,
+        secrets: Default::default(),
     }
 }
 

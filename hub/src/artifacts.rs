@@ -83,6 +83,7 @@ impl Hub {
             health: flotilla_shared::wire::HealthRule::RunningFor(0),
             tick_ms: 0,
             geofence: None,
+            secrets: vec![],
         };
         trust::verify_release_for(&self.root, &signed, &probe, &trust::TrustFloor::default())
             .map_err(|e| HubError::BadRequest(format!("release rejected: {e}")))?;

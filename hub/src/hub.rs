@@ -83,6 +83,8 @@ pub struct Hub {
     pub(crate) broker_ca_fingerprint: Option<String>,
     /// The key device MQTT secrets are derived under (see [`crate::access::device_secret`]).
     pub(crate) enroll_key: Vec<u8>,
+    /// The hub's own sealing key: workload secrets are stored sealed to it (`keys/secrets.key`).
+    pub(crate) secrets_key: Option<flotilla_shared::seal::SealingKey>,
     /// The device CA that signs client certificates, when this hub has one.
     pub(crate) device_certs: Option<crate::fleet::credentials::DeviceCerts>,
     /// Where the hub keeps an external Mosquitto's files current, if it does (`serve --mosquitto-dir`).
@@ -152,6 +154,7 @@ impl Hub {
             enroll_key: trust::random_hex(32).into_bytes(),
             broker_ca_fingerprint: None,
             device_certs: None,
+            secrets_key: None,
             mosquitto: None,
             broker: None,
             dirty: true,
@@ -281,6 +284,11 @@ impl Hub {
         self.broker_ca_fingerprint = Some(fingerprint);
     }
 
+    /// Gives the hub the key its stored secrets are sealed to.
+    pub fn set_secrets_key(&mut self, key: flotilla_shared::seal::SealingKey) {
+        self.secrets_key = Some(key);
+    }
+
     /// Gives the hub its device CA: enrollments with a CSR get a client certificate valid `lifetime_secs`.
     pub fn set_device_certs(&mut self, ca: crate::pki::DeviceCa, lifetime_secs: u64) {
         self.device_certs = Some(crate::fleet::credentials::DeviceCerts { ca, lifetime_secs });
@@ -346,6 +354,7 @@ pub(crate) mod test_support {
             health: HealthRule::RunningFor(1),
             tick_ms: 0,
             geofence: None,
+            secrets: vec![],
         }
     }
 

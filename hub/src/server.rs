@@ -38,6 +38,10 @@ impl DataDir {
         self.0.join("endpoints.txt")
     }
     /// The hub's own MQTT secret (username `hub`), 0600.
+    /// The hub's sealing key for stored workload secrets (32 bytes, 0600).
+    pub fn secrets_key(&self) -> PathBuf {
+        self.keys().join("secrets.key")
+    }
     pub fn hub_mqtt_secret(&self) -> PathBuf {
         self.0.join("mqtt-hub.secret")
     }
@@ -135,6 +139,25 @@ pub fn hub_mqtt_secret(dir: &DataDir) -> Result<String> {
             keyfile::write_private(&path, &format!("{secret}\n"))?;
             Ok(secret)
         }
+    }
+}
+
+/// The hub's secrets key, created (random, 0600) on first use.
+pub fn secrets_key(dir: &DataDir) -> Result<flotilla_shared::seal::SealingKey> {
+    let path = dir.secrets_key();
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let bytes =
+                hex::decode(text.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            flotilla_shared::seal::SealingKey::from_bytes(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = flotilla_shared::seal::SealingKey::generate();
+            keyfile::write_private(&path, &format!("{}\n", hex::encode(key.to_bytes())))?;
+            Ok(key)
+        }
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
     }
 }
 
@@ -280,6 +303,7 @@ pub async fn serve_with(
     let mut hub = Hub::new(store, link, hub_key, root, access)?;
     hub.set_enroll_key(hub_secret_for_key.as_bytes());
     hub.set_device_certs(device_ca.clone(), options.device_cert_secs);
+    hub.set_secrets_key(secrets_key(&dir)?);
     if let Some((mdir, reload)) = options.mosquitto {
         anyhow::ensure!(
             mdir.join("mosquitto.conf").exists(),

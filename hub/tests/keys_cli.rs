@@ -122,6 +122,7 @@ fn key_tool_produces_verifiable_documents() {
         health: flotilla_shared::wire::HealthRule::RunningFor(1),
         tick_ms: 0,
         geofence: None,
+        secrets: vec![],
     };
     let r = trust::verify_release_for(&root, &release, &spec, &TrustFloor::default())
         .expect("release verifies");

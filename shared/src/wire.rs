@@ -135,6 +135,27 @@ pub struct WorkloadSpec {
     /// For ticked modules: how often the host calls the guest's `tick` export. `0` means run `_start` once.
     pub tick_ms: u32,
     pub geofence: Option<Geofence>,
+    /// The secrets of its deployment it may read, by name and version. A new version changes the spec, so the
+    /// workload restarts with the new value; the sealed values travel in [`DesiredState::sealed`].
+    pub secrets: Vec<SecretRef>,
+}
+
+/// A workload's reference to one secret of its deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRef {
+    /// The deployment the secret belongs to (secrets are set per deployment).
+    pub deployment: String,
+    pub name: String,
+    pub version: u64,
+}
+
+/// A secret value sealed to this device's sealing key (see [`crate::seal`]), for one workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedSecret {
+    pub workload: WorkloadName,
+    pub name: String,
+    pub version: u64,
+    pub sealed: Vec<u8>,
 }
 
 /// The full desired state of one device. Signed by a threshold of hub keys.
@@ -146,6 +167,8 @@ pub struct DesiredState {
     pub issued_at: UnixSecs,
     pub expires_at: UnixSecs,
     pub workloads: Vec<WorkloadSpec>,
+    /// The workloads' secrets, each sealed to this device alone (re-sealed whenever the state is re-signed).
+    pub sealed: Vec<SealedSecret>,
 }
 
 /// Delivers root rotations: each entry is signed by its predecessor's and its own root keys.
@@ -301,6 +324,8 @@ pub struct Inventory {
     pub runtimes: Vec<WorkloadKind>,
     pub memory_mib: u32,
     pub agent_version: String,
+    /// The X25519 public key the hub seals this device's workload secrets to.
+    pub sealing_key: Option<[u8; 32]>,
 }
 
 /// Level-based report: the device's whole observed state. Signed by the device key.

@@ -55,6 +55,7 @@ fn inventory() -> impl Strategy<Value = Inventory> {
             runtimes: vec![WorkloadKind::Wasm],
             memory_mib: mem,
             agent_version: "0.1.0".into(),
+            sealing_key: Some([mem as u8; 32]),
         })
 }
 
@@ -166,6 +167,11 @@ fn workload() -> impl Strategy<Value = WorkloadSpec> {
                     center: LatLon { lat, lon: 10.0 },
                     radius_m: 500.0,
                 }),
+                secrets: vec![SecretRef {
+                    deployment: "d".into(),
+                    name: "token".into(),
+                    version: u64::from(tick_ms),
+                }],
             },
         )
 }
@@ -187,7 +193,8 @@ proptest! {
         let root = Root { version: 1, expires_at: u64::MAX, root_keys: vec![hub.public()], root_threshold: 1,
             release_keys: vec![hub.public()], release_threshold: 1, hub_keys: vec![hub.public()], hub_threshold: 1 };
         let device = DeviceId::new(device).expect("grammar");
-        let ds = DesiredState { device: device.clone(), generation, issued_at: 1, expires_at: u64::MAX - 1, workloads: ws };
+        let sealed = ws.iter().map(|w| SealedSecret { workload: w.name.clone(), name: "token".into(), version: 1, sealed: vec![7; 60] }).collect();
+        let ds = DesiredState { device: device.clone(), generation, issued_at: 1, expires_at: u64::MAX - 1, workloads: ws, sealed };
         let signed = trust::sign(DocType::DesiredState, &ds, &[&hub]);
         let bytes = codec::encode(&Message::DesiredState(signed)).expect("within caps");
         let Ok(Message::DesiredState(back)) = codec::decode(&bytes) else { panic!("decodes") };

@@ -91,6 +91,7 @@ fn spec(n: &str, release: &Signed) -> WorkloadSpec {
         health: HealthRule::RunningFor(10),
         tick_ms: 1000,
         geofence: None,
+        secrets: vec![],
     }
 }
 
@@ -101,6 +102,7 @@ fn desired(device: &str, generation: u64, workloads: Vec<WorkloadSpec>) -> Desir
         issued_at: NOW,
         expires_at: NOW + 7 * DAY,
         workloads,
+        sealed: vec![],
     }
 }
 

@@ -10,5 +10,6 @@ mod mosquitto;
 mod offline;
 mod partition;
 mod rollout;
+mod secrets;
 mod storm;
 mod trust;

@@ -163,6 +163,7 @@ fn inventory(region: &str) -> Inventory {
         runtimes: vec![WorkloadKind::Wasm],
         memory_mib: 256,
         agent_version: "sim".into(),
+        sealing_key: None,
     }
 }
 

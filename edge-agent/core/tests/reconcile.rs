@@ -21,6 +21,7 @@ fn spec(name: &str, version: u8, restart: RestartPolicy) -> WorkloadSpec {
         health: HealthRule::RunningFor(1),
         tick_ms: 0,
         geofence: None,
+        secrets: vec![],
     }
 }
 

@@ -52,6 +52,18 @@ pub struct StartRequest {
     pub spec: WorkloadSpec,
     pub artifact_path: PathBuf,
     pub artifact: flotilla_shared::Digest,
+    /// The workload's secrets, opened in memory for this start only (never stored or logged in the clear).
+    pub secrets: Secrets,
+}
+
+/// Opened secret values by name. `Debug` shows names only.
+#[derive(Clone, Default)]
+pub struct Secrets(pub std::collections::BTreeMap<String, Vec<u8>>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// A runtime that can start and stop workloads. Starts and stops never block the caller; results arrive as

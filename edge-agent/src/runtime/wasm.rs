@@ -126,6 +126,8 @@ struct Host {
     stop: Arc<AtomicBool>,
     deadline: Instant,
     telemetry_dropped: u64,
+    /// The workload's opened secrets (`secret_len`/`secret_read`).
+    secrets: super::Secrets,
 }
 
 impl Host {
@@ -316,6 +318,40 @@ impl Inner {
                 let config = caller.data().config.clone();
                 let n = config.len().min(usize::try_from(len).unwrap_or(0));
                 write_guest(&mut caller, ptr, &config[..n])
+                    .map_or(-1, |()| i32::try_from(n).unwrap_or(-1))
+            },
+        )?;
+        // Secrets: `secret_len(name)` is the value's length or -1 when the workload has no such secret;
+        // `secret_read(name, buf, len)` copies up to `len` bytes and returns how many (or -1).
+        linker.func_wrap(
+            "flotilla",
+            "secret_len",
+            |mut caller: Caller<'_, Host>, np: i32, nl: i32| -> i32 {
+                let Some(name) = read_guest(&mut caller, np, nl, 64) else {
+                    return -1;
+                };
+                let name = String::from_utf8_lossy(&name);
+                caller
+                    .data()
+                    .secrets
+                    .0
+                    .get(name.as_ref())
+                    .map_or(-1, |v| i32::try_from(v.len()).unwrap_or(-1))
+            },
+        )?;
+        linker.func_wrap(
+            "flotilla",
+            "secret_read",
+            |mut caller: Caller<'_, Host>, np: i32, nl: i32, ptr: i32, len: i32| -> i32 {
+                let Some(name) = read_guest(&mut caller, np, nl, 64) else {
+                    return -1;
+                };
+                let name = String::from_utf8_lossy(&name).into_owned();
+                let Some(value) = caller.data().secrets.0.get(&name).cloned() else {
+                    return -1;
+                };
+                let n = value.len().min(usize::try_from(len).unwrap_or(0));
+                write_guest(&mut caller, ptr, &value[..n])
                     .map_or(-1, |()| i32::try_from(n).unwrap_or(-1))
             },
         )?;
@@ -527,6 +563,7 @@ impl RunCtx {
             deadline: Instant::now()
                 + Duration::from_millis(u64::from(spec.resources.cpu_ms.max(1))),
             telemetry_dropped: 0,
+            secrets: self.req.secrets.clone(),
         };
         let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limits);

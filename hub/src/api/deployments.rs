@@ -110,3 +110,34 @@ pub(super) async fn delete_deployment(
     s.call(move |h| h.delete_deployment(&name, &who)).await??;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
+
+/// Sets a deployment's secret from the raw request body. The response names the version, never the value.
+pub(super) async fn set_secret(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((deployment, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let who = s.auth(&headers, Role::Operator).await?;
+    let (d, n) = (deployment.clone(), name.clone());
+    let version = s.call(move |h| h.set_secret(&d, &n, &body, &who)).await??;
+    ok(json!({"deployment": deployment, "secret": name, "version": version}))
+}
+
+/// A deployment's secrets: names, versions and sizes only (write-only values).
+pub(super) async fn list_secrets(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(deployment): Path<String>,
+) -> ApiResult {
+    s.auth(&headers, Role::Viewer).await?;
+    let d = deployment.clone();
+    let rows = s.call(move |h| h.list_secrets(&d)).await??;
+    let secrets: Vec<Value> = rows
+        .into_iter()
+        .map(|(name, version, size, updated_at)| {
+            json!({"name": name, "version": version, "bytes": size, "updated_at": updated_at})
+        })
+        .collect();
+    ok(json!({"deployment": deployment, "secrets": secrets}))
+}

@@ -14,7 +14,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use deployments::{apply, delete_deployment, deployment_status, deployments};
+use deployments::{
+    apply, delete_deployment, deployment_status, deployments, list_secrets, set_secret,
+};
 use devices::{device, device_telemetry, devices, revoke, rotate_credentials, why};
 use metrics::{metrics, openapi};
 use releases::{push_release, releases, upload_artifact};
@@ -186,6 +188,11 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/api/v1/deployments/{name}",
             get(deployment_status).delete(delete_deployment),
+        )
+        .route("/api/v1/deployments/{name}/secrets", get(list_secrets))
+        .route(
+            "/api/v1/deployments/{name}/secrets/{secret}",
+            post(set_secret),
         )
         .route("/api/v1/why/{device}/{workload}", get(why))
         .route("/api/v1/audit", get(audit))

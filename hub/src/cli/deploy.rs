@@ -118,3 +118,60 @@ pub fn rm(name: &str, conn: Conn) -> Result<()> {
 
     Ok(())
 }
+
+/// `flotilla secret set`: reads the value from a file or standard input and sends it once.
+pub fn set_secret(
+    name: &str,
+    deployment: &str,
+    file: Option<&std::path::Path>,
+    conn: Conn,
+) -> Result<()> {
+    use anyhow::Context as _;
+    use std::io::Read as _;
+    let value = match file {
+        Some(f) => std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+        None => {
+            let mut v = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut v)
+                .context("reading the secret from standard input")?;
+            v
+        }
+    };
+    let v = conn.client()?.post(
+        &format!("/api/v1/deployments/{deployment}/secrets/{name}"),
+        "application/octet-stream",
+        &value,
+        &[],
+    )?;
+    if conn.json() {
+        print_json(&v);
+    } else {
+        outln!(
+            "secret {name} of {deployment} set (version {}); its workloads restart with it",
+            v["version"]
+        );
+    }
+    Ok(())
+}
+
+/// `flotilla secret ls`.
+pub fn list_secrets(deployment: &str, conn: Conn) -> Result<()> {
+    let v = conn
+        .client()?
+        .get(&format!("/api/v1/deployments/{deployment}/secrets"))?;
+    if conn.json() {
+        print_json(&v);
+        return Ok(());
+    }
+    outln!("{:<24} {:>8} {:>8}", "SECRET", "VERSION", "BYTES");
+    for s in v["secrets"].as_array().map_or(&[][..], |a| a.as_slice()) {
+        outln!(
+            "{:<24} {:>8} {:>8}",
+            s["name"].as_str().unwrap_or(""),
+            s["version"],
+            s["bytes"]
+        );
+    }
+    Ok(())
+}

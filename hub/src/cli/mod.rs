@@ -161,6 +161,9 @@ enum Cmd {
     /// One-time enrollment tokens.
     #[command(subcommand, name = "enroll-token")]
     EnrollToken(TokenCmd),
+    /// Workload secrets of a deployment (write-only: values are never shown again).
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// Configuration for an external broker that enforces the hub's identity model.
     #[command(subcommand, name = "broker-config")]
     BrokerConfig(BrokerConfigCmd),
@@ -252,6 +255,28 @@ enum FeedCmd {
         /// Comma-separated regions the credential may read.
         #[arg(long, value_delimiter = ',', required = true)]
         regions: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCmd {
+    /// Set a secret for every workload of a deployment (a new version: they restart with it). The value is read
+    /// from --file, or from standard input; it is sealed to each device and never returned.
+    Set {
+        name: String,
+        #[arg(long)]
+        deployment: String,
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List a deployment's secrets (names and versions).
+    Ls {
+        #[arg(long)]
+        deployment: String,
         #[command(flatten)]
         conn: Conn,
     },
@@ -400,6 +425,13 @@ fn run(cli: Cli) -> Result<()> {
             server::init_with(&DataDir(data_dir), &broker_hosts)?;
         }
         Cmd::Serve(args) => serve::run(args)?,
+        Cmd::Secret(SecretCmd::Set {
+            name,
+            deployment,
+            file,
+            conn,
+        }) => deploy::set_secret(&name, &deployment, file.as_deref(), conn)?,
+        Cmd::Secret(SecretCmd::Ls { deployment, conn }) => deploy::list_secrets(&deployment, conn)?,
         Cmd::BrokerConfig(BrokerConfigCmd::Mosquitto {
             data_dir,
             out,

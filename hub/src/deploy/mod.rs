@@ -3,6 +3,7 @@
 
 pub mod plan;
 pub mod publish;
+pub mod secrets;
 pub mod why;
 
 use crate::fleet::device_view;
@@ -35,6 +36,8 @@ impl Hub {
     /// Resolves a deployment's workloads into specs (release digests and kinds).
     pub(crate) fn resolve(&self, d: &Deployment) -> Result<Vec<WorkloadSpec>, HubError> {
         let mut out = Vec::new();
+        // Every workload of the deployment may read the deployment's secrets.
+        let secrets = self.secret_refs(d.name.as_str())?;
         for (i, w) in d.workloads.iter().enumerate() {
             let row = match &w.release {
                 ReleaseRef::Version { name, version } => {
@@ -59,6 +62,7 @@ impl Hub {
                 health: w.health,
                 tick_ms: w.tick_ms,
                 geofence: w.geofence.clone(),
+                secrets: secrets.clone(),
             });
         }
         Ok(out)

@@ -7,7 +7,7 @@ use flotilla_hub_core::{DeviceView, place};
 use flotilla_shared::DeviceId;
 use flotilla_shared::codec::{self, EncodeError, Message};
 use flotilla_shared::trust::{self, DocType};
-use flotilla_shared::wire::{DesiredState, WorkloadSpec};
+use flotilla_shared::wire::{DesiredState, SealedSecret, WorkloadSpec};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// What placing a set of deployments gives.
@@ -112,22 +112,33 @@ impl Hub {
             issued_at: now,
             expires_at: now + DESIRED_TTL_SECS,
             workloads: vec![],
+            sealed: vec![],
         };
         let signed = trust::sign(DocType::DesiredState, &sample, &[&self.hub_key]);
         let encoded = codec::encode(&Message::DesiredState(signed.clone())).map_or(0, |b| b.len());
+        // Secrets are sealed at signing; their plaintext sizes (sealing adds a fixed 48 bytes) size the check.
+        let secret_sizes = self
+            .deployments
+            .keys()
+            .flat_map(|d| self.store.deployment_secrets(d).unwrap_or_default())
+            .map(|r| ((r.deployment, r.name, r.version), r.size))
+            .collect();
         FitCheck {
             overhead: encoded.saturating_sub(signed.body.len() + varint_len(signed.body.len())),
             now,
+            secret_sizes,
         }
     }
 }
 
 /// Whether a device's desired state fits its envelope, computed from the unsigned body: signing every device's
 /// state to measure it made an apply to 10,000 devices half a second slower.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct FitCheck {
     overhead: usize,
     now: u64,
+    /// (deployment, secret, version) -> plaintext bytes.
+    secret_sizes: std::collections::BTreeMap<(String, String, u64), usize>,
 }
 
 impl FitCheck {
@@ -136,12 +147,32 @@ impl FitCheck {
         device: &DeviceId,
         workloads: Vec<WorkloadSpec>,
     ) -> Result<(), Oversize> {
+        // Stand-ins of the sealed secrets' exact size (a sealed box is 48 bytes longer than its plaintext).
+        let sealed = workloads
+            .iter()
+            .flat_map(|w| {
+                w.secrets.iter().map(|r| SealedSecret {
+                    workload: w.name.clone(),
+                    name: r.name.clone(),
+                    version: r.version,
+                    sealed: vec![
+                        0;
+                        self.secret_sizes
+                            .get(&(r.deployment.clone(), r.name.clone(), r.version))
+                            .copied()
+                            .unwrap_or(0)
+                            + 48
+                    ],
+                })
+            })
+            .collect();
         let ds = DesiredState {
             device: device.clone(),
             generation: u64::MAX,
             issued_at: self.now,
             expires_at: self.now + DESIRED_TTL_SECS,
             workloads,
+            sealed,
         };
         let body = postcard::to_stdvec(&ds).map_or(usize::MAX / 2, |b| b.len());
         let len = body + varint_len(body) + self.overhead;
@@ -191,6 +222,7 @@ mod tests {
                 issued_at: 1_000_000,
                 expires_at: 1_000_000 + DESIRED_TTL_SECS,
                 workloads: vec![w.clone()],
+                sealed: vec![],
             };
             let signed = trust::sign(DocType::DesiredState, &ds, &[&hub.hub_key]);
             let real = codec::encode(&Message::DesiredState(signed));

@@ -268,12 +268,16 @@ impl Hub {
             None if workloads.is_empty() => return Ok(Ok(())),
             None => 1,
         };
+        // Sealed afresh at every signing (sealing is randomised); `content` leaves them out, so an unchanged
+        // state with unchanged secret versions is not re-signed.
+        let sealed = self.seal_for(device, &workloads);
         let ds = DesiredState {
             device: device.clone(),
             generation,
             issued_at: now,
             expires_at: now + DESIRED_TTL_SECS,
             workloads,
+            sealed,
         };
         let signed = trust::sign(DocType::DesiredState, &ds, &[&self.hub_key]);
         let bytes = match encode_desired(&signed) {
@@ -427,6 +431,7 @@ mod isolation {
             runtimes: vec![WorkloadKind::Wasm],
             memory_mib: 512,
             agent_version: "test".into(),
+            sealing_key: None,
         };
         hub.store
             .insert_device(

@@ -4,10 +4,13 @@ mod credentials;
 mod deployments;
 mod devices;
 mod releases;
+mod secrets;
 
 pub use credentials::{CertRow, CredentialRow};
 
 pub use devices::DeviceRow;
+
+pub use secrets::SecretRow;
 
 use flotilla_shared::codec::decode_exact;
 use flotilla_shared::wire::{Release, Signed, WorkloadKind};
@@ -67,6 +70,8 @@ CREATE TABLE IF NOT EXISTS device_certs (sha256 BLOB PRIMARY KEY, device TEXT NO
 CREATE INDEX IF NOT EXISTS device_certs_by_device ON device_certs (device);
 CREATE TABLE IF NOT EXISTS broker_password_lines (principal TEXT PRIMARY KEY, line TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS credential_rotations (device TEXT PRIMARY KEY, requested_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS secrets (deployment TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
+    sealed BLOB NOT NULL, size INTEGER NOT NULL, updated_at INTEGER NOT NULL, PRIMARY KEY (deployment, name));
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, who TEXT NOT NULL,
     action TEXT NOT NULL, detail TEXT NOT NULL);
 ";
@@ -392,6 +397,7 @@ mod tests {
             runtimes: vec![WorkloadKind::Wasm],
             memory_mib: 64,
             agent_version: "t".into(),
+            sealing_key: None,
         };
         let ids: Vec<DeviceId> = ["a", "b", "c"]
             .iter()
