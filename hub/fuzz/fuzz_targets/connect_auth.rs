@@ -2,8 +2,9 @@
 //! as MQTT packets (rumqttc's `mqttbytes`, as the broker's connection shell reads them); a CONNECT is
 //! authenticated against a registry holding one device, one feed and the hub, and every later PUBLISH and
 //! SUBSCRIBE is authorised for the principal it got. Nothing may panic, and the policy's invariants hold: an
-//! anonymous client is never more than an enrollment, a wrong secret never authenticates, and a device is never
-//! allowed a topic of another device.
+//! anonymous client is never more than an enrollment, a wrong secret never authenticates, a device's client
+//! certificate authenticates only that device under its own client id, and a device is never allowed a topic of
+//! another device.
 #![no_main]
 
 use bytes::BytesMut;
@@ -19,6 +20,9 @@ fuzz_target!(|data: &[u8]| {
     let a = DeviceId::new("gw-a").expect("id");
     creds.set_device(&a, hash_secret("a-secret"), Some("eu-west".into()), false);
     creds.set_feed("grafana", hash_secret("f-secret"), vec!["eu-west".into()]);
+    // gw-a also holds a client certificate (its fingerprint), as after enrollment with a CSR.
+    const A_CERT: [u8; 32] = [0xa5; 32];
+    creds.add_generation(&a, None, Some(A_CERT));
     let mut buf = BytesMut::from(data);
     let mut principal: Option<Principal> = None;
     while !buf.is_empty() {
@@ -32,10 +36,29 @@ fuzz_target!(|data: &[u8]| {
             Packet::Connect(c) => {
                 let user = c.login.as_ref().map(|l| l.username.as_str());
                 let pass = c.login.as_ref().map(|l| l.password.as_str());
-                let got = creds
-                    .authenticate(&flotilla_hub::access::Given::password(&c.client_id, user, pass))
-                    .ok();
+                // The keep-alive's low bits choose the certificate the TLS layer verified: none, gw-a's, or one
+                // the hub never issued.
+                let cert = match c.keep_alive % 3 {
+                    0 => None,
+                    1 => Some(A_CERT),
+                    _ => Some([0x5a; 32]),
+                };
+                let given = flotilla_hub::access::Given {
+                    client_id: &c.client_id,
+                    username: user,
+                    password: pass,
+                    cert_sha256: cert,
+                };
+                let got = creds.authenticate(&given).ok();
+                if let (Some(Principal::Device(d)), Some(A_CERT)) = (&got, cert) {
+                    assert_eq!(d.as_str(), "gw-a", "gw-a's certificate named another device");
+                    assert_eq!(c.client_id, "gw-a", "a certificate with another client id");
+                }
+                if cert == Some(A_CERT) && got.is_some() {
+                    assert!(matches!(got, Some(Principal::Device(_))), "gw-a's certificate as {got:?}");
+                }
                 match (&got, user, pass) {
+                    (Some(Principal::Device(_)), _, _) if cert == Some(A_CERT) => {}
                     (Some(Principal::Hub), _, p) => assert_eq!(p, Some("hub-secret")),
                     (Some(Principal::Device(_)), _, p) => assert_eq!(p, Some("a-secret")),
                     (Some(Principal::Feed(_)), _, p) => assert_eq!(p, Some("f-secret")),

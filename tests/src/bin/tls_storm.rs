@@ -154,18 +154,49 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     println!("devices: {n}");
-    for (label, use_tls) in [("plain", false), ("mutual TLS", true)] {
+    // The peer in the same run: Mosquitto with the same certificates and `require_certificate`.
+    for (label, use_tls, mosquitto) in [
+        ("embedded, plain", false, false),
+        ("embedded, mutual TLS", true, false),
+        ("mosquitto, plain", false, true),
+        ("mosquitto, mutual TLS", true, true),
+    ] {
         let (plain, tls) = (
             flotilla_fleet_tests::free_port(),
             flotilla_fleet_tests::free_port(),
         );
-        let broker = BrokerProc(
-            Command::new(std::env::current_exe()?)
-                .args(["--serve", &plain.to_string(), &tls.to_string()])
-                .arg(dir.path())
+        let broker = if mosquitto {
+            let d = dir.path();
+            let conf = d.join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "per_listener_settings true\npersistence false\nlistener {plain} 127.0.0.1\nallow_anonymous true\n\
+                     listener {tls} 127.0.0.1\nallow_anonymous true\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n\
+                     require_certificate true\nuse_identity_as_username true\n",
+                    ca = d.join("ca.pem").display(),
+                    cert = d.join("server.pem").display(),
+                    key = d.join("server.key").display(),
+                ),
+            )?;
+            let mut cmd = Command::new("mosquitto");
+            cmd.arg("-c")
+                .arg(&conf)
                 .stdout(Stdio::null())
-                .spawn()?,
-        );
+                .stderr(Stdio::null());
+            BrokerProc(
+                cmd.spawn()
+                    .context("mosquitto (apt-get install mosquitto)")?,
+            )
+        } else {
+            BrokerProc(
+                Command::new(std::env::current_exe()?)
+                    .args(["--serve", &plain.to_string(), &tls.to_string()])
+                    .arg(dir.path())
+                    .stdout(Stdio::null())
+                    .spawn()?,
+            )
+        };
         let port = if use_tls { tls } else { plain };
         flotilla_fleet_tests::wait_for("the broker", Duration::from_secs(30), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
@@ -185,7 +216,7 @@ fn main() -> Result<()> {
         let (again, tasks) = rt.block_on(storm(n, port, config))?;
         let (cpu3, rss3) = usage(pid)?;
         println!(
-            "{label:>10}: connect storm {:>7.0} ms ({:.2} ms broker CPU/device), reconnect storm {:>7.0} ms \
+            "{label:>22}: connect storm {:>7.0} ms ({:.2} ms broker CPU/device), reconnect storm {:>7.0} ms \
              ({:.2} ms broker CPU/device), broker RSS {:.1} KiB/device ({:.0} MiB total)",
             first.as_secs_f64() * 1e3,
             (cpu1 - cpu0) * 1e3 / n as f64,
