@@ -145,7 +145,7 @@ fn acl_matrix_against_the_generated_mosquitto() {
     for filter in [
         "flotilla/v1/dev/gw-a/desired",
         "flotilla/v1/dev/gw-a/cert/resp",
-        "flotilla/v1/dev/gw-a/root",
+        "flotilla/v1/dev/gw-a/artifact/chunk",
         "flotilla/v1/dev/gw-b/desired",
         "flotilla/v1/dev/+/desired",
         "flotilla/v1/telemetry/#",
@@ -168,8 +168,9 @@ fn acl_matrix_against_the_generated_mosquitto() {
     }
     // What the hub publishes: each subscriber must get exactly its own. Each probe's marker is a topic it may
     // read, published last (Mosquitto keeps one publisher's order), so anything leaked would arrive before it.
+    // (Markers are on topics nobody retains, so no retained message can end a wait early.)
     let (a_marker, f_marker) = (
-        "flotilla/v1/dev/gw-a/root",
+        "flotilla/v1/dev/gw-a/artifact/chunk",
         "flotilla/v1/telemetry/eu-west/probe/marker",
     );
     for (topic, body) in [
