@@ -147,8 +147,9 @@ impl Agent {
     pub(crate) fn on_credentials(&mut self, resp: CredentialResponse) {
         match resp {
             CredentialResponse::RotateNow => {
-                // A rotation replaces any renewal in flight.
+                // A rotation replaces any renewal in flight, and ends a quiet period after a refusal.
                 self.renewal.pending = None;
+                self.renewal.quiet_until = None;
                 self.request_credentials("rotation asked by the hub");
             }
             CredentialResponse::Refused { reason } => {

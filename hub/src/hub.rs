@@ -291,7 +291,11 @@ impl Hub {
 
     /// Gives the hub its device CA: enrollments with a CSR get a client certificate valid `lifetime_secs`.
     pub fn set_device_certs(&mut self, ca: crate::pki::DeviceCa, lifetime_secs: u64) {
-        self.device_certs = Some(crate::fleet::credentials::DeviceCerts { ca, lifetime_secs });
+        self.device_certs = Some(crate::fleet::credentials::DeviceCerts {
+            ca,
+            lifetime_secs,
+            last_issued: Default::default(),
+        });
     }
 
     /// Keeps an external Mosquitto's ACL, password files and revocation list current.

@@ -17,11 +17,17 @@ use flotilla_shared::{DeviceId, trust};
 /// Default lifetime of a device's client certificate; the agent renews it after two thirds of that.
 pub const DEFAULT_CERT_LIFETIME_SECS: u64 = 30 * 24 * 3600;
 
+/// A device gets new credentials at most this often: each costs a signature and a synchronous commit, and only the
+/// device itself can ask, so this bounds what a misbehaving device can make the hub do.
+pub const MIN_REISSUE_SECS: u64 = 10;
+
 /// The device CA and how long the certificates it issues live.
 #[derive(Debug, Clone)]
 pub struct DeviceCerts {
     pub ca: DeviceCa,
     pub lifetime_secs: u64,
+    /// When each device last got new credentials (in memory: a restart only forgets the rate limit).
+    pub last_issued: std::collections::HashMap<DeviceId, u64>,
 }
 
 impl Hub {
@@ -86,6 +92,20 @@ impl Hub {
             return Err("credential request from an unknown or revoked device".into());
         }
         let now = unix_now();
+        // A rotation the operator asked for is answered at once; unsolicited requests are rate-limited.
+        let rotation = self.store.rotation_requested(id.as_str()).unwrap_or(false);
+        if let Some(last) = self
+            .device_certs
+            .as_ref()
+            .and_then(|c| c.last_issued.get(id))
+            && now < last + MIN_REISSUE_SECS
+            && !rotation
+        {
+            // Unanswered: the agent asks again after its retry interval.
+            return Err(format!(
+                "credential request within {MIN_REISSUE_SECS} s of the last issue; ignored"
+            ));
+        }
         let issued = match self.issue_device_cert(id, &req.csr, now) {
             Ok(Some(i)) => i,
             Ok(None) => {
@@ -137,6 +157,9 @@ impl Hub {
             .map_err(|e| e.to_string())?;
         self.access
             .add_generation(id, Some(hash), Some(issued.sha256));
+        if let Some(c) = &mut self.device_certs {
+            c.last_issued.insert(id.clone(), now);
+        }
         self.metrics.credentials_issued += 1;
         self.mosquitto_files_changed();
         tracing::info!(device = %id, not_after = issued.cert.not_after, "device credentials issued");
@@ -209,5 +232,78 @@ impl Hub {
         }
         // Retired certificates go on the revocation list.
         self.mosquitto_files_changed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::access::hash_secret;
+    use crate::hub::test_support::test_hub;
+    use flotilla_shared::DeviceId;
+    use flotilla_shared::trust::SigningKey;
+    use flotilla_shared::wire::{CredentialRequest, Inventory, WorkloadKind};
+
+    fn csr() -> CredentialRequest {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .expect("csr");
+        CredentialRequest {
+            csr: csr.der().to_vec(),
+        }
+    }
+
+    /// New credentials go only to a known, unrevoked device, at most once per interval unless the operator asked
+    /// for a rotation, and never for a CSR whose signature does not hold.
+    #[tokio::test]
+    async fn credential_requests_are_checked_and_rate_limited() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut hub, _rx) = test_hub(dir.path());
+        let ca = crate::pki::DeviceCa::in_dir(dir.path());
+        ca.create().expect("device CA");
+        hub.set_device_certs(ca, 3600);
+        let id = DeviceId::new("gw-1").expect("id");
+        let unknown = DeviceId::new("gw-x").expect("id");
+        assert!(hub.on_credential_request(&unknown, &csr()).is_err());
+        let inv = Inventory {
+            labels: vec![],
+            region: None,
+            zone: None,
+            location: None,
+            arch: "x86_64".into(),
+            runtimes: vec![WorkloadKind::Wasm],
+            memory_mib: 64,
+            agent_version: "test".into(),
+            sealing_key: None,
+        };
+        hub.store
+            .insert_device(&id, &SigningKey::from_seed([1; 32]).public(), &inv, 1)
+            .expect("device");
+        hub.store
+            .set_credential("device:gw-1", &hash_secret("p0"), &[], 1)
+            .expect("credential");
+        hub.access.set_device(&id, hash_secret("p0"), None, false);
+
+        let mut bad = csr();
+        let last = bad.csr.len() - 1;
+        bad.csr[last] ^= 1;
+        assert!(
+            hub.on_credential_request(&id, &bad).is_err(),
+            "a CSR that does not verify"
+        );
+        hub.on_credential_request(&id, &csr())
+            .expect("first request");
+        let err = hub
+            .on_credential_request(&id, &csr())
+            .expect_err("a second request at once");
+        assert!(err.contains("ignored"), "{err}");
+        hub.rotate_device_credentials(&id, "test").expect("rotate");
+        hub.on_credential_request(&id, &csr())
+            .expect("a rotation the operator asked for is answered at once");
+        assert!(!hub.store.rotation_requested("gw-1").expect("read"));
+        assert_eq!(hub.store.device_certs(0).expect("certs").len(), 2);
+        hub.revoke_device(&id, "test").expect("revoke");
+        hub.rotate_device_credentials(&id, "test")
+            .expect_err("a revoked device is not rotated");
     }
 }
