@@ -310,7 +310,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let feed_login = format!(
         "-i {} -u {} -P {}",
         feed["client_id"].as_str().unwrap_or("feed-demo"),
-        feed["username"].as_str().unwrap_or("feed:demo"),
+        feed["username"].as_str().unwrap_or("feed-demo"),
         feed["password"].as_str().unwrap_or("?")
     );
     let token_file = std::path::absolute(hub_dir.admin_token())?;
