@@ -271,6 +271,18 @@ pub fn default_hosts(extra: &[String]) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// The subject common names of a PEM certificate, and the certificate's public key bytes.
+    fn subject_and_key(pem: &str) -> (Vec<String>, Vec<u8>) {
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).expect("parse");
+        let cn = parsed
+            .subject()
+            .iter_common_name()
+            .filter_map(|c| c.as_str().ok().map(str::to_owned))
+            .collect();
+        (cn, parsed.public_key().subject_public_key.data.to_vec())
+    }
+
     /// The device CA signs a CSR with the device id as the subject, ignoring what the CSR asked for, and refuses
     /// a CSR whose signature does not match its key.
     #[test]
@@ -290,15 +302,12 @@ mod tests {
             .issue(csr.der(), &id, 3600, 1_800_000_000)
             .expect("issue");
         assert_eq!(issued.cert.not_after, 1_800_003_600);
+        let (cn, public) = subject_and_key(&issued.cert.pem);
+        assert_eq!(cn, ["gw-a"]);
+        assert_eq!(public, key.public_key_raw(), "the CSR's key");
         let der = rustls_pki_types::CertificateDer::from_pem_slice(issued.cert.pem.as_bytes())
             .expect("pem");
         let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).expect("parse");
-        let cn: Vec<_> = parsed
-            .subject()
-            .iter_common_name()
-            .filter_map(|c| c.as_str().ok())
-            .collect();
-        assert_eq!(cn, ["gw-a"]);
         assert!(
             parsed.subject_alternative_name().ok().flatten().is_none(),
             "no names from the CSR"
@@ -369,19 +378,9 @@ mod tests {
             let id = flotilla_shared::DeviceId::new("gw-a").expect("id");
             let _ = ca.issue(&junk, &id, 3600, 1_800_000_000);
             if let Ok(issued) = ca.issue(&bytes, &id, 3600, 1_800_000_000) {
-                let der = rustls_pki_types::CertificateDer::from_pem_slice(issued.cert.pem.as_bytes())
-                    .expect("pem");
-                let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).expect("parse");
-                let cn: Vec<_> = parsed
-                    .subject()
-                    .iter_common_name()
-                    .filter_map(|c| c.as_str().ok())
-                    .collect();
-                proptest::prop_assert_eq!(cn, vec!["gw-a"]);
-                proptest::prop_assert_eq!(
-                    parsed.public_key().subject_public_key.data.as_ref(),
-                    key.public_key_raw()
-                );
+                let (cn, public) = subject_and_key(&issued.cert.pem);
+                proptest::prop_assert_eq!(cn, vec!["gw-a".to_owned()]);
+                proptest::prop_assert_eq!(public, key.public_key_raw().to_vec());
             }
         }
     }

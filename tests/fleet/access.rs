@@ -16,6 +16,16 @@ pub(crate) struct Probe {
     inbox: Vec<(String, Vec<u8>)>,
 }
 
+/// TLS settings that verify the broker against `broker_ca`, with a client certificate when given.
+fn tls_to(broker_ca: &Path, client: Option<(&Path, &Path)>) -> flotilla_mqtt::TlsSettings {
+    flotilla_mqtt::TlsSettings {
+        ca_file: Some(broker_ca.to_owned()),
+        ca_sha256: None,
+        client_cert: client.map(|(c, _)| c.to_owned()),
+        client_key: client.map(|(_, k)| k.to_owned()),
+    }
+}
+
 /// How a CONNECT went.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Connect {
@@ -42,12 +52,7 @@ impl Probe {
         cert: &Path,
         key: &Path,
     ) -> (Self, Connect) {
-        let tls = flotilla_mqtt::TlsSettings {
-            ca_file: Some(broker_ca.to_owned()),
-            ca_sha256: None,
-            client_cert: Some(cert.to_owned()),
-            client_key: Some(key.to_owned()),
-        };
+        let tls = tls_to(broker_ca, Some((cert, key)));
         Self::connect_with(port, client_id, creds, None, Some(tls))
     }
 
@@ -58,13 +63,7 @@ impl Probe {
         creds: Option<(&str, &str)>,
         broker_ca: &Path,
     ) -> (Self, Connect) {
-        let tls = flotilla_mqtt::TlsSettings {
-            ca_file: Some(broker_ca.to_owned()),
-            ca_sha256: None,
-            client_cert: None,
-            client_key: None,
-        };
-        Self::connect_with(port, client_id, creds, None, Some(tls))
+        Self::connect_with(port, client_id, creds, None, Some(tls_to(broker_ca, None)))
     }
 
     /// Connects with a client certificate and a will on `will`.
@@ -76,12 +75,7 @@ impl Probe {
         cert: &Path,
         key: &Path,
     ) -> (Self, Connect) {
-        let tls = flotilla_mqtt::TlsSettings {
-            ca_file: Some(broker_ca.to_owned()),
-            ca_sha256: None,
-            client_cert: Some(cert.to_owned()),
-            client_key: Some(key.to_owned()),
-        };
+        let tls = tls_to(broker_ca, Some((cert, key)));
         Self::connect_with(port, client_id, None, Some(will), Some(tls))
     }
 

@@ -70,19 +70,23 @@ impl Store {
 
     /// A principal's current secret hash.
     pub fn secret_hash(&self, principal: &str) -> Result<Option<Digest>> {
+        self.hash_of(
+            "SELECT secret_hash FROM mqtt_credentials WHERE principal = ?1",
+            principal,
+        )
+    }
+
+    /// The 32-byte hash the query (one `?1`, one column) finds for `principal`, if any.
+    fn hash_of(&self, sql: &str, principal: &str) -> Result<Option<Digest>> {
         let hash: Option<Vec<u8>> = self
             .conn
-            .query_row(
-                "SELECT secret_hash FROM mqtt_credentials WHERE principal = ?1",
-                [principal],
-                |r| r.get(0),
-            )
+            .query_row(sql, [principal], |r| r.get(0))
             .optional()?;
         hash.map(|h| {
             h.as_slice()
                 .try_into()
                 .map(Digest)
-                .map_err(|_| StoreError::Corrupt(format!("secret of {principal}")))
+                .map_err(|_| StoreError::Corrupt(format!("secret hash of {principal}")))
         })
         .transpose()
     }
@@ -139,21 +143,10 @@ impl Store {
 
     /// A principal's previous secret hash, if it is mid-rotation.
     pub fn previous_secret(&self, principal: &str) -> Result<Option<Digest>> {
-        let hash: Option<Vec<u8>> = self
-            .conn
-            .query_row(
-                "SELECT secret_hash FROM mqtt_previous_secrets WHERE principal = ?1",
-                [principal],
-                |r| r.get(0),
-            )
-            .optional()?;
-        hash.map(|h| {
-            h.as_slice()
-                .try_into()
-                .map(Digest)
-                .map_err(|_| StoreError::Corrupt(format!("previous secret of {principal}")))
-        })
-        .transpose()
+        self.hash_of(
+            "SELECT secret_hash FROM mqtt_previous_secrets WHERE principal = ?1",
+            principal,
+        )
     }
 
     /// Stores the external broker's salted password line for a principal (Mosquitto's `$7$` format).
