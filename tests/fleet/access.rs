@@ -218,6 +218,22 @@ pub(crate) fn device_secret(fleet: &Fleet, id: &str) -> String {
     store.mqtt_secret().expect("read").expect("a secret")
 }
 
+/// A read-only feed credential `grafana` for eu-west: (username, password).
+pub(crate) fn grafana_feed(fleet: &Fleet) -> (String, String) {
+    let feed = fleet
+        .hub
+        .client
+        .post(
+            "/api/v1/feed-credentials",
+            "application/json",
+            br#"{"name": "grafana", "regions": ["eu-west"]}"#,
+            &[],
+        )
+        .expect("feed credential");
+    let get = |k: &str| feed[k].as_str().expect(k).to_owned();
+    (get("username"), get("password"))
+}
+
 pub(crate) fn hub_secret(fleet: &Fleet) -> String {
     std::fs::read_to_string(fleet.hub.dir.join("mqtt-hub.secret"))
         .expect("hub secret")
@@ -242,17 +258,7 @@ fn acl_matrix_against_the_embedded_broker() {
     let fleet = two_devices();
     let port = fleet.broker_port();
     let a_secret = device_secret(&fleet, "gw-a");
-    let feed = fleet
-        .hub
-        .client
-        .post(
-            "/api/v1/feed-credentials",
-            "application/json",
-            br#"{"name": "grafana", "regions": ["eu-west"]}"#,
-            &[],
-        )
-        .expect("feed credential");
-    let feed_pass = feed["password"].as_str().expect("password").to_owned();
+    let (_, feed_pass) = grafana_feed(&fleet);
     // Bad input to the credential and revocation calls is refused with a reason, and changes nothing.
     for (body, needle) in [
         (&br#"{"name": "nothing", "regions": []}"#[..], "regions"),

@@ -3,7 +3,7 @@
 //! confined to its own topics. Mosquitto grants every SUBACK and drops what a client may not read or write, so
 //! the cells here are judged by what is delivered, watched by the hub's own credential.
 
-use crate::access::{Connect, Probe, device_secret, hub_secret};
+use crate::access::{Connect, Probe, device_secret, grafana_feed, hub_secret};
 use flotilla_fleet_tests::{AgentSpec, Fleet, FleetBuilder, PATIENCE, SecurePorts, wait_for};
 use std::path::PathBuf;
 
@@ -67,18 +67,7 @@ fn acl_matrix_against_the_generated_mosquitto() {
     let ca = broker_ca(&fleet);
     let (a_cert, a_key) = cert_of(&fleet, "gw-a");
     let b_secret = device_secret(&fleet, "gw-b");
-    let feed = fleet
-        .hub
-        .client
-        .post(
-            "/api/v1/feed-credentials",
-            "application/json",
-            br#"{"name": "grafana", "regions": ["eu-west"]}"#,
-            &[],
-        )
-        .expect("feed credential");
-    let feed_user = feed["username"].as_str().expect("username").to_owned();
-    let feed_pass = feed["password"].as_str().expect("password").to_owned();
+    let (feed_user, feed_pass) = grafana_feed(&fleet);
     assert_eq!(feed_user, "feed-grafana");
 
     // A's certificate names gw-a whatever client id it asks for: connecting "as gw-b" cannot touch B's session.

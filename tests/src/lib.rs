@@ -229,19 +229,8 @@ impl Mosquitto {
             None
         };
         std::fs::write(&conf, text)?;
-        let log = dir.join("mosquitto.log");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("starting mosquitto (apt-get install mosquitto)")?;
-        wait_for("mosquitto to listen", PATIENCE, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        })?;
         Ok(Self {
-            proc: Proc { child, log },
+            proc: spawn_mosquitto(&conf, port)?,
             port,
             tls,
             secure: None,
@@ -270,20 +259,8 @@ impl Mosquitto {
         if !status.success() {
             bail!("flotilla broker-config mosquitto failed");
         }
-        let conf = dir.join("mosquitto.conf");
-        let log = dir.join("mosquitto.log");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("starting mosquitto (apt-get install mosquitto)")?;
-        wait_for("mosquitto to listen", PATIENCE, || {
-            std::net::TcpStream::connect(("127.0.0.1", local)).ok()
-        })?;
         Ok(Self {
-            proc: Proc { child, log },
+            proc: spawn_mosquitto(&dir.join("mosquitto.conf"), local)?,
             port: local,
             tls: None,
             secure: Some(SecurePorts {
@@ -295,6 +272,23 @@ impl Mosquitto {
             }),
         })
     }
+}
+
+/// Starts Mosquitto on `conf` (its log beside it) and waits until it listens on `port`.
+fn spawn_mosquitto(conf: &Path, port: u16) -> Result<Proc> {
+    let log = conf.with_file_name("mosquitto.log");
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting mosquitto (apt-get install mosquitto)")?;
+    let proc = Proc { child, log };
+    wait_for("mosquitto to listen", PATIENCE, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })?;
+    Ok(proc)
 }
 
 /// Whether this process runs as root (`id -u`).
