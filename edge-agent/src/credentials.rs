@@ -24,8 +24,8 @@ pub fn client_files(data_dir: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
-/// A fresh key pair and a CSR for it (DER). The subject is left empty: the hub names the certificate after the
-/// device id it knows, whatever a request says.
+/// A fresh key pair and a CSR for it (DER). The request's subject is rcgen's default and does not matter: the hub
+/// names the certificate after the device id it knows, whatever a request says.
 pub fn new_csr() -> Result<(String, Vec<u8>), rcgen::Error> {
     let key = rcgen::KeyPair::generate()?;
     let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
