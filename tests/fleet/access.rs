@@ -743,6 +743,11 @@ fn device_certificates_are_issued_renewed_and_rotated() {
         old_password,
         "a new password"
     );
+    let metrics = hub.client.get_text("/metrics").expect("metrics");
+    assert!(
+        metrics.contains("flotilla_credentials_issued_total 2\n"),
+        "a renewal and a rotation:\n{metrics}"
+    );
     wait_for("the old password refused", PATIENCE, || {
         let (_, outcome) = Probe::connect(
             fleet.broker_port(),

@@ -36,7 +36,9 @@ pub(super) async fn metrics(State(s): State<ApiState>) -> ApiResult {
                  # TYPE flotilla_messages_rejected_total counter\nflotilla_messages_rejected_total {}\n\
                  # TYPE flotilla_chunks_served_total counter\nflotilla_chunks_served_total {}\n\
                  # TYPE flotilla_telemetry_records_total counter\nflotilla_telemetry_records_total {}\n\
-                 # TYPE flotilla_report_lag_seconds gauge\nflotilla_report_lag_seconds {}\n",
+                 # TYPE flotilla_report_lag_seconds gauge\nflotilla_report_lag_seconds {}\n\
+                 # TYPE flotilla_enrollments_total counter\nflotilla_enrollments_total {}\n\
+                 # TYPE flotilla_credentials_issued_total counter\nflotilla_credentials_issued_total {}\n",
                 total - online,
                 m.last_placement_secs,
                 m.desired_published,
@@ -48,6 +50,8 @@ pub(super) async fn metrics(State(s): State<ApiState>) -> ApiResult {
                 m.chunks_served,
                 m.telemetry_records,
                 m.report_lag_secs,
+                m.enrollments,
+                m.credentials_issued,
             ))
         })
         .await??;
