@@ -235,7 +235,13 @@ pub fn write_dynamic(
     use crate::access::policy::Principal;
     let lines = store.password_lines()?;
     let credentials = store.credentials()?;
-    let revoked = |p: &str| credentials.iter().any(|c| c.principal == p && c.revoked);
+    // One set, not a scan per password line: this runs after every enrollment burst at fleet size.
+    let revoked_set: std::collections::HashSet<&str> = credentials
+        .iter()
+        .filter(|c| c.revoked)
+        .map(|c| c.principal.as_str())
+        .collect();
+    let revoked = |p: &str| revoked_set.contains(p);
     let mut devices_pw = String::new();
     let mut clients_pw = format!("{}\n", password_line("hub", hub_secret));
     for (principal, line) in &lines {

@@ -73,8 +73,7 @@ pub(super) async fn device(
     Path(id): Path<String>,
 ) -> ApiResult {
     s.auth(&headers, Role::Viewer).await?;
-    let id = DeviceId::new(id)
-        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))?;
+    let id = device_id(id)?;
     let v = s
         .call(move |h| -> Result<Value, HubError> {
             let devs = h.store.devices()?;
@@ -88,14 +87,19 @@ pub(super) async fn device(
     ok(v)
 }
 
+/// A device id from the path, or a 400 naming what is wrong with it.
+fn device_id(id: String) -> Result<DeviceId, Problem> {
+    DeviceId::new(id)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))
+}
+
 pub(super) async fn device_telemetry(
     State(s): State<ApiState>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult {
     s.auth(&headers, Role::Viewer).await?;
-    let id = DeviceId::new(id)
-        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))?;
+    let id = device_id(id)?;
     let v = s
         .call(move |h| {
             let streams: Vec<Value> = h
@@ -118,8 +122,7 @@ pub(super) async fn why(
     Path((device, workload)): Path<(String, String)>,
 ) -> ApiResult {
     s.auth(&headers, Role::Viewer).await?;
-    let id = DeviceId::new(device)
-        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))?;
+    let id = device_id(device)?;
     let w = workload.clone();
     let text = s.call(move |h| h.why(&id, &w)).await??;
     ok(json!({"workload": workload, "explanation": text}))
@@ -131,8 +134,7 @@ pub(super) async fn revoke(
     Path(id): Path<String>,
 ) -> ApiResult {
     let who = s.auth(&headers, Role::Admin).await?;
-    let id = DeviceId::new(id)
-        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))?;
+    let id = device_id(id)?;
     let device = id.to_string();
     let closed = s.call(move |h| h.revoke_device(&id, &who)).await??;
     ok(json!({"device": device, "revoked": true, "connections_closed": closed}))
@@ -144,8 +146,7 @@ pub(super) async fn rotate_credentials(
     Path(id): Path<String>,
 ) -> ApiResult {
     let who = s.auth(&headers, Role::Admin).await?;
-    let id = DeviceId::new(id)
-        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))?;
+    let id = device_id(id)?;
     let device = id.to_string();
     let online = s
         .call(move |h| h.rotate_device_credentials(&id, &who))
