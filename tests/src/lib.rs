@@ -209,6 +209,10 @@ impl Mosquitto {
     }
 
     pub fn start_with(dir: &Path, tls: bool) -> Result<Self> {
+        retry_mosquitto(|| Self::try_start_with(dir, tls))
+    }
+
+    fn try_start_with(dir: &Path, tls: bool) -> Result<Self> {
         let port = free_port();
         std::fs::create_dir_all(dir)?;
         let conf = dir.join("mosquitto.conf");
@@ -240,6 +244,10 @@ impl Mosquitto {
     /// Writes the configuration for the hub data directory `hub_dir` (initialised) with
     /// `flotilla broker-config mosquitto` into `dir`, on free loopback ports, and starts Mosquitto from it.
     pub fn start_generated(hub_dir: &Path, dir: &Path) -> Result<Self> {
+        retry_mosquitto(|| Self::try_start_generated(hub_dir, dir))
+    }
+
+    fn try_start_generated(hub_dir: &Path, dir: &Path) -> Result<Self> {
         let (cert, password, clients, local) = (free_port(), free_port(), free_port(), free_port());
         let mut cmd = Command::new(bin_dir().join("flotilla"));
         cmd.args(["broker-config", "mosquitto", "--bind", "127.0.0.1"])
@@ -284,11 +292,59 @@ fn spawn_mosquitto(conf: &Path, port: u16) -> Result<Proc> {
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("starting mosquitto (apt-get install mosquitto)")?;
-    let proc = Proc { child, log };
-    wait_for("mosquitto to listen", PATIENCE, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    let mut proc = Proc { child, log };
+    // Mosquitto exits at once when a port it was given was taken in the meantime (the ports come from
+    // `free_port`, which races with every other test); that is reported as `Exited` so the caller can retry
+    // on fresh ports instead of waiting out the patience.
+    let up = wait_for("mosquitto to listen", PATIENCE, || {
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            return Some(Err(status));
+        }
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| Ok(()))
     })?;
-    Ok(proc)
+    match up {
+        Ok(()) => Ok(proc),
+        Err(status) => Err(MosquittoExited {
+            status: status.to_string(),
+            log: proc.log_text(),
+        }
+        .into()),
+    }
+}
+
+/// Mosquitto exited before it listened (its log says why; usually a port taken since `free_port`).
+#[derive(Debug)]
+struct MosquittoExited {
+    status: String,
+    log: String,
+}
+
+impl std::fmt::Display for MosquittoExited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "mosquitto exited before listening ({}): {}",
+            self.status, self.log
+        )
+    }
+}
+
+impl std::error::Error for MosquittoExited {}
+
+/// Runs `start` up to three times while Mosquitto exits before listening, each time on fresh ports.
+fn retry_mosquitto<T>(mut start: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match start() {
+            Err(e) if attempt < 3 && e.downcast_ref::<MosquittoExited>().is_some() => {
+                eprintln!("retrying on fresh ports: {e:#}");
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Whether this process runs as root (`id -u`).
