@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod geo;
 pub mod ids;
+pub mod image;
 pub mod seal;
 pub mod topics;
 pub mod trust;

@@ -6,7 +6,7 @@
 use crate::codec::{DecodeError, decode_exact};
 use crate::ids::{DeviceId, Digest, WorkloadName};
 use crate::wire::{
-    DesiredState, PublicKey, RejectReason, Release, Report, Root, SignatureEntry, Signed, UnixSecs,
+    DesiredState, PublicKey, RejectReason, Release, WorkloadKind, Report, Root, SignatureEntry, Signed, UnixSecs,
     WorkloadSpec,
 };
 use ed25519_dalek::{Signer, Verifier as _};
@@ -471,7 +471,10 @@ pub fn verify_release_for(
             release: release.name,
         });
     }
-    if release.kind != spec.kind {
+    // A container release must say which image its tarball holds; a WASM release must not claim one.
+    if release.kind != spec.kind
+        || (release.kind == WorkloadKind::Container) != release.image.is_some()
+    {
         return Err(ReleaseError::KindMismatch);
     }
     let epoch_floor = floor.epochs.get(&spec.name).copied().unwrap_or(0);

@@ -73,6 +73,93 @@ pub struct Release {
     pub artifact_digest: Digest,
     pub artifact_size: u64,
     pub precompiled: Vec<Precompiled>,
+    /// For container releases: what the artifact (a canonical image tarball, see [`crate::image`]) must contain.
+    pub image: Option<ContainerImage>,
+}
+
+/// The identity of a container image, signed in its release and checked on the device before and after the load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerImage {
+    /// SHA-256 of the image config: the image ID on Docker's classic store, balenaEngine and Podman.
+    pub config_digest: Digest,
+    /// SHA-256 of the OCI manifest: the image ID on Docker's containerd image store.
+    pub manifest_digest: Digest,
+    /// The uncompressed layers' digests, bottom first (the config's `rootfs.diff_ids`).
+    pub diff_ids: Vec<Digest>,
+}
+
+/// How a container is replaced by a new version (balena's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateStrategy {
+    /// Fetch and load the new image while the old container runs, then swap (the default).
+    DownloadThenKill,
+    /// Stop the old container first, then fetch and start the new one.
+    KillThenDownload,
+    /// Stop the old container and remove its image before fetching (devices without room for two images).
+    DeleteThenDownload,
+}
+
+/// The container's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetworkMode {
+    Bridge,
+    None,
+    /// The host's network namespace: only where the device's allow-list permits it.
+    Host,
+}
+
+/// A published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMap {
+    pub host: u16,
+    pub container: u16,
+    pub udp: bool,
+}
+
+/// A named volume of the workload mounted at `path`; kept across updates of the workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    pub name: String,
+    pub path: String,
+    pub read_only: bool,
+}
+
+/// A health check run inside the container by the engine; the agent restarts the container when it reports
+/// unhealthy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerHealth {
+    pub command: Vec<String>,
+    pub interval_secs: u32,
+    pub retries: u32,
+}
+
+/// Container-only fields of a workload. Typed on purpose: a spec never carries raw engine JSON, so the agent
+/// decides every engine setting (and the hardening defaults) itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// Replaces the image's command when not empty.
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Where the workload's `config` bytes appear (read-only) inside the container.
+    pub config_path: String,
+    /// CPU limit in thousandths of a CPU; 0 is no limit.
+    pub cpus_milli: u32,
+    pub pids: u32,
+    pub ports: Vec<PortMap>,
+    pub volumes: Vec<VolumeMount>,
+    /// Host device paths passed in (each must be on the device's allow-list).
+    pub devices: Vec<String>,
+    /// Capabilities added to an otherwise empty set (each must be on the device's allow-list).
+    pub capabilities: Vec<String>,
+    pub network: NetworkMode,
+    /// Read-only root file system, with a tmpfs on `/tmp`.
+    pub read_only: bool,
+    pub user: Option<String>,
+    pub health: Option<ContainerHealth>,
+    pub stop_timeout_secs: u32,
+    pub update_strategy: UpdateStrategy,
+    /// Cap on the engine's log file for this container.
+    pub log_max_bytes: u64,
 }
 
 /// How a workload is restarted when it exits or fails.
@@ -138,6 +225,8 @@ pub struct WorkloadSpec {
     /// The secrets of its deployment it may read, by name and version. A new version changes the spec, so the
     /// workload restarts with the new value; the sealed values travel in [`DesiredState::sealed`].
     pub secrets: Vec<SecretRef>,
+    /// Present exactly when `kind` is [`WorkloadKind::Container`].
+    pub container: Option<ContainerSpec>,
 }
 
 /// A workload's reference to one secret of its deployment.
@@ -215,6 +304,51 @@ pub enum RejectReason {
     InsufficientDisk { needed: u64, free: u64 },
     UnsupportedKind,
     InvalidSpec(String),
+    /// A container image tarball failed the device's check before the load (nothing was loaded).
+    BadImage(ImageProblem),
+    /// The spec asks for something this device's local allow-list does not permit (named in the text).
+    NotAllowed(String),
+}
+
+/// What is wrong with a container image tarball, found by [`crate::image::verify`] or after the load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageProblem {
+    /// Not a readable tar archive (truncated, or not a tar at all).
+    NotATar,
+    /// An entry a canonical image tarball does not have (another path, a link, a device node, a duplicate).
+    UnexpectedEntry(String),
+    /// `repositories` or per-layer `json`/`VERSION` files: the legacy `docker save` format.
+    LegacyFormat,
+    /// The tarball names a tag: loading it could re-tag an image already on the device.
+    Tagged,
+    /// A blob's content does not hash to its name.
+    BlobDigestMismatch(String),
+    /// The config, manifest or layers differ from what the release signed (which one is named).
+    NotTheSignedImage(String),
+    /// A metadata file is missing, too large or not the JSON it should be (which one is named).
+    BadMetadata(String),
+    /// After the load the engine has no image with the signed config or manifest digest as its ID.
+    LoadedIdMismatch,
+}
+
+impl std::fmt::Display for ImageProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotATar => f.write_str("it is not a readable tar archive"),
+            Self::UnexpectedEntry(p) => write!(f, "it holds an unexpected entry `{p}`"),
+            Self::LegacyFormat => f.write_str(
+                "it is in the legacy `docker save` format; push it with `flotilla release push --kind container`, \
+                 which writes the canonical form",
+            ),
+            Self::Tagged => f.write_str("it names a tag, and a load must never re-tag an image"),
+            Self::BlobDigestMismatch(b) => write!(f, "blob {b} does not hash to its name"),
+            Self::NotTheSignedImage(what) => write!(f, "its {what} differs from the signed release"),
+            Self::BadMetadata(what) => write!(f, "its {what} is missing or invalid"),
+            Self::LoadedIdMismatch => {
+                f.write_str("the engine loaded it under another image ID than the signed one")
+            }
+        }
+    }
 }
 
 /// Sizes for people: `1.5 MiB`, `512 B`.
@@ -289,6 +423,8 @@ impl std::fmt::Display for RejectReason {
             ),
             Self::UnsupportedKind => f.write_str("this device cannot run this kind of workload"),
             Self::InvalidSpec(why) => write!(f, "invalid workload spec: {why}"),
+            Self::BadImage(p) => write!(f, "the container image was refused before loading: {p}"),
+            Self::NotAllowed(why) => write!(f, "refused by the device: {why}"),
         }
     }
 }
@@ -326,6 +462,19 @@ pub struct Inventory {
     pub agent_version: String,
     /// The X25519 public key the hub seals this device's workload secrets to.
     pub sealing_key: Option<[u8; 32]>,
+    /// The container engine the agent drives, when one answered its probe.
+    pub container_engine: Option<ContainerEngine>,
+}
+
+/// What the device's container engine is and what it can enforce, as probed by the agent at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerEngine {
+    /// `Docker Engine 20.10.24`, `Podman Engine 4.3.1`, ...
+    pub name: String,
+    pub api_version: String,
+    /// Whether cgroup memory limits are enforced (without them a `memory_mib` is advisory).
+    pub memory_limit: bool,
+    pub storage_driver: String,
 }
 
 /// Level-based report: the device's whole observed state. Signed by the device key.
