@@ -55,6 +55,45 @@ struct RawConfig {
     metrics_listen: Option<std::net::SocketAddr>,
     /// While this file exists the device holds updates; its first line is the reason.
     hold_file: Option<PathBuf>,
+    #[serde(default)]
+    container: RawContainer,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawContainer {
+    /// Drive a Docker-compatible engine at all.
+    enabled: bool,
+    /// The engine's API socket: Docker, balenaEngine (`/run/balena-engine.sock`) or Podman's Docker-compatible one.
+    socket: PathBuf,
+    allow_host_network: bool,
+    allow_devices: Vec<String>,
+    allow_capabilities: Vec<String>,
+}
+
+impl Default for RawContainer {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: PathBuf::from("/var/run/docker.sock"),
+            allow_host_network: false,
+            allow_devices: vec![],
+            allow_capabilities: vec![],
+        }
+    }
+}
+
+/// `[container]`: which engine the agent drives, and the local allow-list a spec cannot widen. Everything beyond
+/// the hardened default (host network, host devices, added capabilities) must be both asked for by the signed
+/// spec and allowed here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerConfig {
+    pub enabled: bool,
+    pub socket: PathBuf,
+    pub allow_host_network: bool,
+    pub allow_devices: Vec<String>,
+    /// Upper case, without the `CAP_` prefix.
+    pub allow_capabilities: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +203,7 @@ pub struct Config {
     pub metrics_interval_secs: u32,
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub hold_file: Option<PathBuf>,
+    pub container: ContainerConfig,
 }
 
 /// Command-line and environment overrides for the common settings.
@@ -320,6 +360,26 @@ impl Config {
                 "must be at least 4096".into(),
             ));
         }
+        for d in &raw.container.allow_devices {
+            if !d.starts_with("/dev/") {
+                return Err(invalid(
+                    "container.allow_devices",
+                    format!("{d:?} is not a path under /dev/"),
+                ));
+            }
+        }
+        let container = ContainerConfig {
+            enabled: raw.container.enabled,
+            socket: raw.container.socket,
+            allow_host_network: raw.container.allow_host_network,
+            allow_devices: raw.container.allow_devices,
+            allow_capabilities: raw
+                .container
+                .allow_capabilities
+                .iter()
+                .map(|c| c.trim_start_matches("CAP_").to_ascii_uppercase())
+                .collect(),
+        };
         Ok(Self {
             device_id,
             data_dir: ov.data_dir.clone().unwrap_or(raw.data_dir),
@@ -342,6 +402,7 @@ impl Config {
             metrics_interval_secs: raw.telemetry.metrics_interval_secs.max(1),
             metrics_listen: raw.metrics_listen,
             hold_file: raw.hold_file,
+            container,
         })
     }
 }

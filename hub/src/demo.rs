@@ -252,7 +252,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         keys: vec![hub_dir.release_key()],
         out: None,
     };
-    let (signed, _) = keys_cli::sign_release(&sign)?;
+    let (signed, _, _) = keys_cli::sign_release(&sign)?;
     client.post(
         "/api/v1/artifacts",
         "application/octet-stream",

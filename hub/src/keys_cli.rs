@@ -113,18 +113,38 @@ pub fn run_keys(cmd: KeysCmd) -> Result<()> {
     Ok(())
 }
 
-/// Builds and signs a release for an artifact on disk.
-pub fn sign_release(args: &ReleaseSign) -> Result<(flotilla_shared::wire::Signed, Release)> {
-    let bytes = std::fs::read(&args.artifact)
+/// A signed release and the artifact bytes it names (for a container: the canonical image tarball).
+pub type SignedRelease = (flotilla_shared::wire::Signed, Release, Vec<u8>);
+
+/// Builds and signs a release for an artifact on disk. A container image (`docker save` or OCI layout tarball) is
+/// first rewritten into its canonical form, which is what the release names and what devices receive.
+pub fn sign_release(args: &ReleaseSign) -> Result<SignedRelease> {
+    let kind = parse_kind(&args.kind)?;
+    let file = std::fs::File::open(&args.artifact)
         .with_context(|| format!("reading {}", args.artifact.display()))?;
+    let (bytes, image) = match kind {
+        WorkloadKind::Wasm => {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::BufReader::new(file), &mut bytes)?;
+            (bytes, None)
+        }
+        WorkloadKind::Container => {
+            let parts = crate::image_import::read_source(std::io::BufReader::new(file))
+                .with_context(|| format!("{} is not a usable image tarball", args.artifact.display()))?;
+            let (bytes, image) = flotilla_shared::image::write_canonical(&parts)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", args.artifact.display()))?;
+            (bytes, Some(image))
+        }
+    };
     let release = Release {
         name: WorkloadName::new(args.name.clone()).context("--name")?,
         version: args.version.clone(),
         epoch: args.epoch,
-        kind: parse_kind(&args.kind)?,
+        kind,
         artifact_digest: Digest::of(&bytes),
         artifact_size: bytes.len() as u64,
         precompiled: vec![],
+        image,
     };
     let keys = args
         .keys
@@ -132,16 +152,24 @@ pub fn sign_release(args: &ReleaseSign) -> Result<(flotilla_shared::wire::Signed
         .map(|p| keyfile::read_signing_key(p))
         .collect::<Result<Vec<_>>>()?;
     let refs: Vec<_> = keys.iter().collect();
-    Ok((trust::sign(DocType::Release, &release, &refs), release))
+    Ok((trust::sign(DocType::Release, &release, &refs), release, bytes))
 }
 
 pub fn run_release_sign(args: ReleaseSign) -> Result<()> {
-    let (signed, release) = sign_release(&args)?;
+    let (signed, release, bytes) = sign_release(&args)?;
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| args.artifact.with_extension("release"));
     keyfile::write_signed(&out, &signed)?;
+    // A container release names the canonical tarball, not the input: write it beside the release for upload.
+    if let Some(image) = &release.image {
+        let canonical = out.with_extension("image.tar");
+        std::fs::write(&canonical, &bytes)
+            .with_context(|| format!("writing {}", canonical.display()))?;
+        outln!("{}", crate::image_import::describe(image));
+        outln!("canonical image tarball written to {}", canonical.display());
+    }
     outln!(
         "release {} {} (epoch {}) artifact {} ({} bytes)",
         release.name,

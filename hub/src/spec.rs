@@ -279,6 +279,25 @@ struct RawWorkload {
     #[serde(default)]
     config: BTreeMap<String, String>,
     geofence: Option<RawGeofence>,
+    /// `wasm` or `container`; taken from the release when left out. Container fields need `container`.
+    kind: Option<String>,
+    // Container fields (flat in the workload table; serde's `flatten` would defeat `deny_unknown_fields`).
+    command: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    config_path: Option<String>,
+    cpus: Option<f64>,
+    pids: Option<u32>,
+    ports: Option<Vec<String>>,
+    volumes: Option<Vec<String>>,
+    devices: Option<Vec<String>>,
+    capabilities: Option<Vec<String>>,
+    network: Option<String>,
+    read_only: Option<bool>,
+    user: Option<String>,
+    healthcheck: Option<crate::spec_container::RawHealth>,
+    stop_timeout_secs: Option<u32>,
+    update_strategy: Option<String>,
+    log_max_mib: Option<u32>,
 }
 
 fn default_memory() -> u32 {
@@ -322,6 +341,10 @@ pub struct WorkloadTemplate {
     pub health: HealthRule,
     pub config: Vec<u8>,
     pub geofence: Option<Geofence>,
+    /// The kind the spec declares (checked against the release when resolved).
+    pub kind: Option<WorkloadKind>,
+    /// The container fields, when the spec declares a container workload.
+    pub container: Option<flotilla_shared::wire::ContainerSpec>,
 }
 
 /// A validated deployment.
@@ -540,10 +563,50 @@ fn validate(raw: RawSpec) -> Result<Deployment, (String, String)> {
                 ));
             }
         };
-        if !(1..=4096).contains(&w.memory_mib) {
+        let kind = match w.kind.as_deref() {
+            None => None,
+            Some("wasm") => Some(WorkloadKind::Wasm),
+            Some("container") => Some(WorkloadKind::Container),
+            Some(o) => return Err((f("kind"), format!("{o:?} is not wasm or container"))),
+        };
+        let raw_container = crate::spec_container::RawContainer {
+            command: w.command,
+            env: w.env,
+            config_path: w.config_path,
+            cpus: w.cpus,
+            pids: w.pids,
+            ports: w.ports,
+            volumes: w.volumes,
+            devices: w.devices,
+            capabilities: w.capabilities,
+            network: w.network,
+            read_only: w.read_only,
+            user: w.user,
+            healthcheck: w.healthcheck,
+            stop_timeout_secs: w.stop_timeout_secs,
+            update_strategy: w.update_strategy,
+            log_max_mib: w.log_max_mib,
+        };
+        let container = match (kind, raw_container.any()) {
+            (Some(WorkloadKind::Container), _) => Some(
+                raw_container
+                    .validate()
+                    .map_err(|(field, m)| (f(&field), m))?,
+            ),
+            (_, Some(field)) => {
+                return Err((
+                    f(field),
+                    "applies to container workloads only; add kind = \"container\"".into(),
+                ));
+            }
+            (_, None) => None,
+        };
+        // Containers get cgroup limits (larger), WASM guests a linear-memory cap.
+        let max_memory = if container.is_some() { 65_536 } else { 4096 };
+        if !(1..=max_memory).contains(&w.memory_mib) {
             return Err((
                 f("memory_mib"),
-                format!("{} is outside 1..4096", w.memory_mib),
+                format!("{} is outside 1..{max_memory}", w.memory_mib),
             ));
         }
         if w.cpu_ms == 0 {
@@ -575,6 +638,8 @@ fn validate(raw: RawSpec) -> Result<Deployment, (String, String)> {
             health: HealthRule::RunningFor(w.health_secs),
             config,
             geofence,
+            kind,
+            container,
         });
     }
     let rollout = raw.rollout.map(rollout_plan).transpose()?;

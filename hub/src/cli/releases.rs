@@ -7,11 +7,13 @@ use anyhow::Result;
 /// Signs the artifact with the operator's release key(s), uploads it, then uploads the signed release.
 pub fn push(sign: ReleaseSign, conn: Conn) -> Result<()> {
     let c = conn.client()?;
-    let (signed, release) = keys_cli::sign_release(&sign)?;
+    let (signed, release, bytes) = keys_cli::sign_release(&sign)?;
     if let Some(out) = &sign.out {
         crate::keyfile::write_signed(out, &signed)?;
     }
-    let bytes = std::fs::read(&sign.artifact)?;
+    if let Some(image) = &release.image {
+        eprintln!("{}", crate::image_import::describe(image));
+    }
     eprintln!(
         "uploading {} ({} bytes)...",
         sign.artifact.display(),

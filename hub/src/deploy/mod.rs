@@ -12,7 +12,7 @@ use crate::spec::{self, Deployment, ReleaseRef};
 use crate::store::Store;
 use anyhow::Result;
 use flotilla_hub_core::DeviceView;
-use flotilla_shared::wire::WorkloadSpec;
+use flotilla_shared::wire::{WorkloadKind, WorkloadSpec};
 use plan::flatten;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -52,9 +52,32 @@ impl Hub {
                     row.release.name, w.name
                 )));
             }
+            let kind = row.release.kind;
+            if w.kind.is_some_and(|k| k != kind) {
+                return Err(HubError::BadRequest(format!(
+                    "workloads[{i}].kind: the spec says {:?} but release {} is {:?}",
+                    w.kind, w.release, kind
+                )));
+            }
+            let container = match kind {
+                WorkloadKind::Container => {
+                    if !secrets.is_empty() {
+                        return Err(HubError::BadRequest(format!(
+                            "workloads[{i}]: deployment secrets are not yet delivered to container workloads; \
+                             remove the deployment's secrets or use a WASM workload"
+                        )));
+                    }
+                    Some(
+                        w.container
+                            .clone()
+                            .unwrap_or_else(crate::spec_container::defaults),
+                    )
+                }
+                WorkloadKind::Wasm => None,
+            };
             out.push(WorkloadSpec {
                 name: w.name.clone(),
-                kind: row.release.kind,
+                kind,
                 release: row.digest,
                 config: w.config.clone(),
                 resources: w.resources,
@@ -62,7 +85,12 @@ impl Hub {
                 health: w.health,
                 tick_ms: w.tick_ms,
                 geofence: w.geofence.clone(),
-                secrets: secrets.clone(),
+                secrets: if container.is_some() {
+                    vec![]
+                } else {
+                    secrets.clone()
+                },
+                container,
             });
         }
         Ok(out)

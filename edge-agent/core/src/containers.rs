@@ -1,0 +1,113 @@
+//! Container decisions without the engine: names and spec hashes, what to do with the containers the engine
+//! reports (adopt, start, create, remove), and the local allow-list check.
+//!
+//! The agent never rebuilds a desired configuration from what the engine reports (that is how balena got
+//! endless re-create loops): a container is identified by its name and `io.flotilla.spec-hash` label, both
+//! derived from the signed spec, and is either exactly the wanted one or removed.
+
+use flotilla_shared::wire::{NetworkMode, WorkloadSpec};
+use flotilla_shared::{Digest, WorkloadName};
+use std::collections::BTreeSet;
+
+/// Label keys put on every container the agent creates.
+pub const LABEL_MANAGED: &str = "io.flotilla.managed";
+pub const LABEL_DEVICE: &str = "io.flotilla.device";
+pub const LABEL_WORKLOAD: &str = "io.flotilla.workload";
+pub const LABEL_SPEC_HASH: &str = "io.flotilla.spec-hash";
+pub const LABEL_GENERATION: &str = "io.flotilla.generation";
+pub const LABEL_RELEASE: &str = "io.flotilla.release";
+
+/// The first 12 hex digits of the SHA-256 of the spec's canonical (postcard) encoding: any change to the signed
+/// spec, release included, gives a new container.
+pub fn spec_hash(spec: &WorkloadSpec) -> String {
+    let bytes = postcard::to_stdvec(spec).unwrap_or_default();
+    Digest::of(&bytes).to_hex()[..12].to_owned()
+}
+
+/// `flotilla_<workload>_<spec hash>`: unique per workload version, valid as an engine container name.
+pub fn container_name(workload: &WorkloadName, spec_hash: &str) -> String {
+    format!("flotilla_{workload}_{spec_hash}")
+}
+
+/// A container the engine reports carrying this device's managed label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub name: String,
+    pub workload: String,
+    pub spec_hash: String,
+    pub running: bool,
+}
+
+/// What to do with the wanted container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bring {
+    /// It runs already: keep it (an agent restart does not restart a container).
+    Adopt,
+    /// It exists but is stopped: start it as it is (no re-create).
+    StartExisting,
+    /// It does not exist (never created, or the engine lost it): create it from the cached image.
+    Create,
+}
+
+/// How to bring up the container `want` for `workload`, given the managed containers of this device, and which
+/// of the workload's other containers (older specs, left over by a crash mid-update) to remove first.
+pub fn bring_up(workload: &str, want: &str, found: &[Found]) -> (Vec<String>, Bring) {
+    let remove = found
+        .iter()
+        .filter(|f| f.workload == workload && f.name != want)
+        .map(|f| f.name.clone())
+        .collect();
+    let bring = match found.iter().find(|f| f.name == want) {
+        Some(f) if f.running => Bring::Adopt,
+        Some(_) => Bring::StartExisting,
+        None => Bring::Create,
+    };
+    (remove, bring)
+}
+
+/// The managed containers to remove at start: any, in any state, whose name is not one the device may run now
+/// (a wanted spec, or a last good version it may fall back to).
+pub fn orphans(keep: &BTreeSet<String>, found: &[Found]) -> Vec<String> {
+    found
+        .iter()
+        .filter(|f| !keep.contains(&f.name))
+        .map(|f| f.name.clone())
+        .collect()
+}
+
+/// The device's local allow-list (`[container]` in `agent.toml`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowList {
+    pub host_network: bool,
+    pub devices: Vec<String>,
+    /// Upper case, without `CAP_`.
+    pub capabilities: Vec<String>,
+}
+
+/// Checks what the spec asks beyond the hardened default against the allow-list. The error says what was asked
+/// and that the device's allow-list is the side that said no.
+pub fn allowed(spec: &WorkloadSpec, allow: &AllowList) -> Result<(), String> {
+    let Some(c) = &spec.container else {
+        return Ok(());
+    };
+    let no = |what: String, key: &str| {
+        Err(format!(
+            "the signed spec asks for {what}, which this device's allow-list (agent.toml [container] {key}) does \
+             not permit"
+        ))
+    };
+    if c.network == NetworkMode::Host && !allow.host_network {
+        return no("the host network".into(), "allow_host_network");
+    }
+    if let Some(d) = c.devices.iter().find(|d| !allow.devices.contains(d)) {
+        return no(format!("device {d}"), "allow_devices");
+    }
+    if let Some(cap) = c
+        .capabilities
+        .iter()
+        .find(|cap| !allow.capabilities.contains(cap))
+    {
+        return no(format!("capability {cap}"), "allow_capabilities");
+    }
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! Container decisions, data-driven: adopt / start / create / remove, orphans, and the allow-list.
+
+use flotilla_agent_core::containers::{
+    AllowList, Bring, Found, allowed, bring_up, container_name, orphans, spec_hash,
+};
+use flotilla_shared::wire::{
+    ContainerSpec, HealthRule, NetworkMode, Resources, RestartPolicy, UpdateStrategy, WorkloadKind,
+    WorkloadSpec,
+};
+use flotilla_shared::{Digest, WorkloadName};
+
+fn spec(network: NetworkMode, devices: &[&str], caps: &[&str]) -> WorkloadSpec {
+    WorkloadSpec {
+        name: WorkloadName::new("web").expect("name"),
+        kind: WorkloadKind::Container,
+        release: Digest([1; 32]),
+        config: vec![],
+        resources: Resources {
+            memory_mib: 64,
+            cpu_ms: 100,
+        },
+        restart: RestartPolicy::Always,
+        health: HealthRule::RunningFor(1),
+        tick_ms: 0,
+        geofence: None,
+        secrets: vec![],
+        container: Some(ContainerSpec {
+            command: vec![],
+            env: vec![],
+            config_path: "/etc/flotilla/config".into(),
+            cpus_milli: 0,
+            pids: 256,
+            ports: vec![],
+            volumes: vec![],
+            devices: devices.iter().map(|d| (*d).to_owned()).collect(),
+            capabilities: caps.iter().map(|c| (*c).to_owned()).collect(),
+            network,
+            read_only: true,
+            user: None,
+            health: None,
+            stop_timeout_secs: 10,
+            update_strategy: UpdateStrategy::DownloadThenKill,
+            log_max_bytes: 10 << 20,
+        }),
+    }
+}
+
+fn found(name: &str, workload: &str, running: bool) -> Found {
+    Found {
+        name: name.into(),
+        workload: workload.into(),
+        spec_hash: name.rsplit('_').next().unwrap_or_default().into(),
+        running,
+    }
+}
+
+#[test]
+fn bring_up_decides_from_name_and_state_only() {
+    let want = "flotilla_web_aaaaaaaaaaaa";
+    let cases: Vec<(&str, Vec<Found>, Vec<&str>, Bring)> = vec![
+        ("nothing there", vec![], vec![], Bring::Create),
+        ("running: adopt", vec![found(want, "web", true)], vec![], Bring::Adopt),
+        ("exited: start as is", vec![found(want, "web", false)], vec![], Bring::StartExisting),
+        (
+            "an old spec of the same workload is removed",
+            vec![found("flotilla_web_bbbbbbbbbbbb", "web", true)],
+            vec!["flotilla_web_bbbbbbbbbbbb"],
+            Bring::Create,
+        ),
+        (
+            "other workloads are not touched",
+            vec![found("flotilla_db_cccccccccccc", "db", true), found(want, "web", true)],
+            vec![],
+            Bring::Adopt,
+        ),
+    ];
+    for (what, f, remove, bring) in cases {
+        let (r, b) = bring_up("web", want, &f);
+        assert_eq!(r, remove, "{what}");
+        assert_eq!(b, bring, "{what}");
+    }
+}
+
+#[test]
+fn orphans_are_everything_not_kept() {
+    let keep = ["flotilla_web_aaaaaaaaaaaa".to_owned()].into();
+    let f = vec![
+        found("flotilla_web_aaaaaaaaaaaa", "web", true),
+        found("flotilla_web_bbbbbbbbbbbb", "web", false),
+        found("flotilla_gone_cccccccccccc", "gone", true),
+    ];
+    assert_eq!(
+        orphans(&keep, &f),
+        vec!["flotilla_web_bbbbbbbbbbbb", "flotilla_gone_cccccccccccc"]
+    );
+}
+
+#[test]
+fn spec_hash_changes_with_the_spec() {
+    let a = spec(NetworkMode::Bridge, &[], &[]);
+    let mut b = a.clone();
+    assert_eq!(spec_hash(&a), spec_hash(&b));
+    b.container.as_mut().expect("c").pids = 100;
+    assert_ne!(spec_hash(&a), spec_hash(&b));
+    let h = spec_hash(&a);
+    assert_eq!(h.len(), 12);
+    assert_eq!(container_name(&a.name, &h), format!("flotilla_web_{h}"));
+}
+
+#[test]
+fn allow_list_names_the_side_that_said_no() {
+    let allow = AllowList {
+        host_network: false,
+        devices: vec!["/dev/ttyUSB0".into()],
+        capabilities: vec!["NET_BIND_SERVICE".into()],
+    };
+    let cases: Vec<(WorkloadSpec, Option<&str>)> = vec![
+        (spec(NetworkMode::Bridge, &[], &[]), None),
+        (spec(NetworkMode::None, &["/dev/ttyUSB0"], &["NET_BIND_SERVICE"]), None),
+        (spec(NetworkMode::Host, &[], &[]), Some("allow_host_network")),
+        (spec(NetworkMode::Bridge, &["/dev/mem"], &[]), Some("allow_devices")),
+        (spec(NetworkMode::Bridge, &[], &["SYS_ADMIN"]), Some("allow_capabilities")),
+    ];
+    for (s, want) in cases {
+        match (allowed(&s, &allow), want) {
+            (Ok(()), None) => {}
+            (Err(e), Some(key)) => {
+                assert!(e.contains(key) && e.contains("allow-list"), "{e}")
+            }
+            (got, want) => panic!("{got:?} where {want:?} was expected"),
+        }
+    }
+}
