@@ -54,6 +54,7 @@ fn spec(name: &str, digest: Digest) -> WorkloadSpec {
         tick_ms: 1000,
         geofence: None,
         secrets: vec![],
+        container: None,
     }
 }
 
@@ -150,6 +151,8 @@ async fn main() -> anyhow::Result<()> {
         spec: spec("sensor", d),
         artifact_path: p.to_owned(),
         artifact: d,
+        image: None,
+        generation: 1,
         secrets: Default::default(),
     };
     // Warm the compiled-module cache once.

@@ -27,7 +27,7 @@ use flotilla_shared::codec::{self, Message};
 use flotilla_shared::topics::{self, DeviceTopic};
 use flotilla_shared::wire::{
     ArtifactRef, DesiredState, Inventory, LatLon, Presence, RejectReason, Rejection, Release,
-    Signed, WorkloadSpec,
+    Signed, WorkloadKind, WorkloadSpec,
 };
 use flotilla_shared::{DeviceId, Digest, WorkloadName};
 use std::collections::{BTreeMap, BTreeSet};
@@ -62,6 +62,8 @@ pub struct Agent {
     pub(crate) store: Store,
     pub(crate) trust: Trust,
     runtime: Arc<dyn Runtime>,
+    /// The container runtime, when `[container]` is enabled; containers are refused without it.
+    pub(crate) containers: Option<crate::runtime::container::ContainerRuntime>,
     pub(crate) reconciler: Reconciler,
     running: BTreeMap<WorkloadName, Box<dyn RunningWorkload>>,
     pub(crate) accepted: Option<(Signed, DesiredState)>,
@@ -182,6 +184,7 @@ impl Agent {
             store,
             trust,
             runtime,
+            containers: None,
             reconciler: Reconciler::new(),
             running: BTreeMap::new(),
             accepted: None,
@@ -213,6 +216,36 @@ impl Agent {
 
     pub fn device(&self) -> &DeviceId {
         &self.trust.device
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Drives container workloads through `rt` (probing its engine in the background).
+    pub fn with_containers(&mut self, rt: crate::runtime::container::ContainerRuntime) {
+        self.containers = Some(rt);
+    }
+
+    /// The container names the device may run now (each wanted container spec and each last good one), so the
+    /// container runtime can remove what a crash or an offline change left behind.
+    fn sweep_containers(&self) {
+        let Some(rt) = &self.containers else { return };
+        let wanted = self
+            .accepted
+            .iter()
+            .flat_map(|(_, ds)| ds.workloads.iter())
+            .chain(self.last_good.values().map(|(spec, _)| spec))
+            .filter(|spec| spec.kind == flotilla_shared::wire::WorkloadKind::Container);
+        let keep = wanted
+            .map(|spec| {
+                flotilla_agent_core::containers::container_name(
+                    &spec.name,
+                    &flotilla_agent_core::containers::spec_hash(spec),
+                )
+            })
+            .collect();
+        rt.sweep(keep);
     }
 
     pub(crate) fn millis(&self) -> Millis {
@@ -280,6 +313,7 @@ impl Agent {
             tokio::spawn(crate::metrics::serve(listener, self.metrics_tx.subscribe()));
         }
         self.metrics_tx.send_replace(self.metrics());
+        self.sweep_containers();
         self.drain_actions();
         loop {
             let deadline = self
@@ -467,15 +501,37 @@ impl Agent {
                             continue;
                         }
                     };
+                    let image = self
+                        .releases
+                        .get(&spec.release)
+                        .and_then(|r| r.image.clone());
+                    let generation = self.accepted.as_ref().map_or(0, |(_, ds)| ds.generation);
+                    let kind = spec.kind;
                     let req = StartRequest {
                         name: name.clone(),
                         op,
                         spec,
                         artifact_path: self.artifact_path(&artifact),
                         artifact,
+                        image,
+                        generation,
                         secrets,
                     };
-                    let handle = self.runtime.start(req, self.rt_tx.clone());
+                    let handle = match (kind, &self.containers) {
+                        (WorkloadKind::Wasm, _) => self.runtime.start(req, self.rt_tx.clone()),
+                        (WorkloadKind::Container, Some(rt)) => rt.start(req, self.rt_tx.clone()),
+                        (WorkloadKind::Container, None) => {
+                            // Refused before planning (UnsupportedKind); reaching here is a bug, not a crash.
+                            let now = self.millis();
+                            self.reconciler.op_finished(
+                                now,
+                                &name,
+                                op,
+                                Err("container workloads are disabled on this device".into()),
+                            );
+                            continue;
+                        }
+                    };
                     self.running.insert(name, handle);
                 }
                 Action::Stop { name, op } => match self.running.get_mut(&name) {
@@ -494,6 +550,8 @@ impl Agent {
     async fn shutdown(&mut self, rt_rx: &mut mpsc::Receiver<RuntimeEvent>) {
         tracing::info!("shutting down: stopping workloads");
         let mut op = u64::MAX / 2;
+        // Containers keep running for the next agent to adopt; in-process workloads are stopped.
+        self.running.retain(|_, h| !h.detach());
         for h in self.running.values_mut() {
             op += 1;
             h.stop(op);

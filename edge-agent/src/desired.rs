@@ -116,9 +116,17 @@ impl Agent {
                 .as_ref()
                 .is_none_or(|f| geo::contains(f, self.position));
             let mut artifact = None;
-            if spec.kind != WorkloadKind::Wasm {
+            if spec.kind == WorkloadKind::Container && self.containers.is_none() {
                 self.workload_rejects
                     .insert(spec.name.clone(), RejectReason::UnsupportedKind);
+            } else if let Some(Err(why)) = self
+                .containers
+                .as_ref()
+                .map(|rt| flotilla_agent_core::containers::allowed(&spec, &rt.allow_list()))
+            {
+                // The device's allow-list says no: refused before anything is fetched or stopped.
+                self.workload_rejects
+                    .insert(spec.name.clone(), RejectReason::NotAllowed(why));
             } else if let Some(release) = self.releases.get(&spec.release).cloned() {
                 keep.push(release.artifact_digest);
                 match self.store.has_artifact(&release.artifact_digest) {

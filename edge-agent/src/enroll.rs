@@ -41,7 +41,12 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
         token,
         public_key: key.public(),
         requested_id: cfg.device_id.clone(),
-        inventory: inventory(cfg, read_position(&cfg.position), Some(sealing.public())),
+        inventory: inventory(
+            cfg,
+            read_position(&cfg.position),
+            Some(sealing.public()),
+            None,
+        ),
         csr: Some(csr),
     }))
     .map_err(|e| EnrollError::Transient(e.to_string()))?;

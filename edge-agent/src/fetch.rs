@@ -261,6 +261,25 @@ impl Agent {
                     self.fail_fetch(what, (&e).into());
                     return;
                 }
+                // A container tarball is checked against its signed image before it enters the cache, so a bad
+                // one is refused with its reason while the running version keeps running.
+                let image = self
+                    .releases
+                    .values()
+                    .find(|r| r.artifact_digest == digest)
+                    .and_then(|r| r.image.clone());
+                if let Some(image) = image {
+                    let checked = std::fs::File::open(&f.staging)
+                        .map_err(|_| flotilla_shared::wire::ImageProblem::NotATar)
+                        .and_then(|file| {
+                            flotilla_shared::image::verify(std::io::BufReader::new(file), &image)
+                        });
+                    if let Err(problem) = checked {
+                        let _ = std::fs::remove_file(&f.staging);
+                        self.fail_fetch(what, RejectReason::BadImage(problem));
+                        return;
+                    }
+                }
                 // The verified staging file itself becomes the cached artifact: no verify-then-swap window.
                 let dest = self.artifact_path(&digest);
                 let synced = std::fs::File::open(&f.staging).and_then(|file| file.sync_all());

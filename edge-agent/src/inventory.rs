@@ -9,7 +9,12 @@ pub(crate) fn inventory(
     cfg: &Config,
     position: Option<LatLon>,
     sealing_key: Option<[u8; 32]>,
+    container_engine: Option<flotilla_shared::wire::ContainerEngine>,
 ) -> Inventory {
+    let mut runtimes = vec![WorkloadKind::Wasm];
+    if container_engine.is_some() {
+        runtimes.push(WorkloadKind::Container);
+    }
     Inventory {
         labels: cfg
             .labels
@@ -20,10 +25,11 @@ pub(crate) fn inventory(
         zone: cfg.zone.clone(),
         location: position,
         arch: std::env::consts::ARCH.to_owned(),
-        runtimes: vec![WorkloadKind::Wasm],
+        runtimes,
         memory_mib: cfg.max_memory_mib,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         sealing_key,
+        container_engine,
     }
 }
 

@@ -122,6 +122,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .map_err(|e| Failure::Transient(e.to_string()))?;
     let mut agent =
         Agent::new(cfg, store, Arc::new(wasm)).map_err(|e| Failure::Transient(format!("{e:#}")))?;
+    if agent.config().container.enabled {
+        let rt = flotilla_agent::runtime::container::ContainerRuntime::new(
+            agent.config().container.clone(),
+            agent.device().as_str(),
+            &agent.config().data_dir,
+        )
+        .map_err(|e| Failure::Transient(format!("container runtime: {e}")))?;
+        agent.with_containers(rt);
+    }
     tracing::info!(device = %agent.device(), version = env!("CARGO_PKG_VERSION"), "agent starting");
     // Workloads come back from SQLite before any network is attempted.
     agent

@@ -21,7 +21,13 @@ impl Agent {
     /// The signed report, and the inventory it carries (when it differs from what the hub last received).
     fn build_report_with_inventory(&mut self) -> Result<(Signed, Option<Inventory>)> {
         let counter = self.store.next_counter("report")?;
-        let current = inventory(&self.cfg, self.position, Some(self.sealing.public()));
+        let engine = self.containers.as_ref().and_then(|rt| rt.engine());
+        let current = inventory(
+            &self.cfg,
+            self.position,
+            Some(self.sealing.public()),
+            engine,
+        );
         let changed = (self.inventory_sent.as_ref() != Some(&current)).then_some(current);
         let report = Report {
             device: self.trust.device.clone(),

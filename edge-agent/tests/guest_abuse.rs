@@ -39,9 +39,12 @@ fn request(dir: &Path, name: &str, op: u64, tick_ms: u32, memory_mib: u32) -> St
             tick_ms,
             geofence: None,
             secrets: vec![],
+            container: None,
         },
         artifact_path: path,
         artifact: digest,
+        image: None,
+        generation: 1,
         secrets: Default::default(),
     }
 }

@@ -90,12 +90,13 @@ impl Hub {
             .map_err(|e| HubError::BadRequest(format!("release rejected: {e}")))?;
         // A container tarball gets the device's own check here, so a release devices would refuse never lands.
         if let Some(image) = &release.image {
-            let file = std::fs::File::open(self.store.blob_path(&release.artifact_digest)).map_err(|_| {
-                HubError::BadRequest(format!(
-                    "artifact {} has not been uploaded",
-                    release.artifact_digest
-                ))
-            })?;
+            let file = std::fs::File::open(self.store.blob_path(&release.artifact_digest))
+                .map_err(|_| {
+                    HubError::BadRequest(format!(
+                        "artifact {} has not been uploaded",
+                        release.artifact_digest
+                    ))
+                })?;
             flotilla_shared::image::verify(std::io::BufReader::new(file), image).map_err(|e| {
                 HubError::BadRequest(format!("release rejected: the container image {e}"))
             })?;

@@ -359,6 +359,7 @@ pub(crate) mod test_support {
             tick_ms: 0,
             geofence: None,
             secrets: vec![],
+            container: None,
         }
     }
 

@@ -42,7 +42,8 @@ pub fn read_source(reader: impl Read) -> Result<ImageParts> {
         };
         (get(&entry.config)?.clone(), entry.layers.clone())
     } else if let Some(i) = files.get("index.json") {
-        let index: OciIndex = serde_json::from_slice(i).context("index.json is not an OCI index")?;
+        let index: OciIndex =
+            serde_json::from_slice(i).context("index.json is not an OCI index")?;
         let [desc] = index.manifests.as_slice() else {
             bail!(
                 "the OCI index lists {} manifests; save a single platform",
@@ -62,7 +63,9 @@ pub fn read_source(reader: impl Read) -> Result<ImageParts> {
                 .collect::<Result<_>>()?,
         )
     } else {
-        bail!("not an image tarball: neither manifest.json (docker save) nor index.json (OCI layout)");
+        bail!(
+            "not an image tarball: neither manifest.json (docker save) nor index.json (OCI layout)"
+        );
     };
     let layers = layer_paths
         .iter()

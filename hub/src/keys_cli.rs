@@ -130,7 +130,9 @@ pub fn sign_release(args: &ReleaseSign) -> Result<SignedRelease> {
         }
         WorkloadKind::Container => {
             let parts = crate::image_import::read_source(std::io::BufReader::new(file))
-                .with_context(|| format!("{} is not a usable image tarball", args.artifact.display()))?;
+                .with_context(|| {
+                    format!("{} is not a usable image tarball", args.artifact.display())
+                })?;
             let (bytes, image) = flotilla_shared::image::write_canonical(&parts)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", args.artifact.display()))?;
             (bytes, Some(image))
@@ -152,7 +154,11 @@ pub fn sign_release(args: &ReleaseSign) -> Result<SignedRelease> {
         .map(|p| keyfile::read_signing_key(p))
         .collect::<Result<Vec<_>>>()?;
     let refs: Vec<_> = keys.iter().collect();
-    Ok((trust::sign(DocType::Release, &release, &refs), release, bytes))
+    Ok((
+        trust::sign(DocType::Release, &release, &refs),
+        release,
+        bytes,
+    ))
 }
 
 pub fn run_release_sign(args: ReleaseSign) -> Result<()> {

@@ -162,9 +162,16 @@ impl RawContainer {
             }
             c.devices.push(d);
         }
-        for (i, cap) in self.capabilities.unwrap_or_default().into_iter().enumerate() {
+        for (i, cap) in self
+            .capabilities
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
             let name = cap.trim_start_matches("CAP_").to_ascii_uppercase();
-            if name == "ALL" || name.is_empty() || !name.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+            if name == "ALL"
+                || name.is_empty()
+                || !name.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
             {
                 return Err(err(
                     &format!("capabilities[{i}]"),
@@ -313,20 +320,104 @@ mod tests {
         assert!(good.volumes[1].read_only);
 
         let cases: Vec<(RawContainer, &str)> = vec![
-            (RawContainer { ports: Some(vec!["80".into()]), ..Default::default() }, "ports[0]"),
-            (RawContainer { ports: Some(vec!["0:80".into()]), ..Default::default() }, "ports[0]"),
-            (RawContainer { volumes: Some(vec!["Data:/x".into()]), ..Default::default() }, "volumes[0]"),
-            (RawContainer { volumes: Some(vec!["d:/x".into(), "d:/y".into()]), ..Default::default() }, "volumes[1]"),
-            (RawContainer { volumes: Some(vec!["d:/../etc".into()]), ..Default::default() }, "volumes[0]"),
-            (RawContainer { capabilities: Some(vec!["ALL".into()]), ..Default::default() }, "capabilities[0]"),
-            (RawContainer { devices: Some(vec!["/etc/passwd".into()]), ..Default::default() }, "devices[0]"),
-            (RawContainer { network: Some("container:x".into()), ..Default::default() }, "network"),
-            (RawContainer { cpus: Some(0.0), ..Default::default() }, "cpus"),
-            (RawContainer { pids: Some(0), ..Default::default() }, "pids"),
-            (RawContainer { config_path: Some("etc/x".into()), ..Default::default() }, "config_path"),
-            (RawContainer { env: Some([("A=B".into(), "1".into())].into()), ..Default::default() }, "env"),
-            (RawContainer { update_strategy: Some("yolo".into()), ..Default::default() }, "update_strategy"),
-            (RawContainer { log_max_mib: Some(0), ..Default::default() }, "log_max_mib"),
+            (
+                RawContainer {
+                    ports: Some(vec!["80".into()]),
+                    ..Default::default()
+                },
+                "ports[0]",
+            ),
+            (
+                RawContainer {
+                    ports: Some(vec!["0:80".into()]),
+                    ..Default::default()
+                },
+                "ports[0]",
+            ),
+            (
+                RawContainer {
+                    volumes: Some(vec!["Data:/x".into()]),
+                    ..Default::default()
+                },
+                "volumes[0]",
+            ),
+            (
+                RawContainer {
+                    volumes: Some(vec!["d:/x".into(), "d:/y".into()]),
+                    ..Default::default()
+                },
+                "volumes[1]",
+            ),
+            (
+                RawContainer {
+                    volumes: Some(vec!["d:/../etc".into()]),
+                    ..Default::default()
+                },
+                "volumes[0]",
+            ),
+            (
+                RawContainer {
+                    capabilities: Some(vec!["ALL".into()]),
+                    ..Default::default()
+                },
+                "capabilities[0]",
+            ),
+            (
+                RawContainer {
+                    devices: Some(vec!["/etc/passwd".into()]),
+                    ..Default::default()
+                },
+                "devices[0]",
+            ),
+            (
+                RawContainer {
+                    network: Some("container:x".into()),
+                    ..Default::default()
+                },
+                "network",
+            ),
+            (
+                RawContainer {
+                    cpus: Some(0.0),
+                    ..Default::default()
+                },
+                "cpus",
+            ),
+            (
+                RawContainer {
+                    pids: Some(0),
+                    ..Default::default()
+                },
+                "pids",
+            ),
+            (
+                RawContainer {
+                    config_path: Some("etc/x".into()),
+                    ..Default::default()
+                },
+                "config_path",
+            ),
+            (
+                RawContainer {
+                    env: Some([("A=B".into(), "1".into())].into()),
+                    ..Default::default()
+                },
+                "env",
+            ),
+            (
+                RawContainer {
+                    update_strategy: Some("yolo".into()),
+                    ..Default::default()
+                },
+                "update_strategy",
+            ),
+            (
+                RawContainer {
+                    log_max_mib: Some(0),
+                    ..Default::default()
+                },
+                "log_max_mib",
+            ),
         ];
         for (raw, field) in cases {
             let (f, msg) = raw.validate().expect_err(field);

@@ -123,6 +123,7 @@ fn key_tool_produces_verifiable_documents() {
         tick_ms: 0,
         geofence: None,
         secrets: vec![],
+        container: None,
     };
     let r = trust::verify_release_for(&root, &release, &spec, &TrustFloor::default())
         .expect("release verifies");

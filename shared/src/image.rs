@@ -32,7 +32,10 @@ const MANIFEST_MEDIA: &str = "application/vnd.oci.image.manifest.v1+json";
 const CONFIG_MEDIA: &str = "application/vnd.oci.image.config.v1+json";
 const LAYER_MEDIA: &str = "application/vnd.oci.image.layer.v1.tar";
 /// Annotations that make a loader tag the image.
-const TAG_ANNOTATIONS: [&str; 2] = ["org.opencontainers.image.ref.name", "io.containerd.image.name"];
+const TAG_ANNOTATIONS: [&str; 2] = [
+    "org.opencontainers.image.ref.name",
+    "io.containerd.image.name",
+];
 
 /// One entry of the Docker loader's `manifest.json`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -290,7 +293,9 @@ pub fn verify(reader: impl Read, signed: &ContainerImage) -> Result<(), ImagePro
                     hasher.update(&buf[..n]);
                     if keep {
                         if kept.len() as u64 + n as u64 > MAX_METADATA {
-                            return Err(ImageProblem::BadMetadata(format!("blob {name} (too large)")));
+                            return Err(ImageProblem::BadMetadata(format!(
+                                "blob {name} (too large)"
+                            )));
                         }
                         kept.extend_from_slice(&buf[..n]);
                     }
@@ -337,7 +342,9 @@ fn check_metadata(seen: &Seen, signed: &ContainerImage) -> Result<(), ImageProbl
     let docker: Vec<DockerManifestEntry> = serde_json::from_slice(meta("manifest.json")?)
         .map_err(|_| ImageProblem::BadMetadata("manifest.json".into()))?;
     let [entry] = docker.as_slice() else {
-        return Err(ImageProblem::BadMetadata("manifest.json (not one image)".into()));
+        return Err(ImageProblem::BadMetadata(
+            "manifest.json (not one image)".into(),
+        ));
     };
     if entry.repo_tags.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ImageProblem::Tagged);
@@ -353,7 +360,9 @@ fn check_metadata(seen: &Seen, signed: &ContainerImage) -> Result<(), ImageProbl
     let index: OciIndex = serde_json::from_slice(meta("index.json")?)
         .map_err(|_| ImageProblem::BadMetadata("index.json".into()))?;
     let [desc] = index.manifests.as_slice() else {
-        return Err(ImageProblem::BadMetadata("index.json (not one manifest)".into()));
+        return Err(ImageProblem::BadMetadata(
+            "index.json (not one manifest)".into(),
+        ));
     };
     if desc
         .annotations
@@ -365,9 +374,8 @@ fn check_metadata(seen: &Seen, signed: &ContainerImage) -> Result<(), ImageProbl
     if parse_oci_digest(&desc.digest) != Some(signed.manifest_digest) {
         return Err(ImageProblem::NotTheSignedImage("manifest".into()));
     }
-    let manifest: OciManifest =
-        serde_json::from_slice(meta(&blob_path(&signed.manifest_digest))?)
-            .map_err(|_| ImageProblem::BadMetadata("OCI manifest".into()))?;
+    let manifest: OciManifest = serde_json::from_slice(meta(&blob_path(&signed.manifest_digest))?)
+        .map_err(|_| ImageProblem::BadMetadata("OCI manifest".into()))?;
     if parse_oci_digest(&manifest.config.digest) != Some(signed.config_digest) {
         return Err(ImageProblem::NotTheSignedImage("config".into()));
     }
@@ -376,7 +384,14 @@ fn check_metadata(seen: &Seen, signed: &ContainerImage) -> Result<(), ImageProbl
         .iter()
         .map(|l| parse_oci_digest(&l.digest))
         .collect();
-    if manifest_layers != signed.diff_ids.iter().copied().map(Some).collect::<Vec<_>>() {
+    if manifest_layers
+        != signed
+            .diff_ids
+            .iter()
+            .copied()
+            .map(Some)
+            .collect::<Vec<_>>()
+    {
         return Err(ImageProblem::NotTheSignedImage("layers".into()));
     }
     let config = meta(&blob_path(&signed.config_digest))?;

@@ -6,8 +6,8 @@
 use crate::codec::{DecodeError, decode_exact};
 use crate::ids::{DeviceId, Digest, WorkloadName};
 use crate::wire::{
-    DesiredState, PublicKey, RejectReason, Release, WorkloadKind, Report, Root, SignatureEntry, Signed, UnixSecs,
-    WorkloadSpec,
+    DesiredState, PublicKey, RejectReason, Release, Report, Root, SignatureEntry, Signed, UnixSecs,
+    WorkloadKind, WorkloadSpec,
 };
 use ed25519_dalek::{Signer, Verifier as _};
 use serde::Serialize;

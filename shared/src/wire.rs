@@ -290,18 +290,33 @@ pub enum RejectReason {
     Unsigned,
     UnknownKey,
     BadSignature,
-    BelowThreshold { valid: u8, needed: u8 },
+    BelowThreshold {
+        valid: u8,
+        needed: u8,
+    },
     WrongDevice,
-    StaleGeneration { floor: u64, got: u64 },
-    Expired { expires_at: UnixSecs, now: UnixSecs },
+    StaleGeneration {
+        floor: u64,
+        got: u64,
+    },
+    Expired {
+        expires_at: UnixSecs,
+        now: UnixSecs,
+    },
     RootExpired,
     ReleaseMissing,
     ReleaseMismatch,
-    EpochDowngrade { floor: u32, got: u32 },
+    EpochDowngrade {
+        floor: u32,
+        got: u32,
+    },
     ArtifactDigestMismatch,
     ArtifactTooLarge,
     ArtifactStalled,
-    InsufficientDisk { needed: u64, free: u64 },
+    InsufficientDisk {
+        needed: u64,
+        free: u64,
+    },
     UnsupportedKind,
     InvalidSpec(String),
     /// A container image tarball failed the device's check before the load (nothing was loaded).

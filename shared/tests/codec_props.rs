@@ -56,6 +56,7 @@ fn inventory() -> impl Strategy<Value = Inventory> {
             memory_mib: mem,
             agent_version: "0.1.0".into(),
             sealing_key: Some([mem as u8; 32]),
+            container_engine: None,
         })
 }
 
@@ -172,6 +173,7 @@ fn workload() -> impl Strategy<Value = WorkloadSpec> {
                     name: "token".into(),
                     version: u64::from(tick_ms),
                 }],
+                container: None,
             },
         )
 }

@@ -67,9 +67,11 @@ fn write(entries: &Entries) -> Vec<u8> {
         if *kind == tar::EntryType::Symlink {
             h.set_size(0);
             h.set_link_name("/etc/passwd").expect("link");
-            b.append_data(&mut h, path, std::io::empty()).expect("append");
+            b.append_data(&mut h, path, std::io::empty())
+                .expect("append");
         } else {
-            b.append_data(&mut h, path, bytes.as_slice()).expect("append");
+            b.append_data(&mut h, path, bytes.as_slice())
+                .expect("append");
         }
     }
     b.into_inner().expect("tar")
@@ -117,7 +119,8 @@ fn tampered_tarballs_are_refused_with_their_reason() {
         (
             "a swapped config (named by its own digest)",
             Box::new(move |e| {
-                let other = br#"{"rootfs":{"type":"layers","diff_ids":[]},"config":{"Cmd":["/evil"]}}"#;
+                let other =
+                    br#"{"rootfs":{"type":"layers","diff_ids":[]},"config":{"Cmd":["/evil"]}}"#;
                 let d = Digest::of(other);
                 e.push((blob_path(&d), tar::EntryType::Regular, other.to_vec()));
                 edit_json(e, "manifest.json", |v| {

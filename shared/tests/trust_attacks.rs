@@ -66,6 +66,7 @@ fn release(n: &str, epoch: u32, artifact: &[u8]) -> Release {
         artifact_digest: Digest::of(artifact),
         artifact_size: artifact.len() as u64,
         precompiled: vec![],
+        image: None,
     }
 }
 
@@ -92,6 +93,7 @@ fn spec(n: &str, release: &Signed) -> WorkloadSpec {
         tick_ms: 1000,
         geofence: None,
         secrets: vec![],
+        container: None,
     }
 }
 

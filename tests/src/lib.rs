@@ -595,18 +595,45 @@ impl Hub {
     ) -> Result<String> {
         let path = self.dir.join(format!("{name}-{version}.wasm"));
         std::fs::write(&path, wasm)?;
+        self.push_kind(name, version, epoch, "wasm", &path)
+    }
+
+    /// Signs the container image tarball at `tar` (`docker save` output) as release `name@version`, uploading
+    /// the canonical tarball the release names.
+    pub fn push_container(
+        &self,
+        name: &str,
+        version: &str,
+        epoch: u32,
+        tar: &Path,
+    ) -> Result<String> {
+        self.push_kind(name, version, epoch, "container", tar)
+    }
+
+    fn push_kind(
+        &self,
+        name: &str,
+        version: &str,
+        epoch: u32,
+        kind: &str,
+        path: &Path,
+    ) -> Result<String> {
         let sign = flotilla_hub::keys_cli::ReleaseSign {
-            artifact: path,
+            artifact: path.to_owned(),
             name: name.into(),
             version: version.into(),
             epoch,
-            kind: "wasm".into(),
+            kind: kind.into(),
             keys: vec![self.release_key()],
             out: None,
         };
-        let (signed, _) = flotilla_hub::keys_cli::sign_release(&sign)?;
-        self.client
-            .post("/api/v1/artifacts", "application/octet-stream", wasm, &[])?;
+        let (signed, _, artifact) = flotilla_hub::keys_cli::sign_release(&sign)?;
+        self.client.post(
+            "/api/v1/artifacts",
+            "application/octet-stream",
+            &artifact,
+            &[],
+        )?;
         let v = self.client.post(
             "/api/v1/releases",
             "application/octet-stream",

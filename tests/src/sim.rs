@@ -164,6 +164,7 @@ fn inventory(region: &str) -> Inventory {
         memory_mib: 256,
         agent_version: "sim".into(),
         sealing_key: None,
+        container_engine: None,
     }
 }
 

@@ -59,8 +59,18 @@ fn bring_up_decides_from_name_and_state_only() {
     let want = "flotilla_web_aaaaaaaaaaaa";
     let cases: Vec<(&str, Vec<Found>, Vec<&str>, Bring)> = vec![
         ("nothing there", vec![], vec![], Bring::Create),
-        ("running: adopt", vec![found(want, "web", true)], vec![], Bring::Adopt),
-        ("exited: start as is", vec![found(want, "web", false)], vec![], Bring::StartExisting),
+        (
+            "running: adopt",
+            vec![found(want, "web", true)],
+            vec![],
+            Bring::Adopt,
+        ),
+        (
+            "exited: start as is",
+            vec![found(want, "web", false)],
+            vec![],
+            Bring::StartExisting,
+        ),
         (
             "an old spec of the same workload is removed",
             vec![found("flotilla_web_bbbbbbbbbbbb", "web", true)],
@@ -69,7 +79,10 @@ fn bring_up_decides_from_name_and_state_only() {
         ),
         (
             "other workloads are not touched",
-            vec![found("flotilla_db_cccccccccccc", "db", true), found(want, "web", true)],
+            vec![
+                found("flotilla_db_cccccccccccc", "db", true),
+                found(want, "web", true),
+            ],
             vec![],
             Bring::Adopt,
         ),
@@ -116,10 +129,22 @@ fn allow_list_names_the_side_that_said_no() {
     };
     let cases: Vec<(WorkloadSpec, Option<&str>)> = vec![
         (spec(NetworkMode::Bridge, &[], &[]), None),
-        (spec(NetworkMode::None, &["/dev/ttyUSB0"], &["NET_BIND_SERVICE"]), None),
-        (spec(NetworkMode::Host, &[], &[]), Some("allow_host_network")),
-        (spec(NetworkMode::Bridge, &["/dev/mem"], &[]), Some("allow_devices")),
-        (spec(NetworkMode::Bridge, &[], &["SYS_ADMIN"]), Some("allow_capabilities")),
+        (
+            spec(NetworkMode::None, &["/dev/ttyUSB0"], &["NET_BIND_SERVICE"]),
+            None,
+        ),
+        (
+            spec(NetworkMode::Host, &[], &[]),
+            Some("allow_host_network"),
+        ),
+        (
+            spec(NetworkMode::Bridge, &["/dev/mem"], &[]),
+            Some("allow_devices"),
+        ),
+        (
+            spec(NetworkMode::Bridge, &[], &["SYS_ADMIN"]),
+            Some("allow_capabilities"),
+        ),
     ];
     for (s, want) in cases {
         match (allowed(&s, &allow), want) {

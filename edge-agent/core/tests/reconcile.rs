@@ -22,6 +22,7 @@ fn spec(name: &str, version: u8, restart: RestartPolicy) -> WorkloadSpec {
         tick_ms: 0,
         geofence: None,
         secrets: vec![],
+        container: None,
     }
 }
 

@@ -1,5 +1,6 @@
 //! Workload runtimes behind one trait, so the container runtime plugs in beside WASM.
 
+pub mod container;
 pub mod wasm;
 
 use flotilla_agent_core::{Exit, OpId};
@@ -52,6 +53,10 @@ pub struct StartRequest {
     pub spec: WorkloadSpec,
     pub artifact_path: PathBuf,
     pub artifact: flotilla_shared::Digest,
+    /// For a container release: the image identity it signs (the artifact is its canonical tarball).
+    pub image: Option<flotilla_shared::wire::ContainerImage>,
+    /// The desired-state generation this start belongs to (a label on containers, for operators).
+    pub generation: u64,
     /// The workload's secrets, opened in memory for this start only (never stored or logged in the clear).
     pub secrets: Secrets,
 }
@@ -84,4 +89,9 @@ pub trait RunningWorkload: Send {
     fn stop(&mut self, op: OpId);
     /// The bounded stdout/stderr capture of the workload, newest last.
     fn logs(&self) -> String;
+    /// At agent shutdown: let go of a workload that keeps running without the agent (a container, adopted by
+    /// the next agent) and return true; workloads that live in the agent's process return false and are stopped.
+    fn detach(&mut self) -> bool {
+        false
+    }
 }

@@ -410,6 +410,7 @@ mod isolation {
             artifact_digest: Digest([7; 32]),
             artifact_size: 1,
             precompiled: vec![],
+            image: None,
         };
         let signed = trust::sign(DocType::Release, &release, &[&key]);
         let digest = trust::document_digest(&signed);
@@ -432,6 +433,7 @@ mod isolation {
             memory_mib: 512,
             agent_version: "test".into(),
             sealing_key: None,
+            container_engine: None,
         };
         hub.store
             .insert_device(

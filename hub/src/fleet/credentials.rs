@@ -275,6 +275,7 @@ mod tests {
             memory_mib: 64,
             agent_version: "test".into(),
             sealing_key: None,
+            container_engine: None,
         };
         hub.store
             .insert_device(&id, &SigningKey::from_seed([1; 32]).public(), &inv, 1)

@@ -398,6 +398,7 @@ mod tests {
             memory_mib: 64,
             agent_version: "t".into(),
             sealing_key: None,
+            container_engine: None,
         };
         let ids: Vec<DeviceId> = ["a", "b", "c"]
             .iter()

@@ -316,7 +316,7 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
         keys: vec![hub_dir.join("keys/release.key")],
         out: Some(wasm.path().with_extension("release")),
     };
-    let (signed, _) = flotilla_hub::keys_cli::sign_release(&sign)?;
+    let (signed, _, _) = flotilla_hub::keys_cli::sign_release(&sign)?;
     client.post(
         "/api/v1/artifacts",
         "application/octet-stream",

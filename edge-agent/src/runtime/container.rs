@@ -1,0 +1,646 @@
+//! Container workloads on the device's Docker-compatible engine (Docker, balenaEngine, Podman's Docker API),
+//! through `bollard` over the engine's unix socket.
+//!
+//! The agent owns the lifecycle, not the engine: restart policy `no`, restarts come from the reconciler with the
+//! same backoff as WASM. Each start brings up exactly one container, named from the workload and its spec hash
+//! (see [`flotilla_agent_core::containers`]): a running one is adopted, a stopped one started as it is, a missing
+//! one created from the cached image, which is loaded from the verified tarball only when the engine does not
+//! have it (so an offline reboot, even one that lost the engine's storage, needs no network). Containers keep
+//! running across an agent restart: at shutdown the agent detaches instead of stopping them.
+
+use super::{RunningWorkload, Runtime, RuntimeEvent, StartRequest};
+use crate::config::ContainerConfig;
+use bollard::Docker;
+use bollard::models::{
+    ContainerCreateBody, DeviceMapping, HealthConfig, HealthStatusEnum, HostConfig,
+    HostConfigLogConfig, Mount, MountType, PortBinding,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    StopContainerOptions,
+};
+use flotilla_agent_core::containers::{
+    self, AllowList, Bring, Found, LABEL_DEVICE, LABEL_GENERATION, LABEL_MANAGED, LABEL_RELEASE,
+    LABEL_SPEC_HASH, LABEL_WORKLOAD,
+};
+use flotilla_agent_core::{Exit, OpId};
+use flotilla_shared::wire::{ContainerEngine, ContainerImage, ImageProblem, NetworkMode};
+use futures_util::StreamExt;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How often an absent or refusing engine socket is tried again (the engine may start after the agent).
+const RETRY: Duration = Duration::from_secs(2);
+/// Engine API request timeout; image loads stream for longer (bollard#503), so it is generous.
+const API_TIMEOUT_SECS: u64 = 600;
+/// Lines of a container's output kept for `logs()` after it ends.
+const LOG_TAIL: &str = "200";
+
+/// The container runtime: one engine connection shared by every container workload.
+#[derive(Clone)]
+pub struct ContainerRuntime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: ContainerConfig,
+    device: String,
+    /// Per-container files (the rendered `config`), absolute: the engine resolves bind sources itself.
+    files: PathBuf,
+    docker: Mutex<Option<Docker>>,
+    engine: Mutex<Option<ContainerEngine>>,
+    last_error: Mutex<String>,
+}
+
+impl std::fmt::Debug for ContainerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerRuntime")
+            .field("socket", &self.inner.cfg.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ContainerRuntime {
+    /// Starts probing the engine in the background (must be called inside a tokio runtime). Until the probe
+    /// succeeds, container starts fail with "engine unreachable" and are retried by the reconciler.
+    pub fn new(cfg: ContainerConfig, device: &str, data_dir: &Path) -> std::io::Result<Self> {
+        let files = data_dir.join("containers");
+        std::fs::create_dir_all(&files)?;
+        let files = std::fs::canonicalize(files)?;
+        let rt = Self {
+            inner: Arc::new(Inner {
+                cfg,
+                device: device.to_owned(),
+                files,
+                docker: Mutex::new(None),
+                engine: Mutex::new(None),
+                last_error: Mutex::new("not probed yet".into()),
+            }),
+        };
+        let inner = rt.inner.clone();
+        tokio::spawn(async move { inner.probe_until_connected().await });
+        Ok(rt)
+    }
+
+    /// The engine as probed, once it answered.
+    pub fn engine(&self) -> Option<ContainerEngine> {
+        lock(&self.inner.engine).clone()
+    }
+
+    /// The local allow-list.
+    pub fn allow_list(&self) -> AllowList {
+        AllowList {
+            host_network: self.inner.cfg.allow_host_network,
+            devices: self.inner.cfg.allow_devices.clone(),
+            capabilities: self.inner.cfg.allow_capabilities.clone(),
+        }
+    }
+
+    /// Removes, once the engine answers, every container of this device that is not in `keep` (in any state):
+    /// leftovers of workloads that were removed or replaced while the agent was down. Never touches a container
+    /// without this device's managed label.
+    pub fn sweep(&self, keep: BTreeSet<String>) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let docker = loop {
+                if let Some(d) = inner.docker() {
+                    break d;
+                }
+                tokio::time::sleep(RETRY).await;
+            };
+            match inner.managed(&docker).await {
+                Ok(found) => {
+                    for name in containers::orphans(&keep, &found) {
+                        tracing::info!(container = %name, "removing a container no longer desired");
+                        let _ = docker.remove_container(&name, Some(force_remove())).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list containers to sweep"),
+            }
+        });
+    }
+}
+
+fn force_remove() -> RemoveContainerOptions {
+    RemoveContainerOptions {
+        force: true,
+        v: false,
+        link: false,
+    }
+}
+
+impl Inner {
+    fn docker(&self) -> Option<Docker> {
+        lock(&self.docker).clone()
+    }
+
+    async fn probe_until_connected(&self) {
+        loop {
+            match self.probe().await {
+                Ok((docker, engine)) => {
+                    tracing::info!(
+                        engine = %engine.name,
+                        api = %engine.api_version,
+                        memory_limit = engine.memory_limit,
+                        storage = %engine.storage_driver,
+                        "container engine"
+                    );
+                    *lock(&self.engine) = Some(engine);
+                    *lock(&self.docker) = Some(docker);
+                    return;
+                }
+                Err(e) => {
+                    let mut last = lock(&self.last_error);
+                    if *last != e {
+                        tracing::info!(socket = %self.cfg.socket.display(), error = %e, "container engine not reachable yet");
+                        *last = e;
+                    }
+                }
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// Connects, negotiates the API version down to the engine's (Docker 29 refuses old clients, old engines
+    /// refuse new ones), and reads what the engine can enforce.
+    async fn probe(&self) -> Result<(Docker, ContainerEngine), String> {
+        let path = self.cfg.socket.to_string_lossy();
+        let docker =
+            Docker::connect_with_unix(&path, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+                .map_err(|e| e.to_string())?
+                .negotiate_version()
+                .await
+                .map_err(|e| e.to_string())?;
+        let version = docker.version().await.map_err(|e| e.to_string())?;
+        let info = docker.info().await.map_err(|e| e.to_string())?;
+        let name = version
+            .platform
+            .as_ref()
+            .map(|p| p.name.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "container engine".into());
+        let engine = ContainerEngine {
+            name: format!("{name} {}", version.version.unwrap_or_default()),
+            api_version: version.api_version.unwrap_or_default(),
+            memory_limit: info.memory_limit.unwrap_or(false),
+            storage_driver: info.driver.unwrap_or_default(),
+        };
+        Ok((docker, engine))
+    }
+
+    /// This device's managed containers, in any state.
+    async fn managed(&self, docker: &Docker) -> Result<Vec<Found>, String> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("{LABEL_DEVICE}={}", self.device),
+            ],
+        )]);
+        let list = docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                let name = c.names?.first()?.trim_start_matches('/').to_owned();
+                Some(Found {
+                    name,
+                    workload: labels.get(LABEL_WORKLOAD).cloned().unwrap_or_default(),
+                    spec_hash: labels.get(LABEL_SPEC_HASH).cloned().unwrap_or_default(),
+                    running: c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING),
+                })
+            })
+            .collect())
+    }
+
+    /// Makes sure the engine has the signed image, loading it from the verified tarball if not. Returns the
+    /// image ID to create containers from (never a tag).
+    async fn ensure_image(
+        &self,
+        docker: &Docker,
+        tarball: &Path,
+        image: &ContainerImage,
+    ) -> Result<String, String> {
+        let by_config = format!("sha256:{}", image.config_digest.to_hex());
+        let by_manifest = format!("sha256:{}", image.manifest_digest.to_hex());
+        for id in [&by_config, &by_manifest] {
+            if docker.inspect_image(id).await.is_ok() {
+                return Ok(id.clone());
+            }
+        }
+        // Checked again right before the load: the cached file is what the engine will read.
+        let path = tarball.to_owned();
+        let signed = image.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&path).map_err(|e| format!("cached image: {e}"))?;
+            flotilla_shared::image::verify(std::io::BufReader::new(f), &signed)
+                .map_err(|p| format!("container image refused before loading: {p}"))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        checked?;
+        let file = tokio::fs::File::open(tarball)
+            .await
+            .map_err(|e| format!("cached image: {e}"))?;
+        let body = futures_util::stream::unfold(file, |mut f| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 256 * 1024];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), f))
+                }
+                Err(e) => Some((Err(e), f)),
+            }
+        });
+        let mut progress = docker.import_image_stream(
+            bollard::query_parameters::ImportImageOptions {
+                quiet: true,
+                platform: None,
+            },
+            body,
+            None,
+        );
+        while let Some(item) = progress.next().await {
+            item.map_err(|e| format!("the engine refused the image: {e}"))?;
+        }
+        for id in [&by_config, &by_manifest] {
+            if docker.inspect_image(id).await.is_ok() {
+                tracing::info!(image = %id, "image loaded");
+                return Ok(id.clone());
+            }
+        }
+        Err(format!(
+            "container image refused after loading: {}",
+            ImageProblem::LoadedIdMismatch
+        ))
+    }
+
+    /// Brings up the container for `req`: adopt, start or create. Returns its name.
+    async fn bring_up(&self, req: &StartRequest) -> Result<String, String> {
+        let docker = self.docker().ok_or_else(|| {
+            format!(
+                "container engine unreachable at {}: {}",
+                self.cfg.socket.display(),
+                lock(&self.last_error)
+            )
+        })?;
+        let image = req
+            .image
+            .as_ref()
+            .ok_or("the release names no container image")?;
+        let hash = containers::spec_hash(&req.spec);
+        let name = containers::container_name(&req.name, &hash);
+        let found = self.managed(&docker).await?;
+        let (remove, bring) = containers::bring_up(req.name.as_str(), &name, &found);
+        for old in remove {
+            tracing::info!(container = %old, "removing an older container of this workload");
+            docker
+                .remove_container(&old, Some(force_remove()))
+                .await
+                .map_err(|e| format!("removing {old}: {e}"))?;
+        }
+        match bring {
+            Bring::Adopt => {
+                tracing::info!(container = %name, "adopted running container");
+                return Ok(name);
+            }
+            Bring::StartExisting => {}
+            Bring::Create => {
+                let image_id = self
+                    .ensure_image(&docker, &req.artifact_path, image)
+                    .await?;
+                let dir = self.files.join(&name);
+                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                let config_file = dir.join("config");
+                std::fs::write(&config_file, &req.spec.config).map_err(|e| e.to_string())?;
+                let body = create_body(req, &self.device, &hash, &image_id, &config_file)?;
+                docker
+                    .create_container(
+                        Some(CreateContainerOptions {
+                            name: Some(name.clone()),
+                            ..Default::default()
+                        }),
+                        body,
+                    )
+                    .await
+                    .map_err(|e| format!("creating {name}: {e}"))?;
+            }
+        }
+        docker
+            .start_container(&name, None)
+            .await
+            .map_err(|e| format!("starting {name}: {e}"))?;
+        Ok(name)
+    }
+
+    /// The last lines of a container's output.
+    async fn tail(&self, docker: &Docker, name: &str) -> String {
+        let mut out = String::new();
+        let mut s = docker.logs(
+            name,
+            Some(LogsOptions {
+                stdout: true,
+                stderr: true,
+                tail: LOG_TAIL.into(),
+                ..Default::default()
+            }),
+        );
+        while let Some(Ok(chunk)) = s.next().await {
+            out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+        }
+        out
+    }
+}
+
+/// The engine configuration for a container workload: the hardened default (no privileges, every capability
+/// dropped, no new privileges, read-only root with a tmpfs `/tmp`, a pids limit, the engine never restarts it,
+/// a capped log) plus exactly what the typed spec asks for. Allow-list checks happen before this (in the agent,
+/// where a refusal is reported as the workload's rejection).
+pub(crate) fn create_body(
+    req: &StartRequest,
+    device: &str,
+    hash: &str,
+    image_id: &str,
+    config_file: &Path,
+) -> Result<ContainerCreateBody, String> {
+    let c = req
+        .spec
+        .container
+        .as_ref()
+        .ok_or("a container workload without container fields")?;
+    let labels = HashMap::from([
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_DEVICE.to_owned(), device.to_owned()),
+        (LABEL_WORKLOAD.to_owned(), req.name.to_string()),
+        (LABEL_SPEC_HASH.to_owned(), hash.to_owned()),
+        (LABEL_GENERATION.to_owned(), req.generation.to_string()),
+        (LABEL_RELEASE.to_owned(), req.spec.release.to_hex()),
+    ]);
+    let mut mounts = vec![Mount {
+        target: Some(c.config_path.clone()),
+        source: Some(config_file.to_string_lossy().into_owned()),
+        typ: Some(MountType::BIND),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    for v in &c.volumes {
+        mounts.push(Mount {
+            target: Some(v.path.clone()),
+            // Per workload, not per version: the data survives updates.
+            source: Some(format!("flotilla_{}_{}", req.name, v.name)),
+            typ: Some(MountType::VOLUME),
+            read_only: Some(v.read_only),
+            ..Default::default()
+        });
+    }
+    let mut port_bindings = HashMap::new();
+    let mut exposed = Vec::new();
+    for p in &c.ports {
+        let key = format!("{}/{}", p.container, if p.udp { "udp" } else { "tcp" });
+        exposed.push(key.clone());
+        port_bindings.insert(
+            key,
+            Some(vec![PortBinding {
+                host_ip: None,
+                host_port: Some(p.host.to_string()),
+            }]),
+        );
+    }
+    let memory = i64::from(req.spec.resources.memory_mib) << 20;
+    // Two files of half the cap each: the engine rotates, the total stays within the cap.
+    let log_file = (c.log_max_bytes / 2).max(1 << 20);
+    let host = HostConfig {
+        memory: Some(memory),
+        memory_swap: Some(memory),
+        nano_cpus: (c.cpus_milli > 0).then(|| i64::from(c.cpus_milli) * 1_000_000),
+        pids_limit: Some(i64::from(c.pids)),
+        privileged: Some(false),
+        cap_drop: Some(vec!["ALL".into()]),
+        cap_add: (!c.capabilities.is_empty()).then(|| c.capabilities.clone()),
+        security_opt: Some(vec!["no-new-privileges".into()]),
+        readonly_rootfs: Some(c.read_only),
+        tmpfs: c
+            .read_only
+            .then(|| HashMap::from([("/tmp".to_owned(), "rw,nosuid,nodev,size=64m".to_owned())])),
+        network_mode: Some(
+            match c.network {
+                NetworkMode::Bridge => "bridge",
+                NetworkMode::None => "none",
+                NetworkMode::Host => "host",
+            }
+            .into(),
+        ),
+        port_bindings: (!port_bindings.is_empty()).then_some(port_bindings),
+        mounts: Some(mounts),
+        devices: (!c.devices.is_empty()).then(|| {
+            c.devices
+                .iter()
+                .map(|d| DeviceMapping {
+                    path_on_host: Some(d.clone()),
+                    path_in_container: Some(d.clone()),
+                    cgroup_permissions: Some("rwm".into()),
+                })
+                .collect()
+        }),
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("local".into()),
+            config: Some(HashMap::from([
+                ("max-size".to_owned(), log_file.to_string()),
+                ("max-file".to_owned(), "2".to_owned()),
+            ])),
+        }),
+        // The agent restarts, with its own backoff; the engine never does.
+        restart_policy: Some(bollard::models::RestartPolicy {
+            name: Some(bollard::models::RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        }),
+        ..Default::default()
+    };
+    let env: Vec<String> = c.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    Ok(ContainerCreateBody {
+        image: Some(image_id.to_owned()),
+        cmd: (!c.command.is_empty()).then(|| c.command.clone()),
+        env: (!env.is_empty()).then_some(env),
+        user: c.user.clone(),
+        labels: Some(labels),
+        exposed_ports: (!exposed.is_empty()).then_some(exposed),
+        stop_timeout: Some(i64::from(c.stop_timeout_secs)),
+        healthcheck: c.health.as_ref().map(|h| HealthConfig {
+            test: Some(
+                std::iter::once("CMD".to_owned())
+                    .chain(h.command.iter().cloned())
+                    .collect(),
+            ),
+            interval: Some(i64::from(h.interval_secs) * 1_000_000_000),
+            timeout: Some(i64::from(h.interval_secs) * 1_000_000_000),
+            retries: Some(i64::from(h.retries)),
+            ..Default::default()
+        }),
+        host_config: Some(host),
+        ..Default::default()
+    })
+}
+
+/// Messages from the agent to a container's lifecycle task.
+#[derive(Debug)]
+enum Ctl {
+    Stop(OpId),
+    /// The agent is shutting down: leave the container running for the next agent to adopt.
+    Detach,
+}
+
+struct ContainerHandle {
+    ctl: mpsc::UnboundedSender<Ctl>,
+    logs: Arc<Mutex<String>>,
+}
+
+impl RunningWorkload for ContainerHandle {
+    fn stop(&mut self, op: OpId) {
+        let _ = self.ctl.send(Ctl::Stop(op));
+    }
+    fn logs(&self) -> String {
+        lock(&self.logs).clone()
+    }
+    fn detach(&mut self) -> bool {
+        let _ = self.ctl.send(Ctl::Detach);
+        true
+    }
+}
+
+impl Runtime for ContainerRuntime {
+    fn start(
+        &self,
+        req: StartRequest,
+        events: mpsc::Sender<RuntimeEvent>,
+    ) -> Box<dyn RunningWorkload> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let inner = self.inner.clone();
+        tokio::spawn(lifecycle(inner, req, events, rx, logs.clone()));
+        Box::new(ContainerHandle { ctl: tx, logs })
+    }
+
+    fn fingerprint(&self) -> &str {
+        "container"
+    }
+}
+
+/// One run of a container: bring it up, report, then watch it until it exits, turns unhealthy, or the agent
+/// stops or detaches.
+async fn lifecycle(
+    inner: Arc<Inner>,
+    req: StartRequest,
+    events: mpsc::Sender<RuntimeEvent>,
+    mut ctl: mpsc::UnboundedReceiver<Ctl>,
+    logs: Arc<Mutex<String>>,
+) {
+    let (workload, op) = (req.name.clone(), req.op);
+    let name = match inner.bring_up(&req).await {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = events
+                .send(RuntimeEvent::Started {
+                    name: workload,
+                    op,
+                    result: Err(e),
+                })
+                .await;
+            return;
+        }
+    };
+    let _ = events
+        .send(RuntimeEvent::Started {
+            name: workload.clone(),
+            op,
+            result: Ok(()),
+        })
+        .await;
+    let Some(docker) = inner.docker() else {
+        return;
+    };
+    let mut wait = docker.wait_container(&name, None);
+    let health_every = req
+        .spec
+        .container
+        .as_ref()
+        .and_then(|c| c.health.as_ref())
+        .map(|h| Duration::from_secs(u64::from(h.interval_secs)));
+    let mut health = tokio::time::interval(health_every.unwrap_or(Duration::from_secs(3600)));
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unhealthy = false;
+    loop {
+        tokio::select! {
+            // Ends on exit, and on a lost engine connection (then the inspect below fails and the reconciler
+            // restarts, which adopts the container if it still runs).
+            _ = wait.next() => {
+                let exit = match docker.inspect_container(&name, None).await {
+                    Ok(i) => {
+                        let st = i.state.unwrap_or_default();
+                        if st.running == Some(true) {
+                            Exit::Failed("lost the engine's wait on the container".into())
+                        } else if unhealthy {
+                            Exit::Failed("unhealthy: the health check failed; restarted by the agent".into())
+                        } else if st.oom_killed == Some(true) {
+                            Exit::Failed(format!("OOM-killed (memory limit {} MiB)", req.spec.resources.memory_mib))
+                        } else {
+                            match st.exit_code.unwrap_or(-1) {
+                                0 => Exit::Completed,
+                                code => Exit::Failed(format!("exited with code {code}")),
+                            }
+                        }
+                    }
+                    Err(e) => Exit::Failed(format!("container {name} lost: {e}")),
+                };
+                *lock(&logs) = inner.tail(&docker, &name).await;
+                let _ = events.send(RuntimeEvent::Exited { name: workload, op, exit }).await;
+                return;
+            }
+            c = ctl.recv() => match c {
+                Some(Ctl::Stop(stop_op)) => {
+                    let t = req.spec.container.as_ref().map_or(10, |c| c.stop_timeout_secs);
+                    let _ = docker
+                        .stop_container(&name, Some(StopContainerOptions { t: i32::try_from(t).ok(), signal: None }))
+                        .await;
+                    *lock(&logs) = inner.tail(&docker, &name).await;
+                    if let Err(e) = docker.remove_container(&name, Some(force_remove())).await {
+                        tracing::warn!(container = %name, error = %e, "cannot remove stopped container");
+                    }
+                    let _ = std::fs::remove_dir_all(inner.files.join(&name));
+                    let _ = events.send(RuntimeEvent::Stopped { name: workload, op: stop_op }).await;
+                    return;
+                }
+                Some(Ctl::Detach) | None => return,
+            },
+            _ = health.tick(), if health_every.is_some() => {
+                let status = docker
+                    .inspect_container(&name, None)
+                    .await
+                    .ok()
+                    .and_then(|i| i.state)
+                    .and_then(|s| s.health)
+                    .and_then(|h| h.status);
+                if status == Some(HealthStatusEnum::UNHEALTHY) {
+                    tracing::warn!(container = %name, "unhealthy; restarting it");
+                    unhealthy = true;
+                    let _ = docker.kill_container(&name, None).await;
+                }
+            }
+        }
+    }
+}
