@@ -37,7 +37,7 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
     };
     let (link, mut rx) =
         flotilla_mqtt::connect(settings).map_err(|e| EnrollError::Transient(e.to_string()))?;
-    let request = codec::encode(&Message::EnrollRequest(EnrollRequest {
+    let request = codec::encode(&Message::EnrollRequest(Box::new(EnrollRequest {
         token,
         public_key: key.public(),
         requested_id: cfg.device_id.clone(),
@@ -48,7 +48,7 @@ pub async fn enroll(cfg: &Config, store: &mut Store) -> Result<(), EnrollError> 
             None,
         ),
         csr: Some(csr),
-    }))
+    })))
     .map_err(|e| EnrollError::Transient(e.to_string()))?;
     let pinned = match &cfg.trust_root {
         Some(p) => Some(

@@ -98,7 +98,9 @@ impl Hub {
                     ))
                 })?;
             flotilla_shared::image::verify(std::io::BufReader::new(file), image).map_err(|e| {
-                HubError::BadRequest(format!("release rejected: the container image {e}"))
+                HubError::BadRequest(format!(
+                    "release rejected: the container image tarball: {e}"
+                ))
             })?;
         }
         let blob = self.store.blob_path(&release.artifact_digest);

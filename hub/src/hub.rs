@@ -227,7 +227,7 @@ impl Hub {
     fn on_message(&mut self, topic: &str, payload: &[u8]) {
         if let Some(nonce) = topics::parse_enroll_request(topic) {
             match codec::decode(payload) {
-                Ok(Message::EnrollRequest(req)) => self.on_enroll(nonce.to_owned(), req),
+                Ok(Message::EnrollRequest(req)) => self.on_enroll(nonce.to_owned(), *req),
                 _ => self.metrics.messages_rejected += 1,
             }
             return;

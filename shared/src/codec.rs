@@ -31,7 +31,8 @@ pub enum Message {
     ArtifactRequest(ArtifactRequest),
     ArtifactChunk(ArtifactChunk),
     Telemetry(Vec<TelemetryRecord>),
-    EnrollRequest(EnrollRequest),
+    /// Boxed: the inventory it carries makes it several times larger than every other message.
+    EnrollRequest(Box<EnrollRequest>),
     EnrollResponse(EnrollResponse),
     /// Agent -> hub: a CSR for renewed or rotated credentials.
     CredentialRequest(CredentialRequest),
@@ -215,7 +216,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         Kind::ArtifactRequest => Message::ArtifactRequest(decode_exact(body)?),
         Kind::ArtifactChunk => Message::ArtifactChunk(decode_exact(body)?),
         Kind::Telemetry => Message::Telemetry(decode_exact(body)?),
-        Kind::EnrollRequest => Message::EnrollRequest(decode_exact(body)?),
+        Kind::EnrollRequest => Message::EnrollRequest(Box::new(decode_exact(body)?)),
         Kind::EnrollResponse => Message::EnrollResponse(decode_exact(body)?),
         Kind::CredentialRequest => Message::CredentialRequest(decode_exact(body)?),
         Kind::CredentialResponse => Message::CredentialResponse(decode_exact(body)?),

@@ -253,7 +253,13 @@ pub fn verify(reader: impl Read, signed: &ContainerImage) -> Result<(), ImagePro
             .into_owned();
         let path = path.strip_prefix("./").unwrap_or(&path).to_owned();
         let kind = entry.header().entry_type();
+        // `docker save` of Docker < 25 puts each layer in a directory named by its legacy v1 ID, and the config
+        // beside them as `<id>.json`.
+        let legacy_dir = path.split('/').next().is_some_and(|top| {
+            top.len() >= 64 && top.bytes().take(64).all(|b| b.is_ascii_hexdigit())
+        });
         if path == "repositories"
+            || legacy_dir
             || path.ends_with("/json")
             || path.ends_with("/VERSION")
             || path.ends_with("/layer.tar")

@@ -225,8 +225,9 @@ pub struct WorkloadSpec {
     /// The secrets of its deployment it may read, by name and version. A new version changes the spec, so the
     /// workload restarts with the new value; the sealed values travel in [`DesiredState::sealed`].
     pub secrets: Vec<SecretRef>,
-    /// Present exactly when `kind` is [`WorkloadKind::Container`].
-    pub container: Option<ContainerSpec>,
+    /// Present exactly when `kind` is [`WorkloadKind::Container`]. Boxed: it is larger than the rest of the
+    /// spec, and WASM workloads (most of them) do not carry it.
+    pub container: Option<Box<ContainerSpec>>,
 }
 
 /// A workload's reference to one secret of its deployment.

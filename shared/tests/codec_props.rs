@@ -109,13 +109,13 @@ fn message() -> impl Strategy<Value = Message> {
                 }])
             ),
         (ident(), any::<[u8; 32]>(), inventory()).prop_map(|(token, pk, inventory)| {
-            Message::EnrollRequest(EnrollRequest {
+            Message::EnrollRequest(Box::new(EnrollRequest {
                 token,
                 public_key: PublicKey(pk),
                 requested_id: None,
                 inventory,
                 csr: Some(pk.to_vec()),
-            })
+            }))
         }),
         proptest::collection::vec(any::<u8>(), 0..600)
             .prop_map(|csr| Message::CredentialRequest(CredentialRequest { csr })),

@@ -2,6 +2,7 @@
 
 mod access;
 mod cli;
+mod containers;
 mod correctness;
 mod crash;
 mod e2e;

@@ -1118,3 +1118,78 @@ impl TestClient {
         Ok(())
     }
 }
+
+/// Builds a tiny container image from Debian's `busybox-static` (no registry is reachable here): a rootfs with
+/// `/bin/busybox` and its applets, `docker import`ed, `docker save`d to `dir/NAME.tar`, then removed from the
+/// engine again so that the agent has to load it from the signed tarball.
+pub fn busybox_image(dir: &Path, name: &str) -> Result<PathBuf> {
+    let busybox = Path::new("/bin/busybox");
+    anyhow::ensure!(
+        busybox.exists(),
+        "/bin/busybox missing (apt-get install busybox-static)"
+    );
+    let root = dir.join(format!("{name}-rootfs"));
+    std::fs::create_dir_all(root.join("bin"))?;
+    std::fs::create_dir_all(root.join("tmp"))?;
+    std::fs::copy(busybox, root.join("bin/busybox"))?;
+    for applet in [
+        "sh", "sleep", "echo", "cat", "ls", "true", "false", "yes", "head", "dd",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+    }
+    let tag = format!("flotilla-test/{name}:{}", std::process::id());
+    let import = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar -C '{}' -c . | docker import -c 'CMD [\"/bin/sh\"]' - '{tag}' >/dev/null",
+            root.display()
+        ))
+        .status()?;
+    anyhow::ensure!(import.success(), "docker import failed");
+    let tar = dir.join(format!("{name}.tar"));
+    let saved = Command::new("docker")
+        .args(["save", "-o"])
+        .arg(&tar)
+        .arg(&tag)
+        .status()?;
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", &tag])
+        .stdout(Stdio::null())
+        .status();
+    anyhow::ensure!(saved.success(), "docker save failed");
+    Ok(tar)
+}
+
+/// Runs `docker ARGS` and returns its trimmed stdout (empty on failure).
+pub fn docker(args: &[&str]) -> String {
+    Command::new("docker")
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Removes, when dropped, every container labelled for `device` and the images named (tests share one engine).
+#[derive(Debug)]
+pub struct DockerCleanup {
+    pub device: String,
+    pub images: Vec<String>,
+}
+
+impl Drop for DockerCleanup {
+    fn drop(&mut self) {
+        let ids = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=io.flotilla.device={}", self.device),
+        ]);
+        for id in ids.lines() {
+            docker(&["rm", "-f", id]);
+        }
+        for image in &self.images {
+            docker(&["rmi", "-f", image]);
+        }
+    }
+}

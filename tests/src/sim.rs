@@ -192,14 +192,14 @@ async fn enroll(
         None,
         None,
     ))?;
-    let req = codec::encode(&Message::EnrollRequest(EnrollRequest {
+    let req = codec::encode(&Message::EnrollRequest(Box::new(EnrollRequest {
         token,
         public_key: key.public(),
         requested_id: Some(id.clone()),
         inventory: inventory(REGIONS[i % REGIONS.len()]),
         // Simulated devices connect on the plain listener with their passwords.
         csr: None,
-    }))?;
+    })))?;
     let root = loop {
         match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
             // (Re)send on connect, and again after 30 s of silence: the request is idempotent for the same token

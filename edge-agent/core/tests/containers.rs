@@ -24,7 +24,7 @@ fn spec(network: NetworkMode, devices: &[&str], caps: &[&str]) -> WorkloadSpec {
         tick_ms: 0,
         geofence: None,
         secrets: vec![],
-        container: Some(ContainerSpec {
+        container: Some(Box::new(ContainerSpec {
             command: vec![],
             env: vec![],
             config_path: "/etc/flotilla/config".into(),
@@ -41,7 +41,7 @@ fn spec(network: NetworkMode, devices: &[&str], caps: &[&str]) -> WorkloadSpec {
             stop_timeout_secs: 10,
             update_strategy: UpdateStrategy::DownloadThenKill,
             log_max_bytes: 10 << 20,
-        }),
+        })),
     }
 }
 

@@ -67,11 +67,11 @@ impl Hub {
                              remove the deployment's secrets or use a WASM workload"
                         )));
                     }
-                    Some(
+                    Some(Box::new(
                         w.container
                             .clone()
                             .unwrap_or_else(crate::spec_container::defaults),
-                    )
+                    ))
                 }
                 WorkloadKind::Wasm => None,
             };

@@ -41,5 +41,12 @@ pub(crate) fn validate_inventory(inv: &Inventory) -> Result<(), String> {
     {
         return Err("too many or too long labels".into());
     }
+    if let Some(e) = &inv.container_engine
+        && [&e.name, &e.api_version, &e.storage_driver]
+            .iter()
+            .any(|s| s.len() > 128)
+    {
+        return Err("container engine description too long".into());
+    }
     Ok(())
 }

@@ -127,7 +127,7 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn kind_str(k: WorkloadKind) -> &'static str {
+pub fn kind_str(k: WorkloadKind) -> &'static str {
     match k {
         WorkloadKind::Wasm => "wasm",
         WorkloadKind::Container => "container",

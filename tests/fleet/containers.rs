@@ -1,0 +1,252 @@
+//! Container workloads on this machine's real Docker engine: deployed end to end through the hub and the embedded
+//! broker, hardened by default, adopted (not restarted) by a restarted agent, brought back from the cached image
+//! with no network after the engine lost both the container and the image, crash-loop backoff, allow-list
+//! refusals, and the hub refusing a legacy tarball before any device sees it.
+//!
+//! Device ids carry the test process id: the engine is shared by every test, and an agent removes containers
+//! labelled with its device id that it does not want.
+
+use flotilla_fleet_tests::{
+    AgentSpec, DockerCleanup, FleetBuilder, PATIENCE, busybox_image, docker, wait_for,
+};
+use serde_json::Value;
+
+fn device_id(what: &str) -> String {
+    format!("ctr-{what}-{}", std::process::id())
+}
+
+fn spec(device: &str, body: &str) -> String {
+    format!(
+        "name = \"web\"\n[target]\nselector = {{ device = \"{device}\" }}\n[[workloads]]\nname = \"web\"\n\
+         release = \"web@1.0.0\"\nkind = \"container\"\nmemory_mib = 32\nrestart = \"always\"\nhealth_secs = 1\n{body}"
+    )
+}
+
+/// The one container of `device`'s workload `workload`: (name, inspect JSON).
+fn container(device: &str, workload: &str) -> Option<(String, Value)> {
+    let ids = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=io.flotilla.device={device}"),
+        "--filter",
+        &format!("label=io.flotilla.workload={workload}"),
+    ]);
+    let id = ids.lines().next()?;
+    let v: Value = serde_json::from_str(&docker(&["inspect", id])).ok()?;
+    let c = v.get(0)?.clone();
+    Some((c["Name"].as_str()?.trim_start_matches('/').to_owned(), c))
+}
+
+fn running(device: &str, workload: &str) -> Option<(String, Value)> {
+    container(device, workload).filter(|(_, c)| c["State"]["Running"] == true)
+}
+
+#[test]
+fn container_end_to_end_adopt_and_offline_reboot() {
+    let id = device_id("e2e");
+    let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
+    agent.labels.push(("device".into(), id.clone()));
+    let mut fleet = FleetBuilder::new()
+        .with_proxies()
+        .agent(agent)
+        .start()
+        .expect("fleet");
+    let _cleanup = DockerCleanup {
+        device: id.clone(),
+        images: vec![],
+    };
+    let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
+    fleet
+        .hub
+        .push_container("web", "1.0.0", 1, &tar)
+        .expect("container release");
+    // The device reports its engine; placement may require it.
+    wait_for("the engine in the inventory", PATIENCE, || {
+        let d = fleet.hub.device(&id)?;
+        (d["runtimes"].as_array()?.iter().any(|r| r == "container")).then_some(d)
+    })
+    .expect("engine probed");
+    fleet
+        .hub
+        .apply(&spec(
+            &id,
+            "command = [\"/bin/sh\", \"-c\", \"echo started; while true; do sleep 1; done\"]\n\
+             env = { GREETING = \"hello\" }\n[constraints]\nruntime = \"container\"\n",
+        ))
+        .expect("apply");
+    fleet
+        .hub
+        .wait_workload(&id, "web", "running")
+        .expect("container running");
+    let (name, c) = wait_for("the container", PATIENCE, || running(&id, "web")).expect("container");
+    assert!(name.starts_with("flotilla_web_"), "{name}");
+    // Hardened by default, restarted by the agent only, logs capped, created by image ID.
+    let hc = &c["HostConfig"];
+    assert_eq!(hc["ReadonlyRootfs"], true);
+    assert_eq!(hc["Privileged"], false);
+    assert_eq!(hc["CapDrop"], serde_json::json!(["ALL"]));
+    assert!(
+        hc["SecurityOpt"].to_string().contains("no-new-privileges"),
+        "{hc}"
+    );
+    assert_eq!(hc["PidsLimit"], 256);
+    assert_eq!(hc["Memory"], 32 << 20);
+    assert_eq!(hc["RestartPolicy"]["Name"], "no");
+    assert_eq!(hc["LogConfig"]["Type"], "local");
+    assert!(
+        c["Config"]["Image"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("sha256:"),
+        "{}",
+        c["Config"]["Image"]
+    );
+    assert_eq!(c["Config"]["Labels"]["io.flotilla.managed"], "true");
+    assert!(c["Config"]["Env"].to_string().contains("GREETING=hello"));
+    let started_at = c["State"]["StartedAt"].clone();
+    let container_id = c["Id"].clone();
+
+    // An agent restart adopts the running container: same container, not restarted.
+    let a = fleet.agent_mut(&id);
+    a.kill9();
+    a.start().expect("restart");
+    a.wait_log(&["adopted running container"], 1)
+        .expect("adopted");
+    let (_, again) = running(&id, "web").expect("still running");
+    assert_eq!(again["Id"], container_id);
+    assert_eq!(again["State"]["StartedAt"], started_at, "not restarted");
+
+    // Offline reboot after the engine lost the container and the image: back from the cached tarball, no network.
+    let image = again["Image"].as_str().unwrap_or_default().to_owned();
+    a.proxy.as_ref().expect("proxy").partition();
+    a.kill9();
+    docker(&["rm", "-f", &name]);
+    docker(&["rmi", "-f", &image]);
+    assert!(container(&id, "web").is_none());
+    a.start().expect("cold start");
+    a.wait_log(&["\"message\":\"running\"", "\"workload\":\"web\""], 1)
+        .expect("running again offline");
+    let (_, back) = wait_for("the container back", PATIENCE, || running(&id, "web")).expect("back");
+    assert_ne!(back["Id"], container_id, "re-created");
+    let log = a.log();
+    assert!(
+        log.contains("image loaded"),
+        "reloaded from the cache:\n{log}"
+    );
+    assert!(
+        !log.contains("\"message\":\"fetching\""),
+        "nothing downloaded:\n{log}"
+    );
+    assert!(!log.contains("\"message\":\"connected\""), "really offline");
+    a.proxy.as_ref().expect("proxy").heal();
+    fleet
+        .hub
+        .wait_workload(&id, "web", "running")
+        .expect("hub sees it running");
+}
+
+#[test]
+fn crash_loop_backs_off_and_allow_list_refuses() {
+    let id = device_id("refuse");
+    let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
+    agent.labels.push(("device".into(), id.clone()));
+    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    let _cleanup = DockerCleanup {
+        device: id.clone(),
+        images: vec![],
+    };
+    let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
+    fleet
+        .hub
+        .push_container("web", "1.0.0", 1, &tar)
+        .expect("container release");
+
+    // A container that exits with code 3: reported with its code, restarted with backoff by the agent.
+    fleet
+        .hub
+        .apply(&spec(
+            &id,
+            "command = [\"/bin/sh\", \"-c\", \"echo dying; exit 3\"]\n",
+        ))
+        .expect("apply");
+    let w = wait_for("the crash loop in the report", PATIENCE, || {
+        let d = fleet.hub.device(&id)?;
+        let w = d["workloads"].as_array()?.first()?.clone();
+        (w["restarts"].as_u64()? >= 2).then_some(w)
+    })
+    .expect("restarts");
+    assert!(
+        w["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exited with code 3"),
+        "{w}"
+    );
+
+    // Host network is beyond the hardened default: the device's allow-list (empty) refuses it, saying so.
+    fleet
+        .hub
+        .apply(&spec(&id, "network = \"host\"\n"))
+        .expect("apply");
+    let w = wait_for("the refusal in the report", PATIENCE, || {
+        let d = fleet.hub.device(&id)?;
+        let w = d["workloads"].as_array()?.first()?.clone();
+        w["rejected"]
+            .as_str()
+            .is_some_and(|r| r.contains("allow_host_network"))
+            .then_some(w)
+    })
+    .expect("refused");
+    assert!(
+        w["rejected"]
+            .as_str()
+            .unwrap_or("")
+            .contains("refused by the device"),
+        "{w}"
+    );
+    assert!(
+        container(&id, "web").is_none_or(|(_, c)| c["HostConfig"]["NetworkMode"] != "host"),
+        "no host-network container was created"
+    );
+}
+
+/// A raw `docker save` tarball (legacy files, a tag inside) signed as a release is refused by the hub with the
+/// device's own check, before any device could download it.
+#[test]
+fn hub_refuses_a_legacy_tagged_tarball() {
+    let fleet = FleetBuilder::new().start().expect("fleet");
+    let tar = busybox_image(&fleet.hub.dir, "raw").expect("test image");
+    let raw = std::fs::read(&tar).expect("tar");
+    let parts = flotilla_hub::image_import::read_source(raw.as_slice()).expect("parts");
+    let (_, image) = flotilla_shared::image::write_canonical(&parts).expect("canonical");
+    let release = flotilla_shared::wire::Release {
+        name: flotilla_shared::WorkloadName::new("raw").expect("name"),
+        version: "1".into(),
+        epoch: 1,
+        kind: flotilla_shared::wire::WorkloadKind::Container,
+        artifact_digest: flotilla_shared::Digest::of(&raw),
+        artifact_size: raw.len() as u64,
+        precompiled: vec![],
+        image: Some(image),
+    };
+    let key = flotilla_hub::keyfile::read_signing_key(&fleet.hub.release_key()).expect("key");
+    let signed =
+        flotilla_shared::trust::sign(flotilla_shared::trust::DocType::Release, &release, &[&key]);
+    fleet
+        .hub
+        .client
+        .post("/api/v1/artifacts", "application/octet-stream", &raw, &[])
+        .expect("artifact upload");
+    let err = fleet
+        .hub
+        .client
+        .post(
+            "/api/v1/releases",
+            "application/octet-stream",
+            &postcard::to_stdvec(&signed).expect("encode"),
+            &[],
+        )
+        .expect_err("refused");
+    assert!(format!("{err:#}").contains("legacy"), "{err:#}");
+}
