@@ -2,14 +2,20 @@
 # The test command: builds the binaries the fleet harness starts, then runs every test in the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The fleet tests also run against a real Mosquitto; install it on a fresh Debian machine.
-if ! command -v mosquitto >/dev/null 2>&1; then
+# The fleet tests also run against a real Mosquitto, and container tests build their images from Debian's
+# busybox-static (no registry is reachable); install both on a fresh Debian machine.
+if ! command -v mosquitto >/dev/null 2>&1 || [ ! -x /bin/busybox ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto busybox-static >/dev/null
   else
-    echo "mosquitto is missing: sudo apt-get install -y mosquitto" >&2
+    echo "mosquitto or busybox-static is missing: sudo apt-get install -y mosquitto busybox-static" >&2
     exit 1
   fi
+fi
+# Container tests drive the local Docker engine.
+if ! docker version >/dev/null 2>&1; then
+  echo "the Docker engine is not reachable (container tests need it): install docker.io and start it" >&2
+  exit 1
 fi
 cargo build --workspace --bins
 cargo nextest run --workspace --profile ci

@@ -38,6 +38,21 @@ fn container(device: &str, workload: &str) -> Option<(String, Value)> {
     Some((c["Name"].as_str()?.trim_start_matches('/').to_owned(), c))
 }
 
+/// A container's stdout and stderr, for failure messages.
+fn docker_logs(name: &str) -> String {
+    std::process::Command::new("docker")
+        .args(["logs", "--tail", "20", name])
+        .output()
+        .map(|o| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+        .unwrap_or_default()
+}
+
 fn running(device: &str, workload: &str) -> Option<(String, Value)> {
     container(device, workload).filter(|(_, c)| c["State"]["Running"] == true)
 }
@@ -71,7 +86,8 @@ fn container_end_to_end_adopt_and_offline_reboot() {
         .hub
         .apply(&spec(
             &id,
-            "command = [\"/bin/sh\", \"-c\", \"echo started; while true; do sleep 1; done\"]\n\
+            "command = [\"/bin/sh\", \"-c\", \"echo started; while true; do /bin/api-client POST /v1/telemetry/count 1; \
+             /bin/api-client POST /v1/metrics/temp 21.5; sleep 1; done\"]\n\
              env = { GREETING = \"hello\" }\n[constraints]\nruntime = \"container\"\n",
         ))
         .expect("apply");
@@ -104,6 +120,22 @@ fn container_end_to_end_adopt_and_offline_reboot() {
     );
     assert_eq!(c["Config"]["Labels"]["io.flotilla.managed"], "true");
     assert!(c["Config"]["Env"].to_string().contains("GREETING=hello"));
+    // The host API socket: telemetry posted inside the container reaches the hub's telemetry feed.
+    let mut feed = fleet
+        .hub
+        .feed_client(
+            "containers",
+            &["eu-west"],
+            &[&format!("flotilla/v1/telemetry/eu-west/{id}/count")],
+        )
+        .expect("feed");
+    let (topic, _) = feed.next_message(PATIENCE).unwrap_or_else(|| {
+        panic!(
+            "no telemetry record from the container; its output:\n{}",
+            docker_logs(&name)
+        )
+    });
+    assert!(topic.ends_with("/count"), "{topic}");
     let started_at = c["State"]["StartedAt"].clone();
     let container_id = c["Id"].clone();
 

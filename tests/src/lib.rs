@@ -1137,6 +1137,20 @@ pub fn busybox_image(dir: &Path, name: &str) -> Result<PathBuf> {
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
     }
+    // The host API client, with the shared libraries it links (busybox's rootfs has no libc).
+    let client = bin_dir().join("api-client");
+    std::fs::copy(&client, root.join("bin/api-client"))?;
+    let ldd = Command::new("ldd").arg(&client).output()?;
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let dest = root.join(lib.trim_start_matches('/'));
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(lib, &dest)?;
+    }
     let tag = format!("flotilla-test/{name}:{}", std::process::id());
     let import = Command::new("sh")
         .arg("-c")

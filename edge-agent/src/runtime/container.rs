@@ -392,13 +392,25 @@ pub(crate) fn create_body(
         (LABEL_GENERATION.to_owned(), req.generation.to_string()),
         (LABEL_RELEASE.to_owned(), req.spec.release.to_hex()),
     ]);
-    let mut mounts = vec![Mount {
-        target: Some(c.config_path.clone()),
-        source: Some(config_file.to_string_lossy().into_owned()),
-        typ: Some(MountType::BIND),
-        read_only: Some(true),
-        ..Default::default()
-    }];
+    let mut mounts = vec![
+        Mount {
+            target: Some(c.config_path.clone()),
+            source: Some(config_file.to_string_lossy().into_owned()),
+            typ: Some(MountType::BIND),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        // The host API: the directory, not the socket, so a re-created socket (agent restart) is seen too.
+        Mount {
+            target: Some("/run/flotilla".into()),
+            source: config_file
+                .parent()
+                .map(|d| d.join("api").to_string_lossy().into_owned()),
+            typ: Some(MountType::BIND),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ];
     for v in &c.volumes {
         mounts.push(Mount {
             target: Some(v.path.clone()),
@@ -497,6 +509,15 @@ pub(crate) fn create_body(
     })
 }
 
+/// Stops the host API server when the lifecycle that started it ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Messages from the agent to a container's lifecycle task.
 #[derive(Debug)]
 enum Ctl {
@@ -551,6 +572,37 @@ async fn lifecycle(
     logs: Arc<Mutex<String>>,
 ) {
     let (workload, op) = (req.name.clone(), req.op);
+    // The host API socket exists before the container starts (so its first call works) and is re-created for
+    // an adopted container, which sees it through its directory mount.
+    let api_dir = inner
+        .files
+        .join(containers::container_name(
+            &req.name,
+            &containers::spec_hash(&req.spec),
+        ))
+        .join("api");
+    let api = std::fs::create_dir_all(&api_dir).and_then(|()| {
+        super::host_api::serve(
+            &api_dir.join("api.sock"),
+            req.name.clone(),
+            req.spec.config.clone(),
+            events.clone(),
+        )
+    });
+    let api = match api {
+        Ok(task) => AbortOnDrop(task),
+        Err(e) => {
+            let _ = events
+                .send(RuntimeEvent::Started {
+                    name: workload,
+                    op,
+                    result: Err(format!("host API socket: {e}")),
+                })
+                .await;
+            return;
+        }
+    };
+    let _api = api;
     let name = match inner.bring_up(&req).await {
         Ok(n) => n,
         Err(e) => {

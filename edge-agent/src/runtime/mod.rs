@@ -1,6 +1,7 @@
 //! Workload runtimes behind one trait, so the container runtime plugs in beside WASM.
 
 pub mod container;
+pub mod host_api;
 pub mod wasm;
 
 use flotilla_agent_core::{Exit, OpId};
@@ -9,7 +10,7 @@ use flotilla_shared::wire::WorkloadSpec;
 use std::path::PathBuf;
 
 /// What a runtime reports back to the agent loop.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum RuntimeEvent {
     /// The start operation `op` finished: the workload is running, or could not be started.
     Started {
