@@ -229,7 +229,14 @@ impl RawContainer {
             c.update_strategy = match s.as_str() {
                 "download-then-kill" => UpdateStrategy::DownloadThenKill,
                 "kill-then-download" => UpdateStrategy::KillThenDownload,
-                "delete-then-download" => UpdateStrategy::DeleteThenDownload,
+                "delete-then-download" => {
+                    return Err(err(
+                        "update_strategy",
+                        "delete-then-download is not supported yet; use kill-then-download (the old container \
+                         stops before the new image downloads)"
+                            .into(),
+                    ));
+                }
                 o => {
                     return Err(err(
                         "update_strategy",
