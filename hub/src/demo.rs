@@ -1,7 +1,8 @@
 //! `flotilla demo`: a real fleet on one machine. Starts a hub with the embedded broker, enrolls six real
 //! `flotilla-agent` processes across three regions (each with its own data directory and position), pushes the
 //! signed sample WASM workload from `firmware-images/`, applies a geo-aware deployment and shows the fleet
-//! converge in a live table. Leaves everything running until Ctrl-C.
+//! converge in a live table; then, when a Docker engine is reachable, a container workload built on the spot from
+//! busybox-static. Leaves everything running until Ctrl-C.
 
 use crate::client::Client;
 use crate::keys_cli::{self, ReleaseSign};
@@ -83,7 +84,146 @@ impl Drop for Fleet {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Containers outlive their agent by design (a restarted agent adopts them); the demo's do not outlive it.
+        for (id, ..) in FLEET {
+            let ids = Command::new("docker")
+                .args(["ps", "-aq", "--filter"])
+                .arg(format!("label=io.flotilla.device={id}"))
+                .stderr(Stdio::null())
+                .output();
+            if let Ok(out) = ids {
+                for cid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("docker")
+                        .args(["rm", "-f", cid])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
     }
+}
+
+const CONTAINER_SPEC: &str = r#"# Demo container deployment: one busybox ticker in eu-west, on a device whose agent reached a container engine.
+name = "ticker"
+
+[target]
+selector = { role = "gateway" }
+regions = ["eu-west"]
+
+[placement]
+policy = "per-region"
+count = 1
+
+[constraints]
+runtime = "container"
+
+[[workloads]]
+name = "ticker"
+release = "ticker@1.0.0"
+kind = "container"
+memory_mib = 16
+restart = "always"
+command = ["/bin/sh", "-c", "while true; do echo tick; sleep 5; done"]
+"#;
+
+/// Builds a tiny image from Debian's busybox-static on the spot (`docker import` of a one-binary rootfs, then
+/// `docker save`), or says why it cannot.
+fn busybox_image(dir: &Path) -> std::result::Result<PathBuf, String> {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.exists() {
+        return Err("/bin/busybox is missing (apt-get install busybox-static)".into());
+    }
+    let up = Command::new("docker")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !up.is_ok_and(|s| s.success()) {
+        return Err("no Docker engine is reachable".into());
+    }
+    let root = dir.join("ticker-rootfs");
+    let tar = dir.join("ticker.tar");
+    let made = (|| -> std::io::Result<bool> {
+        std::fs::create_dir_all(root.join("bin"))?;
+        std::fs::create_dir_all(root.join("tmp"))?;
+        std::fs::copy(busybox, root.join("bin/busybox"))?;
+        for applet in ["sh", "sleep", "echo"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+        }
+        let tag = "flotilla-demo/ticker:1.0.0";
+        let script = format!(
+            "tar -C '{}' -c . | docker import - {tag} >/dev/null && docker save -o '{}' {tag} && docker rmi {tag} >/dev/null",
+            root.display(),
+            tar.display()
+        );
+        Ok(Command::new("sh").arg("-c").arg(script).status()?.success())
+    })();
+    match made {
+        Ok(true) => Ok(tar),
+        Ok(false) => Err("docker import/save failed".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Pushes and applies the container deployment and waits until it runs; `Err` says why it was skipped.
+fn container_demo(
+    client: &Client,
+    dir: &Path,
+    key: PathBuf,
+) -> std::result::Result<String, String> {
+    let tar = busybox_image(dir)?;
+    let sign = ReleaseSign {
+        artifact: tar,
+        name: "ticker".into(),
+        version: "1.0.0".into(),
+        epoch: 1,
+        kind: "container".into(),
+        keys: vec![key],
+        out: None,
+    };
+    let (signed, _, artifact) = keys_cli::sign_release(&sign).map_err(|e| format!("{e:#}"))?;
+    let e = |e: anyhow::Error| format!("{e:#}");
+    client
+        .post(
+            "/api/v1/artifacts",
+            "application/octet-stream",
+            &artifact,
+            &[],
+        )
+        .map_err(e)?;
+    client
+        .post(
+            "/api/v1/releases",
+            "application/octet-stream",
+            &postcard::to_stdvec(&signed).map_err(|x| x.to_string())?,
+            &[],
+        )
+        .map_err(e)?;
+    client
+        .post(
+            "/api/v1/deployments",
+            "application/toml",
+            CONTAINER_SPEC.as_bytes(),
+            &[("x-flotilla-spec-file", "ticker.toml")],
+        )
+        .map_err(e)?;
+    let start = Instant::now();
+    wait_for("the container", Duration::from_secs(60), || {
+        let devices = client.get("/api/v1/devices").ok()?;
+        devices.as_array()?.iter().find_map(|d| {
+            let w = d["workloads"].as_array()?.iter().find(|w| w["name"] == "ticker")?;
+            (w["state"] == "running").then(|| d["id"].as_str().unwrap_or("?").to_owned())
+        })
+    })
+    .map(|device| {
+        format!(
+            "container ticker@1.0.0 running on {device}, {:.1} s after apply ({} KiB signed image over MQTT)",
+            start.elapsed().as_secs_f64(),
+            artifact.len() / 1024
+        )
+    })
+    .map_err(e)
 }
 
 fn wait_for<T>(what: &str, patience: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
@@ -300,6 +440,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    outln!("\n== a container workload (busybox ticker in eu-west)");
+    match container_demo(&client, &args.dir, hub_dir.release_key()) {
+        Ok(done) => outln!("{done}"),
+        Err(why) => outln!("skipped the container workload: {why}"),
+    }
     // The telemetry feed needs a credential like any other client: a read-only one for the demo's eu-west region.
     let feed = client.post(
         "/api/v1/feed-credentials",
@@ -324,6 +469,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
          \x20 flotilla device ls\n\
          \x20 flotilla deploy status sensors\n\
          \x20 flotilla why paris-gw sensor\n\
+         \x20 flotilla why berlin-gw ticker\n\
          \x20 mosquitto_sub -h {} -p {} {feed_login} -t 'flotilla/v1/telemetry/eu-west/#' -v   # telemetry (binary)\n\
          API: {api}/api/v1/openapi.json   metrics: {api}/metrics   spec: {}\n",
         token_file.display(),
