@@ -202,7 +202,17 @@ impl Agent {
             list.push(target);
         }
         self.reconciler.set_desired(self.millis(), list);
-        self.collect_garbage(&keep);
+        // Until every desired release is known, the cache cannot tell what the new state needs: a new release may
+        // name an artifact that a removed workload used (the same image under another name), so nothing is
+        // collected now; the refresh after the last release arrives collects.
+        let releases_known = self.accepted.as_ref().is_some_and(|(_, ds)| {
+            ds.workloads
+                .iter()
+                .all(|w| self.releases.contains_key(&w.release))
+        });
+        if releases_known {
+            self.collect_garbage(&keep);
+        }
     }
 
     /// The last good version of the workload `spec` names, if it differs from `spec`, is still verified (its

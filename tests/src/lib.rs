@@ -29,11 +29,13 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 /// Directory holding `flotilla` and `flotilla-agent` (next to the test executable's `deps/` folder).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    // Test binaries live in target/<profile>/deps, bench binaries beside the product binaries.
+    let here = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = if here.join("flotilla").exists() {
+        here
+    } else {
+        here.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
     for b in ["flotilla", "flotilla-agent"] {
         assert!(
             dir.join(b).exists(),

@@ -36,6 +36,8 @@ use tokio::sync::mpsc;
 const RETRY: Duration = Duration::from_secs(2);
 /// Engine API request timeout; image loads stream for longer (bollard#503), so it is generous.
 const API_TIMEOUT_SECS: u64 = 600;
+/// How long a start waits for the engine probe before it fails (and is retried with backoff).
+const PROBE_PATIENCE: Duration = Duration::from_secs(5);
 /// Lines of a container's output kept for `logs()` after it ends.
 const LOG_TAIL: &str = "200";
 
@@ -50,7 +52,8 @@ struct Inner {
     device: String,
     /// Per-container files (the rendered `config`), absolute: the engine resolves bind sources itself.
     files: PathBuf,
-    docker: Mutex<Option<Docker>>,
+    /// The connection once the probe succeeded; starts that arrive before wait for it (bounded).
+    docker: tokio::sync::watch::Sender<Option<Docker>>,
     engine: Mutex<Option<ContainerEngine>>,
     last_error: Mutex<String>,
 }
@@ -79,7 +82,7 @@ impl ContainerRuntime {
                 cfg,
                 device: device.to_owned(),
                 files,
-                docker: Mutex::new(None),
+                docker: tokio::sync::watch::Sender::new(None),
                 engine: Mutex::new(None),
                 last_error: Mutex::new("not probed yet".into()),
             }),
@@ -138,7 +141,18 @@ fn force_remove() -> RemoveContainerOptions {
 
 impl Inner {
     fn docker(&self) -> Option<Docker> {
-        lock(&self.docker).clone()
+        self.docker.borrow().clone()
+    }
+
+    /// The connection, waiting up to `patience` for the probe: at agent start the restored workloads' starts
+    /// arrive before the engine answered, and failing them would cost a restart backoff.
+    async fn docker_within(&self, patience: Duration) -> Option<Docker> {
+        let mut rx = self.docker.subscribe();
+        let ready = tokio::time::timeout(patience, rx.wait_for(Option::is_some)).await;
+        match ready {
+            Ok(Ok(d)) => d.clone(),
+            _ => None,
+        }
     }
 
     async fn probe_until_connected(&self) {
@@ -153,7 +167,7 @@ impl Inner {
                         "container engine"
                     );
                     *lock(&self.engine) = Some(engine);
-                    *lock(&self.docker) = Some(docker);
+                    self.docker.send_replace(Some(docker));
                     return;
                 }
                 Err(e) => {
@@ -293,7 +307,7 @@ impl Inner {
 
     /// Brings up the container for `req`: adopt, start or create. Returns its name.
     async fn bring_up(&self, req: &StartRequest) -> Result<String, String> {
-        let docker = self.docker().ok_or_else(|| {
+        let docker = self.docker_within(PROBE_PATIENCE).await.ok_or_else(|| {
             format!(
                 "container engine unreachable at {}: {}",
                 self.cfg.socket.display(),
