@@ -282,3 +282,85 @@ fn hub_refuses_a_legacy_tagged_tarball() {
         .expect_err("refused");
     assert!(format!("{err:#}").contains("legacy"), "{err:#}");
 }
+
+/// A container writing as fast as it can to stdout stays within its log cap (the engine's `local` driver, two
+/// files of half the cap), and one whose health check fails is restarted by the agent, saying why.
+#[test]
+fn log_cap_and_unhealthy_restart() {
+    let id = device_id("logs");
+    let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
+    agent.labels.push(("device".into(), id.clone()));
+    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    let _cleanup = DockerCleanup {
+        device: id.clone(),
+        images: vec![],
+    };
+    let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
+    for name in ["logger", "sick"] {
+        fleet
+            .hub
+            .push_container(name, "1.0.0", 1, &tar)
+            .expect("container release");
+    }
+    let spec = format!(
+        "name = \"noisy\"\n[target]\nselector = {{ device = \"{id}\" }}\n\
+         [[workloads]]\nname = \"logger\"\nrelease = \"logger@1.0.0\"\nkind = \"container\"\nmemory_mib = 16\n\
+         restart = \"always\"\ncpus = 0.3\nlog_max_mib = 2\n\
+         command = [\"/bin/sh\", \"-c\", \"yes 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"]\n\
+         [[workloads]]\nname = \"sick\"\nrelease = \"sick@1.0.0\"\nkind = \"container\"\nmemory_mib = 16\n\
+         restart = \"always\"\nhealthcheck = {{ command = [\"/bin/false\"], interval_secs = 1, retries = 1 }}\n\
+         command = [\"/bin/sh\", \"-c\", \"trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done\"]\n"
+    );
+    fleet.hub.apply(&spec).expect("apply");
+    fleet
+        .hub
+        .wait_workload(&id, "logger", "running")
+        .expect("logger running");
+    let (_, c) = wait_for("the logger", PATIENCE, || running(&id, "logger")).expect("logger");
+    // Several seconds at well over 10 MB/s: many times the cap written.
+    let root = docker(&["info", "-f", "{{.DockerRootDir}}"]);
+    let logs = std::path::Path::new(&root)
+        .join("containers")
+        .join(c["Id"].as_str().expect("id"))
+        .join("local-logs");
+    let sizes = || -> Vec<u64> {
+        std::fs::read_dir(&logs)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Rotation happened (a second file): the logger has written past the first file's half of the cap.
+    wait_for("the log to rotate", PATIENCE, || {
+        (sizes().len() >= 2).then_some(())
+    })
+    .expect("rotated");
+    // Then, sampled while it keeps writing, the files never hold more than the cap (plus a block of slack).
+    let mut total = 0;
+    for _ in 0..20 {
+        total = sizes().iter().sum::<u64>();
+        assert!(
+            total <= (2 << 20) + (256 << 10),
+            "log files hold {total} bytes, cap 2 MiB"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(total > 0, "the logger wrote something");
+
+    let w = wait_for("the unhealthy restart in the report", PATIENCE, || {
+        let d = fleet.hub.device(&id)?;
+        let w = d["workloads"]
+            .as_array()?
+            .iter()
+            .find(|w| w["name"] == "sick")?
+            .clone();
+        (w["restarts"].as_u64()? >= 1).then_some(w)
+    })
+    .expect("restarted");
+    assert!(
+        w["last_error"].as_str().unwrap_or("").contains("unhealthy"),
+        "{w}"
+    );
+}
