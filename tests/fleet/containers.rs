@@ -237,6 +237,13 @@ fn crash_loop_backs_off_and_allow_list_refuses() {
             .contains("refused by the device"),
         "{w}"
     );
+    let why = fleet
+        .hub
+        .client
+        .get(&format!("/api/v1/why/{id}/web"))
+        .expect("why")
+        .to_string();
+    assert!(why.contains("allow_host_network"), "{why}");
     assert!(
         container(&id, "web").is_none_or(|(_, c)| c["HostConfig"]["NetworkMode"] != "host"),
         "no host-network container was created"
