@@ -371,3 +371,105 @@ fn log_cap_and_unhealthy_restart() {
         "{w}"
     );
 }
+
+/// The ROUND of every container of workload `moving` of `id` (any state).
+fn rounds_present(id: &str) -> Vec<u64> {
+    docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=io.flotilla.device={id}"),
+        "--filter",
+        "label=io.flotilla.workload=moving",
+    ])
+    .lines()
+    .filter_map(|cid| {
+        let env = docker(&["inspect", "-f", "{{json .Config.Env}}", cid]);
+        env.split("ROUND=").nth(1)?.split('"').next()?.parse().ok()
+    })
+    .collect()
+}
+
+/// Both workloads run, the device applied the newest generation, and `moving` has exactly one container, of
+/// `round`.
+fn converged(fleet: &flotilla_fleet_tests::Fleet, id: &str, round: u64) -> Option<()> {
+    let d = fleet.hub.device(id)?;
+    let all_running = d["workloads"]
+        .as_array()?
+        .iter()
+        .filter(|w| w["state"] == "running")
+        .count()
+        == 2;
+    (all_running
+        && d["applied_generation"] == d["desired_generation"]
+        && rounds_present(id) == vec![round]
+        && container(id, "steady").is_some())
+    .then_some(())
+}
+
+/// The restart campaign: an agent `kill -9`ed at a seeded random moment while an update of one container is in
+/// flight, then restarted, 100 times. After every kill, each container of the updated workload carries the old or
+/// the new spec; after every restart the device converges with exactly one container per workload (no orphans in
+/// any state); the container that never changed is never restarted.
+#[test]
+fn restart_campaign_while_updating() {
+    let id = device_id("campaign");
+    let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
+    agent.labels.push(("device".into(), id.clone()));
+    let mut fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    let _cleanup = DockerCleanup {
+        device: id.clone(),
+        images: vec![],
+    };
+    let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
+    for name in ["steady", "moving"] {
+        fleet
+            .hub
+            .push_container(name, "1.0.0", 1, &tar)
+            .expect("container release");
+    }
+    let cmd = "command = [\"/bin/sh\", \"-c\", \"trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done\"]";
+    let spec = |round: u64| {
+        format!(
+            "name = \"campaign\"\n[target]\nselector = {{ device = \"{id}\" }}\n\
+             [[workloads]]\nname = \"steady\"\nrelease = \"steady@1.0.0\"\nkind = \"container\"\nmemory_mib = 16\n\
+             restart = \"always\"\n{cmd}\n\
+             [[workloads]]\nname = \"moving\"\nrelease = \"moving@1.0.0\"\nkind = \"container\"\nmemory_mib = 16\n\
+             restart = \"always\"\nenv = {{ ROUND = \"{round}\" }}\nstop_timeout_secs = 2\n{cmd}\n"
+        )
+    };
+    fleet.hub.apply(&spec(0)).expect("apply");
+    wait_for("round 0", PATIENCE, || converged(&fleet, &id, 0)).expect("converged");
+    let (_, steady) = running(&id, "steady").expect("steady");
+    let mut rng = flotilla_fleet_tests::Rng::from_env("container restart campaign", 0x5eed_c0de);
+    let rounds = 100;
+    for round in 1..=rounds {
+        fleet.hub.apply(&spec(round)).expect("apply");
+        // Somewhere in the update: before the device heard of it, while it stops the old container, while it
+        // creates the new one, or after.
+        let delay = rng.next_u64() % 400;
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let a = fleet.agent_mut(&id);
+        a.kill9();
+        let present = rounds_present(&id);
+        assert!(
+            present.iter().all(|r| *r == round || *r == round - 1),
+            "round {round} (killed after {delay} ms): containers of rounds {present:?}"
+        );
+        a.start().expect("restart");
+        wait_for(&format!("round {round}"), PATIENCE, || {
+            converged(&fleet, &id, round)
+        })
+        .unwrap_or_else(|e| panic!("{e}: containers of rounds {:?}", rounds_present(&id)));
+    }
+    let (_, after) = running(&id, "steady").expect("steady");
+    assert_eq!(
+        after["Id"], steady["Id"],
+        "the steady container was never replaced"
+    );
+    assert_eq!(
+        after["State"]["StartedAt"], steady["State"]["StartedAt"],
+        "the steady container was never restarted"
+    );
+    assert_eq!(after["RestartCount"], 0);
+}
