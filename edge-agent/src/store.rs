@@ -274,8 +274,15 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (spec, artifact) = row?;
-            let spec: WorkloadSpec = decode_exact(&spec)
-                .map_err(|e| StoreError::Corrupt(format!("last_good spec: {e}")))?;
+            // A row written by an older protocol version no longer decodes: it is only a fallback, so it is
+            // skipped (and replaced at the next successful start) instead of keeping the agent from starting.
+            let spec: WorkloadSpec = match decode_exact(&spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an undecodable last good version");
+                    continue;
+                }
+            };
             let artifact: [u8; 32] = artifact
                 .as_slice()
                 .try_into()

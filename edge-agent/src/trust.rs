@@ -3,7 +3,7 @@
 
 use crate::agent::{Agent, unix_now};
 use crate::store::Store;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use flotilla_shared::DeviceId;
 use flotilla_shared::codec;
 use flotilla_shared::trust::{self, SigningKey, TrustFloor};
@@ -68,7 +68,12 @@ impl Agent {
                 self.frozen = true;
                 self.accepted = Some((signed, ds));
             }
-            Err(e) => bail!("stored desired state does not verify: {e}"),
+            // Nothing runs from a stored state that does not verify (or, after an upgrade to a new protocol
+            // version, no longer decodes); the agent still starts, connects and takes the hub's current one.
+            Err(e) => {
+                tracing::error!(error = %e, "stored desired state does not verify; waiting for the hub's");
+                return Ok(());
+            }
         }
         // The releases of the desired workloads, and of their last good versions (what runs if the wanted one
         // cannot): each is verified against the current root and floor before it may run.
