@@ -90,7 +90,7 @@ pub struct Agent {
     epoch: Instant,
     pub(crate) last_report: Instant,
     last_metrics: Instant,
-    rt_tx: mpsc::Sender<RuntimeEvent>,
+    pub(crate) rt_tx: mpsc::Sender<RuntimeEvent>,
     rt_rx: Option<mpsc::Receiver<RuntimeEvent>>,
     /// Latest metrics snapshot for the optional Prometheus endpoint (written by the loop, read by the server).
     metrics_tx: tokio::sync::watch::Sender<Vec<(String, f64)>>,
@@ -439,6 +439,17 @@ impl Agent {
                 value,
             } => self.on_guest_metric(&name, metric, value),
             RuntimeEvent::Hold { name, reason, secs } => self.on_guest_hold(name, reason, secs),
+            RuntimeEvent::ImageLoaded { name, image } => {
+                if let Err(e) = self.store.record_image(name.as_str(), &image, unix_now()) {
+                    tracing::warn!(error = %e, "cannot record a loaded image");
+                }
+                self.collect_images();
+            }
+            RuntimeEvent::ImagesRemoved(images) => {
+                if let Err(e) = self.store.forget_images(&images) {
+                    tracing::warn!(error = %e, "cannot forget removed images");
+                }
+            }
             RuntimeEvent::Telemetry {
                 name,
                 stream,

@@ -212,6 +212,7 @@ impl Agent {
         });
         if releases_known {
             self.collect_garbage(&keep);
+            self.collect_images();
         }
     }
 

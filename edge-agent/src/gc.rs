@@ -24,6 +24,38 @@ impl ArtifactHistory {
 }
 
 impl Agent {
+    /// Removes container images the agent loaded that neither the current nor the previous version of their
+    /// workload uses, nor any wanted or last good spec.
+    pub(crate) fn collect_images(&mut self) {
+        let Some(rt) = &self.containers else { return };
+        let loaded = match self.store.images() {
+            Ok(l) => l,
+            Err(e) => return tracing::warn!(error = %e, "image index"),
+        };
+        let specs: Vec<&flotilla_shared::wire::WorkloadSpec> = self
+            .accepted
+            .iter()
+            .flat_map(|(_, ds)| ds.workloads.iter())
+            .chain(self.last_good.values().map(|(spec, _)| spec))
+            .collect();
+        let workloads = specs.iter().map(|s| s.name.to_string()).collect();
+        let in_use = specs
+            .iter()
+            .filter_map(|spec| self.releases.get(&spec.release)?.image.as_ref())
+            .flat_map(|i| {
+                [
+                    format!("sha256:{}", i.config_digest.to_hex()),
+                    format!("sha256:{}", i.manifest_digest.to_hex()),
+                ]
+            })
+            .collect();
+        let remove =
+            flotilla_agent_core::containers::images_to_remove(&loaded, &workloads, &in_use);
+        if !remove.is_empty() {
+            rt.remove_images(remove, self.rt_tx.clone());
+        }
+    }
+
     /// Keeps the artifacts of the desired releases and of whatever is still running (the previous version), and
     /// deletes the rest.
     pub(crate) fn collect_garbage(&mut self, keep: &[Digest]) {

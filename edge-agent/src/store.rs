@@ -47,6 +47,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE identity ADD COLUMN mqtt_secret TEXT;",
     // 5: the X25519 key workload secrets are sealed to (the database is 0600).
     "ALTER TABLE identity ADD COLUMN sealing_key BLOB;",
+    // 6: container images the agent loaded, per workload: the only images its collection may remove.
+    "CREATE TABLE images (workload TEXT NOT NULL, image TEXT NOT NULL, loaded_at INTEGER NOT NULL,
+                          PRIMARY KEY (workload, image));",
 ];
 
 /// Largest the write-ahead log may stay after a checkpoint, and roughly how far it grows between automatic ones:
@@ -259,6 +262,39 @@ impl Store {
                 self.conn
                     .execute("DELETE FROM last_good WHERE name = ?1", [name.as_str()])?;
             }
+        }
+        Ok(())
+    }
+
+    /// Records that the agent loaded `image` for `workload` (a reload refreshes the time).
+    pub fn record_image(&mut self, workload: &str, image: &str, now: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO images (workload, image, loaded_at) VALUES (?1, ?2, ?3)",
+            params![workload, image, i64::try_from(now).unwrap_or(i64::MAX)],
+        )?;
+        Ok(())
+    }
+
+    /// Every image the agent loaded.
+    pub fn images(&self) -> Result<Vec<flotilla_agent_core::containers::LoadedImage>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT workload, image, loaded_at FROM images")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(flotilla_agent_core::containers::LoadedImage {
+                workload: r.get(0)?,
+                image: r.get(1)?,
+                loaded_at: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Forgets images the engine no longer has.
+    pub fn forget_images(&mut self, images: &[String]) -> Result<()> {
+        for i in images {
+            self.conn
+                .execute("DELETE FROM images WHERE image = ?1", [i])?;
         }
         Ok(())
     }

@@ -473,3 +473,58 @@ fn restart_campaign_while_updating() {
     );
     assert_eq!(after["RestartCount"], 0);
 }
+
+/// Three successive images of one workload: the engine keeps the current and the previous one (fast rollback);
+/// the oldest, which the agent loaded, is removed. An image the agent did not load is never touched.
+#[test]
+fn images_keep_current_and_previous() {
+    let id = device_id("images");
+    let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
+    agent.labels.push(("device".into(), id.clone()));
+    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    let _cleanup = DockerCleanup {
+        device: id.clone(),
+        images: vec![],
+    };
+    // A bystander image the agent never loaded.
+    let bystander_tar = busybox_image(&fleet.hub.dir, "bystander").expect("image");
+    let loaded = docker(&["load", "-q", "-i", &bystander_tar.display().to_string()]);
+    let bystander = loaded.rsplit(' ').next().unwrap_or_default().to_owned();
+    let mut images = Vec::new();
+    for v in 1..=3 {
+        let tar = busybox_image(&fleet.hub.dir, &format!("web{v}")).expect("test image");
+        fleet
+            .hub
+            .push_container("web", &format!("{v}.0.0"), 1, &tar)
+            .expect("container release");
+        fleet
+            .hub
+            .apply(&format!(
+                "name = \"web\"\n[target]\nselector = {{ device = \"{id}\" }}\n[[workloads]]\nname = \"web\"\n\
+                 release = \"web@{v}.0.0\"\nkind = \"container\"\nmemory_mib = 16\nrestart = \"always\"\n\
+                 command = [\"/bin/sh\", \"-c\", \"trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done\"]\n"
+            ))
+            .expect("apply");
+        let image = wait_for(&format!("version {v} running"), PATIENCE, || {
+            let d = fleet.hub.device(&id)?;
+            let w = d["workloads"].as_array()?.first()?.clone();
+            (w["version"] == format!("{v}.0.0") && w["state"] == "running").then_some(())?;
+            let (_, c) = running(&id, "web")?;
+            Some(c["Image"].as_str()?.to_owned())
+        })
+        .expect("running");
+        images.push(image);
+    }
+    let present = |image: &str| !docker(&["image", "inspect", "-f", "{{.Id}}", image]).is_empty();
+    wait_for("the oldest image removed", PATIENCE, || {
+        (!present(&images[0])).then_some(())
+    })
+    .expect("oldest removed");
+    assert!(present(&images[1]), "previous kept");
+    assert!(present(&images[2]), "current kept");
+    assert!(
+        present(&bystander),
+        "an image the agent did not load is never removed"
+    );
+    docker(&["rmi", "-f", &bystander]);
+}

@@ -111,3 +111,40 @@ pub fn allowed(spec: &WorkloadSpec, allow: &AllowList) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// An image the agent loaded into the engine for a workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedImage {
+    pub workload: String,
+    /// The engine's image ID (`sha256:...`).
+    pub image: String,
+    /// When it was loaded (unix seconds); later loads of the same image refresh it.
+    pub loaded_at: u64,
+}
+
+/// Which loaded images to remove: per workload still on the device (`workloads`) the newest two (the current one
+/// and the previous, kept for a fast rollback) stay, and so does every image a wanted or last good spec names
+/// (`in_use`); an image several workloads loaded goes only when none keeps it; a removed workload's images go.
+/// Images the agent did not load are never candidates.
+pub fn images_to_remove(
+    loaded: &[LoadedImage],
+    workloads: &BTreeSet<String>,
+    in_use: &BTreeSet<String>,
+) -> Vec<String> {
+    let mut by_workload: std::collections::BTreeMap<&str, Vec<&LoadedImage>> =
+        std::collections::BTreeMap::new();
+    for l in loaded.iter().filter(|l| workloads.contains(&l.workload)) {
+        by_workload.entry(&l.workload).or_default().push(l);
+    }
+    let mut keep: BTreeSet<&str> = in_use.iter().map(String::as_str).collect();
+    for images in by_workload.values_mut() {
+        images.sort_by(|a, b| b.loaded_at.cmp(&a.loaded_at).then(b.image.cmp(&a.image)));
+        keep.extend(images.iter().take(2).map(|l| l.image.as_str()));
+    }
+    let remove: BTreeSet<&str> = loaded
+        .iter()
+        .map(|l| l.image.as_str())
+        .filter(|i| !keep.contains(i))
+        .collect();
+    remove.into_iter().map(str::to_owned).collect()
+}

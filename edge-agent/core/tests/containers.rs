@@ -156,3 +156,39 @@ fn allow_list_names_the_side_that_said_no() {
         }
     }
 }
+
+#[test]
+fn images_keep_current_previous_and_in_use() {
+    use flotilla_agent_core::containers::{LoadedImage, images_to_remove};
+    let l = |w: &str, i: &str, t: u64| LoadedImage {
+        workload: w.into(),
+        image: i.into(),
+        loaded_at: t,
+    };
+    let loaded = vec![
+        l("web", "sha256:a", 1),
+        l("web", "sha256:b", 2),
+        l("web", "sha256:c", 3),
+        l("web", "sha256:d", 4),
+        l("db", "sha256:a", 5),
+        l("db", "sha256:x", 1),
+    ];
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        // web keeps d, c; db keeps a, x; so b goes (a is kept by db).
+        (vec![], vec!["sha256:b"]),
+        // A last good version still naming b keeps it.
+        (vec!["sha256:b"], vec![]),
+    ];
+    let both = ["web".to_owned(), "db".to_owned()].into();
+    for (in_use, want) in cases {
+        let in_use = in_use.into_iter().map(str::to_owned).collect();
+        assert_eq!(images_to_remove(&loaded, &both, &in_use), want);
+    }
+    // db removed from the device: its images go unless web keeps them (a is web's oldest: it goes too).
+    let web = ["web".to_owned()].into();
+    assert_eq!(
+        images_to_remove(&loaded, &web, &Default::default()),
+        vec!["sha256:a", "sha256:b", "sha256:x"]
+    );
+    assert!(images_to_remove(&[], &both, &Default::default()).is_empty());
+}

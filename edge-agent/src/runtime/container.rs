@@ -106,6 +106,42 @@ impl ContainerRuntime {
         }
     }
 
+    /// Removes images the agent loaded and no longer needs; the ones the engine removed are reported back (an
+    /// image a container still uses stays, and is tried again at the next collection).
+    pub fn remove_images(&self, images: Vec<String>, events: mpsc::Sender<RuntimeEvent>) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let Some(docker) = inner.docker() else { return };
+            let mut removed = Vec::new();
+            for image in images {
+                match docker
+                    .remove_image(
+                        &image,
+                        None::<bollard::query_parameters::RemoveImageOptions>,
+                        None,
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(image = %image, "image removed");
+                        removed.push(image);
+                    }
+                    // Already gone (removed by hand): forget it too.
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 404,
+                        ..
+                    }) => {
+                        removed.push(image);
+                    }
+                    Err(e) => tracing::info!(image = %image, error = %e, "image kept"),
+                }
+            }
+            if !removed.is_empty() {
+                let _ = events.send(RuntimeEvent::ImagesRemoved(removed)).await;
+            }
+        });
+    }
+
     /// Removes, once the engine answers, every container of this device that is not in `keep` (in any state):
     /// leftovers of workloads that were removed or replaced while the agent was down. Never touches a container
     /// without this device's managed label.
@@ -248,12 +284,12 @@ impl Inner {
         docker: &Docker,
         tarball: &Path,
         image: &ContainerImage,
-    ) -> Result<String, String> {
+    ) -> Result<(String, bool), String> {
         let by_config = format!("sha256:{}", image.config_digest.to_hex());
         let by_manifest = format!("sha256:{}", image.manifest_digest.to_hex());
         for id in [&by_config, &by_manifest] {
             if docker.inspect_image(id).await.is_ok() {
-                return Ok(id.clone());
+                return Ok((id.clone(), false));
             }
         }
         // Checked again right before the load: the cached file is what the engine will read.
@@ -296,7 +332,7 @@ impl Inner {
         for id in [&by_config, &by_manifest] {
             if docker.inspect_image(id).await.is_ok() {
                 tracing::info!(image = %id, "image loaded");
-                return Ok(id.clone());
+                return Ok((id.clone(), true));
             }
         }
         Err(format!(
@@ -305,8 +341,9 @@ impl Inner {
         ))
     }
 
-    /// Brings up the container for `req`: adopt, start or create. Returns its name.
-    async fn bring_up(&self, req: &StartRequest) -> Result<String, String> {
+    /// Brings up the container for `req`: adopt, start or create. Returns its name, and the image ID when this
+    /// start loaded the image into the engine.
+    async fn bring_up(&self, req: &StartRequest) -> Result<(String, Option<String>), String> {
         let docker = self.docker_within(PROBE_PATIENCE).await.ok_or_else(|| {
             format!(
                 "container engine unreachable at {}: {}",
@@ -322,6 +359,7 @@ impl Inner {
         let name = containers::container_name(&req.name, &hash);
         let found = self.managed(&docker).await?;
         let (remove, bring) = containers::bring_up(req.name.as_str(), &name, &found);
+        let mut loaded = None;
         for old in remove {
             tracing::info!(container = %old, "removing an older container of this workload");
             docker
@@ -332,13 +370,14 @@ impl Inner {
         match bring {
             Bring::Adopt => {
                 tracing::info!(container = %name, "adopted running container");
-                return Ok(name);
+                return Ok((name, None));
             }
             Bring::StartExisting => {}
             Bring::Create => {
-                let image_id = self
+                let (image_id, fresh) = self
                     .ensure_image(&docker, &req.artifact_path, image)
                     .await?;
+                loaded = fresh.then(|| image_id.clone());
                 let dir = self.files.join(&name);
                 std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
                 let config_file = dir.join("config");
@@ -360,7 +399,7 @@ impl Inner {
             .start_container(&name, None)
             .await
             .map_err(|e| format!("starting {name}: {e}"))?;
-        Ok(name)
+        Ok((name, loaded))
     }
 
     /// The last lines of a container's output.
@@ -618,7 +657,17 @@ async fn lifecycle(
     };
     let _api = api;
     let name = match inner.bring_up(&req).await {
-        Ok(n) => n,
+        Ok((n, loaded)) => {
+            if let Some(image) = loaded {
+                let _ = events
+                    .send(RuntimeEvent::ImageLoaded {
+                        name: workload.clone(),
+                        image,
+                    })
+                    .await;
+            }
+            n
+        }
         Err(e) => {
             let _ = events
                 .send(RuntimeEvent::Started {

@@ -38,6 +38,10 @@ pub enum RuntimeEvent {
         metric: String,
         value: f64,
     },
+    /// The container runtime loaded `image` into the engine for workload `name`.
+    ImageLoaded { name: WorkloadName, image: String },
+    /// The container runtime removed these images from the engine.
+    ImagesRemoved(Vec<String>),
     /// A guest asked to hold updates for `secs` seconds (0 lifts its hold).
     Hold {
         name: WorkloadName,
