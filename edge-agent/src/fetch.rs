@@ -76,7 +76,17 @@ impl Agent {
         };
         if is_blob {
             let free = self.free_disk();
-            if let Err(reason) = disk_check(size, free) {
+            // A container image needs room twice: the cached tarball, and the engine's copy once loaded.
+            let container = self
+                .releases
+                .values()
+                .any(|r| r.artifact_digest == digest && r.image.is_some());
+            let needed = if container {
+                size.saturating_mul(2)
+            } else {
+                size
+            };
+            if let Err(reason) = disk_check(needed, free) {
                 tracing::warn!(workload = %workload, ?reason, "artifact refused before download");
                 self.workload_rejects.insert(workload.clone(), reason);
                 return;

@@ -528,3 +528,54 @@ fn images_keep_current_and_previous() {
     );
     docker(&["rmi", "-f", &bystander]);
 }
+
+/// An image that does not fit twice (the cached tarball and the engine's copy) in the device's data quota is
+/// refused before a byte is downloaded, with the numbers, and nothing is loaded.
+#[test]
+fn an_image_that_does_not_fit_is_refused_up_front() {
+    let id = device_id("disk");
+    let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
+    agent.labels.push(("device".into(), id.clone()));
+    // 8 MiB: a 4.4 MiB tarball plus the reserve fits once, not twice.
+    agent.extra_limits = "max_data_mib = 8".into();
+    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    let _cleanup = DockerCleanup {
+        device: id.clone(),
+        images: vec![],
+    };
+    let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
+    fleet
+        .hub
+        .push_container("web", "1.0.0", 1, &tar)
+        .expect("container release");
+    fleet
+        .hub
+        .apply(&spec(&id, "command = [\"/bin/sh\"]\n"))
+        .expect("apply");
+    let w = wait_for("the refusal", PATIENCE, || {
+        let d = fleet.hub.device(&id)?;
+        let w = d["workloads"].as_array()?.first()?.clone();
+        w["rejected"]
+            .as_str()
+            .is_some_and(|r| r.contains("not enough disk space"))
+            .then_some(w)
+    })
+    .expect("refused");
+    // Twice the signed tarball's size is what it asks for.
+    let releases = fleet.hub.client.get("/api/v1/releases").expect("releases");
+    let size = releases
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["name"] == "web"))
+        .and_then(|r| r["size"].as_u64())
+        .expect("release size");
+    let twice = format!("needs {:.1} MiB", (2 * size) as f64 / (1024.0 * 1024.0));
+    assert!(
+        w["rejected"].as_str().unwrap_or("").contains(&twice),
+        "{w} should say {twice}"
+    );
+    assert!(container(&id, "web").is_none(), "nothing created");
+    let staged = std::fs::read_dir(fleet.agent(&id).state_dir().join("staging"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(staged, 0, "nothing downloaded");
+}
