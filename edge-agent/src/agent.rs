@@ -241,7 +241,7 @@ impl Agent {
             .map(|spec| {
                 flotilla_agent_core::containers::container_name(
                     &spec.name,
-                    &flotilla_agent_core::containers::spec_hash(spec),
+                    &flotilla_agent_core::containers::spec_hash(self.trust.device.as_str(), spec),
                 )
             })
             .collect();

@@ -579,3 +579,90 @@ fn an_image_that_does_not_fit_is_refused_up_front() {
         .unwrap_or(0);
     assert_eq!(staged, 0, "nothing downloaded");
 }
+
+/// A rollout of a container release whose image exits on start: the canary fails its health gate, the rollout
+/// aborts, and the canary goes back to the previous release (containers, as WASM does).
+#[test]
+fn container_rollout_aborts_after_the_canary_and_rolls_back() {
+    let pid = std::process::id();
+    let ids: Vec<(String, &str)> = vec![
+        (format!("ctr-roll-{pid}-eu1"), "eu-west"),
+        (format!("ctr-roll-{pid}-eu2"), "eu-west"),
+        (format!("ctr-roll-{pid}-us1"), "us-east"),
+        (format!("ctr-roll-{pid}-us2"), "us-east"),
+    ];
+    let mut b = FleetBuilder::new();
+    for (id, region) in &ids {
+        let mut a = AgentSpec::new(id, region, 10.0, 10.0);
+        a.labels.push(("fleet".into(), format!("roll-{pid}")));
+        b = b.agent(a);
+    }
+    let f = b.start().expect("fleet");
+    let _cleanup: Vec<DockerCleanup> = ids
+        .iter()
+        .map(|(id, _)| DockerCleanup {
+            device: id.clone(),
+            images: vec![],
+        })
+        .collect();
+    let good = flotilla_fleet_tests::busybox_image_with(
+        &f.hub.dir,
+        "good",
+        r#"CMD ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"]"#,
+    )
+    .expect("good image");
+    let bad = flotilla_fleet_tests::busybox_image_with(
+        &f.hub.dir,
+        "bad",
+        r#"CMD ["/bin/sh", "-c", "echo cannot start; exit 3"]"#,
+    )
+    .expect("bad image");
+    f.hub.push_container("svc", "1.0.0", 1, &good).expect("v1");
+    f.hub.push_container("svc", "2.0.0", 1, &bad).expect("v2");
+    let spec = |version: &str, rollout: &str| {
+        format!(
+            "name = \"svc\"\n[target]\nselector = {{ fleet = \"roll-{pid}\" }}\n[[workloads]]\nname = \"svc\"\n\
+             release = \"svc@{version}\"\nkind = \"container\"\nmemory_mib = 16\nrestart = \"always\"\n\
+             health_secs = 1\n{rollout}"
+        )
+    };
+    let version_of = |id: &str| {
+        let d = f.hub.device(id)?;
+        let w = &d["workloads"][0];
+        (w["state"] == "running" && d["applied_generation"] == d["desired_generation"])
+            .then(|| w["version"].as_str().unwrap_or("").to_owned())
+    };
+    f.hub.apply(&spec("1.0.0", "")).expect("v1 everywhere");
+    for (id, _) in &ids {
+        wait_for(&format!("{id} on 1.0.0"), PATIENCE, || {
+            (version_of(id)? == "1.0.0").then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}", f.hub.device(id)));
+    }
+    let plan = "[rollout]\nwaves = [\"canary:25\", \"rest\"]\nsoak_secs = 1\nreport_timeout_secs = 30\n\
+                max_failure_ratio = 0.0\n";
+    f.hub.apply(&spec("2.0.0", plan)).expect("rollout v2");
+    let aborted = wait_for("the rollout to abort", PATIENCE, || {
+        let v = f.hub.client.get("/api/v1/rollouts/svc").ok()?;
+        v["phase"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("aborted"))
+            .then_some(v)
+    })
+    .expect("aborted");
+    assert!(
+        aborted["phase"]
+            .as_str()
+            .unwrap_or("")
+            .contains("health gate"),
+        "{aborted}"
+    );
+    for (id, _) in &ids {
+        wait_for(&format!("{id} back on 1.0.0"), PATIENCE, || {
+            (version_of(id)? == "1.0.0").then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}", f.hub.device(id)));
+        let (_, c) = running(id, "svc").expect("a running container");
+        assert_eq!(c["Config"]["Labels"]["io.flotilla.managed"], "true");
+    }
+}

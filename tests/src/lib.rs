@@ -1125,6 +1125,11 @@ impl TestClient {
 /// `/bin/busybox` and its applets, `docker import`ed, `docker save`d to `dir/NAME.tar`, then removed from the
 /// engine again so that the agent has to load it from the signed tarball.
 pub fn busybox_image(dir: &Path, name: &str) -> Result<PathBuf> {
+    busybox_image_with(dir, name, r#"CMD ["/bin/sh"]"#)
+}
+
+/// [`busybox_image`] with the image's default command set by `cmd` (a Dockerfile `CMD` line).
+pub fn busybox_image_with(dir: &Path, name: &str, cmd: &str) -> Result<PathBuf> {
     let busybox = Path::new("/bin/busybox");
     anyhow::ensure!(
         busybox.exists(),
@@ -1154,13 +1159,19 @@ pub fn busybox_image(dir: &Path, name: &str) -> Result<PathBuf> {
         std::fs::copy(lib, &dest)?;
     }
     let tag = format!("flotilla-test/{name}:{}", std::process::id());
-    let import = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "tar -C '{}' -c . | docker import -c 'CMD [\"/bin/sh\"]' - '{tag}' >/dev/null",
-            root.display()
-        ))
+    let mut tar_proc = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let rootfs = tar_proc.stdout.take().context("tar stdout")?;
+    let import = Command::new("docker")
+        .args(["import", "-c", cmd, "-", &tag])
+        .stdin(rootfs)
+        .stdout(Stdio::null())
         .status()?;
+    let _ = tar_proc.wait();
     anyhow::ensure!(import.success(), "docker import failed");
     let tar = dir.join(format!("{name}.tar"));
     let saved = Command::new("docker")

@@ -17,10 +17,13 @@ pub const LABEL_SPEC_HASH: &str = "io.flotilla.spec-hash";
 pub const LABEL_GENERATION: &str = "io.flotilla.generation";
 pub const LABEL_RELEASE: &str = "io.flotilla.release";
 
-/// The first 12 hex digits of the SHA-256 of the spec's canonical (postcard) encoding: any change to the signed
-/// spec, release included, gives a new container.
-pub fn spec_hash(spec: &WorkloadSpec) -> String {
-    let bytes = postcard::to_stdvec(spec).unwrap_or_default();
+/// The first 12 hex digits of the SHA-256 of the device id and the spec's canonical (postcard) encoding: any
+/// change to the signed spec, release included, gives a new container; and two devices' agents sharing one engine
+/// (a test bench, a multi-tenant gateway) never pick the same container name for the same spec.
+pub fn spec_hash(device: &str, spec: &WorkloadSpec) -> String {
+    let mut bytes = device.as_bytes().to_vec();
+    bytes.push(0);
+    bytes.extend(postcard::to_stdvec(spec).unwrap_or_default());
     Digest::of(&bytes).to_hex()[..12].to_owned()
 }
 

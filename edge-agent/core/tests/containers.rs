@@ -112,10 +112,11 @@ fn orphans_are_everything_not_kept() {
 fn spec_hash_changes_with_the_spec() {
     let a = spec(NetworkMode::Bridge, &[], &[]);
     let mut b = a.clone();
-    assert_eq!(spec_hash(&a), spec_hash(&b));
+    assert_eq!(spec_hash("gw-1", &a), spec_hash("gw-1", &b));
+    assert_ne!(spec_hash("gw-1", &a), spec_hash("gw-2", &a), "per device");
     b.container.as_mut().expect("c").pids = 100;
-    assert_ne!(spec_hash(&a), spec_hash(&b));
-    let h = spec_hash(&a);
+    assert_ne!(spec_hash("gw-1", &a), spec_hash("gw-1", &b));
+    let h = spec_hash("gw-1", &a);
     assert_eq!(h.len(), 12);
     assert_eq!(container_name(&a.name, &h), format!("flotilla_web_{h}"));
 }

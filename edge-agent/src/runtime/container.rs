@@ -355,7 +355,7 @@ impl Inner {
             .image
             .as_ref()
             .ok_or("the release names no container image")?;
-        let hash = containers::spec_hash(&req.spec);
+        let hash = containers::spec_hash(&self.device, &req.spec);
         let name = containers::container_name(&req.name, &hash);
         let found = self.managed(&docker).await?;
         let (remove, bring) = containers::bring_up(req.name.as_str(), &name, &found);
@@ -631,7 +631,7 @@ async fn lifecycle(
         .files
         .join(containers::container_name(
             &req.name,
-            &containers::spec_hash(&req.spec),
+            &containers::spec_hash(&inner.device, &req.spec),
         ))
         .join("api");
     let api = std::fs::create_dir_all(&api_dir).and_then(|()| {
