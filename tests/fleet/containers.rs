@@ -82,13 +82,15 @@ fn container_end_to_end_adopt_and_offline_reboot() {
         (d["runtimes"].as_array()?.iter().any(|r| r == "container")).then_some(d)
     })
     .expect("engine probed");
+    let port = flotilla_fleet_tests::free_port();
     fleet
         .hub
         .apply(&spec(
             &id,
-            "command = [\"/bin/sh\", \"-c\", \"echo started; while true; do /bin/api-client POST /v1/telemetry/count 1; \
+            &format!("command = [\"/bin/sh\", \"-c\", \"echo started; while true; do /bin/api-client POST /v1/telemetry/count 1; \
              /bin/api-client POST /v1/metrics/temp 21.5; sleep 1; done\"]\n\
-             env = { GREETING = \"hello\" }\n[constraints]\nruntime = \"container\"\n",
+             env = {{ GREETING = \"hello\" }}\nvolumes = [\"data:/var/lib/web\"]\nports = [\"{port}:8080\"]\n\
+             [constraints]\nruntime = \"container\"\n"),
         ))
         .expect("apply");
     fleet
@@ -120,6 +122,17 @@ fn container_end_to_end_adopt_and_offline_reboot() {
     );
     assert_eq!(c["Config"]["Labels"]["io.flotilla.managed"], "true");
     assert!(c["Config"]["Env"].to_string().contains("GREETING=hello"));
+    // The named volume is the workload's (kept across its updates), the port published as asked.
+    let mounts = c["Mounts"].to_string();
+    assert!(
+        mounts.contains("flotilla_web_data") && mounts.contains("/var/lib/web"),
+        "{mounts}"
+    );
+    assert_eq!(
+        hc["PortBindings"]["8080/tcp"][0]["HostPort"],
+        port.to_string(),
+        "{hc}"
+    );
     // The host API socket: telemetry posted inside the container reaches the hub's telemetry feed.
     let mut feed = fleet
         .hub
