@@ -22,7 +22,7 @@ use crate::store::Store;
 use crate::trust::{Trust, load_trust};
 use anyhow::{Context, Result};
 use flotilla_agent_core::{Action, Millis, Reconciler};
-use flotilla_mqtt::{Link, LinkEvent, LinkSettings, TlsSettings};
+use flotilla_mqtt::{Link, LinkEvent, LinkSettings, Publisher, TlsSettings};
 use flotilla_shared::codec::{self, Message};
 use flotilla_shared::topics::{self, DeviceTopic};
 use flotilla_shared::wire::{
@@ -278,6 +278,7 @@ impl Agent {
                 topics::device(dev, DeviceTopic::Root),
                 topics::device(dev, DeviceTopic::ArtifactChunk),
                 topics::device(dev, DeviceTopic::CredentialResponse),
+                topics::device(dev, DeviceTopic::LogsRequest),
             ],
             clean_session: true,
             queue: flotilla_mqtt::QUEUE,
@@ -403,6 +404,7 @@ impl Agent {
             (DeviceTopic::CredentialResponse, Message::CredentialResponse(resp)) => {
                 self.on_credentials(resp)
             }
+            (DeviceTopic::LogsRequest, Message::LogsRequest(req)) => self.on_logs_request(req),
             (leaf, _) => tracing::warn!(?leaf, "message kind does not belong on this topic"),
         }
     }
@@ -445,6 +447,7 @@ impl Agent {
                 }
                 self.collect_images();
             }
+            RuntimeEvent::Logs(resp) => self.send_logs(resp),
             RuntimeEvent::ImagesRemoved(images) => {
                 if let Err(e) = self.store.forget_images(&images) {
                     tracing::warn!(error = %e, "cannot forget removed images");
@@ -611,8 +614,87 @@ impl Agent {
         self.last_good.insert(name.clone(), (spec, artifact));
     }
 
+    /// `flotilla logs`: a WASM workload's capture is in memory; a container's is read from the engine by the
+    /// container runtime, which answers through a runtime event.
+    fn on_logs_request(&mut self, req: flotilla_shared::wire::LogsRequest) {
+        let lines = req.lines.clamp(1, 10_000) as usize;
+        let spec = self.accepted.as_ref().and_then(|(_, ds)| {
+            ds.workloads
+                .iter()
+                .find(|w| w.name == req.workload)
+                .cloned()
+        });
+        let answer = |text: String, error: Option<String>| flotilla_shared::wire::LogsResponse {
+            request: req.request,
+            workload: req.workload.clone(),
+            text,
+            error,
+        };
+        match (spec, &self.containers) {
+            (None, _) => self.send_logs(answer(
+                String::new(),
+                Some("the device's desired state has no such workload".into()),
+            )),
+            (Some(spec), Some(rt)) if spec.kind == WorkloadKind::Container => {
+                // The version running now: the wanted spec, or the last good one it fell back to.
+                let running = self
+                    .reconciler
+                    .running(&req.workload)
+                    .map_or(spec, |(s, _)| s);
+                let name = flotilla_agent_core::containers::container_name(
+                    &running.name,
+                    &flotilla_agent_core::containers::spec_hash(
+                        self.trust.device.as_str(),
+                        &running,
+                    ),
+                );
+                rt.fetch_logs(name, lines, answer(String::new(), None), self.rt_tx.clone());
+            }
+            (Some(_), _) => {
+                let text = self
+                    .running
+                    .get(&req.workload)
+                    .map(|h| tail_lines(&h.logs(), lines))
+                    .unwrap_or_default();
+                let error = (!self.running.contains_key(&req.workload))
+                    .then(|| "the workload is not running now".to_owned());
+                self.send_logs(answer(text, error));
+            }
+        }
+    }
+
+    /// Publishes a logs answer, keeping the newest part when it is too long for one message.
+    fn send_logs(&mut self, mut resp: flotilla_shared::wire::LogsResponse) {
+        let max = flotilla_shared::wire::LOGS_MAX_BYTES;
+        if resp.text.len() > max {
+            let mut cut = resp.text.len() - max;
+            while !resp.text.is_char_boundary(cut) {
+                cut += 1;
+            }
+            resp.text = resp.text[cut..].to_owned();
+        }
+        if let (Some(link), Ok(bytes)) = (&self.link, codec::encode(&Message::LogsResponse(resp))) {
+            let _ = link.publish(
+                &topics::device(&self.trust.device, DeviceTopic::LogsResponse),
+                bytes,
+                false,
+            );
+        }
+    }
+
     /// Names of workloads currently running (for tests and metrics).
     pub fn running_names(&self) -> BTreeSet<WorkloadName> {
         self.running.keys().cloned().collect()
     }
+}
+
+/// The last `n` lines of `text`.
+pub(crate) fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let mut out = lines[start..].join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out
 }

@@ -93,6 +93,8 @@ pub struct Hub {
     pub(crate) broker: Option<crate::embedded::Broker>,
     /// Something placement reads changed: re-place on the next tick. The one cross-concern signal.
     pub(crate) dirty: bool,
+    /// `flotilla logs` requests waiting for their device's answer.
+    pub(crate) pending_logs: crate::fleet::logs::PendingLogs,
 }
 
 impl std::fmt::Debug for Hub {
@@ -158,6 +160,7 @@ impl Hub {
             mosquitto: None,
             broker: None,
             dirty: true,
+            pending_logs: Default::default(),
         })
     }
 
@@ -168,6 +171,7 @@ impl Hub {
             topics::all_devices(DeviceTopic::Presence),
             topics::all_devices(DeviceTopic::ArtifactRequest),
             topics::all_devices(DeviceTopic::CredentialRequest),
+            topics::all_devices(DeviceTopic::LogsResponse),
             topics::ENROLL_REQUESTS.to_owned(),
             topics::telemetry_filter(None),
         ]
@@ -262,6 +266,9 @@ impl Hub {
             }
             (DeviceTopic::CredentialRequest, Message::CredentialRequest(req)) => {
                 self.on_credential_request(&device, &req)
+            }
+            (DeviceTopic::LogsResponse, Message::LogsResponse(resp)) => {
+                self.on_logs_response(&device, resp)
             }
             _ => Err("message kind does not belong on this topic".to_owned()),
         };

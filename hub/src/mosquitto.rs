@@ -266,10 +266,12 @@ pub fn write_dynamic(
          pattern read flotilla/v1/dev/%u/root\n\
          pattern read flotilla/v1/dev/%u/artifact/chunk\n\
          pattern read flotilla/v1/dev/%u/cert/resp\n\
+         pattern read flotilla/v1/dev/%u/logs/req\n\
          pattern write flotilla/v1/dev/%u/report\n\
          pattern write flotilla/v1/dev/%u/presence\n\
          pattern write flotilla/v1/dev/%u/artifact/req\n\
-         pattern write flotilla/v1/dev/%u/cert/req\n\n\
+         pattern write flotilla/v1/dev/%u/cert/req\n\
+         pattern write flotilla/v1/dev/%u/logs/resp\n\n\
          user hub\ntopic readwrite flotilla/#\n",
     );
     for c in &credentials {

@@ -5,7 +5,7 @@
 
 use crate::wire::{
     ArtifactChunk, ArtifactRequest, CredentialRequest, CredentialResponse, EnrollRequest,
-    EnrollResponse, Presence, RootUpdate, Signed, TelemetryRecord,
+    EnrollResponse, LogsRequest, LogsResponse, Presence, RootUpdate, Signed, TelemetryRecord,
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -38,6 +38,8 @@ pub enum Message {
     CredentialRequest(CredentialRequest),
     /// Hub -> agent: new credentials, or a request to rotate.
     CredentialResponse(CredentialResponse),
+    LogsRequest(LogsRequest),
+    LogsResponse(LogsResponse),
 }
 
 /// The one-byte kind tag and its size cap.
@@ -55,6 +57,8 @@ pub enum Kind {
     EnrollResponse = 9,
     CredentialRequest = 10,
     CredentialResponse = 11,
+    LogsRequest = 12,
+    LogsResponse = 13,
 }
 
 impl Kind {
@@ -71,6 +75,8 @@ impl Kind {
             9 => Self::EnrollResponse,
             10 => Self::CredentialRequest,
             11 => Self::CredentialResponse,
+            12 => Self::LogsRequest,
+            13 => Self::LogsResponse,
             _ => return None,
         })
     }
@@ -89,6 +95,8 @@ impl Kind {
             Self::EnrollResponse => 16 * 1024,
             Self::CredentialRequest => 4 * 1024,
             Self::CredentialResponse => 8 * 1024,
+            Self::LogsRequest => 256,
+            Self::LogsResponse => crate::wire::LOGS_MAX_BYTES + 1024,
         }
     }
 }
@@ -108,6 +116,8 @@ impl Message {
             Self::EnrollResponse(_) => Kind::EnrollResponse,
             Self::CredentialRequest(_) => Kind::CredentialRequest,
             Self::CredentialResponse(_) => Kind::CredentialResponse,
+            Self::LogsRequest(_) => Kind::LogsRequest,
+            Self::LogsResponse(_) => Kind::LogsResponse,
         }
     }
 }
@@ -160,6 +170,8 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
         Message::EnrollResponse(v) => body_bytes(v)?,
         Message::CredentialRequest(v) => body_bytes(v)?,
         Message::CredentialResponse(v) => body_bytes(v)?,
+        Message::LogsRequest(v) => body_bytes(v)?,
+        Message::LogsResponse(v) => body_bytes(v)?,
     };
     let mut out = Vec::with_capacity(3 + body.len());
     out.extend_from_slice(&[MAGIC, PROTOCOL_VERSION, kind as u8]);
@@ -220,5 +232,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         Kind::EnrollResponse => Message::EnrollResponse(decode_exact(body)?),
         Kind::CredentialRequest => Message::CredentialRequest(decode_exact(body)?),
         Kind::CredentialResponse => Message::CredentialResponse(decode_exact(body)?),
+        Kind::LogsRequest => Message::LogsRequest(decode_exact(body)?),
+        Kind::LogsResponse => Message::LogsResponse(decode_exact(body)?),
     })
 }

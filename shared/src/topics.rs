@@ -32,6 +32,10 @@ pub enum DeviceTopic {
     ArtifactChunk,
     CredentialRequest,
     CredentialResponse,
+    /// Hub -> device: send the last lines of a workload's output.
+    LogsRequest,
+    /// Device -> hub: the lines asked for.
+    LogsResponse,
 }
 
 impl DeviceTopic {
@@ -45,9 +49,11 @@ impl DeviceTopic {
             Self::ArtifactChunk => "artifact/chunk",
             Self::CredentialRequest => "cert/req",
             Self::CredentialResponse => "cert/resp",
+            Self::LogsRequest => "logs/req",
+            Self::LogsResponse => "logs/resp",
         }
     }
-    const ALL: [Self; 8] = [
+    const ALL: [Self; 10] = [
         Self::Desired,
         Self::Root,
         Self::Report,
@@ -56,6 +62,8 @@ impl DeviceTopic {
         Self::ArtifactChunk,
         Self::CredentialRequest,
         Self::CredentialResponse,
+        Self::LogsRequest,
+        Self::LogsResponse,
     ];
 }
 

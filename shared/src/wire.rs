@@ -632,3 +632,24 @@ pub enum EnrollResponse {
         reason: String,
     },
 }
+
+/// Hub -> device: the last `lines` lines of a workload's stdout and stderr (`flotilla logs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsRequest {
+    /// Chosen by the hub to match the answer to the request.
+    pub request: u64,
+    pub workload: WorkloadName,
+    pub lines: u32,
+}
+
+/// Device -> hub: a workload's last output lines (at most [`LOGS_MAX_BYTES`], newest last), or why there are none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsResponse {
+    pub request: u64,
+    pub workload: WorkloadName,
+    pub text: String,
+    pub error: Option<String>,
+}
+
+/// Most log text one answer carries (the tail is kept).
+pub const LOGS_MAX_BYTES: usize = 32 * 1024;

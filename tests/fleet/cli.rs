@@ -141,7 +141,7 @@ fn cli_against_a_running_hub() {
     );
     assert!(ok(hub, &["release", "ls"]).contains("sensor"));
     let spec = fleet.root.path().join("sensors.toml");
-    std::fs::write(&spec, "name = \"sensors\"\n[[workloads]]\nname = \"sensor\"\nrelease = \"sensor@1.0.0\"\ntick_ms = 100\n")
+    std::fs::write(&spec, "name = \"sensors\"\n[[workloads]]\nname = \"sensor\"\nrelease = \"sensor@1.0.0\"\ntick_ms = 100\nconfig = { site = \"cli-test\" }\n")
         .expect("write");
     assert!(
         ok(hub, &["apply", "-f", spec.to_str().expect("utf8")])
@@ -160,6 +160,16 @@ fn cli_against_a_running_hub() {
     assert!(ok(hub, &["deploy", "status", "sensors"]).contains("1 of 1 placed devices running"));
     assert!(ok(hub, &["deploy", "ls"]).contains("sensors"));
     assert!(ok(hub, &["why", "gw-1", "sensor"]).contains("running version 1.0.0"));
+    // `logs` asks the device over MQTT: the sample guest logs its configuration when it starts.
+    let logs = ok(hub, &["logs", "gw-1", "sensor", "--lines", "20"]);
+    assert!(logs.contains("site=cli-test"), "{logs}");
+    let out = cli(hub, &["logs", "gw-1", "nosuch"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no such workload"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Errors exit non-zero with the hub's explanation.
     let bad = fleet.root.path().join("bad.toml");
     std::fs::write(

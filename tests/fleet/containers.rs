@@ -149,6 +149,14 @@ fn container_end_to_end_adopt_and_offline_reboot() {
         )
     });
     assert!(topic.ends_with("/count"), "{topic}");
+    // `flotilla logs`: the container's output, read from the engine by the device and sent over MQTT.
+    let logs = fleet
+        .hub
+        .client
+        .get(&format!("/api/v1/devices/{id}/logs/web?lines=50"))
+        .expect("logs");
+    let text = logs["text"].as_str().unwrap_or_default();
+    assert!(text.contains("started") && text.contains("204"), "{logs}");
     let started_at = c["State"]["StartedAt"].clone();
     let container_id = c["Id"].clone();
 

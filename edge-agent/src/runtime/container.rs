@@ -106,6 +106,31 @@ impl ContainerRuntime {
         }
     }
 
+    /// Reads the last `lines` lines of container `name`'s output from the engine and answers with them (or why
+    /// not) through the agent loop.
+    pub fn fetch_logs(
+        &self,
+        name: String,
+        lines: usize,
+        mut answer: flotilla_shared::wire::LogsResponse,
+        events: mpsc::Sender<RuntimeEvent>,
+    ) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            match inner.docker() {
+                Some(docker) => {
+                    if docker.inspect_container(&name, None).await.is_ok() {
+                        answer.text = inner.tail(&docker, &name, &lines.to_string()).await;
+                    } else {
+                        answer.error = Some(format!("no container {name} on the engine"));
+                    }
+                }
+                None => answer.error = Some("the container engine is unreachable".into()),
+            }
+            let _ = events.send(RuntimeEvent::Logs(answer)).await;
+        });
+    }
+
     /// Removes images the agent loaded and no longer needs; the ones the engine removed are reported back (an
     /// image a container still uses stays, and is tried again at the next collection).
     pub fn remove_images(&self, images: Vec<String>, events: mpsc::Sender<RuntimeEvent>) {
@@ -403,14 +428,14 @@ impl Inner {
     }
 
     /// The last lines of a container's output.
-    async fn tail(&self, docker: &Docker, name: &str) -> String {
+    async fn tail(&self, docker: &Docker, name: &str, lines: &str) -> String {
         let mut out = String::new();
         let mut s = docker.logs(
             name,
             Some(LogsOptions {
                 stdout: true,
                 stderr: true,
-                tail: LOG_TAIL.into(),
+                tail: lines.into(),
                 ..Default::default()
             }),
         );
@@ -722,7 +747,7 @@ async fn lifecycle(
                     }
                     Err(e) => Exit::Failed(format!("container {name} lost: {e}")),
                 };
-                *lock(&logs) = inner.tail(&docker, &name).await;
+                *lock(&logs) = inner.tail(&docker, &name, LOG_TAIL).await;
                 let _ = events.send(RuntimeEvent::Exited { name: workload, op, exit }).await;
                 return;
             }
@@ -732,7 +757,7 @@ async fn lifecycle(
                     let _ = docker
                         .stop_container(&name, Some(StopContainerOptions { t: i32::try_from(t).ok(), signal: None }))
                         .await;
-                    *lock(&logs) = inner.tail(&docker, &name).await;
+                    *lock(&logs) = inner.tail(&docker, &name, LOG_TAIL).await;
                     if let Err(e) = docker.remove_container(&name, Some(force_remove())).await {
                         tracing::warn!(container = %name, error = %e, "cannot remove stopped container");
                     }

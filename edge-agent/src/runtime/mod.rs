@@ -40,6 +40,8 @@ pub enum RuntimeEvent {
     },
     /// The container runtime loaded `image` into the engine for workload `name`.
     ImageLoaded { name: WorkloadName, image: String },
+    /// The answer to a `flotilla logs` request, read from the engine.
+    Logs(flotilla_shared::wire::LogsResponse),
     /// The container runtime removed these images from the engine.
     ImagesRemoved(Vec<String>),
     /// A guest asked to hold updates for `secs` seconds (0 lifts its hold).

@@ -4,7 +4,7 @@
 //! | principal | publish | retained publish / will | subscribe |
 //! |---|---|---|---|
 //! | `hub` | everything | everything | everything |
-//! | `device:{id}` | its own `report`, `artifact/req`, `cert/req`, `presence`; telemetry under its own region and id | its own `presence` | exactly its own `desired`, `root`, `artifact/chunk`, `cert/resp` |
+//! | `device:{id}` | its own `report`, `artifact/req`, `cert/req`, `logs/resp`, `presence`; telemetry under its own region and id | its own `presence` | exactly its own `desired`, `root`, `artifact/chunk`, `cert/resp`, `logs/req` |
 //! | `feed:{name}` | nothing | nothing | telemetry filters whose region level is one of its regions |
 //! | `enroll:{nonce}` (anonymous) | its own `enroll/enroll-{nonce}/req` | nothing | exactly its own `enroll/enroll-{nonce}/resp` |
 //!
@@ -125,10 +125,16 @@ pub fn device_allows(id: &str, region: Option<&str>, access: Access, topic: &str
         }
         return match access {
             Access::Subscribe => {
-                matches!(leaf, "desired" | "root" | "artifact/chunk" | "cert/resp")
+                matches!(
+                    leaf,
+                    "desired" | "root" | "artifact/chunk" | "cert/resp" | "logs/req"
+                )
             }
             Access::Will | Access::PublishRetained => leaf == "presence",
-            Access::Publish => matches!(leaf, "report" | "presence" | "artifact/req" | "cert/req"),
+            Access::Publish => matches!(
+                leaf,
+                "report" | "presence" | "artifact/req" | "cert/req" | "logs/resp"
+            ),
         };
     }
     access == Access::Publish && own_telemetry(id, region, topic)
@@ -225,6 +231,11 @@ mod tests {
             (&a, &eu, Subscribe, "flotilla/v1/dev/gw-a/cert/req", false),
             (&a, &eu, Publish, "flotilla/v1/dev/gw-a/cert/req", true),
             (&a, &eu, Publish, "flotilla/v1/dev/gw-b/cert/req", false),
+            (&a, &eu, Subscribe, "flotilla/v1/dev/gw-a/logs/req", true),
+            (&a, &eu, Subscribe, "flotilla/v1/dev/gw-b/logs/req", false),
+            (&a, &eu, Publish, "flotilla/v1/dev/gw-a/logs/resp", true),
+            (&a, &eu, Publish, "flotilla/v1/dev/gw-b/logs/resp", false),
+            (&a, &eu, Publish, "flotilla/v1/dev/gw-a/logs/req", false),
             (&a, &eu, Publish, "flotilla/v1/dev/gw-a/cert/resp", false),
             (&a, &eu, Subscribe, "flotilla/v1/dev/gw-a/report", false),
             (&a, &eu, Subscribe, "flotilla/v1/dev/gw-b/desired", false),

@@ -131,6 +131,59 @@ pub(super) async fn why(
     ok(json!({"workload": workload, "explanation": text}))
 }
 
+/// `GET /api/v1/devices/{id}/logs/{workload}?lines=N`: the workload's last output lines, asked of the device
+/// over MQTT (so the device must be online).
+pub(super) async fn logs(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((device, workload)): Path<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::BTreeMap<String, String>>,
+) -> ApiResult {
+    s.auth(&headers, Role::Viewer).await?;
+    let id = device_id(device)?;
+    let name = flotilla_shared::WorkloadName::new(workload.clone()).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid workload name",
+            e.to_string(),
+        )
+    })?;
+    let lines = match q.get("lines") {
+        None => 100,
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid lines", "lines: 1..10000")
+            })?,
+    };
+    let target = id.clone();
+    let rx = s
+        .call(move |h| -> Result<_, HubError> {
+            if h.store.device(&target)?.is_none() {
+                return Err(HubError::NotFound(format!("no device {target}")));
+            }
+            h.request_logs(&target, name, lines)
+                .map_err(HubError::Internal)
+        })
+        .await??;
+    match tokio::time::timeout(crate::fleet::logs::PENDING_FOR, rx).await {
+        Ok(Ok(resp)) => match resp.error {
+            None => ok(json!({"device": id.as_str(), "workload": workload, "text": resp.text})),
+            Some(e) => Err(Problem::new(StatusCode::CONFLICT, "no logs", e)),
+        },
+        _ => Err(Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "device did not answer",
+            format!(
+                "{id} did not answer within {} s (offline, or an agent too old for `logs`)",
+                crate::fleet::logs::PENDING_FOR.as_secs()
+            ),
+        )),
+    }
+}
+
 pub(super) async fn revoke(
     State(s): State<ApiState>,
     headers: HeaderMap,

@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use deployments::{
     apply, delete_deployment, deployment_status, deployments, list_secrets, set_secret,
 };
-use devices::{device, device_telemetry, devices, revoke, rotate_credentials, why};
+use devices::{device, device_telemetry, devices, logs, revoke, rotate_credentials, why};
 use metrics::{metrics, openapi};
 use releases::{push_release, releases, upload_artifact};
 use rollouts::{rollout_action, rollout_status};
@@ -195,6 +195,7 @@ pub fn router(state: ApiState) -> Router {
             post(set_secret),
         )
         .route("/api/v1/why/{device}/{workload}", get(why))
+        .route("/api/v1/devices/{device}/logs/{workload}", get(logs))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/tokens", post(create_api_token))
         .route("/api/v1/rollouts/{deployment}", get(rollout_status))

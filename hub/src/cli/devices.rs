@@ -1,4 +1,4 @@
-//! `flotilla device ls|show`, `flotilla enroll-token create`, `flotilla token`, `flotilla why`.
+//! `flotilla device ls|show`, `flotilla enroll-token create`, `flotilla token`, `flotilla why`, `flotilla logs`.
 
 use super::{Conn, print_json, s};
 use anyhow::{Context, Result};
@@ -185,6 +185,43 @@ pub fn why(device: &str, workload: &str, conn: Conn) -> Result<()> {
     Ok(())
 }
 
+/// Prints a workload's last output lines; with `follow`, asks again every 2 s and prints only what is new.
+pub fn logs(device: &str, workload: &str, lines: u32, follow: bool, conn: Conn) -> Result<()> {
+    let client = conn.client()?;
+    let path = format!("/api/v1/devices/{device}/logs/{workload}?lines={lines}");
+    let v = client.get(&path)?;
+    if conn.json() && !follow {
+        print_json(&v);
+        return Ok(());
+    }
+    let mut last = v["text"].as_str().unwrap_or_default().to_owned();
+    for line in last.lines() {
+        outln!("{line}");
+    }
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let v = client.get(&path)?;
+        let text = v["text"].as_str().unwrap_or_default().to_owned();
+        for line in new_lines(&last, &text).lines() {
+            outln!("{line}");
+        }
+        last = text;
+    }
+}
+
+/// The lines of `new` after its overlap with the end of `old` (both are tails of the same growing output).
+fn new_lines(old: &str, new: &str) -> String {
+    let (o, n): (Vec<&str>, Vec<&str>) = (old.lines().collect(), new.lines().collect());
+    let overlap = (0..=o.len().min(n.len()))
+        .rev()
+        .find(|k| o[o.len() - k..] == n[..*k])
+        .unwrap_or(0);
+    n[overlap..].iter().map(|l| format!("{l}\n")).collect()
+}
+
 /// Revokes a device.
 pub fn revoke(id: &str, conn: Conn) -> Result<()> {
     let v = conn.client()?.post(
@@ -247,4 +284,21 @@ pub fn feed_credential(name: &str, regions: &[String], conn: Conn) -> Result<()>
         outln!("(the password is shown only now; create a new credential to replace it)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// `logs --follow` prints each line once, whether the window moved by some lines, by all, or not at all.
+    #[test]
+    fn follow_prints_only_new_lines() {
+        let cases = [
+            ("a\nb\nc\n", "b\nc\nd\n", "d\n"),
+            ("a\nb\n", "a\nb\n", ""),
+            ("a\nb\n", "x\ny\n", "x\ny\n"),
+            ("", "a\n", "a\n"),
+        ];
+        for (old, new, want) in cases {
+            assert_eq!(super::new_lines(old, new), want, "{old:?} -> {new:?}");
+        }
+    }
 }

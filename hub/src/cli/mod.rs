@@ -201,6 +201,19 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The last output lines of a workload (WASM or container), asked of the device (it must be online).
+    Logs {
+        device: String,
+        workload: String,
+        /// How many lines (1-10000).
+        #[arg(long, default_value_t = 100)]
+        lines: u32,
+        /// Keep asking every 2 s and print new lines as they come (Ctrl-C to stop).
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -500,6 +513,13 @@ fn run(cli: Cli) -> Result<()> {
             workload,
             conn,
         } => devices::why(&device, &workload, conn)?,
+        Cmd::Logs {
+            device,
+            workload,
+            lines,
+            follow,
+            conn,
+        } => devices::logs(&device, &workload, lines, follow, conn)?,
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod credentials;
 pub mod enroll;
+pub mod logs;
 pub mod reports;
 pub mod revoke;
 
