@@ -169,14 +169,7 @@ impl Agent {
                 }
             }
             // The fallback is looked up (an artifact-index read) only when the wanted version cannot run.
-            // `kill-then-download`: while the new version downloads, nothing runs (for devices without room for
-            // two). A refused version still falls back: stopping for a version that will never come helps no one;
-            // and a hold defers the kill step like any other change.
-            let kill_first = spec.container.as_ref().is_some_and(|c| {
-                c.update_strategy != flotilla_shared::wire::UpdateStrategy::DownloadThenKill
-            }) && rejected.is_none()
-                && !held;
-            let fallback = if artifact.is_none() && !kill_first {
+            let fallback = if artifact.is_none() {
                 self.fallback(&spec)
             } else {
                 None

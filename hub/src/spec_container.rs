@@ -228,13 +228,15 @@ impl RawContainer {
         if let Some(s) = self.update_strategy {
             c.update_strategy = match s.as_str() {
                 "download-then-kill" => UpdateStrategy::DownloadThenKill,
-                "kill-then-download" => UpdateStrategy::KillThenDownload,
-                "delete-then-download" => {
+                // The reconciler keeps the old version running until the new one is ready; stopping it first is
+                // not built yet, so these are refused rather than accepted and silently ignored.
+                "kill-then-download" | "delete-then-download" => {
                     return Err(err(
                         "update_strategy",
-                        "delete-then-download is not supported yet; use kill-then-download (the old container \
-                         stops before the new image downloads)"
-                            .into(),
+                        format!(
+                            "{s} is not supported yet; download-then-kill (the default) is: the old container \
+                             runs until the new image is downloaded and loaded"
+                        ),
                     ));
                 }
                 o => {
@@ -410,6 +412,13 @@ mod tests {
                     ..Default::default()
                 },
                 "env",
+            ),
+            (
+                RawContainer {
+                    update_strategy: Some("kill-then-download".into()),
+                    ..Default::default()
+                },
+                "update_strategy",
             ),
             (
                 RawContainer {
