@@ -15,6 +15,22 @@ fn device_id(what: &str) -> String {
     format!("ctr-{what}-{}", std::process::id())
 }
 
+/// A device id of this test process and its agent in eu-west, labelled `device = <id>` for specs to target.
+fn container_agent(what: &str) -> (String, AgentSpec) {
+    let id = device_id(what);
+    let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
+    agent.labels.push(("device".into(), id.clone()));
+    (id, agent)
+}
+
+/// Removes the device's containers when the test ends, however it ends.
+fn cleanup(id: &str) -> DockerCleanup {
+    DockerCleanup {
+        device: id.to_owned(),
+        images: vec![],
+    }
+}
+
 fn spec(device: &str, body: &str) -> String {
     format!(
         "name = \"web\"\n[target]\nselector = {{ device = \"{device}\" }}\n[[workloads]]\nname = \"web\"\n\
@@ -67,10 +83,7 @@ fn container_end_to_end_adopt_and_offline_reboot() {
         .agent(agent)
         .start()
         .expect("fleet");
-    let _cleanup = DockerCleanup {
-        device: id.clone(),
-        images: vec![],
-    };
+    let _cleanup = cleanup(&id);
     let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
     fleet
         .hub
@@ -201,14 +214,9 @@ fn container_end_to_end_adopt_and_offline_reboot() {
 
 #[test]
 fn crash_loop_backs_off_and_allow_list_refuses() {
-    let id = device_id("refuse");
-    let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
-    agent.labels.push(("device".into(), id.clone()));
+    let (id, agent) = container_agent("refuse");
     let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
-    let _cleanup = DockerCleanup {
-        device: id.clone(),
-        images: vec![],
-    };
+    let _cleanup = cleanup(&id);
     let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
     fleet
         .hub
@@ -315,14 +323,9 @@ fn hub_refuses_a_legacy_tagged_tarball() {
 /// files of half the cap), and one whose health check fails is restarted by the agent, saying why.
 #[test]
 fn log_cap_and_unhealthy_restart() {
-    let id = device_id("logs");
-    let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
-    agent.labels.push(("device".into(), id.clone()));
+    let (id, agent) = container_agent("logs");
     let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
-    let _cleanup = DockerCleanup {
-        device: id.clone(),
-        images: vec![],
-    };
+    let _cleanup = cleanup(&id);
     let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
     for name in ["logger", "sick"] {
         fleet
@@ -434,14 +437,9 @@ fn converged(fleet: &flotilla_fleet_tests::Fleet, id: &str, round: u64) -> Optio
 /// any state); the container that never changed is never restarted.
 #[test]
 fn restart_campaign_while_updating() {
-    let id = device_id("campaign");
-    let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
-    agent.labels.push(("device".into(), id.clone()));
+    let (id, agent) = container_agent("campaign");
     let mut fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
-    let _cleanup = DockerCleanup {
-        device: id.clone(),
-        images: vec![],
-    };
+    let _cleanup = cleanup(&id);
     let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
     for name in ["steady", "moving"] {
         fleet
@@ -499,14 +497,9 @@ fn restart_campaign_while_updating() {
 /// the oldest, which the agent loaded, is removed. An image the agent did not load is never touched.
 #[test]
 fn images_keep_current_and_previous() {
-    let id = device_id("images");
-    let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
-    agent.labels.push(("device".into(), id.clone()));
+    let (id, agent) = container_agent("images");
     let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
-    let _cleanup = DockerCleanup {
-        device: id.clone(),
-        images: vec![],
-    };
+    let _cleanup = cleanup(&id);
     // A bystander image the agent never loaded.
     let bystander_tar = busybox_image(&fleet.hub.dir, "bystander").expect("image");
     let loaded = docker(&["load", "-q", "-i", &bystander_tar.display().to_string()]);
@@ -554,16 +547,11 @@ fn images_keep_current_and_previous() {
 /// refused before a byte is downloaded, with the numbers, and nothing is loaded.
 #[test]
 fn an_image_that_does_not_fit_is_refused_up_front() {
-    let id = device_id("disk");
-    let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
-    agent.labels.push(("device".into(), id.clone()));
+    let (id, mut agent) = container_agent("disk");
     // 8 MiB: a 4.4 MiB tarball plus the reserve fits once, not twice.
     agent.extra_limits = "max_data_mib = 8".into();
     let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
-    let _cleanup = DockerCleanup {
-        device: id.clone(),
-        images: vec![],
-    };
+    let _cleanup = cleanup(&id);
     let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
     fleet
         .hub
@@ -619,13 +607,7 @@ fn container_rollout_aborts_after_the_canary_and_rolls_back() {
         b = b.agent(a);
     }
     let f = b.start().expect("fleet");
-    let _cleanup: Vec<DockerCleanup> = ids
-        .iter()
-        .map(|(id, _)| DockerCleanup {
-            device: id.clone(),
-            images: vec![],
-        })
-        .collect();
+    let _cleanup: Vec<DockerCleanup> = ids.iter().map(|(id, _)| cleanup(id)).collect();
     let good = flotilla_fleet_tests::busybox_image_with(
         &f.hub.dir,
         "good",

@@ -187,19 +187,23 @@ fn main() -> Result<()> {
     for n in &names[..10] {
         poll(n, 0)?;
     }
-    let started: Vec<String> = (0..10)
-        .map(|i| {
-            docker(&[
-                "ps",
-                "--filter",
-                &format!("label=io.flotilla.workload=c{i}"),
-                "--filter",
-                &format!("label=io.flotilla.device={id}"),
-                "--format",
-                "{{.ID}} {{.RunningFor}}",
-            ])
-        })
-        .collect();
+    // The ten containers' IDs, to tell an adopted container from a re-created one.
+    let ids = || -> Vec<String> {
+        (0..10)
+            .map(|i| {
+                docker(&[
+                    "ps",
+                    "--filter",
+                    &format!("label=io.flotilla.workload=c{i}"),
+                    "--filter",
+                    &format!("label=io.flotilla.device={id}"),
+                    "--format",
+                    "{{.ID}} {{.RunningFor}}",
+                ])
+            })
+            .collect()
+    };
+    let started = ids();
     let a = fleet.agent_mut(&id);
     a.kill9();
     let t = Instant::now();
@@ -216,19 +220,7 @@ fn main() -> Result<()> {
         std::thread::sleep(Duration::from_millis(2));
     }
     let adopt = t.elapsed().as_secs_f64() * 1e3;
-    let after: Vec<String> = (0..10)
-        .map(|i| {
-            docker(&[
-                "ps",
-                "--filter",
-                &format!("label=io.flotilla.workload=c{i}"),
-                "--filter",
-                &format!("label=io.flotilla.device={id}"),
-                "--format",
-                "{{.ID}} {{.RunningFor}}",
-            ])
-        })
-        .collect();
+    let after = ids();
     let same = started
         .iter()
         .zip(&after)
