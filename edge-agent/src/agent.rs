@@ -67,11 +67,16 @@ pub struct Agent {
     pub(crate) reconciler: Reconciler,
     running: BTreeMap<WorkloadName, Box<dyn RunningWorkload>>,
     pub(crate) accepted: Option<(Signed, DesiredState)>,
+    /// A verified desired state that could not be persisted yet (disk full); retried on every tick.
+    pub(crate) unpersisted: Option<Signed>,
     /// The accepted desired state (or the root) has expired: keep running, install nothing new.
     pub(crate) frozen: bool,
     pub(crate) releases: BTreeMap<Digest, Release>,
     pub(crate) workload_rejects: BTreeMap<WorkloadName, RejectReason>,
     pub(crate) fetches: BTreeMap<ArtifactRef, Fetch>,
+    /// Registry pulls of container images, per artifact digest (in memory: after a restart the engine is asked
+    /// again, which needs no network when it has the image).
+    pub(crate) pulls: BTreeMap<Digest, crate::fetch::Pull>,
     pub(crate) rejection: Option<Rejection>,
     pub(crate) position: Option<LatLon>,
     pub(crate) holds: Holds,
@@ -80,6 +85,8 @@ pub struct Agent {
     pub(crate) last_good: BTreeMap<WorkloadName, (WorkloadSpec, Digest)>,
     /// When the database's WAL was last checkpointed.
     pub(crate) last_checkpoint: Instant,
+    /// When loaded images were last collected by age and disk watermark (besides after every change).
+    last_image_gc: Instant,
     pub(crate) artifact_history: ArtifactHistory,
     pub(crate) link: Option<Link>,
     pub(crate) connected: bool,
@@ -188,15 +195,18 @@ impl Agent {
             reconciler: Reconciler::new(),
             running: BTreeMap::new(),
             accepted: None,
+            unpersisted: None,
             frozen: false,
             releases: BTreeMap::new(),
             workload_rejects: BTreeMap::new(),
             fetches: BTreeMap::new(),
+            pulls: BTreeMap::new(),
             rejection,
             position,
             holds: Holds::default(),
             last_good,
             last_checkpoint: now,
+            last_image_gc: now,
             artifact_history: ArtifactHistory::default(),
             link: None,
             connected: false,
@@ -413,6 +423,17 @@ impl Agent {
     fn on_runtime(&mut self, now: Millis, ev: RuntimeEvent) {
         match ev {
             RuntimeEvent::Started { name, op, result } => {
+                // A pulled image the engine lost since has no tarball to load from: pull (or download) again.
+                let lost_pull = match (&result, self.reconciler.running(&name)) {
+                    (Err(_), Some((_, a)))
+                        if self.pulls.get(&a) == Some(&crate::fetch::Pull::Ready)
+                            && !self.store.has_artifact(&a).unwrap_or(false) =>
+                    {
+                        self.pulls.remove(&a);
+                        true
+                    }
+                    _ => false,
+                };
                 if let Err(e) = &result {
                     tracing::warn!(workload = %name, error = %e, "start failed");
                     self.running.remove(&name);
@@ -424,7 +445,16 @@ impl Agent {
                 if started {
                     self.remember_last_good(&name);
                 }
+                if lost_pull {
+                    self.refresh_desired();
+                }
             }
+            RuntimeEvent::Loading { name, op } => self.reconciler.loading(&name, op),
+            RuntimeEvent::Pulled {
+                workload,
+                artifact,
+                result,
+            } => self.on_pulled(&workload, artifact, result),
             RuntimeEvent::Exited { name, op, exit } => {
                 tracing::info!(workload = %name, ?exit, "exited");
                 self.running.remove(&name);
@@ -432,8 +462,12 @@ impl Agent {
             }
             RuntimeEvent::Stopped { name, op } => {
                 tracing::info!(workload = %name, "stopped");
+                let was = self.reconciler.running(&name);
                 self.running.remove(&name);
                 self.reconciler.op_finished(now, &name, op, Ok(()));
+                if let Some((old, _)) = was {
+                    self.delete_stopped_version(&old);
+                }
             }
             RuntimeEvent::Metric {
                 name,
@@ -464,6 +498,9 @@ impl Agent {
     /// Once a second: holds, position, stalled downloads, periodic reports and metrics, the outbox.
     fn on_tick(&mut self) {
         self.refresh_holds();
+        if let Some(signed) = self.unpersisted.take() {
+            self.on_desired(signed);
+        }
         if self.cfg.metrics_listen.is_some() {
             self.metrics_tx.send_replace(self.metrics());
         }
@@ -481,6 +518,11 @@ impl Agent {
         self.retry_refused_downloads();
         self.renew_if_due();
         self.checkpoint_if_due();
+        if self.last_image_gc.elapsed() >= Duration::from_secs(60) {
+            self.last_image_gc = Instant::now();
+            // Images age out and disks fill without any other event.
+            self.collect_images();
+        }
         if self.last_report.elapsed()
             >= Duration::from_secs(u64::from(self.cfg.report_interval_secs))
         {
@@ -612,6 +654,9 @@ impl Agent {
             return;
         }
         self.last_good.insert(name.clone(), (spec, artifact));
+        // The version before the new one is now the previous one: re-plan, so the collection keeps exactly the
+        // current and the previous version (the one before that was still running during the last collection).
+        self.refresh_desired();
     }
 
     /// `flotilla logs`: a WASM workload's capture is in memory; a container's is read from the engine by the

@@ -69,6 +69,8 @@ struct RawContainer {
     allow_host_network: bool,
     allow_devices: Vec<String>,
     allow_capabilities: Vec<String>,
+    image_keep_secs: u64,
+    image_gc_high_percent: u8,
 }
 
 impl Default for RawContainer {
@@ -79,6 +81,8 @@ impl Default for RawContainer {
             allow_host_network: false,
             allow_devices: vec![],
             allow_capabilities: vec![],
+            image_keep_secs: 0,
+            image_gc_high_percent: 85,
         }
     }
 }
@@ -94,6 +98,10 @@ pub struct ContainerConfig {
     pub allow_devices: Vec<String>,
     /// Upper case, without the `CAP_` prefix.
     pub allow_capabilities: Vec<String>,
+    /// How long an image beyond each workload's current and previous one stays cached (0: collected at once).
+    pub image_keep_secs: u64,
+    /// Above this usage of the engine's disk, such images go whatever their age.
+    pub image_gc_high_percent: u8,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -368,7 +376,15 @@ impl Config {
                 ));
             }
         }
+        if !(1..=100).contains(&raw.container.image_gc_high_percent) {
+            return Err(invalid(
+                "container.image_gc_high_percent",
+                format!("{} is outside 1..100", raw.container.image_gc_high_percent),
+            ));
+        }
         let container = ContainerConfig {
+            image_keep_secs: raw.container.image_keep_secs,
+            image_gc_high_percent: raw.container.image_gc_high_percent,
             enabled: raw.container.enabled,
             socket: raw.container.socket,
             allow_host_network: raw.container.allow_host_network,

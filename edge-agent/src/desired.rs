@@ -2,12 +2,14 @@
 //! the accepted state, the verified releases, the artifact cache, holds and the position into the reconciler's input.
 
 use crate::agent::{Agent, unix_now};
-use crate::fetch::MAX_RELEASE_DOC;
+use crate::fetch::{MAX_RELEASE_DOC, Pull};
+use flotilla_agent_core::reconcile::kills_first;
 use flotilla_agent_core::{DesiredWorkload, geo};
 use flotilla_shared::codec;
 use flotilla_shared::trust;
 use flotilla_shared::wire::{
-    ArtifactRef, DesiredState, RejectReason, Rejection, Signed, WorkloadKind, WorkloadSpec,
+    ArtifactRef, DesiredState, RejectReason, Rejection, Signed, UpdateStrategy, WorkloadKind,
+    WorkloadSpec,
 };
 use flotilla_shared::{Digest, WorkloadName};
 
@@ -58,9 +60,13 @@ impl Agent {
             .store
             .accept_desired(ds.generation, ds.issued_at, &signed)
         {
-            tracing::error!(error = %e, "cannot persist desired state; not applying it");
+            // A full disk, say: the state is tried again every second, so the device catches up by itself once
+            // there is room (the broker delivers a retained state only once per connection).
+            tracing::error!(error = %e, "cannot persist desired state; not applying it yet");
+            self.unpersisted = Some(signed);
             return;
         }
+        self.unpersisted = None;
         self.trust.floor.generation = self.trust.floor.generation.max(ds.generation);
         self.trust.floor.issued_at = self.trust.floor.issued_at.max(ds.issued_at);
         tracing::info!(
@@ -129,17 +135,29 @@ impl Agent {
                     .insert(spec.name.clone(), RejectReason::NotAllowed(why));
             } else if let Some(release) = self.releases.get(&spec.release).cloned() {
                 keep.push(release.artifact_digest);
+                // Delete-then-download: the old version is stopped and deleted before the new one is fetched.
+                let old_first = spec
+                    .container
+                    .as_ref()
+                    .is_some_and(|c| c.update_strategy == UpdateStrategy::DeleteThenDownload)
+                    && self
+                        .reconciler
+                        .running(&spec.name)
+                        .is_some_and(|(running, _)| running.release != spec.release);
+                let may_fetch =
+                    !self.frozen && !old_first && !self.workload_rejects.contains_key(&spec.name);
                 match self.store.has_artifact(&release.artifact_digest) {
                     Ok(true) => artifact = Some(release.artifact_digest),
-                    Ok(false)
-                        if !self.frozen && !self.workload_rejects.contains_key(&spec.name) =>
-                    {
-                        self.start_fetch(
-                            ArtifactRef::Blob(release.artifact_digest),
-                            release.artifact_size,
-                            &spec.name,
-                        )
+                    Ok(false) if self.pulls.get(&release.artifact_digest) == Some(&Pull::Ready) => {
+                        artifact = Some(release.artifact_digest);
                     }
+                    // A registry, when the release offers one, is tried first.
+                    Ok(false) if may_fetch && self.pull_from_registry(&release, &spec.name) => {}
+                    Ok(false) if may_fetch => self.start_fetch(
+                        ArtifactRef::Blob(release.artifact_digest),
+                        release.artifact_size,
+                        &spec.name,
+                    ),
                     Ok(false) => {}
                     Err(e) => tracing::error!(error = %e, "artifact index"),
                 }
@@ -168,8 +186,11 @@ impl Agent {
                     artifact = None;
                 }
             }
+            // Kill- and delete-then-download stop the old version instead of keeping it while the new one
+            // downloads, unless a hold defers the kill or the new release was refused (then the old one runs on).
+            let kill_first = !held && rejected.is_none() && kills_first(&spec);
             // The fallback is looked up (an artifact-index read) only when the wanted version cannot run.
-            let fallback = if artifact.is_none() {
+            let fallback = if artifact.is_none() && !kill_first {
                 self.fallback(&spec)
             } else {
                 None
@@ -219,7 +240,7 @@ impl Agent {
             return None;
         }
         let release = self.releases.get(&last.release)?;
-        (release.artifact_digest == *artifact && self.store.has_artifact(artifact).unwrap_or(false))
+        (release.artifact_digest == *artifact && self.artifact_ready(artifact))
             .then(|| (last.clone(), *artifact))
     }
 }

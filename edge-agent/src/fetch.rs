@@ -18,12 +18,29 @@ use std::time::{Duration, Instant};
 pub struct Fetch {
     size: u64,
     received: u64,
+    /// Requests were sent for everything below this offset (at most [`WINDOW`] chunks beyond `received`).
+    requested: u64,
+    is_blob: bool,
     staging: PathBuf,
     verifier: Option<ArtifactVerifier>,
     buf: Vec<u8>,
     requested_at: Instant,
     stalls: u32,
 }
+
+/// A registry pull of a container release's image (the optional second source), per artifact digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pull {
+    InFlight,
+    /// The engine has the signed image: the tarball is not needed.
+    Ready,
+    /// The registry could not deliver it (unreachable, refused, or not the signed image): download over MQTT.
+    Failed(String),
+}
+
+/// Chunk requests a blob download keeps in flight: the transfer streams instead of paying one round trip per
+/// chunk (about 6x faster on loopback), while what is in flight stays bounded (512 KiB).
+const WINDOW: u64 = 8;
 
 /// A chunk request unanswered for this long is sent again (slow-drip and lost-message protection).
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +64,70 @@ pub(crate) fn disk_check(size: u64, free: u64) -> Result<(), RejectReason> {
 }
 
 impl Agent {
+    /// Whether `artifact` can be started: its verified file is cached, or (a container release offered by a
+    /// registry) the engine holds the pulled image.
+    pub(crate) fn artifact_ready(&self, artifact: &Digest) -> bool {
+        self.pulls.get(artifact) == Some(&Pull::Ready)
+            || self.store.has_artifact(artifact).unwrap_or(false)
+    }
+
+    /// Starts a registry pull of `release`'s image for `workload` when its release offers one and no pull was
+    /// tried yet; returns false when the registry is not (or no longer) an option, so the caller downloads.
+    pub(crate) fn pull_from_registry(
+        &mut self,
+        release: &flotilla_shared::wire::Release,
+        workload: &WorkloadName,
+    ) -> bool {
+        let (Some(rt), Some(image)) = (&self.containers, &release.image) else {
+            return false;
+        };
+        if image.registry.is_none() {
+            return false;
+        }
+        match self.pulls.get(&release.artifact_digest) {
+            Some(Pull::Failed(_)) => false,
+            Some(_) => true,
+            None => {
+                tracing::info!(workload = %workload, registry = ?image.registry, "pulling from the registry");
+                rt.pull(
+                    workload.clone(),
+                    release.artifact_digest,
+                    image.clone(),
+                    self.rt_tx.clone(),
+                );
+                self.pulls.insert(release.artifact_digest, Pull::InFlight);
+                true
+            }
+        }
+    }
+
+    /// A registry pull ended: the image is in the engine (recorded for collection when this pull brought it), or
+    /// the tarball is downloaded over MQTT instead.
+    pub(crate) fn on_pulled(
+        &mut self,
+        workload: &WorkloadName,
+        artifact: Digest,
+        result: Result<(String, bool), String>,
+    ) {
+        match result {
+            Ok((image, pulled)) => {
+                if pulled
+                    && let Err(e) = self
+                        .store
+                        .record_image(workload.as_str(), &image, unix_now())
+                {
+                    tracing::warn!(error = %e, "cannot record a pulled image");
+                }
+                self.pulls.insert(artifact, Pull::Ready);
+            }
+            Err(e) => {
+                tracing::warn!(workload = %workload, error = %e, "registry pull failed; downloading over MQTT");
+                self.pulls.insert(artifact, Pull::Failed(e));
+            }
+        }
+        self.refresh_desired();
+    }
+
     pub(crate) fn artifact_path(&self, d: &Digest) -> PathBuf {
         // Always a hex digest: nothing from a document or the network ever becomes a path component.
         self.cfg.data_dir.join("artifacts").join(d.to_hex())
@@ -68,6 +149,8 @@ impl Agent {
         let mut fetch = Fetch {
             size,
             received: 0,
+            requested: 0,
+            is_blob,
             staging,
             verifier: None,
             buf: Vec::new(),
@@ -108,7 +191,16 @@ impl Agent {
         self.request_next(what);
     }
 
+    /// (Re)starts requesting `what` from what has been received (after connecting, or when answers stalled).
     pub(crate) fn request_next(&mut self, what: ArtifactRef) {
+        if let Some(f) = self.fetches.get_mut(&what) {
+            f.requested = f.received;
+        }
+        self.fill_window(what);
+    }
+
+    /// Sends chunk requests until [`WINDOW`] are in flight (one for a release document, whose size is unknown).
+    fn fill_window(&mut self, what: ArtifactRef) {
         let Some(f) = self.fetches.get_mut(&what) else {
             return;
         };
@@ -116,17 +208,24 @@ impl Agent {
         if !self.connected {
             return;
         }
-        let req = Message::ArtifactRequest(ArtifactRequest {
-            what,
-            offset: f.received,
-            max_len: u32::try_from(MAX_CHUNK_DATA).unwrap_or(u32::MAX),
-        });
-        if let (Some(link), Ok(bytes)) = (&self.link, codec::encode(&req)) {
-            let _ = link.publish(
-                &topics::device(&self.trust.device, DeviceTopic::ArtifactRequest),
-                bytes,
-                false,
-            );
+        let chunk = MAX_CHUNK_DATA as u64;
+        let window = if f.is_blob { WINDOW } else { 1 };
+        let end = f.size.min(f.received.saturating_add(window * chunk));
+        let mut offsets = Vec::new();
+        while f.requested < end || (f.requested == f.received && offsets.is_empty()) {
+            offsets.push(f.requested);
+            f.requested = f.requested.saturating_add(chunk);
+        }
+        let topic = topics::device(&self.trust.device, DeviceTopic::ArtifactRequest);
+        for offset in offsets {
+            let req = Message::ArtifactRequest(ArtifactRequest {
+                what,
+                offset,
+                max_len: u32::try_from(MAX_CHUNK_DATA).unwrap_or(u32::MAX),
+            });
+            if let (Some(link), Ok(bytes)) = (&self.link, codec::encode(&req)) {
+                let _ = link.publish(&topic, bytes, false);
+            }
         }
     }
 
@@ -214,7 +313,7 @@ impl Agent {
         })();
         match result {
             Err(reason) => self.fail_fetch(what, reason),
-            Ok(false) => self.request_next(what),
+            Ok(false) => self.fill_window(what),
             Ok(true) => self.finish_fetch(what),
         }
     }

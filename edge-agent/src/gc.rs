@@ -2,6 +2,7 @@
 //! before it (kept for a fast rollback) stay; everything else is deleted.
 
 use crate::agent::Agent;
+use flotilla_shared::wire::{UpdateStrategy, WorkloadSpec};
 use flotilla_shared::{Digest, WorkloadName};
 use std::collections::BTreeMap;
 
@@ -23,7 +24,70 @@ impl ArtifactHistory {
     }
 }
 
+impl ArtifactHistory {
+    /// Forgets `name`'s history (its previous version was deleted on purpose).
+    pub fn forget(&mut self, name: &WorkloadName) {
+        self.0.remove(name);
+    }
+}
+
 impl Agent {
+    /// Delete-then-download: once the old version of a workload has stopped, its image, its cached tarball and
+    /// its last good record go, so a device without room for two versions can fetch the new one (which then
+    /// starts). Any other workload's use of the same image keeps it.
+    pub(crate) fn delete_stopped_version(&mut self, old: &WorkloadSpec) {
+        let wanted = self
+            .accepted
+            .as_ref()
+            .and_then(|(_, ds)| ds.workloads.iter().find(|w| w.name == old.name).cloned());
+        let delete_first = wanted.as_ref().is_some_and(|w| {
+            w.release != old.release
+                && w.container
+                    .as_ref()
+                    .is_some_and(|c| c.update_strategy == UpdateStrategy::DeleteThenDownload)
+        });
+        if !delete_first {
+            return;
+        }
+        tracing::info!(workload = %old.name, "delete-then-download: removing the old version before the download");
+        self.last_good.remove(&old.name);
+        let names: Vec<WorkloadName> = self.last_good.keys().cloned().collect();
+        if let Err(e) = self.store.retain_last_good(&names) {
+            tracing::warn!(error = %e, "cannot forget the deleted version");
+        }
+        self.artifact_history.forget(&old.name);
+        if let (Some(rt), Some(image)) = (
+            &self.containers,
+            self.releases
+                .get(&old.release)
+                .and_then(|r| r.image.clone()),
+        ) {
+            let ids = [
+                format!("sha256:{}", image.config_digest.to_hex()),
+                format!("sha256:{}", image.manifest_digest.to_hex()),
+            ];
+            let in_use: Vec<&WorkloadSpec> = self
+                .accepted
+                .iter()
+                .flat_map(|(_, ds)| ds.workloads.iter())
+                .chain(self.last_good.values().map(|(spec, _)| spec))
+                .filter(|s| s.release == old.release)
+                .collect();
+            let loaded = self.store.images().unwrap_or_default();
+            let remove: Vec<String> = loaded
+                .into_iter()
+                .filter(|l| in_use.is_empty() && ids.contains(&l.image))
+                .map(|l| l.image)
+                .collect();
+            if !remove.is_empty() {
+                rt.remove_images(remove, self.rt_tx.clone());
+            }
+        }
+        // The cached tarball goes with the next collection, which this re-plan runs; the re-plan also starts
+        // the download that waited for the delete.
+        self.refresh_desired();
+    }
+
     /// Removes container images the agent loaded that neither the current nor the previous version of their
     /// workload uses, nor any wanted or last good spec.
     pub(crate) fn collect_images(&mut self) {
@@ -49,8 +113,9 @@ impl Agent {
                 ]
             })
             .collect();
+        let gc = rt.image_gc(crate::agent::unix_now(), &self.cfg.data_dir);
         let remove =
-            flotilla_agent_core::containers::images_to_remove(&loaded, &workloads, &in_use);
+            flotilla_agent_core::containers::images_to_remove(&loaded, &workloads, &in_use, gc);
         if !remove.is_empty() {
             rt.remove_images(remove, self.rt_tx.clone());
         }

@@ -90,6 +90,11 @@ impl Hub {
             .map_err(|e| HubError::BadRequest(format!("release rejected: {e}")))?;
         // A container tarball gets the device's own check here, so a release devices would refuse never lands.
         if let Some(image) = &release.image {
+            if let Some(r) = &image.registry {
+                flotilla_shared::image::check_registry_ref(r).map_err(|e| {
+                    HubError::BadRequest(format!("release rejected: registry reference {r:?}: {e}"))
+                })?;
+            }
             let file = std::fs::File::open(self.store.blob_path(&release.artifact_digest))
                 .map_err(|_| {
                     HubError::BadRequest(format!(

@@ -180,6 +180,7 @@ fn container_demo(
         epoch: 1,
         kind: "container".into(),
         keys: vec![key],
+        registry: None,
         out: None,
     };
     let (signed, _, artifact) = keys_cli::sign_release(&sign).map_err(|e| format!("{e:#}"))?;
@@ -390,6 +391,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         epoch: 1,
         kind: "wasm".into(),
         keys: vec![hub_dir.release_key()],
+        registry: None,
         out: None,
     };
     let (signed, _, _) = keys_cli::sign_release(&sign)?;

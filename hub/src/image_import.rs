@@ -95,8 +95,12 @@ fn inflate(bytes: &[u8]) -> Result<Vec<u8>> {
 
 /// The digest of the canonical tarball's bytes, for messages.
 pub fn describe(image: &flotilla_shared::wire::ContainerImage) -> String {
+    let registry = image
+        .registry
+        .as_ref()
+        .map_or_else(String::new, |r| format!(", also from {r}"));
     format!(
-        "image {} ({} layer(s)), manifest {}",
+        "image {} ({} layer(s)), manifest {}{registry}",
         image.config_digest,
         image.diff_ids.len(),
         Digest::short(&image.manifest_digest)

@@ -81,6 +81,11 @@ pub struct ReleaseSign {
     /// Release signing keys (repeatable to meet a threshold).
     #[arg(long = "key", required = true)]
     pub keys: Vec<PathBuf>,
+    /// For a container: also offer the image from this registry, as `REGISTRY/REPOSITORY@sha256:DIGEST` (the
+    /// digest `docker push` printed). Agents try it first and fall back to delivery over MQTT; either way the
+    /// image must have the signed config digest.
+    #[arg(long)]
+    pub registry: Option<String>,
     /// Where to write the signed release. `release sign` defaults to ARTIFACT.release; `release push` writes
     /// nothing unless this is given (the artifact's directory may be read-only).
     #[arg(long)]
@@ -133,11 +138,19 @@ pub fn sign_release(args: &ReleaseSign) -> Result<SignedRelease> {
                 .with_context(|| {
                     format!("{} is not a usable image tarball", args.artifact.display())
                 })?;
-            let (bytes, image) = flotilla_shared::image::write_canonical(&parts)
+            let (bytes, mut image) = flotilla_shared::image::write_canonical(&parts)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", args.artifact.display()))?;
+            if let Some(r) = &args.registry {
+                flotilla_shared::image::check_registry_ref(r)
+                    .map_err(|e| anyhow::anyhow!("--registry {r:?}: {e}"))?;
+                image.registry = Some(r.clone());
+            }
             (bytes, Some(image))
         }
     };
+    if args.registry.is_some() && kind != WorkloadKind::Container {
+        bail!("--registry is for container releases (--kind container)");
+    }
     let release = Release {
         name: WorkloadName::new(args.name.clone()).context("--name")?,
         version: args.version.clone(),

@@ -228,17 +228,8 @@ impl RawContainer {
         if let Some(s) = self.update_strategy {
             c.update_strategy = match s.as_str() {
                 "download-then-kill" => UpdateStrategy::DownloadThenKill,
-                // The reconciler keeps the old version running until the new one is ready; stopping it first is
-                // not built yet, so these are refused rather than accepted and silently ignored.
-                "kill-then-download" | "delete-then-download" => {
-                    return Err(err(
-                        "update_strategy",
-                        format!(
-                            "{s} is not supported yet; download-then-kill (the default) is: the old container \
-                             runs until the new image is downloaded and loaded"
-                        ),
-                    ));
-                }
+                "kill-then-download" => UpdateStrategy::KillThenDownload,
+                "delete-then-download" => UpdateStrategy::DeleteThenDownload,
                 o => {
                     return Err(err(
                         "update_strategy",
@@ -412,13 +403,6 @@ mod tests {
                     ..Default::default()
                 },
                 "env",
-            ),
-            (
-                RawContainer {
-                    update_strategy: Some("kill-then-download".into()),
-                    ..Default::default()
-                },
-                "update_strategy",
             ),
             (
                 RawContainer {

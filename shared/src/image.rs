@@ -189,6 +189,7 @@ pub fn write_canonical(parts: &ImageParts) -> Result<(Vec<u8>, ContainerImage), 
             config_digest,
             manifest_digest,
             diff_ids,
+            registry: None,
         },
     ))
 }
@@ -408,6 +409,52 @@ fn check_metadata(seen: &Seen, signed: &ContainerImage) -> Result<(), ImageProbl
         if !seen.blobs.contains(d) {
             return Err(ImageProblem::BadMetadata(format!("layer {}", d.short())));
         }
+    }
+    Ok(())
+}
+
+/// Longest registry reference accepted (Docker's own limit on a repository name is 255).
+pub const MAX_REGISTRY_REF: usize = 512;
+
+/// Checks a registry reference for a signed release: `host[:port]/path@sha256:<64 lowercase hex>`. Only digest
+/// references: a tag can be moved, a digest cannot, so what is signed is what is pulled.
+pub fn check_registry_ref(r: &str) -> Result<(), String> {
+    if r.len() > MAX_REGISTRY_REF {
+        return Err(format!("longer than {MAX_REGISTRY_REF} bytes"));
+    }
+    let (name, digest) = r
+        .split_once("@sha256:")
+        .ok_or("must name its image by digest: REGISTRY/REPOSITORY@sha256:<64 hex digits>")?;
+    if digest.len() != 64
+        || !digest
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err("the digest after @sha256: must be 64 lowercase hex digits".into());
+    }
+    let (host, path) = name
+        .split_once('/')
+        .ok_or("must start with the registry's host: REGISTRY/REPOSITORY@sha256:...")?;
+    // Docker reads the first component as a registry host only if it has a dot or a colon, or is localhost.
+    if !(host.contains('.') || host.contains(':') || host == "localhost") {
+        return Err(format!(
+            "{host:?} is not a registry host (it needs a dot or a port, or is localhost)"
+        ));
+    }
+    let host_ok = host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    let path_ok = !path.is_empty()
+        && path.split('/').all(|c| {
+            !c.is_empty()
+                && c.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+                })
+        });
+    if !host_ok || !path_ok {
+        return Err(
+            "registry host or repository has characters a registry reference cannot have".into(),
+        );
     }
     Ok(())
 }

@@ -86,6 +86,10 @@ pub struct ContainerImage {
     pub manifest_digest: Digest,
     /// The uncompressed layers' digests, bottom first (the config's `rootfs.diff_ids`).
     pub diff_ids: Vec<Digest>,
+    /// An optional second source for connected sites: `registry/repository@sha256:<manifest digest>` (always a
+    /// digest, never a tag; see [`crate::image::check_registry_ref`]). The agent tries it first and falls back to
+    /// the MQTT-delivered tarball; either way the engine's image must have the signed config digest.
+    pub registry: Option<String>,
 }
 
 /// How a container is replaced by a new version (balena's names).
@@ -272,6 +276,8 @@ pub struct RootUpdate {
 pub enum WorkloadState {
     /// Waiting for artifact bytes.
     Downloading,
+    /// A container image is being pulled from its registry or loaded into the engine.
+    Loading,
     Starting,
     Running,
     /// Ran to completion (command-style guest) and the restart policy says stay down.
@@ -456,6 +462,35 @@ pub struct WorkloadStatus {
     pub last_error: Option<String>,
     /// A release the workload could not use, with the reason (the previous one keeps running).
     pub rejected: Option<RejectReason>,
+    /// How the last run ended, when the runtime could tell (exit code, OOM kill, failed health check).
+    pub exit: Option<ExitCause>,
+    /// While backing off: milliseconds until the next start.
+    pub retry_in_ms: Option<u64>,
+}
+
+/// How a run ended, typed, so `why` and the console can name the cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitCause {
+    /// The process exited with this code.
+    Code(i64),
+    /// The kernel killed it at its memory limit.
+    OomKilled { limit_mib: u32 },
+    /// Its health check failed, so the agent restarted it.
+    Unhealthy,
+}
+
+impl std::fmt::Display for ExitCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Code(c) => write!(f, "exited with code {c}"),
+            Self::OomKilled { limit_mib } => {
+                write!(f, "OOM-killed (memory limit {limit_mib} MiB)")
+            }
+            Self::Unhealthy => {
+                f.write_str("unhealthy: the health check failed; restarted by the agent")
+            }
+        }
+    }
 }
 
 /// A rejected desired state: the generation and why.

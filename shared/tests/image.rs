@@ -246,3 +246,34 @@ fn a_config_that_does_not_name_the_layers_is_not_written() {
         Err(ImageProblem::NotTheSignedImage(_))
     ));
 }
+
+/// Registry references must name a registry host and an image by digest; tags and odd characters are refused.
+#[test]
+fn registry_references_are_digests_on_a_named_registry() {
+    let d = "a".repeat(64);
+    let cases: Vec<(String, bool)> = vec![
+        (format!("registry.example.com/team/web@sha256:{d}"), true),
+        (format!("127.0.0.1:5000/flotilla-test/web@sha256:{d}"), true),
+        (format!("localhost/web@sha256:{d}"), true),
+        // A tag can be moved after signing.
+        ("registry.example.com/web:1.0".into(), false),
+        // Docker Hub shorthand: the first component is not a registry host.
+        (format!("library/web@sha256:{d}"), false),
+        (format!("web@sha256:{d}"), false),
+        (
+            format!("registry.example.com/web@sha256:{}", "A".repeat(64)),
+            false,
+        ),
+        (
+            format!("registry.example.com/web@sha256:{}", "a".repeat(63)),
+            false,
+        ),
+        (format!("registry.example.com/Web@sha256:{d}"), false),
+        (format!("registry.example.com//web@sha256:{d}"), false),
+        (format!("registry.example.com/web;rm@sha256:{d}"), false),
+        (format!("{}/web@sha256:{d}", "r.".repeat(300)), false),
+    ];
+    for (r, ok) in cases {
+        assert_eq!(image::check_registry_ref(&r).is_ok(), ok, "{r}");
+    }
+}

@@ -11,12 +11,12 @@ use flotilla_fleet_tests::{
 };
 use serde_json::Value;
 
-fn device_id(what: &str) -> String {
+pub(crate) fn device_id(what: &str) -> String {
     format!("ctr-{what}-{}", std::process::id())
 }
 
 /// A device id of this test process and its agent in eu-west, labelled `device = <id>` for specs to target.
-fn container_agent(what: &str) -> (String, AgentSpec) {
+pub(crate) fn container_agent(what: &str) -> (String, AgentSpec) {
     let id = device_id(what);
     let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
     agent.labels.push(("device".into(), id.clone()));
@@ -24,7 +24,7 @@ fn container_agent(what: &str) -> (String, AgentSpec) {
 }
 
 /// Removes the device's containers when the test ends, however it ends.
-fn cleanup(id: &str) -> DockerCleanup {
+pub(crate) fn cleanup(id: &str) -> DockerCleanup {
     DockerCleanup {
         device: id.to_owned(),
         images: vec![],
@@ -39,7 +39,7 @@ fn spec(device: &str, body: &str) -> String {
 }
 
 /// The one container of `device`'s workload `workload`: (name, inspect JSON).
-fn container(device: &str, workload: &str) -> Option<(String, Value)> {
+pub(crate) fn container(device: &str, workload: &str) -> Option<(String, Value)> {
     let ids = docker(&[
         "ps",
         "-aq",
@@ -55,7 +55,7 @@ fn container(device: &str, workload: &str) -> Option<(String, Value)> {
 }
 
 /// A container's stdout and stderr, for failure messages.
-fn docker_logs(name: &str) -> String {
+pub(crate) fn docker_logs(name: &str) -> String {
     std::process::Command::new("docker")
         .args(["logs", "--tail", "20", name])
         .output()
@@ -69,7 +69,7 @@ fn docker_logs(name: &str) -> String {
         .unwrap_or_default()
 }
 
-fn running(device: &str, workload: &str) -> Option<(String, Value)> {
+pub(crate) fn running(device: &str, workload: &str) -> Option<(String, Value)> {
     container(device, workload).filter(|(_, c)| c["State"]["Running"] == true)
 }
 

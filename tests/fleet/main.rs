@@ -2,6 +2,7 @@
 
 mod access;
 mod cli;
+mod container_updates;
 mod containers;
 mod correctness;
 mod crash;

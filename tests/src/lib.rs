@@ -597,7 +597,7 @@ impl Hub {
     ) -> Result<String> {
         let path = self.dir.join(format!("{name}-{version}.wasm"));
         std::fs::write(&path, wasm)?;
-        self.push_kind(name, version, epoch, "wasm", &path)
+        self.push_kind(name, version, epoch, "wasm", &path, None)
     }
 
     /// Signs the container image tarball at `tar` (`docker save` output) as release `name@version`, uploading
@@ -609,7 +609,19 @@ impl Hub {
         epoch: u32,
         tar: &Path,
     ) -> Result<String> {
-        self.push_kind(name, version, epoch, "container", tar)
+        self.push_kind(name, version, epoch, "container", tar, None)
+    }
+
+    /// As [`Hub::push_container`], offering the image from `registry` too (`REGISTRY/REPO@sha256:...`).
+    pub fn push_container_with_registry(
+        &self,
+        name: &str,
+        version: &str,
+        epoch: u32,
+        tar: &Path,
+        registry: &str,
+    ) -> Result<String> {
+        self.push_kind(name, version, epoch, "container", tar, Some(registry))
     }
 
     fn push_kind(
@@ -619,6 +631,7 @@ impl Hub {
         epoch: u32,
         kind: &str,
         path: &Path,
+        registry: Option<&str>,
     ) -> Result<String> {
         let sign = flotilla_hub::keys_cli::ReleaseSign {
             artifact: path.to_owned(),
@@ -627,6 +640,7 @@ impl Hub {
             epoch,
             kind: kind.into(),
             keys: vec![self.release_key()],
+            registry: registry.map(str::to_owned),
             out: None,
         };
         let (signed, _, artifact) = flotilla_hub::keys_cli::sign_release(&sign)?;
@@ -1185,6 +1199,40 @@ pub fn busybox_image_with(dir: &Path, name: &str, cmd: &str) -> Result<PathBuf> 
         .status();
     anyhow::ensure!(saved.success(), "docker save failed");
     Ok(tar)
+}
+
+/// Version `n` of the image `base` (`docker save` output): one more layer holding `/version` with `n` in it, so
+/// every variant is a distinct image (config digest) sharing the base's layers. Written as a canonical tarball at
+/// `out`, without a round trip through the engine (fast enough for tens of versions).
+pub fn image_variant(base: &Path, n: u32, out: &Path) -> Result<PathBuf> {
+    let mut parts = flotilla_hub::image_import::read_source(std::io::BufReader::new(
+        std::fs::File::open(base)?,
+    ))?;
+    let mut layer = tar::Builder::new(Vec::new());
+    let body = format!("{n}\n");
+    let mut header = tar::Header::new_gnu();
+    header.set_size(body.len() as u64);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_cksum();
+    layer.append_data(&mut header, "version", body.as_bytes())?;
+    let layer = layer.into_inner()?;
+    let mut config: Value = serde_json::from_slice(&parts.config)?;
+    let diff_id = format!("sha256:{}", flotilla_shared::Digest::of(&layer).to_hex());
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .context("base config has no diff_ids")?
+        .push(Value::from(diff_id));
+    if let Some(history) = config["history"].as_array_mut() {
+        history.push(serde_json::json!({"created_by": format!("flotilla test version {n}")}));
+    }
+    parts.config = serde_json::to_vec(&config)?;
+    parts.layers.push(layer);
+    let (bytes, _) = flotilla_shared::image::write_canonical(&parts)
+        .map_err(|e| anyhow::anyhow!("variant {n}: {e}"))?;
+    let path = out.join(format!("variant-{n}.tar"));
+    std::fs::write(&path, bytes)?;
+    Ok(path)
 }
 
 /// Runs `docker ARGS` and returns its trimmed stdout (empty on failure).

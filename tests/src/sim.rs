@@ -352,6 +352,8 @@ async fn agent(
                         restarts: 0,
                         last_error: None,
                         rejected: None,
+                        exit: None,
+                        retry_in_ms: None,
                     })
                     .collect();
                 send_report(applied, &workloads, false)?;

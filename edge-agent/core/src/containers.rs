@@ -125,14 +125,27 @@ pub struct LoadedImage {
     pub loaded_at: u64,
 }
 
+/// When images beyond each workload's current and previous one are collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageGc {
+    /// Unix seconds now.
+    pub now: u64,
+    /// Such an image stays until it was loaded this long ago (0: it goes at once).
+    pub keep_secs: u64,
+    /// The engine's disk is above its watermark: such images go whatever their age.
+    pub disk_high: bool,
+}
+
 /// Which loaded images to remove: per workload still on the device (`workloads`) the newest two (the current one
 /// and the previous, kept for a fast rollback) stay, and so does every image a wanted or last good spec names
 /// (`in_use`); an image several workloads loaded goes only when none keeps it; a removed workload's images go.
+/// The rest go once older than `gc.keep_secs`, or at once while the disk is above its watermark, oldest first.
 /// Images the agent did not load are never candidates.
 pub fn images_to_remove(
     loaded: &[LoadedImage],
     workloads: &BTreeSet<String>,
     in_use: &BTreeSet<String>,
+    gc: ImageGc,
 ) -> Vec<String> {
     let mut by_workload: std::collections::BTreeMap<&str, Vec<&LoadedImage>> =
         std::collections::BTreeMap::new();
@@ -144,10 +157,18 @@ pub fn images_to_remove(
         images.sort_by(|a, b| b.loaded_at.cmp(&a.loaded_at).then(b.image.cmp(&a.image)));
         keep.extend(images.iter().take(2).map(|l| l.image.as_str()));
     }
-    let remove: BTreeSet<&str> = loaded
-        .iter()
-        .map(|l| l.image.as_str())
-        .filter(|i| !keep.contains(i))
+    // An image loaded for several workloads is as young as its newest load.
+    let mut newest: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for l in loaded {
+        let t = newest.entry(l.image.as_str()).or_insert(l.loaded_at);
+        *t = (*t).max(l.loaded_at);
+    }
+    let mut remove: Vec<(u64, &str)> = newest
+        .into_iter()
+        .filter(|(i, _)| !keep.contains(i))
+        .filter(|(_, at)| gc.disk_high || at.saturating_add(gc.keep_secs) <= gc.now)
+        .map(|(i, at)| (at, i))
         .collect();
-    remove.into_iter().map(str::to_owned).collect()
+    remove.sort_unstable();
+    remove.into_iter().map(|(_, i)| i.to_owned()).collect()
 }

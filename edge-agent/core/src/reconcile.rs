@@ -5,7 +5,8 @@
 //! superseded operations are ignored by their [`OpId`].
 
 use flotilla_shared::wire::{
-    HealthRule, RejectReason, RestartPolicy, WorkloadSpec, WorkloadState, WorkloadStatus,
+    ExitCause, HealthRule, RejectReason, RestartPolicy, UpdateStrategy, WorkloadSpec,
+    WorkloadState, WorkloadStatus,
 };
 use flotilla_shared::{Digest, WorkloadName};
 use std::collections::{BTreeMap, VecDeque};
@@ -55,6 +56,8 @@ pub enum Exit {
     /// Ran to completion (a command-style guest returned from `_start` with status 0).
     Completed,
     Failed(String),
+    /// Failed, and the runtime could tell how (exit code, OOM kill, failed health check).
+    Ended(ExitCause),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +87,10 @@ struct Slot {
     /// The current run has been reported healthy (so the health transition triggers exactly one report).
     healthy_reported: bool,
     last_error: Option<String>,
+    /// How the last failed run ended, when the runtime could tell.
+    last_exit: Option<ExitCause>,
+    /// The current start is loading its image (a container pulled or loaded into the engine).
+    loading: bool,
 }
 
 impl Slot {
@@ -99,6 +106,8 @@ impl Slot {
             restart_pending: false,
             healthy_reported: false,
             last_error: None,
+            last_exit: None,
+            loading: false,
         }
     }
 }
@@ -175,6 +184,7 @@ impl Reconciler {
             return;
         }
         slot.in_flight = None;
+        slot.loading = false;
         self.changed = true;
         match (&slot.phase, result) {
             (Phase::Starting, Ok(())) => {
@@ -216,6 +226,7 @@ impl Reconciler {
             Exit::Completed => {
                 slot.failures = 0;
                 slot.last_error = None;
+                slot.last_exit = None;
                 slot.restart_pending = policy == RestartPolicy::Always;
                 slot.phase = if policy == RestartPolicy::Always {
                     Phase::Idle
@@ -224,6 +235,10 @@ impl Reconciler {
                 };
             }
             Exit::Failed(e) => Self::fail(slot, now, e),
+            Exit::Ended(cause) => {
+                Self::fail(slot, now, cause.to_string());
+                slot.last_exit = Some(cause);
+            }
         }
         self.reconcile(now);
     }
@@ -258,6 +273,7 @@ impl Reconciler {
 
     fn fail(slot: &mut Slot, now: Millis, error: String) {
         slot.failures += 1;
+        slot.last_exit = None;
         slot.restart_pending = true;
         slot.last_error = Some(error);
         let policy = slot
@@ -334,6 +350,17 @@ impl Reconciler {
         }
     }
 
+    /// The start `op` of `name` is loading its image (shown as `Loading` until the start finishes).
+    pub fn loading(&mut self, name: &WorkloadName, op: OpId) {
+        if let Some(slot) = self.slots.get_mut(name)
+            && slot.in_flight == Some(op)
+            && slot.phase == Phase::Starting
+        {
+            slot.loading = true;
+            self.changed = true;
+        }
+    }
+
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
@@ -378,6 +405,7 @@ impl Reconciler {
                 let d = s.desired.as_ref()?;
                 let state = match (&s.phase, d.artifact.is_some(), d.inside_fence) {
                     (Phase::Running { .. }, ..) => WorkloadState::Running,
+                    (Phase::Starting, ..) if s.loading => WorkloadState::Loading,
                     (Phase::Starting, ..) => WorkloadState::Starting,
                     (Phase::BackingOff { .. }, ..) => WorkloadState::BackingOff,
                     (Phase::Failed, ..) => WorkloadState::Failed,
@@ -404,6 +432,11 @@ impl Reconciler {
                     restarts: s.restarts,
                     last_error: s.last_error.clone(),
                     rejected: d.rejected.clone(),
+                    exit: s.last_exit,
+                    retry_in_ms: match s.phase {
+                        Phase::BackingOff { until } => Some(until.saturating_sub(now)),
+                        _ => None,
+                    },
                 })
             })
             .collect()
@@ -424,6 +457,16 @@ enum Step {
     Start(WorkloadSpec, Digest),
 }
 
+/// Whether `spec`'s update strategy stops the running version before the new one is downloaded.
+pub fn kills_first(spec: &WorkloadSpec) -> bool {
+    spec.container.as_ref().is_some_and(|c| {
+        matches!(
+            c.update_strategy,
+            UpdateStrategy::KillThenDownload | UpdateStrategy::DeleteThenDownload
+        )
+    })
+}
+
 /// The planning rule for one slot with no operation in flight.
 fn plan_slot(slot: &Slot) -> Step {
     let Some(d) = &slot.desired else {
@@ -434,10 +477,13 @@ fn plan_slot(slot: &Slot) -> Step {
         };
     };
     if let Some((spec, artifact)) = &slot.running {
-        let outdated = d
-            .artifact
-            .is_some_and(|a| a != *artifact || *spec != d.spec);
-        // Keep the old version running until the new artifact is ready; stop when leaving the fence.
+        let outdated = match d.artifact {
+            Some(a) => a != *artifact || *spec != d.spec,
+            // Not downloaded yet: the old version keeps running until the new artifact is ready
+            // (download-then-kill), unless the spec asks to stop it first (kill- or delete-then-download).
+            None => *spec != d.spec && kills_first(&d.spec),
+        };
+        // Stop an outdated version, and any version when leaving the fence.
         return if outdated || !d.inside_fence {
             Step::Stop
         } else {

@@ -8,6 +8,7 @@ use flotilla_shared::wire::{
     WorkloadSpec,
 };
 use flotilla_shared::{Digest, WorkloadName};
+use std::collections::BTreeSet;
 
 fn spec(network: NetworkMode, devices: &[&str], caps: &[&str]) -> WorkloadSpec {
     WorkloadSpec {
@@ -160,7 +161,7 @@ fn allow_list_names_the_side_that_said_no() {
 
 #[test]
 fn images_keep_current_previous_and_in_use() {
-    use flotilla_agent_core::containers::{LoadedImage, images_to_remove};
+    use flotilla_agent_core::containers::{ImageGc, LoadedImage, images_to_remove};
     let l = |w: &str, i: &str, t: u64| LoadedImage {
         workload: w.into(),
         image: i.into(),
@@ -174,22 +175,66 @@ fn images_keep_current_previous_and_in_use() {
         l("db", "sha256:a", 5),
         l("db", "sha256:x", 1),
     ];
-    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+    let at_once = ImageGc {
+        now: 100,
+        keep_secs: 0,
+        disk_high: false,
+    };
+    let both: BTreeSet<String> = ["web".to_owned(), "db".to_owned()].into();
+    let web: BTreeSet<String> = ["web".to_owned()].into();
+    // (workloads on the device, in use, policy, what goes: oldest first)
+    type Case<'a> = (&'a BTreeSet<String>, Vec<&'a str>, ImageGc, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         // web keeps d, c; db keeps a, x; so b goes (a is kept by db).
-        (vec![], vec!["sha256:b"]),
+        (&both, vec![], at_once, vec!["sha256:b"]),
         // A last good version still naming b keeps it.
-        (vec!["sha256:b"], vec![]),
+        (&both, vec!["sha256:b"], at_once, vec![]),
+        // db removed from the device: its images go unless web keeps them; a was loaded last at 5 (for db).
+        (
+            &web,
+            vec![],
+            at_once,
+            vec!["sha256:x", "sha256:b", "sha256:a"],
+        ),
+        // Kept for 97 s: only images loaded at or before 3 go.
+        (
+            &web,
+            vec![],
+            ImageGc {
+                keep_secs: 97,
+                ..at_once
+            },
+            vec!["sha256:x", "sha256:b"],
+        ),
+        // Kept for an hour: nothing is old enough...
+        (
+            &web,
+            vec![],
+            ImageGc {
+                keep_secs: 3600,
+                ..at_once
+            },
+            vec![],
+        ),
+        // ...unless the disk is above its watermark; current and previous stay even then.
+        (
+            &web,
+            vec![],
+            ImageGc {
+                keep_secs: 3600,
+                disk_high: true,
+                ..at_once
+            },
+            vec!["sha256:x", "sha256:b", "sha256:a"],
+        ),
     ];
-    let both = ["web".to_owned(), "db".to_owned()].into();
-    for (in_use, want) in cases {
+    for (i, (workloads, in_use, gc, want)) in cases.into_iter().enumerate() {
         let in_use = in_use.into_iter().map(str::to_owned).collect();
-        assert_eq!(images_to_remove(&loaded, &both, &in_use), want);
+        assert_eq!(
+            images_to_remove(&loaded, workloads, &in_use, gc),
+            want,
+            "case {i}"
+        );
     }
-    // db removed from the device: its images go unless web keeps them (a is web's oldest: it goes too).
-    let web = ["web".to_owned()].into();
-    assert_eq!(
-        images_to_remove(&loaded, &web, &Default::default()),
-        vec!["sha256:a", "sha256:b", "sha256:x"]
-    );
-    assert!(images_to_remove(&[], &both, &Default::default()).is_empty());
+    assert!(images_to_remove(&[], &both, &Default::default(), at_once).is_empty());
 }

@@ -3,7 +3,10 @@
 
 use expect_test::{Expect, expect};
 use flotilla_agent_core::{Action, DesiredWorkload, Exit, Reconciler};
-use flotilla_shared::wire::{HealthRule, Resources, RestartPolicy, WorkloadKind, WorkloadSpec};
+use flotilla_shared::wire::{
+    ContainerSpec, ExitCause, HealthRule, NetworkMode, Resources, RestartPolicy, UpdateStrategy,
+    WorkloadKind, WorkloadSpec,
+};
 use flotilla_shared::{Digest, WorkloadName};
 use std::fmt::Write;
 
@@ -26,7 +29,30 @@ fn spec(name: &str, version: u8, restart: RestartPolicy) -> WorkloadSpec {
     }
 }
 
-/// Parses `name@version[:ready|:downloading][:out][:never|:always]` into a desired workload.
+/// A container with update strategy `strategy` (the other fields do not matter to the reconciler).
+fn container(strategy: UpdateStrategy) -> Box<ContainerSpec> {
+    Box::new(ContainerSpec {
+        command: vec![],
+        env: vec![],
+        config_path: "/etc/flotilla/config".into(),
+        cpus_milli: 0,
+        pids: 256,
+        ports: vec![],
+        volumes: vec![],
+        devices: vec![],
+        capabilities: vec![],
+        network: NetworkMode::Bridge,
+        read_only: true,
+        user: None,
+        health: None,
+        stop_timeout_secs: 10,
+        update_strategy: strategy,
+        log_max_bytes: 10 << 20,
+    })
+}
+
+/// Parses `name@version[:ready|:downloading][:out][:never|:always][:ctr|:killfirst|:deletefirst]` into a desired
+/// workload (the last flags make it a container with that update strategy).
 fn desired(item: &str) -> DesiredWorkload {
     let mut parts = item.split(':');
     let head = parts.next().expect("item");
@@ -40,8 +66,19 @@ fn desired(item: &str) -> DesiredWorkload {
     } else {
         RestartPolicy::OnFailure
     };
+    let mut spec = spec(name, version, restart);
+    for (flag, strategy) in [
+        ("ctr", UpdateStrategy::DownloadThenKill),
+        ("killfirst", UpdateStrategy::KillThenDownload),
+        ("deletefirst", UpdateStrategy::DeleteThenDownload),
+    ] {
+        if flags.contains(&flag) {
+            spec.kind = WorkloadKind::Container;
+            spec.container = Some(container(strategy));
+        }
+    }
     DesiredWorkload {
-        spec: spec(name, version, restart),
+        spec,
         artifact: (!flags.contains(&"downloading")).then_some(Digest([version + 100; 32])),
         inside_fence: !flags.contains(&"out"),
         rejected: None,
@@ -49,7 +86,8 @@ fn desired(item: &str) -> DesiredWorkload {
 }
 
 /// Runs a script. Lines: `at MS`, `desire ITEMS..`, `ok NAME` / `err NAME MSG` (finish the in-flight op),
-/// `exit NAME` / `crash NAME MSG` (the running instance ends), `timeout`.
+/// `loading NAME` (the in-flight start loads its image), `exit NAME` / `crash NAME MSG` / `oom NAME` (the
+/// running instance ends), `timeout`.
 fn check(script: &str, expect: Expect) {
     let mut r = Reconciler::new();
     let mut now = 0;
@@ -78,6 +116,13 @@ fn check(script: &str, expect: Expect) {
                 Exit::Failed(words[2..].join(" ")),
             ),
             "stale" => r.op_finished(now, &name(), 999, Ok(())),
+            "loading" => r.loading(&name(), in_flight[words[1]]),
+            "oom" => r.exited(
+                now,
+                &name(),
+                running_op[words[1]],
+                Exit::Ended(ExitCause::OomKilled { limit_mib: 8 }),
+            ),
             "timeout" => r.handle_timeout(now),
             other => panic!("unknown step {other}"),
         }
@@ -100,6 +145,12 @@ fn check(script: &str, expect: Expect) {
             write!(out, " {}={:?}", s.name, s.state).expect("write");
             if s.restarts > 0 {
                 write!(out, "/r{}", s.restarts).expect("write");
+            }
+            if let Some(e) = s.exit {
+                write!(out, "/{e:?}").expect("write");
+            }
+            if let Some(ms) = s.retry_in_ms {
+                write!(out, "/retry in {ms}").expect("write");
             }
         }
         if let Some(t) = r.poll_timeout() {
@@ -150,6 +201,77 @@ fn upgrade_waits_for_artifact() {
     );
 }
 
+/// Container update strategies: download-then-kill keeps the old version until the new image is there;
+/// kill- and delete-then-download stop it at once, start the new one when it arrives, and a spec change that
+/// needs no download replaces in place like any other.
+#[test]
+fn update_strategies() {
+    check(
+        "desire a@1:ctr b@1:killfirst c@1:deletefirst
+         ok a
+         ok b
+         ok c
+         desire a@2:downloading:ctr b@2:downloading:killfirst c@2:downloading:deletefirst
+         ok b
+         ok c
+         desire a@2:ctr b@2:killfirst c@2:deletefirst
+         ok a
+         ok a
+         ok b
+         ok c",
+        expect![[r#"
+            desire a@1:ctr b@1:killfirst c@1:deletefirst | start a@1 start b@1 start c@1 || a=Starting b=Starting c=Starting
+            ok a                         | || a=Running b=Starting c=Starting (wake 1000)
+            ok b                         | || a=Running b=Running c=Starting (wake 1000)
+            ok c                         | || a=Running b=Running c=Running (wake 1000)
+            desire a@2:downloading:ctr b@2:downloading:killfirst c@2:downloading:deletefirst | stop b stop c || a=Running b=Downloading c=Downloading (wake 1000)
+            ok b                         | || a=Running b=Downloading c=Downloading (wake 1000)
+            ok c                         | || a=Running b=Downloading c=Downloading (wake 1000)
+            desire a@2:ctr b@2:killfirst c@2:deletefirst | stop a start b@2 start c@2 || a=Starting b=Starting c=Starting
+            ok a                         | start a@2 || a=Starting b=Starting c=Starting
+            ok a                         | || a=Running b=Starting c=Starting (wake 1000)
+            ok b                         | || a=Running b=Running c=Starting (wake 1000)
+            ok c                         | || a=Running b=Running c=Running (wake 1000)
+        "#]],
+    );
+}
+
+/// A container start shows `Loading` while its image loads; an OOM kill is a typed exit cause, shown with the
+/// time to the next start; a clean start clears neither the restart count nor (until it ran) the cause.
+#[test]
+fn loading_and_exit_causes() {
+    check(
+        "desire a@1:ctr
+         loading a
+         ok a
+         at 100
+         oom a
+         at 400
+         timeout
+         at 600
+         timeout
+         loading a
+         ok a
+         at 700
+         exit a",
+        expect![[r#"
+            desire a@1:ctr               | start a@1 || a=Starting
+            loading a                    | || a=Loading
+            ok a                         | || a=Running (wake 1000)
+            at 100                       | || a=Running (wake 1000)
+            oom a                        | || a=BackingOff/OomKilled { limit_mib: 8 }/retry in 500 (wake 600)
+            at 400                       | || a=BackingOff/OomKilled { limit_mib: 8 }/retry in 200 (wake 600)
+            timeout                      | || a=BackingOff/OomKilled { limit_mib: 8 }/retry in 200 (wake 600)
+            at 600                       | || a=BackingOff/OomKilled { limit_mib: 8 }/retry in 0 (wake 600)
+            timeout                      | start a@1 || a=Starting/r1/OomKilled { limit_mib: 8 }
+            loading a                    | || a=Loading/r1/OomKilled { limit_mib: 8 }
+            ok a                         | || a=Running/r1/OomKilled { limit_mib: 8 } (wake 1600)
+            at 700                       | || a=Running/r1/OomKilled { limit_mib: 8 } (wake 1600)
+            exit a                       | || a=Exited/r1
+        "#]],
+    );
+}
+
 /// Crashes back off exponentially; a start error counts as a failure too; the backoff timer drives the restart.
 #[test]
 fn crash_backoff() {
@@ -172,13 +294,13 @@ fn crash_backoff() {
             desire a@1                   | start a@1 || a=Starting
             ok a                         | || a=Running (wake 1000)
             at 100                       | || a=Running (wake 1000)
-            crash a trap: unreachable    | || a=BackingOff (wake 600)
-            at 300                       | || a=BackingOff (wake 600)
-            timeout                      | || a=BackingOff (wake 600)
-            at 600                       | || a=BackingOff (wake 600)
+            crash a trap: unreachable    | || a=BackingOff/retry in 500 (wake 600)
+            at 300                       | || a=BackingOff/retry in 300 (wake 600)
+            timeout                      | || a=BackingOff/retry in 300 (wake 600)
+            at 600                       | || a=BackingOff/retry in 0 (wake 600)
             timeout                      | start a@1 || a=Starting/r1
-            err a out of memory          | || a=BackingOff/r1 (wake 1600)
-            at 1600                      | || a=BackingOff/r1 (wake 1600)
+            err a out of memory          | || a=BackingOff/r1/retry in 1000 (wake 1600)
+            at 1600                      | || a=BackingOff/r1/retry in 0 (wake 1600)
             timeout                      | start a@1 || a=Starting/r2
             ok a                         | || a=Running/r2 (wake 2600)
             at 40000                     | || a=Running/r2 (wake 2600)

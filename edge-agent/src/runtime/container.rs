@@ -24,7 +24,9 @@ use flotilla_agent_core::containers::{
     LABEL_SPEC_HASH, LABEL_WORKLOAD,
 };
 use flotilla_agent_core::{Exit, OpId};
-use flotilla_shared::wire::{ContainerEngine, ContainerImage, ImageProblem, NetworkMode};
+use flotilla_shared::wire::{
+    ContainerEngine, ContainerImage, ExitCause, ImageProblem, NetworkMode,
+};
 use futures_util::StreamExt;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -38,6 +40,8 @@ const RETRY: Duration = Duration::from_secs(2);
 const API_TIMEOUT_SECS: u64 = 600;
 /// How long a start waits for the engine probe before it fails (and is retried with backoff).
 const PROBE_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a registry pull may take before the agent falls back to delivery over MQTT.
+const PULL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Lines of a container's output kept for `logs()` after it ends.
 const LOG_TAIL: &str = "200";
 
@@ -55,6 +59,8 @@ struct Inner {
     /// The connection once the probe succeeded; starts that arrive before wait for it (bounded).
     docker: tokio::sync::watch::Sender<Option<Docker>>,
     engine: Mutex<Option<ContainerEngine>>,
+    /// Where the engine keeps images (`DockerRootDir`), for the image collection's disk watermark.
+    root_dir: Mutex<Option<PathBuf>>,
     last_error: Mutex<String>,
 }
 
@@ -84,6 +90,7 @@ impl ContainerRuntime {
                 files,
                 docker: tokio::sync::watch::Sender::new(None),
                 engine: Mutex::new(None),
+                root_dir: Mutex::new(None),
                 last_error: Mutex::new("not probed yet".into()),
             }),
         };
@@ -95,6 +102,29 @@ impl ContainerRuntime {
     /// The engine as probed, once it answered.
     pub fn engine(&self) -> Option<ContainerEngine> {
         lock(&self.inner.engine).clone()
+    }
+
+    /// The image collection's policy at `now` (unix seconds): the configured age, and whether the engine's disk
+    /// (or, when its directory is not visible from here, the agent's data partition) is above the watermark.
+    pub fn image_gc(&self, now: u64, data_dir: &Path) -> containers::ImageGc {
+        let root = lock(&self.inner.root_dir).clone();
+        let used = |p: &Path| {
+            rustix::fs::statvfs(p).ok().and_then(|s| {
+                let used = s.f_blocks.saturating_sub(s.f_bfree);
+                let total = used.saturating_add(s.f_bavail);
+                (total > 0).then(|| used.saturating_mul(100) / total)
+            })
+        };
+        let percent = root
+            .as_deref()
+            .and_then(used)
+            .or_else(|| used(data_dir))
+            .unwrap_or(0);
+        containers::ImageGc {
+            now,
+            keep_secs: self.inner.cfg.image_keep_secs,
+            disk_high: percent >= u64::from(self.inner.cfg.image_gc_high_percent),
+        }
     }
 
     /// The local allow-list.
@@ -167,6 +197,28 @@ impl ContainerRuntime {
         });
     }
 
+    /// Pulls a release's image from the registry its release names (the second source for connected sites),
+    /// unless the engine has it already; answers with [`RuntimeEvent::Pulled`].
+    pub fn pull(
+        &self,
+        workload: flotilla_shared::WorkloadName,
+        artifact: flotilla_shared::Digest,
+        image: ContainerImage,
+        events: mpsc::Sender<RuntimeEvent>,
+    ) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let result = inner.pull(&image).await;
+            let _ = events
+                .send(RuntimeEvent::Pulled {
+                    workload,
+                    artifact,
+                    result,
+                })
+                .await;
+        });
+    }
+
     /// Removes, once the engine answers, every container of this device that is not in `keep` (in any state):
     /// leftovers of workloads that were removed or replaced while the agent was down. Never touches a container
     /// without this device's managed label.
@@ -219,7 +271,7 @@ impl Inner {
     async fn probe_until_connected(&self) {
         loop {
             match self.probe().await {
-                Ok((docker, engine)) => {
+                Ok((docker, engine, root_dir)) => {
                     tracing::info!(
                         engine = %engine.name,
                         api = %engine.api_version,
@@ -228,6 +280,7 @@ impl Inner {
                         "container engine"
                     );
                     *lock(&self.engine) = Some(engine);
+                    *lock(&self.root_dir) = root_dir;
                     self.docker.send_replace(Some(docker));
                     return;
                 }
@@ -245,7 +298,7 @@ impl Inner {
 
     /// Connects, negotiates the API version down to the engine's (Docker 29 refuses old clients, old engines
     /// refuse new ones), and reads what the engine can enforce.
-    async fn probe(&self) -> Result<(Docker, ContainerEngine), String> {
+    async fn probe(&self) -> Result<(Docker, ContainerEngine, Option<PathBuf>), String> {
         let path = self.cfg.socket.to_string_lossy();
         let docker =
             Docker::connect_with_unix(&path, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
@@ -267,7 +320,8 @@ impl Inner {
             memory_limit: info.memory_limit.unwrap_or(false),
             storage_driver: info.driver.unwrap_or_default(),
         };
-        Ok((docker, engine))
+        let root_dir = info.docker_root_dir.map(PathBuf::from);
+        Ok((docker, engine, root_dir))
     }
 
     /// This device's managed containers, in any state.
@@ -302,21 +356,81 @@ impl Inner {
             .collect())
     }
 
+    /// Pulls `image` by the digest reference its release signs, and accepts it only if the engine then has an
+    /// image with the signed config (or manifest) digest; anything else that was pulled is removed again.
+    async fn pull(&self, image: &ContainerImage) -> Result<(String, bool), String> {
+        let reference = image
+            .registry
+            .as_deref()
+            .ok_or("the release names no registry")?;
+        flotilla_shared::image::check_registry_ref(reference)
+            .map_err(|e| format!("registry reference {reference:?}: {e}"))?;
+        let docker = self
+            .docker_within(PROBE_PATIENCE)
+            .await
+            .ok_or("container engine unreachable")?;
+        if let Some(id) = present(&docker, image).await {
+            return Ok((id, false));
+        }
+        // As the docker CLI sends it: the repository, and the digest in `tag`.
+        let (repo, digest) = reference
+            .split_once('@')
+            .ok_or("a registry reference without a digest")?;
+        let mut progress = docker.create_image(
+            Some(bollard::query_parameters::CreateImageOptions {
+                from_image: Some(repo.to_owned()),
+                tag: Some(digest.to_owned()),
+                ..Default::default()
+            }),
+            None,
+            None,
+        );
+        let pulled = tokio::time::timeout(PULL_TIMEOUT, async {
+            while let Some(item) = progress.next().await {
+                item.map_err(|e| format!("pulling {reference}: {e}"))?;
+            }
+            Ok::<(), String>(())
+        })
+        .await
+        .map_err(|_| format!("pulling {reference}: no answer within {PULL_TIMEOUT:?}"))?;
+        pulled?;
+        if let Some(id) = present(&docker, image).await {
+            tracing::info!(image = %id, from = %reference, "image pulled");
+            return Ok((id, true));
+        }
+        let _ = docker
+            .remove_image(
+                reference,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await;
+        Err(format!(
+            "the registry served another image than the signed one ({}); removed it",
+            ImageProblem::LoadedIdMismatch
+        ))
+    }
+
     /// Makes sure the engine has the signed image, loading it from the verified tarball if not. Returns the
-    /// image ID to create containers from (never a tag).
+    /// image ID to create containers from (never a tag), and whether this call loaded it.
     async fn ensure_image(
         &self,
         docker: &Docker,
         tarball: &Path,
         image: &ContainerImage,
+        loading: impl std::future::Future<Output = ()>,
     ) -> Result<(String, bool), String> {
-        let by_config = format!("sha256:{}", image.config_digest.to_hex());
-        let by_manifest = format!("sha256:{}", image.manifest_digest.to_hex());
-        for id in [&by_config, &by_manifest] {
-            if docker.inspect_image(id).await.is_ok() {
-                return Ok((id.clone(), false));
-            }
+        if let Some(id) = present(docker, image).await {
+            return Ok((id, false));
         }
+        if !tarball.exists() {
+            // Pulled from its registry before, and the engine lost it since: pull again or download.
+            return Err(format!(
+                "the engine no longer has image {} and no tarball is cached",
+                image.config_digest
+            ));
+        }
+        loading.await;
         // Checked again right before the load: the cached file is what the engine will read.
         let path = tarball.to_owned();
         let signed = image.clone();
@@ -354,11 +468,9 @@ impl Inner {
         while let Some(item) = progress.next().await {
             item.map_err(|e| format!("the engine refused the image: {e}"))?;
         }
-        for id in [&by_config, &by_manifest] {
-            if docker.inspect_image(id).await.is_ok() {
-                tracing::info!(image = %id, "image loaded");
-                return Ok((id.clone(), true));
-            }
+        if let Some(id) = present(docker, image).await {
+            tracing::info!(image = %id, "image loaded");
+            return Ok((id, true));
         }
         Err(format!(
             "container image refused after loading: {}",
@@ -368,7 +480,11 @@ impl Inner {
 
     /// Brings up the container for `req`: adopt, start or create. Returns its name, and the image ID when this
     /// start loaded the image into the engine.
-    async fn bring_up(&self, req: &StartRequest) -> Result<(String, Option<String>), String> {
+    async fn bring_up(
+        &self,
+        req: &StartRequest,
+        events: &mpsc::Sender<RuntimeEvent>,
+    ) -> Result<(String, Option<String>), String> {
         let docker = self.docker_within(PROBE_PATIENCE).await.ok_or_else(|| {
             format!(
                 "container engine unreachable at {}: {}",
@@ -399,8 +515,16 @@ impl Inner {
             }
             Bring::StartExisting => {}
             Bring::Create => {
+                let loading = async {
+                    let _ = events
+                        .send(RuntimeEvent::Loading {
+                            name: req.name.clone(),
+                            op: req.op,
+                        })
+                        .await;
+                };
                 let (image_id, fresh) = self
-                    .ensure_image(&docker, &req.artifact_path, image)
+                    .ensure_image(&docker, &req.artifact_path, image, loading)
                     .await?;
                 loaded = fresh.then(|| image_id.clone());
                 let dir = self.files.join(&name);
@@ -444,6 +568,18 @@ impl Inner {
         }
         out
     }
+}
+
+/// The engine's ID for the signed image, if the engine has it: the config digest (classic image store,
+/// balenaEngine, Podman) or the manifest digest (containerd image store).
+async fn present(docker: &Docker, image: &ContainerImage) -> Option<String> {
+    for d in [&image.config_digest, &image.manifest_digest] {
+        let id = format!("sha256:{}", d.to_hex());
+        if docker.inspect_image(&id).await.is_ok() {
+            return Some(id);
+        }
+    }
+    None
 }
 
 /// The engine configuration for a container workload: the hardened default (no privileges, every capability
@@ -681,7 +817,7 @@ async fn lifecycle(
         }
     };
     let _api = api;
-    let name = match inner.bring_up(&req).await {
+    let name = match inner.bring_up(&req, &events).await {
         Ok((n, loaded)) => {
             if let Some(image) = loaded {
                 let _ = events
@@ -735,13 +871,13 @@ async fn lifecycle(
                         if st.running == Some(true) {
                             Exit::Failed("lost the engine's wait on the container".into())
                         } else if unhealthy {
-                            Exit::Failed("unhealthy: the health check failed; restarted by the agent".into())
+                            Exit::Ended(ExitCause::Unhealthy)
                         } else if st.oom_killed == Some(true) {
-                            Exit::Failed(format!("OOM-killed (memory limit {} MiB)", req.spec.resources.memory_mib))
+                            Exit::Ended(ExitCause::OomKilled { limit_mib: req.spec.resources.memory_mib })
                         } else {
                             match st.exit_code.unwrap_or(-1) {
                                 0 => Exit::Completed,
-                                code => Exit::Failed(format!("exited with code {code}")),
+                                code => Exit::Ended(ExitCause::Code(code)),
                             }
                         }
                     }

@@ -38,6 +38,16 @@ pub enum RuntimeEvent {
         metric: String,
         value: f64,
     },
+    /// The start `op` of `name` is loading its container image into the engine.
+    Loading { name: WorkloadName, op: OpId },
+    /// A registry pull for the release whose artifact is `artifact` ended: the engine's image ID and whether
+    /// this pull brought it (false: the engine had it already), or why not (the agent then downloads the
+    /// tarball over MQTT).
+    Pulled {
+        workload: WorkloadName,
+        artifact: flotilla_shared::Digest,
+        result: Result<(String, bool), String>,
+    },
     /// The container runtime loaded `image` into the engine for workload `name`.
     ImageLoaded { name: WorkloadName, image: String },
     /// The answer to a `flotilla logs` request, read from the engine.

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 pub(super) fn state_str(s: WorkloadState) -> &'static str {
     match s {
         WorkloadState::Downloading => "downloading",
+        WorkloadState::Loading => "loading",
         WorkloadState::Starting => "starting",
         WorkloadState::Running => "running",
         WorkloadState::Exited => "exited",
@@ -18,6 +19,17 @@ pub(super) fn state_str(s: WorkloadState) -> &'static str {
         WorkloadState::Failed => "failed",
         WorkloadState::HeldByGeofence => "held-by-geofence",
     }
+}
+
+/// How a run ended, for the API: a kind plus its detail, and the sentence `why` uses.
+fn exit_json(e: &flotilla_shared::wire::ExitCause) -> Value {
+    use flotilla_shared::wire::ExitCause;
+    let (kind, detail) = match e {
+        ExitCause::Code(c) => ("code", json!(c)),
+        ExitCause::OomKilled { limit_mib } => ("oom-killed", json!(limit_mib)),
+        ExitCause::Unhealthy => ("unhealthy", Value::Null),
+    };
+    json!({"kind": kind, "detail": detail, "text": e.to_string()})
 }
 
 pub(super) fn device_json(h: &Hub, d: &crate::store::DeviceRow) -> Value {
@@ -29,7 +41,8 @@ pub(super) fn device_json(h: &Hub, d: &crate::store::DeviceRow) -> Value {
                 let version = h.store.release_by_digest(&w.release).ok().flatten().map(|r| r.release.version);
                 json!({"name": w.name.as_str(), "state": state_str(w.state), "healthy": w.healthy,
                        "version": version, "release": w.release.to_hex(), "restarts": w.restarts,
-                       "last_error": w.last_error, "rejected": w.rejected.as_ref().map(ToString::to_string)})
+                       "last_error": w.last_error, "rejected": w.rejected.as_ref().map(ToString::to_string),
+                       "exit": w.exit.map(|e| exit_json(&e)), "retry_in_ms": w.retry_in_ms})
             })
             .collect()
     });

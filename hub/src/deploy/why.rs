@@ -109,10 +109,30 @@ impl Hub {
                 "held by geofence: the device is outside the workload's fence, so version {version} does not run \
                  here until the device moves inside it"
             ),
-            (WorkloadState::BackingOff | WorkloadState::Failed, _) => format!(
-                "crash-looping ({} restarts) at version {version}, last error: {}",
-                st.restarts,
-                st.last_error.as_deref().unwrap_or("unknown")
+            (WorkloadState::BackingOff | WorkloadState::Failed, _) => {
+                let cause = st
+                    .exit
+                    .map(|e| e.to_string())
+                    .or_else(|| st.last_error.clone())
+                    .unwrap_or_else(|| "unknown".into());
+                let retry = st.retry_in_ms.map_or_else(String::new, |ms| {
+                    format!("; next start in {:.1} s", ms as f64 / 1000.0)
+                });
+                if st.state == WorkloadState::Failed {
+                    format!(
+                        "failed at version {version} and its restart policy does not start it again                          ({} restarts), last error: {cause}",
+                        st.restarts
+                    )
+                } else {
+                    format!(
+                        "crash-looping ({} restarts) at version {version}, last error: {cause}{retry}",
+                        st.restarts
+                    )
+                }
+            }
+            (WorkloadState::Loading, _) => format!(
+                "loading version {version}'s container image into the engine (pulled from its registry or \
+                 loaded from the downloaded tarball)"
             ),
             (WorkloadState::Running, _) if at_expected && st.healthy => {
                 format!("running version {version} (healthy: true)")

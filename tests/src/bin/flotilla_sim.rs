@@ -314,6 +314,7 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
         epoch: 1,
         kind: "wasm".into(),
         keys: vec![hub_dir.join("keys/release.key")],
+        registry: None,
         out: Some(wasm.path().with_extension("release")),
     };
     let (signed, _, _) = flotilla_hub::keys_cli::sign_release(&sign)?;
