@@ -61,6 +61,9 @@ struct Inner {
     engine: Mutex<Option<ContainerEngine>>,
     /// Where the engine keeps images (`DockerRootDir`), for the image collection's disk watermark.
     root_dir: Mutex<Option<PathBuf>>,
+    /// Containers this agent run has brought up: never orphans, whatever the sweep's `keep` (computed at start,
+    /// possibly before the engine answered and the first desired state was applied) says.
+    ours: Mutex<BTreeSet<String>>,
     last_error: Mutex<String>,
 }
 
@@ -91,6 +94,7 @@ impl ContainerRuntime {
                 docker: tokio::sync::watch::Sender::new(None),
                 engine: Mutex::new(None),
                 root_dir: Mutex::new(None),
+                ours: Mutex::new(BTreeSet::new()),
                 last_error: Mutex::new("not probed yet".into()),
             }),
         };
@@ -219,7 +223,8 @@ impl ContainerRuntime {
         });
     }
 
-    /// Removes, once the engine answers, every container of this device that is not in `keep` (in any state):
+    /// Removes, once the engine answers, every container of this device that is not in `keep` and that this run
+    /// did not bring up (in any state):
     /// leftovers of workloads that were removed or replaced while the agent was down. Never touches a container
     /// without this device's managed label.
     pub fn sweep(&self, keep: BTreeSet<String>) {
@@ -233,6 +238,8 @@ impl ContainerRuntime {
             };
             match inner.managed(&docker).await {
                 Ok(found) => {
+                    let mut keep = keep;
+                    keep.extend(lock(&inner.ours).iter().cloned());
                     for name in containers::orphans(&keep, &found) {
                         tracing::info!(container = %name, "removing a container no longer desired");
                         let _ = docker.remove_container(&name, Some(force_remove())).await;
@@ -498,6 +505,7 @@ impl Inner {
             .ok_or("the release names no container image")?;
         let hash = containers::spec_hash(&self.device, &req.spec);
         let name = containers::container_name(&req.name, &hash);
+        lock(&self.ours).insert(name.clone());
         let found = self.managed(&docker).await?;
         let (remove, bring) = containers::bring_up(req.name.as_str(), &name, &found);
         let mut loaded = None;
