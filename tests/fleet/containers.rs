@@ -244,6 +244,38 @@ fn crash_loop_backs_off_and_allow_list_refuses() {
             .contains("exited with code 3"),
         "{w}"
     );
+    assert_eq!(w["exit"]["kind"], "code", "a typed cause: {w}");
+    assert_eq!(w["exit"]["detail"], 3, "{w}");
+    let why = |fleet: &flotilla_fleet_tests::Fleet| {
+        fleet
+            .hub
+            .client
+            .get(&format!("/api/v1/why/{id}/web"))
+            .expect("why")
+            .to_string()
+    };
+
+    // A container that needs more memory than its limit: OOM-killed, said so, with the time to the next start.
+    fleet
+        .hub
+        .apply(&spec(
+            &id,
+            "command = [\"/bin/dd\", \"if=/dev/zero\", \"of=/dev/null\", \"bs=64M\", \"count=1\"]\n",
+        ))
+        .expect("apply");
+    let w = wait_for("the OOM kill in the report", PATIENCE, || {
+        let d = fleet.hub.device(&id)?;
+        let w = d["workloads"].as_array()?.first()?.clone();
+        (w["exit"]["kind"] == "oom-killed" && w["state"] == "backing-off").then_some(w)
+    })
+    .expect("OOM-killed");
+    assert!(w["retry_in_ms"].as_u64().is_some(), "next retry: {w}");
+    wait_for("why names the OOM kill", PATIENCE, || {
+        let why = why(&fleet);
+        (why.contains("OOM-killed (memory limit 32 MiB)") && why.contains("next start in"))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", why(&fleet)));
 
     // Host network is beyond the hardened default: the device's allow-list (empty) refuses it, saying so.
     fleet
@@ -266,12 +298,7 @@ fn crash_loop_backs_off_and_allow_list_refuses() {
             .contains("refused by the device"),
         "{w}"
     );
-    let why = fleet
-        .hub
-        .client
-        .get(&format!("/api/v1/why/{id}/web"))
-        .expect("why")
-        .to_string();
+    let why = why(&fleet);
     assert!(why.contains("allow_host_network"), "{why}");
     assert!(
         container(&id, "web").is_none_or(|(_, c)| c["HostConfig"]["NetworkMode"] != "host"),
