@@ -5,10 +5,10 @@
 
 use super::containers::{cleanup, container, container_agent, running};
 use flotilla_fleet_tests::{
-    FleetBuilder, PATIENCE, busybox_image, docker, free_port, image_variant, wait_for,
+    FleetBuilder, PATIENCE, Registry, busybox_image, docker, image_variant, wait_for,
 };
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 /// A workload spec for version `v` of release `web` on `device`, with extra TOML lines.
 fn web(device: &str, v: u32, extra: &str) -> String {
@@ -32,7 +32,7 @@ fn wait_version(fleet: &flotilla_fleet_tests::Fleet, id: &str, v: u32) -> String
 }
 
 fn image_present(image: &str) -> bool {
-    !docker(&["image", "inspect", "-f", "{{.Id}}", image]).is_empty()
+    flotilla_fleet_tests::image_present(image)
 }
 
 /// Files in the agent's artifact cache.
@@ -282,74 +282,6 @@ fn a_full_disk_is_survived_and_recovered_from_without_help() {
     agent.kill9();
 }
 
-/// A `docker-registry` on loopback, stopped when dropped.
-struct Registry {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .expect("config");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker-registry (apt-get install docker-registry)");
-        wait_for("the registry listening", PATIENCE, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        })
-        .expect("registry up");
-        Registry {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    /// Pushes the image in `tar` as `flotilla-test/web:{tag}` and removes it from the engine again; returns its
-    /// digest reference.
-    fn push(&self, tar: &Path, tag: &str) -> String {
-        let loaded = docker(&["load", "-q", "-i", &tar.display().to_string()]);
-        let image = loaded.rsplit(' ').next().unwrap_or_default().to_owned();
-        let name = format!("127.0.0.1:{}/flotilla-test/web:{tag}", self.port);
-        docker(&["tag", &image, &name]);
-        let pushed = Command::new("docker")
-            .args(["push", &name])
-            .stdout(Stdio::null())
-            .status()
-            .expect("docker push");
-        assert!(pushed.success(), "docker push {name}");
-        let reference = docker(&["inspect", "-f", "{{index .RepoDigests 0}}", &name]);
-        assert!(reference.contains("@sha256:"), "{reference}");
-        docker(&["rmi", "-f", &name]);
-        docker(&["rmi", "-f", &image]);
-        assert!(!image_present(&image), "the engine must not have it yet");
-        reference
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The registry source: a release offering its image from a loopback registry is pulled from there (no tarball
 /// over MQTT); a release whose registry serves another image than the signed one falls back to the signed
 /// tarball over MQTT and the foreign image is removed; with the registry down the tarball comes over MQTT too.
@@ -360,11 +292,11 @@ fn registry_first_with_fallback_to_mqtt() {
     let tars: Vec<PathBuf> = (1..=4)
         .map(|v| image_variant(&base, v, scratch.path()).expect("variant"))
         .collect();
-    let mut registry = Registry::start();
+    let mut registry = Registry::start().expect("registry");
     let refs: Vec<String> = tars
         .iter()
         .enumerate()
-        .map(|(i, t)| registry.push(t, &format!("v{}", i + 1)))
+        .map(|(i, t)| registry.push(t, &format!("v{}", i + 1)).expect("push"))
         .collect();
     let (id, agent) = container_agent("registry");
     let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
@@ -397,8 +329,7 @@ fn registry_first_with_fallback_to_mqtt() {
     );
     assert!(!image_present(&refs[2]), "the foreign image was removed");
     // The registry goes down: version 4 comes over MQTT.
-    let _ = registry.child.kill();
-    let _ = registry.child.wait();
+    registry.stop();
     fleet
         .hub
         .push_container_with_registry("web", "4.0.0", 1, &tars[3], &refs[3])

@@ -1235,6 +1235,92 @@ pub fn image_variant(base: &Path, n: u32, out: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Whether the engine has `image` (an ID or a reference).
+pub fn image_present(image: &str) -> bool {
+    !docker(&["image", "inspect", "-f", "{{.Id}}", image]).is_empty()
+}
+
+/// A `docker-registry` (Debian's distribution registry) on loopback, stopped when dropped. The engine reaches
+/// it as `127.0.0.1:PORT` (loopback registries need no TLS for Docker).
+#[derive(Debug)]
+pub struct Registry {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Result<Registry> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("docker-registry (apt-get install docker-registry)")?;
+        let mut registry = Registry {
+            child,
+            port,
+            _dir: dir,
+        };
+        wait_for("the registry listening", PATIENCE, || {
+            if let Ok(Some(status)) = registry.child.try_wait() {
+                return Some(Err(anyhow::anyhow!("docker-registry exited: {status}")));
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| Ok(()))
+        })??;
+        Ok(registry)
+    }
+
+    /// Pushes the image in `tar` as `flotilla-test/web:{tag}` and removes it from the engine again; returns its
+    /// digest reference (`127.0.0.1:PORT/flotilla-test/web@sha256:...`).
+    pub fn push(&self, tar: &Path, tag: &str) -> Result<String> {
+        let loaded = docker(&["load", "-q", "-i", &tar.display().to_string()]);
+        let image = loaded.rsplit(' ').next().unwrap_or_default().to_owned();
+        let name = format!("127.0.0.1:{}/flotilla-test/web:{tag}", self.port);
+        docker(&["tag", &image, &name]);
+        let pushed = Command::new("docker")
+            .args(["push", &name])
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(pushed.success(), "docker push {name}");
+        let reference = docker(&["inspect", "-f", "{{index .RepoDigests 0}}", &name]);
+        anyhow::ensure!(
+            reference.contains("@sha256:"),
+            "no digest for {name}: {reference}"
+        );
+        docker(&["rmi", "-f", &name]);
+        docker(&["rmi", "-f", &image]);
+        anyhow::ensure!(!image_present(&image), "the engine still has {image}");
+        Ok(reference)
+    }
+
+    /// Stops the registry now (a registry that went down).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Runs `docker ARGS` and returns its trimmed stdout (empty on failure).
 pub fn docker(args: &[&str]) -> String {
     Command::new("docker")

@@ -2,13 +2,17 @@
 //! - apply (hub API) -> the device reports the container running, for one device (image cached and loaded; each
 //!   round changes the spec, so a new container is created and started), against `docker run -d` of the same
 //!   image on the same engine;
-//! - agent `kill -9` + restart with 10 running containers -> all 10 adopted (0 restarts expected).
+//! - agent `kill -9` + restart with 10 running containers -> all 10 adopted (0 restarts expected);
+//! - image delivery of a new image (a distinct variant each round): over MQTT chunks from the hub, and pulled
+//!   from a loopback `docker-registry`, in MB/s of the uncompressed image and as desired -> running.
 //!
 //! Usage: `container-bench [ROUNDS]` (default 20). Build first: `cargo build --release -p flotilla-hub
 //! -p flotilla-agent -p flotilla-fleet-tests --bins`, run `target/release/container-bench`.
 
 use anyhow::{Context, Result};
-use flotilla_fleet_tests::{AgentSpec, DockerCleanup, FleetBuilder, busybox_image, docker};
+use flotilla_fleet_tests::{
+    AgentSpec, DockerCleanup, FleetBuilder, Registry, busybox_image, docker, image_variant,
+};
 use std::time::{Duration, Instant};
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -69,6 +73,32 @@ fn device_side(log: &str) -> Vec<f64> {
     out
 }
 
+/// Milliseconds from the last log line with message `from` (and `what` containing `what`, if given) to the next
+/// line with message `to`.
+fn span(log: &str, from: &str, what: Option<&str>, to: &str) -> Option<f64> {
+    let mut start = None;
+    let mut last = None;
+    for line in log.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(t) = v["timestamp"].as_str().and_then(secs_of_day) else {
+            continue;
+        };
+        let msg = v["fields"]["message"].as_str().unwrap_or("");
+        let what_ok =
+            what.is_none_or(|w| v["fields"]["what"].as_str().is_some_and(|x| x.contains(w)));
+        if msg == from && what_ok {
+            start = Some(t);
+        } else if msg == to
+            && let Some(s) = start.take()
+        {
+            last = Some((t - s) * 1e3);
+        }
+    }
+    last
+}
+
 /// Applies a spec that may remove the previous round's workload (hence forced).
 fn apply(fleet: &flotilla_fleet_tests::Fleet, spec: &str) -> Result<()> {
     fleet.hub.client.post(
@@ -81,6 +111,27 @@ fn apply(fleet: &flotilla_fleet_tests::Fleet, spec: &str) -> Result<()> {
         ],
     )?;
     Ok(())
+}
+
+/// Polls the hub until the device reports `workload` running at the desired generation.
+fn poll(fleet: &flotilla_fleet_tests::Fleet, id: &str, workload: &str, round: usize) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        if let Some(d) = fleet.hub.device(id) {
+            let w = d["workloads"]
+                .as_array()
+                .and_then(|ws| ws.iter().find(|w| w["name"] == workload).cloned());
+            let gen_ok = d["applied_generation"] == d["desired_generation"];
+            if gen_ok && w.is_some_and(|w| w["state"] == "running") {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "round {round} timed out"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn main() -> Result<()> {
@@ -102,29 +153,10 @@ fn main() -> Result<()> {
     for n in &names {
         fleet.hub.push_container(n, "1.0.0", 1, &tar)?;
     }
-    let poll = |workload: &str, round: usize| -> Result<()> {
-        let t = Instant::now();
-        loop {
-            if let Some(d) = fleet.hub.device(&id) {
-                let w = d["workloads"]
-                    .as_array()
-                    .and_then(|ws| ws.iter().find(|w| w["name"] == workload).cloned());
-                let gen_ok = d["applied_generation"] == d["desired_generation"];
-                if gen_ok && w.is_some_and(|w| w["state"] == "running") {
-                    return Ok(());
-                }
-            }
-            anyhow::ensure!(
-                t.elapsed() < Duration::from_secs(60),
-                "round {round} timed out"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
     // Warm-up: the first apply downloads and loads the image.
     let t = Instant::now();
     apply(&fleet, &spec(&id, &names[..1]))?;
-    poll("c0", 0)?;
+    poll(&fleet, &id, "c0", 0)?;
     println!(
         "first apply (download {} KiB over MQTT + load + start): {:.0} ms",
         std::fs::metadata(&tar)?.len() / 1024,
@@ -136,7 +168,7 @@ fn main() -> Result<()> {
     for round in 1..=rounds {
         let t = Instant::now();
         apply(&fleet, &spec(&id, &names[round..=round]))?;
-        poll(&names[round], round)?;
+        poll(&fleet, &id, &names[round], round)?;
         ours.push(t.elapsed().as_secs_f64() * 1e3);
     }
     // On the device: desired state accepted -> the new workload running (from the agent's own log timestamps).
@@ -185,7 +217,7 @@ fn main() -> Result<()> {
     // Ten containers, then an agent kill -9 and restart: time until all ten are adopted.
     apply(&fleet, &spec(&id, &names[..10]))?;
     for n in &names[..10] {
-        poll(n, 0)?;
+        poll(&fleet, &id, n, 0)?;
     }
     // The ten containers' IDs, to tell an adopted container from a re-created one.
     let ids = || -> Vec<String> {
@@ -229,5 +261,58 @@ fn main() -> Result<()> {
     println!(
         "agent restart (process start included) -> 10 containers adopted: {adopt:.0} ms; {same}/10 the same containers (0 restarts)"
     );
+
+    // Image delivery: a new image each round, over MQTT chunks, then from a loopback registry.
+    let registry = Registry::start()?;
+    let dl_rounds = 3;
+    let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> = Vec::new();
+    for source in ["MQTT chunks", "loopback registry"] {
+        let (mut mbps, mut total) = (Vec::new(), Vec::new());
+        for r in 0..dl_rounds {
+            let n = if source == "MQTT chunks" {
+                1000 + r
+            } else {
+                2000 + r
+            };
+            let variant = image_variant(&tar, n, &fleet.hub.dir)?;
+            let size = std::fs::metadata(&variant)?.len() as f64;
+            let name = format!("d{n}");
+            if source == "MQTT chunks" {
+                fleet.hub.push_container(&name, "1.0.0", 1, &variant)?;
+            } else {
+                let reference = registry.push(&variant, &format!("v{n}"))?;
+                fleet
+                    .hub
+                    .push_container_with_registry(&name, "1.0.0", 1, &variant, &reference)?;
+            }
+            apply(&fleet, &spec(&id, std::slice::from_ref(&name)))?;
+            poll(&fleet, &id, &name, r as usize)?;
+            let log = fleet.agent(&id).log();
+            let transfer = if source == "MQTT chunks" {
+                span(
+                    &log,
+                    "fetching",
+                    Some("Blob"),
+                    "artifact verified and cached",
+                )
+            } else {
+                span(&log, "pulling from the registry", None, "image pulled")
+            }
+            .context("transfer timestamps in the agent log")?;
+            mbps.push(size / 1e6 / (transfer / 1e3));
+            total.push(*device_side(&log).last().context("desired -> running")?);
+        }
+        results.push((source, mbps, total));
+    }
+    for (source, mut mbps, mut total) in results {
+        println!(
+            "image delivery of a new {:.1} MB image, {source} ({dl_rounds} rounds): transfer p50 {:.1} MB/s \
+             (MQTT: download + hash + image check; registry: pull + extract by the engine), desired -> running \
+             p50 {:.0} ms",
+            std::fs::metadata(&tar)?.len() as f64 / 1e6,
+            percentile(&mut mbps, 0.5),
+            percentile(&mut total, 0.5)
+        );
+    }
     Ok(())
 }
