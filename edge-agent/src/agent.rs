@@ -77,6 +77,8 @@ pub struct Agent {
     /// Registry pulls of container images, per artifact digest (in memory: after a restart the engine is asked
     /// again, which needs no network when it has the image).
     pub(crate) pulls: BTreeMap<Digest, crate::fetch::Pull>,
+    /// Downloaded container tarballs being checked against their signed image (off the loop's thread).
+    pub(crate) checking: BTreeSet<Digest>,
     pub(crate) rejection: Option<Rejection>,
     pub(crate) position: Option<LatLon>,
     pub(crate) holds: Holds,
@@ -201,6 +203,7 @@ impl Agent {
             workload_rejects: BTreeMap::new(),
             fetches: BTreeMap::new(),
             pulls: BTreeMap::new(),
+            checking: BTreeSet::new(),
             rejection,
             position,
             holds: Holds::default(),
@@ -450,6 +453,12 @@ impl Agent {
                 }
             }
             RuntimeEvent::Loading { name, op } => self.reconciler.loading(&name, op),
+            RuntimeEvent::ImageChecked {
+                digest,
+                size,
+                staging,
+                result,
+            } => self.on_image_checked(digest, size, &staging, result),
             RuntimeEvent::Pulled {
                 workload,
                 artifact,

@@ -134,7 +134,10 @@ impl Agent {
     }
 
     pub(crate) fn start_fetch(&mut self, what: ArtifactRef, size: u64, workload: &WorkloadName) {
-        if self.fetches.contains_key(&what) {
+        // Downloading, or downloaded and being checked.
+        if self.fetches.contains_key(&what)
+            || matches!(what, ArtifactRef::Blob(d) if self.checking.contains(&d))
+        {
             return;
         }
         let (digest, is_blob) = match what {
@@ -377,33 +380,68 @@ impl Agent {
                     .values()
                     .find(|r| r.artifact_digest == digest)
                     .and_then(|r| r.image.clone());
+                // The check reads the whole tarball: off the loop's thread, so reports, telemetry and other
+                // workloads do not wait for it; the answer comes back as a runtime event.
                 if let Some(image) = image {
-                    let checked = std::fs::File::open(&f.staging)
-                        .map_err(|_| flotilla_shared::wire::ImageProblem::NotATar)
-                        .and_then(|file| {
-                            flotilla_shared::image::verify(std::io::BufReader::new(file), &image)
+                    self.checking.insert(digest);
+                    let (staging, size, events) = (f.staging.clone(), f.size, self.rt_tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let result = std::fs::File::open(&staging)
+                            .map_err(|_| flotilla_shared::wire::ImageProblem::NotATar)
+                            .and_then(|file| {
+                                flotilla_shared::image::verify(
+                                    std::io::BufReader::new(file),
+                                    &image,
+                                )
+                            });
+                        let _ = events.blocking_send(crate::runtime::RuntimeEvent::ImageChecked {
+                            digest,
+                            size,
+                            staging,
+                            result,
                         });
-                    if let Err(problem) = checked {
-                        let _ = std::fs::remove_file(&f.staging);
-                        self.fail_fetch(what, RejectReason::BadImage(problem));
-                        return;
-                    }
-                }
-                // The verified staging file itself becomes the cached artifact: no verify-then-swap window.
-                let dest = self.artifact_path(&digest);
-                let synced = std::fs::File::open(&f.staging).and_then(|file| file.sync_all());
-                if let Err(e) = synced.and_then(|()| std::fs::rename(&f.staging, &dest)) {
-                    tracing::error!(error = %e, "cannot move artifact into the cache");
+                    });
                     return;
                 }
-                if let Err(e) = self.store.add_artifact(&digest, f.size, unix_now()) {
-                    tracing::error!(error = %e, "cannot index artifact");
-                    return;
-                }
-                tracing::info!(artifact = %digest, size = f.size, "artifact verified and cached");
-                self.refresh_desired();
+                self.cache_artifact(digest, f.size, &f.staging);
             }
         }
+    }
+
+    /// A downloaded container tarball was checked against its signed image: cache it, or refuse it (the running
+    /// version keeps running).
+    pub(crate) fn on_image_checked(
+        &mut self,
+        digest: Digest,
+        size: u64,
+        staging: &std::path::Path,
+        result: Result<(), flotilla_shared::wire::ImageProblem>,
+    ) {
+        self.checking.remove(&digest);
+        match result {
+            Ok(()) => self.cache_artifact(digest, size, staging),
+            Err(problem) => {
+                let _ = std::fs::remove_file(staging);
+                self.fail_fetch(ArtifactRef::Blob(digest), RejectReason::BadImage(problem));
+            }
+        }
+    }
+
+    /// Moves a verified staging file into the cache and re-plans. The verified file itself becomes the cached
+    /// artifact: no verify-then-swap window.
+    fn cache_artifact(&mut self, digest: Digest, size: u64, staging: &std::path::Path) {
+        let dest = self.artifact_path(&digest);
+        let synced = std::fs::File::open(staging).and_then(|file| file.sync_all());
+        if let Err(e) = synced.and_then(|()| std::fs::rename(staging, &dest)) {
+            tracing::error!(error = %e, "cannot move artifact into the cache");
+            return;
+        }
+        if let Err(e) = self.store.add_artifact(&digest, size, unix_now()) {
+            tracing::error!(error = %e, "cannot index artifact");
+            return;
+        }
+        tracing::info!(artifact = %digest, size, "artifact verified and cached");
+        self.refresh_desired();
     }
 
     /// Asks again for every chunk unanswered for [`CHUNK_TIMEOUT`] (slow-drip and lost-message protection).

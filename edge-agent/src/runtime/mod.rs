@@ -38,6 +38,13 @@ pub enum RuntimeEvent {
         metric: String,
         value: f64,
     },
+    /// A downloaded container tarball (in `staging`) was checked against its signed image.
+    ImageChecked {
+        digest: flotilla_shared::Digest,
+        size: u64,
+        staging: PathBuf,
+        result: Result<(), flotilla_shared::wire::ImageProblem>,
+    },
     /// The start `op` of `name` is loading its container image into the engine.
     Loading { name: WorkloadName, op: OpId },
     /// A registry pull for the release whose artifact is `artifact` ended: the engine's image ID and whether

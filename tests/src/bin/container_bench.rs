@@ -163,16 +163,58 @@ fn main() -> Result<()> {
         t.elapsed().as_secs_f64() * 1e3
     );
     let mut ours = Vec::new();
-    // Each round a new workload starts (a new container from the loaded image) while the previous one is
-    // removed; stopping runs beside starting, so this is the start path alone.
+    let mut mixed = Vec::new();
+    // Each timed round starts a new workload (a new container from the loaded image) beside the previous one, as
+    // `docker run` starts one beside nothing; an untimed apply then removes the previous one and waits until it
+    // is gone. `mixed` times the other shape: the new one starts while the old one is being removed.
+    let gone = |workload: &str| -> Result<()> {
+        let t = Instant::now();
+        while !docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=io.flotilla.device={id}"),
+            "--filter",
+            &format!("label=io.flotilla.workload={workload}"),
+        ])
+        .is_empty()
+        {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(60),
+                "{workload} not removed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    };
     for round in 1..=rounds {
         let t = Instant::now();
-        apply(&fleet, &spec(&id, &names[round..=round]))?;
+        apply(&fleet, &spec(&id, &names[round - 1..=round]))?;
         poll(&fleet, &id, &names[round], round)?;
         ours.push(t.elapsed().as_secs_f64() * 1e3);
+        apply(&fleet, &spec(&id, &names[round..=round]))?;
+        gone(&names[round - 1])?;
+    }
+    let log = fleet.agent(&id).log();
+    for round in 1..=rounds.min(10) {
+        // Back and forth between two workloads: each apply starts one and removes the other.
+        let (new, old) = if round % 2 == 1 {
+            (0, rounds)
+        } else {
+            (rounds, 0)
+        };
+        let t = Instant::now();
+        apply(&fleet, &spec(&id, &names[new..=new]))?;
+        poll(&fleet, &id, &names[new], round)?;
+        mixed.push(t.elapsed().as_secs_f64() * 1e3);
+        gone(&names[old])?;
     }
     // On the device: desired state accepted -> the new workload running (from the agent's own log timestamps).
-    let mut device = device_side(&fleet.agent(&id).log());
+    // For a breakdown of where a round's time goes: `CONTAINER_BENCH_LOG=path`.
+    if let Ok(path) = std::env::var("CONTAINER_BENCH_LOG") {
+        std::fs::write(path, &log)?;
+    }
+    let mut device = device_side(&log);
     // The first round downloaded the image.
     if !device.is_empty() {
         device.remove(0);
@@ -206,6 +248,12 @@ fn main() -> Result<()> {
         "docker run -d (same image, same engine, {rounds} rounds):  p50 {d50:.0} ms, p95 {d95:.0} ms"
     );
     println!("ratio p50: {:.2}x", o50 / d50);
+    println!(
+        "apply -> running while the previous workload is removed at the same time ({} rounds): p50 {:.0} ms ({:.2}x)",
+        mixed.len(),
+        percentile(&mut mixed, 0.5),
+        percentile(&mut mixed, 0.5) / d50
+    );
     let (v50, v95) = (percentile(&mut device, 0.5), percentile(&mut device, 0.95));
     println!(
         "on the device, desired state accepted -> running ({} rounds, release document fetched over MQTT included): \
