@@ -2,13 +2,14 @@
 # The test command: builds the binaries the fleet harness starts, then runs every test in the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The fleet tests also run against a real Mosquitto, and container tests build their images from Debian's
-# busybox-static (no registry is reachable); install both on a fresh Debian machine.
-if ! command -v mosquitto >/dev/null 2>&1 || [ ! -x /bin/busybox ]; then
+# The fleet tests also run against a real Mosquitto, container tests build their images from Debian's
+# busybox-static (no registry is reachable) and pull from a loopback docker-registry they start; install all three
+# on a fresh Debian machine. One container test mounts a small tmpfs (a disk that fills up): run as root.
+if ! command -v mosquitto >/dev/null 2>&1 || [ ! -x /bin/busybox ] || ! command -v docker-registry >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto busybox-static >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto busybox-static docker-registry >/dev/null
   else
-    echo "mosquitto or busybox-static is missing: sudo apt-get install -y mosquitto busybox-static" >&2
+    echo "mosquitto, busybox-static or docker-registry is missing: sudo apt-get install -y mosquitto busybox-static docker-registry" >&2
     exit 1
   fi
 fi
