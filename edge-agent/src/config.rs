@@ -71,6 +71,7 @@ struct RawContainer {
     allow_capabilities: Vec<String>,
     image_keep_secs: u64,
     image_gc_high_percent: u8,
+    secrets_dir: PathBuf,
 }
 
 impl Default for RawContainer {
@@ -83,6 +84,7 @@ impl Default for RawContainer {
             allow_capabilities: vec![],
             image_keep_secs: 0,
             image_gc_high_percent: 85,
+            secrets_dir: PathBuf::from("/run/flotilla/secrets"),
         }
     }
 }
@@ -102,6 +104,9 @@ pub struct ContainerConfig {
     pub image_keep_secs: u64,
     /// Above this usage of the engine's disk, such images go whatever their age.
     pub image_gc_high_percent: u8,
+    /// Where containers' secret files are written (one directory per container, mounted read-only at
+    /// `/run/secrets`); must be on a tmpfs, so a secret never reaches a disk.
+    pub secrets_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -385,6 +390,7 @@ impl Config {
         let container = ContainerConfig {
             image_keep_secs: raw.container.image_keep_secs,
             image_gc_high_percent: raw.container.image_gc_high_percent,
+            secrets_dir: raw.container.secrets_dir,
             enabled: raw.container.enabled,
             socket: raw.container.socket,
             allow_host_network: raw.container.allow_host_network,

@@ -210,3 +210,106 @@ fn workload_secrets_are_sealed_to_each_device() {
         }
     }
 }
+
+/// A container reads its deployment's secret from `/run/secrets/<name>`: a file on a tmpfs (never an environment
+/// variable), written before the container starts, replaced with a new container when the value changes, and
+/// removed with the container. An agent whose `secrets_dir` is on a disk refuses to write it and says why. The
+/// plaintext is nowhere on the hub, in the agents' state, in their logs or in `docker inspect`.
+#[test]
+fn container_secrets_are_files_on_a_tmpfs() {
+    use super::containers::{cleanup, container_agent, running};
+    let shm = std::path::PathBuf::from(format!("/dev/shm/flotilla-test-{}", std::process::id()));
+    let (id, mut agent) = container_agent("secret");
+    agent.container_config = format!("secrets_dir = \"{}\"", shm.join("secrets").display());
+    // The same, with its secrets directory on the disk: refused.
+    let (disk_id, mut disk_agent) = container_agent("secret-disk");
+    let disk_dir = std::env::temp_dir().join(format!("flotilla-secrets-{}", std::process::id()));
+    disk_agent.container_config = format!("secrets_dir = \"{}\"", disk_dir.display());
+    let fleet = FleetBuilder::new()
+        .agent(agent)
+        .agent(disk_agent)
+        .start()
+        .expect("fleet");
+    let _cleanup = (cleanup(&id), cleanup(&disk_id));
+    let tar = flotilla_fleet_tests::busybox_image(&fleet.hub.dir, "vault").expect("image");
+    fleet
+        .hub
+        .push_container("vaultc", "1.0.0", 1, &tar)
+        .expect("release");
+    fleet
+        .hub
+        .apply(&format!(
+            "name = \"vault\"\n[target]\nselector = {{ role = \"gateway\" }}\n[[workloads]]\nname = \"vaultc\"\n\
+             release = \"vaultc@1.0.0\"\nkind = \"container\"\nmemory_mib = 16\nrestart = \"always\"\n\
+             command = [\"/bin/sh\", \"-c\", \"trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done\"]\n"
+        ))
+        .expect("apply");
+    fleet
+        .hub
+        .wait_workload(&id, "vaultc", "running")
+        .expect("running");
+    let read_secret = |name: &str| {
+        let out = Command::new("docker")
+            .args(["exec", name, "cat", "/run/secrets/token"])
+            .output()
+            .expect("docker exec");
+        out.stdout
+    };
+    let mut seen = Vec::new();
+    for value in [&b"ctr-Plaintext-x1"[..], &b"ctr-rotated-Plaintext-2"[..]] {
+        let out = set_secret(&fleet, "token", value);
+        assert!(out.status.success(), "{out:?}");
+        let name = wait_for("the container with its secret", PATIENCE, || {
+            let (name, _) = running(&id, "vaultc")?;
+            (read_secret(&name) == value).then_some(name)
+        })
+        .expect("the container reads the secret");
+        let inspect = flotilla_fleet_tests::docker(&["inspect", &name]);
+        assert!(
+            !inspect.contains(std::str::from_utf8(value).expect("utf-8")),
+            "not in the container's configuration"
+        );
+        assert!(
+            inspect.contains("/run/secrets"),
+            "mounted at /run/secrets: {inspect}"
+        );
+        seen.push((name, value));
+    }
+    // The first container's secret directory went with it.
+    let (first, _) = &seen[0];
+    wait_for("the old secret directory removed", PATIENCE, || {
+        (!shm.join("secrets").join(first).exists()).then_some(())
+    })
+    .expect("removed");
+    // On the disk-backed agent the start fails, naming the setting, and nothing was written.
+    let why = wait_for("the disk agent's refusal", PATIENCE, || {
+        let d = fleet.hub.device(&disk_id)?;
+        let e = d["workloads"][0]["last_error"].as_str()?.to_owned();
+        e.contains("not on a tmpfs").then_some(e)
+    })
+    .expect("refused");
+    assert!(why.contains("secrets_dir"), "{why}");
+    assert!(
+        files(&disk_dir).is_empty(),
+        "nothing written on the disk: {:?}",
+        files(&disk_dir)
+    );
+    // No plaintext on the hub, in the agents' files and logs.
+    let mut places = files(&fleet.hub.dir);
+    places.push(("hub log".into(), fleet.hub.proc.log_text().into_bytes()));
+    for a in &fleet.agents {
+        places.extend(files(&a.dir));
+        places.push((format!("{} log", a.spec.id), a.log().into_bytes()));
+    }
+    for (_, value) in &seen {
+        for (place, bytes) in &places {
+            assert!(
+                !contains(bytes, value),
+                "{} found in {place}",
+                String::from_utf8_lossy(value)
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&shm);
+    let _ = std::fs::remove_dir_all(&disk_dir);
+}

@@ -704,6 +704,8 @@ pub struct AgentSpec {
     pub extra_config: String,
     /// Extra lines for the agent config's `[limits]` table (e.g. `max_data_mib = 8`).
     pub extra_limits: String,
+    /// Lines for the agent config's `[container]` table (e.g. `secrets_dir = "/dev/shm/x"`).
+    pub container_config: String,
     /// Connect to the hub's default TLS listener with no `[tls]` table: the enrollment token's CA fingerprint is
     /// all the agent has to verify the broker.
     pub pinned_tls: bool,
@@ -723,6 +725,7 @@ impl AgentSpec {
             position_file: false,
             extra_config: String::new(),
             extra_limits: String::new(),
+            container_config: String::new(),
             pinned_tls: false,
             password_auth: false,
         }
@@ -962,13 +965,14 @@ impl FleetBuilder {
                 format!(
                     "version = 1\n{}device_id = \"{}\"\ndata_dir = \"{}\"\nbroker = \"{scheme}://{host}:{port}\"\nenroll_token = \"{token}\"\n{enroll_line}\
                      region = \"{}\"\nzone = \"{}\"\n{position}\n[limits]\nkeepalive_secs = 5\nreport_interval_secs = 5\n{}\n\
-                     [telemetry]\nmetrics_interval_secs = 3600\n{tls_table}",
+                     [telemetry]\nmetrics_interval_secs = 3600\n[container]\n{}\n{tls_table}",
                     spec.extra_config,
                     spec.id,
                     dir.join("state").display(),
                     spec.region,
                     spec.zone,
                     spec.extra_limits,
+                    spec.container_config,
                 ),
             )?;
             let mut agent = Agent {

@@ -243,6 +243,7 @@ impl ContainerRuntime {
                     for name in containers::orphans(&keep, &found) {
                         tracing::info!(container = %name, "removing a container no longer desired");
                         let _ = docker.remove_container(&name, Some(force_remove())).await;
+                        inner.forget_secrets(&name);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot list containers to sweep"),
@@ -506,6 +507,8 @@ impl Inner {
         let hash = containers::spec_hash(&self.device, &req.spec);
         let name = containers::container_name(&req.name, &hash);
         lock(&self.ours).insert(name.clone());
+        // Written before any start: a reboot empties the tmpfs under an existing container's mount.
+        let secrets = self.write_secrets(&name, &req.secrets)?;
         let found = self.managed(&docker).await?;
         let (remove, bring) = containers::bring_up(req.name.as_str(), &name, &found);
         let mut loaded = None;
@@ -515,6 +518,7 @@ impl Inner {
                 .remove_container(&old, Some(force_remove()))
                 .await
                 .map_err(|e| format!("removing {old}: {e}"))?;
+            self.forget_secrets(&old);
         }
         match bring {
             Bring::Adopt => {
@@ -539,7 +543,14 @@ impl Inner {
                 std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
                 let config_file = dir.join("config");
                 std::fs::write(&config_file, &req.spec.config).map_err(|e| e.to_string())?;
-                let body = create_body(req, &self.device, &hash, &image_id, &config_file)?;
+                let body = create_body(
+                    req,
+                    &self.device,
+                    &hash,
+                    &image_id,
+                    &config_file,
+                    secrets.as_deref(),
+                )?;
                 docker
                     .create_container(
                         Some(CreateContainerOptions {
@@ -559,6 +570,63 @@ impl Inner {
         Ok((name, loaded))
     }
 
+    /// Writes a container's opened secrets as files (mode 0444) in its own directory under `secrets_dir`, which
+    /// must be a tmpfs (or ramfs): a secret never reaches a disk. Returns the directory to mount, if any.
+    fn write_secrets(
+        &self,
+        name: &str,
+        secrets: &super::Secrets,
+    ) -> Result<Option<PathBuf>, String> {
+        use std::os::unix::fs::PermissionsExt;
+        if secrets.0.is_empty() {
+            return Ok(None);
+        }
+        let root = &self.cfg.secrets_dir;
+        let refuse = |why: String| {
+            format!(
+                "cannot hand secrets to the container: [container] secrets_dir {}: {why}",
+                root.display()
+            )
+        };
+        // Only the host's root may look into the root directory; the container sees its own directory only.
+        std::fs::create_dir_all(root).map_err(|e| refuse(e.to_string()))?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| refuse(e.to_string()))?;
+        if !on_tmpfs(root) {
+            return Err(refuse(
+                "is not on a tmpfs, and secrets are never written to a disk".into(),
+            ));
+        }
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| refuse(e.to_string()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| refuse(e.to_string()))?;
+        for (secret, value) in &secrets.0 {
+            if secret.is_empty()
+                || secret.starts_with('.')
+                || !secret
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            {
+                return Err(format!("secret name {secret:?} cannot be a file name"));
+            }
+            // Replaced atomically: an adopted container never reads a half-written file.
+            let tmp = dir.join(format!(".{secret}.tmp"));
+            std::fs::write(&tmp, value)
+                .and_then(|()| {
+                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))
+                })
+                .and_then(|()| std::fs::rename(&tmp, dir.join(secret)))
+                .map_err(|e| refuse(e.to_string()))?;
+        }
+        Ok(Some(dir))
+    }
+
+    /// Removes a container's secret files (its directory), if it had any.
+    fn forget_secrets(&self, name: &str) {
+        let _ = std::fs::remove_dir_all(self.cfg.secrets_dir.join(name));
+    }
+
     /// The last lines of a container's output.
     async fn tail(&self, docker: &Docker, name: &str, lines: &str) -> String {
         let mut out = String::new();
@@ -576,6 +644,17 @@ impl Inner {
         }
         out
     }
+}
+
+/// Whether `path` is on a tmpfs or ramfs (memory only).
+fn on_tmpfs(path: &Path) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    rustix::fs::statfs(path).is_ok_and(|s| {
+        #[allow(clippy::unnecessary_cast)] // the field's type differs between targets
+        let t = s.f_type as u64;
+        t == TMPFS_MAGIC || t == RAMFS_MAGIC
+    })
 }
 
 /// The engine's ID for the signed image, if the engine has it: the config digest (classic image store,
@@ -600,6 +679,7 @@ pub(crate) fn create_body(
     hash: &str,
     image_id: &str,
     config_file: &Path,
+    secrets: Option<&Path>,
 ) -> Result<ContainerCreateBody, String> {
     let c = req
         .spec
@@ -633,6 +713,16 @@ pub(crate) fn create_body(
             ..Default::default()
         },
     ];
+    // Secrets as files on a tmpfs, never environment variables (those show in `inspect` and leak into children).
+    if let Some(dir) = secrets {
+        mounts.push(Mount {
+            target: Some("/run/secrets".into()),
+            source: Some(dir.to_string_lossy().into_owned()),
+            typ: Some(MountType::BIND),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     for v in &c.volumes {
         mounts.push(Mount {
             target: Some(v.path.clone()),
@@ -906,6 +996,7 @@ async fn lifecycle(
                         tracing::warn!(container = %name, error = %e, "cannot remove stopped container");
                     }
                     let _ = std::fs::remove_dir_all(inner.files.join(&name));
+                    inner.forget_secrets(&name);
                     let _ = events.send(RuntimeEvent::Stopped { name: workload, op: stop_op }).await;
                     return;
                 }

@@ -60,19 +60,11 @@ impl Hub {
                 )));
             }
             let container = match kind {
-                WorkloadKind::Container => {
-                    if !secrets.is_empty() {
-                        return Err(HubError::BadRequest(format!(
-                            "workloads[{i}]: deployment secrets are not yet delivered to container workloads; \
-                             remove the deployment's secrets or use a WASM workload"
-                        )));
-                    }
-                    Some(Box::new(
-                        w.container
-                            .clone()
-                            .unwrap_or_else(crate::spec_container::defaults),
-                    ))
-                }
+                WorkloadKind::Container => Some(Box::new(
+                    w.container
+                        .clone()
+                        .unwrap_or_else(crate::spec_container::defaults),
+                )),
                 WorkloadKind::Wasm => None,
             };
             out.push(WorkloadSpec {
@@ -85,11 +77,7 @@ impl Hub {
                 health: w.health,
                 tick_ms: w.tick_ms,
                 geofence: w.geofence.clone(),
-                secrets: if container.is_some() {
-                    vec![]
-                } else {
-                    secrets.clone()
-                },
+                secrets: secrets.clone(),
                 container,
             });
         }
