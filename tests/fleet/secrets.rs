@@ -238,11 +238,11 @@ fn container_secrets_are_files_on_a_tmpfs() {
         .expect("release");
     fleet
         .hub
-        .apply(&format!(
-            "name = \"vault\"\n[target]\nselector = {{ role = \"gateway\" }}\n[[workloads]]\nname = \"vaultc\"\n\
+        .apply(
+            "name = \"vault\"\n[target]\nselector = { role = \"gateway\" }\n[[workloads]]\nname = \"vaultc\"\n\
              release = \"vaultc@1.0.0\"\nkind = \"container\"\nmemory_mib = 16\nrestart = \"always\"\n\
-             command = [\"/bin/sh\", \"-c\", \"trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done\"]\n"
-        ))
+             command = [\"/bin/sh\", \"-c\", \"trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done\"]\n",
+        )
         .expect("apply");
     fleet
         .hub
