@@ -69,8 +69,9 @@ fn delete_then_download_updates_where_two_versions_do_not_fit() {
     let quota = (mib(2.5 * size as f64) + 2.5).ceil() as u64;
     let (id, mut agent) = container_agent("delfirst");
     agent.extra_limits = format!("max_data_mib = {quota}");
-    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
     let _cleanup = cleanup(&id);
+    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
     let strategy = "update_strategy = \"delete-then-download\"\n";
     for (v, tar) in (1..=3).zip(&tars) {
         fleet
@@ -117,12 +118,13 @@ fn kill_then_download_stops_the_old_version_first() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let base = busybox_image(scratch.path(), "base").expect("base image");
     let (id, agent) = container_agent("killfirst");
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
+    let _cleanup = cleanup(&id);
     let fleet = FleetBuilder::new()
         .agent(agent)
         .with_proxies()
         .start()
         .expect("fleet");
-    let _cleanup = cleanup(&id);
     let strategy = "update_strategy = \"kill-then-download\"\n";
     for v in 1..=2 {
         let tar = image_variant(&base, v, scratch.path()).expect("variant");
@@ -160,8 +162,9 @@ fn fifty_updates_stay_within_a_bounded_data_directory() {
     let quota = ((5 * size) as f64 / f64::from(1 << 20) + 3.0).ceil() as u64;
     let (id, mut agent) = container_agent("fifty");
     agent.extra_limits = format!("max_data_mib = {quota}");
-    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
     let _cleanup = cleanup(&id);
+    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
     let mut images = Vec::new();
     let t0 = std::time::Instant::now();
     for v in 1..=50 {
@@ -205,8 +208,9 @@ fn a_full_disk_is_survived_and_recovered_from_without_help() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let base = busybox_image(scratch.path(), "base").expect("base image");
     let (id, agent) = container_agent("enospc");
-    let mut fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
     let _cleanup = cleanup(&id);
+    let mut fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
     wait_for("enrolled and online", PATIENCE, || {
         (fleet.hub.device(&id)?["online"] == true).then_some(())
     })
@@ -299,8 +303,9 @@ fn registry_first_with_fallback_to_mqtt() {
         .map(|(i, t)| registry.push(t, &format!("v{}", i + 1)).expect("push"))
         .collect();
     let (id, agent) = container_agent("registry");
-    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
     let _cleanup = cleanup(&id);
+    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
     let dir = fleet.agent(&id).state_dir();
     // Version 1 from the registry.
     fleet

@@ -78,12 +78,13 @@ fn container_end_to_end_adopt_and_offline_reboot() {
     let id = device_id("e2e");
     let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
     agent.labels.push(("device".into(), id.clone()));
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
+    let _cleanup = cleanup(&id);
     let mut fleet = FleetBuilder::new()
         .with_proxies()
         .agent(agent)
         .start()
         .expect("fleet");
-    let _cleanup = cleanup(&id);
     let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
     fleet
         .hub
@@ -215,8 +216,9 @@ fn container_end_to_end_adopt_and_offline_reboot() {
 #[test]
 fn crash_loop_backs_off_and_allow_list_refuses() {
     let (id, agent) = container_agent("refuse");
-    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
     let _cleanup = cleanup(&id);
+    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
     let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
     fleet
         .hub
@@ -351,8 +353,9 @@ fn hub_refuses_a_legacy_tagged_tarball() {
 #[test]
 fn log_cap_and_unhealthy_restart() {
     let (id, agent) = container_agent("logs");
-    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
     let _cleanup = cleanup(&id);
+    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
     let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
     for name in ["logger", "sick"] {
         fleet
@@ -465,8 +468,9 @@ fn converged(fleet: &flotilla_fleet_tests::Fleet, id: &str, round: u64) -> Optio
 #[test]
 fn restart_campaign_while_updating() {
     let (id, agent) = container_agent("campaign");
-    let mut fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
     let _cleanup = cleanup(&id);
+    let mut fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
     let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
     for name in ["steady", "moving"] {
         fleet
@@ -525,8 +529,9 @@ fn restart_campaign_while_updating() {
 #[test]
 fn images_keep_current_and_previous() {
     let (id, agent) = container_agent("images");
-    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
     let _cleanup = cleanup(&id);
+    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
     // A bystander image the agent never loaded.
     let bystander_tar = busybox_image(&fleet.hub.dir, "bystander").expect("image");
     let loaded = docker(&["load", "-q", "-i", &bystander_tar.display().to_string()]);
@@ -577,8 +582,9 @@ fn an_image_that_does_not_fit_is_refused_up_front() {
     let (id, mut agent) = container_agent("disk");
     // 8 MiB: a 4.4 MiB tarball plus the reserve fits once, not twice.
     agent.extra_limits = "max_data_mib = 8".into();
-    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
     let _cleanup = cleanup(&id);
+    let fleet = FleetBuilder::new().agent(agent).start().expect("fleet");
     let tar = busybox_image(&fleet.hub.dir, "web").expect("test image");
     fleet
         .hub
@@ -627,6 +633,8 @@ fn container_rollout_aborts_after_the_canary_and_rolls_back() {
         (format!("ctr-roll-{pid}-us1"), "us-east"),
         (format!("ctr-roll-{pid}-us2"), "us-east"),
     ];
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
+    let _cleanup: Vec<DockerCleanup> = ids.iter().map(|(id, _)| cleanup(id)).collect();
     let mut b = FleetBuilder::new();
     for (id, region) in &ids {
         let mut a = AgentSpec::new(id, region, 10.0, 10.0);
@@ -634,7 +642,6 @@ fn container_rollout_aborts_after_the_canary_and_rolls_back() {
         b = b.agent(a);
     }
     let f = b.start().expect("fleet");
-    let _cleanup: Vec<DockerCleanup> = ids.iter().map(|(id, _)| cleanup(id)).collect();
     let good = flotilla_fleet_tests::busybox_image_with(
         &f.hub.dir,
         "good",

@@ -225,12 +225,13 @@ fn container_secrets_are_files_on_a_tmpfs() {
     let (disk_id, mut disk_agent) = container_agent("secret-disk");
     let disk_dir = std::env::temp_dir().join(format!("flotilla-secrets-{}", std::process::id()));
     disk_agent.container_config = format!("secrets_dir = \"{}\"", disk_dir.display());
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
+    let _cleanup = (cleanup(&id), cleanup(&disk_id));
     let fleet = FleetBuilder::new()
         .agent(agent)
         .agent(disk_agent)
         .start()
         .expect("fleet");
-    let _cleanup = (cleanup(&id), cleanup(&disk_id));
     let tar = flotilla_fleet_tests::busybox_image(&fleet.hub.dir, "vault").expect("image");
     fleet
         .hub

@@ -142,11 +142,12 @@ fn main() -> Result<()> {
     let id = format!("bench-{}", std::process::id());
     let mut agent = AgentSpec::new(&id, "eu-west", 52.5, 13.4);
     agent.labels.push(("device".into(), id.clone()));
-    let mut fleet = FleetBuilder::new().agent(agent).start()?;
+    // Declared before the fleet, so it runs after the agents are gone (they would re-create containers).
     let _cleanup = DockerCleanup {
         device: id.clone(),
         images: vec![],
     };
+    let mut fleet = FleetBuilder::new().agent(agent).start()?;
     let tar = busybox_image(&fleet.hub.dir, "bench")?;
     // One release name per round (a workload's release carries its name); all share one image tarball.
     let names: Vec<String> = (0..=rounds.max(10)).map(|i| format!("c{i}")).collect();
