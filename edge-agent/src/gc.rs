@@ -22,9 +22,7 @@ impl ArtifactHistory {
         }
         self.0.values().filter_map(|(_, p)| *p).collect()
     }
-}
 
-impl ArtifactHistory {
     /// Forgets `name`'s history (its previous version was deleted on purpose).
     pub fn forget(&mut self, name: &WorkloadName) {
         self.0.remove(name);
