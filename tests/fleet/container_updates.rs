@@ -53,16 +53,21 @@ fn release_size(fleet: &flotilla_fleet_tests::Fleet, v: u32) -> u64 {
         .expect("release size")
 }
 
+/// Versions 1..=`n` of one busybox image, as canonical tarballs in `dir`.
+fn variants(dir: &Path, n: u32) -> Vec<PathBuf> {
+    let base = busybox_image(dir, "base").expect("base image");
+    (1..=n)
+        .map(|v| image_variant(&base, v, dir).expect("variant"))
+        .collect()
+}
+
 /// Delete-then-download on a device without room for two versions: the old container, image and tarball go
 /// first, then the new version is fetched and runs. The same update with download-then-kill is refused up front
 /// for disk space, and the running version keeps running.
 #[test]
 fn delete_then_download_updates_where_two_versions_do_not_fit() {
     let scratch = tempfile::tempdir().expect("tempdir");
-    let base = busybox_image(scratch.path(), "base").expect("base image");
-    let tars: Vec<PathBuf> = (1..=3)
-        .map(|v| image_variant(&base, v, scratch.path()).expect("variant"))
-        .collect();
+    let tars = variants(scratch.path(), 3);
     let size = std::fs::metadata(&tars[0]).expect("size").len();
     // Room for one version (the tarball and the engine's copy, plus the 2 MiB reserve), not for two.
     let mib = |b: f64| b / f64::from(1 << 20);
@@ -292,10 +297,7 @@ fn a_full_disk_is_survived_and_recovered_from_without_help() {
 #[test]
 fn registry_first_with_fallback_to_mqtt() {
     let scratch = tempfile::tempdir().expect("tempdir");
-    let base = busybox_image(scratch.path(), "base").expect("base image");
-    let tars: Vec<PathBuf> = (1..=4)
-        .map(|v| image_variant(&base, v, scratch.path()).expect("variant"))
-        .collect();
+    let tars = variants(scratch.path(), 4);
     let mut registry = Registry::start().expect("registry");
     let refs: Vec<String> = tars
         .iter()

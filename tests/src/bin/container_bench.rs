@@ -49,17 +49,20 @@ fn secs_of_day(ts: &str) -> Option<f64> {
     Some(h * 3600.0 + m * 60.0 + s)
 }
 
+/// The agent's JSON log lines with their time of day in seconds.
+fn log_events(log: &str) -> impl Iterator<Item = (f64, serde_json::Value)> + '_ {
+    log.lines().filter_map(|line| {
+        let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
+        let t = v["timestamp"].as_str().and_then(secs_of_day)?;
+        Some((t, v))
+    })
+}
+
 /// Per round, milliseconds from "desired state accepted" to the next "running" in the agent's JSON log.
 fn device_side(log: &str) -> Vec<f64> {
     let mut out = Vec::new();
     let mut accepted = None;
-    for line in log.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let Some(t) = v["timestamp"].as_str().and_then(secs_of_day) else {
-            continue;
-        };
+    for (t, v) in log_events(log) {
         match v["fields"]["message"].as_str() {
             Some("desired state accepted") => accepted = Some(t),
             Some("running") => {
@@ -78,13 +81,7 @@ fn device_side(log: &str) -> Vec<f64> {
 fn span(log: &str, from: &str, what: Option<&str>, to: &str) -> Option<f64> {
     let mut start = None;
     let mut last = None;
-    for line in log.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let Some(t) = v["timestamp"].as_str().and_then(secs_of_day) else {
-            continue;
-        };
+    for (t, v) in log_events(log) {
         let msg = v["fields"]["message"].as_str().unwrap_or("");
         let what_ok =
             what.is_none_or(|w| v["fields"]["what"].as_str().is_some_and(|x| x.contains(w)));
