@@ -474,6 +474,18 @@ mod tests {
                 "version = 1\ndata_dir = \"/x\"\nbroker = \"mqtts://a:8883\"\n",
                 "tls",
             ),
+            (
+                &format!("{BASE}[container]\nimage_gc_high_percent = 0\n"),
+                "container.image_gc_high_percent",
+            ),
+            (
+                &format!("{BASE}[container]\nimage_gc_high_percent = 101\n"),
+                "container.image_gc_high_percent",
+            ),
+            (
+                &format!("{BASE}[container]\nimage_keep_secs = -1\n"),
+                "image_keep_secs",
+            ),
         ];
         for (text, field) in cases {
             let err = parse(text).expect_err(text).to_string();
