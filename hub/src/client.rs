@@ -71,6 +71,52 @@ impl Client {
         Ok(text)
     }
 
+    /// GET of a server-sent-events stream: calls `on_event(event, data)` for each event until it returns false or
+    /// the hub closes the stream. No overall timeout (a tail runs until stopped).
+    pub fn get_events(
+        &self,
+        path: &str,
+        mut on_event: impl FnMut(&str, &str) -> bool,
+    ) -> Result<()> {
+        use std::io::BufRead;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let resp = agent
+            .get(format!("{}{path}", self.server))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Accept", "text/event-stream")
+            .call();
+        let mut resp = resp.context("contacting the hub")?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            return Self::finish(Ok(resp)).and_then(|_| bail!("{}", status.as_u16()));
+        }
+        let reader = std::io::BufReader::new(resp.body_mut().as_reader());
+        let (mut event, mut data) = (String::new(), String::new());
+        for line in reader.lines() {
+            let line = line.context("reading the event stream")?;
+            if line.is_empty() {
+                if !data.is_empty()
+                    && !on_event(if event.is_empty() { "message" } else { &event }, &data)
+                {
+                    return Ok(());
+                }
+                event.clear();
+                data.clear();
+            } else if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim_start().to_owned();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        Ok(())
+    }
+
     pub fn get(&self, path: &str) -> Result<Value> {
         let r = self
             .agent

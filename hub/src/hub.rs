@@ -237,13 +237,7 @@ impl Hub {
             return;
         }
         if let Some((_, device, stream)) = topics::parse_telemetry(topic) {
-            self.telemetry.ingest(
-                &self.store,
-                &mut self.metrics,
-                &device,
-                stream.as_str(),
-                payload,
-            );
+            self.on_telemetry(&device, stream.as_str(), payload);
             return;
         }
         let Some((device, leaf)) = topics::parse_device(topic) else {

@@ -292,6 +292,7 @@ pub fn write_dynamic(
                 let _ = write!(acl, "\nuser feed-{name}\n");
                 for r in &c.regions {
                     let _ = writeln!(acl, "topic read flotilla/v1/telemetry/{r}/#");
+                    let _ = writeln!(acl, "topic read flotilla/v1/feed/json/{r}/#");
                 }
             }
             _ => {}

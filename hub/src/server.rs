@@ -218,6 +218,10 @@ pub struct ServeOptions {
     /// Keep an external Mosquitto's files in this directory current, reloading it with this command (or SIGHUP
     /// to the pid in the directory).
     pub mosquitto: Option<(PathBuf, Option<String>)>,
+    /// Republish accepted telemetry as JSON on `flotilla/v1/feed/json/...`.
+    pub json_feed: bool,
+    /// How much telemetry history to keep (`telemetry.db`); `None` keeps none.
+    pub history: Option<crate::telemetry::history::Retention>,
 }
 
 impl Default for ServeOptions {
@@ -225,6 +229,8 @@ impl Default for ServeOptions {
         Self {
             device_cert_secs: crate::fleet::credentials::DEFAULT_CERT_LIFETIME_SECS,
             mosquitto: None,
+            json_feed: true,
+            history: Some(crate::telemetry::history::Retention::default()),
         }
     }
 }
@@ -304,6 +310,13 @@ pub async fn serve_with(
     hub.set_enroll_key(hub_secret_for_key.as_bytes());
     hub.set_device_certs(device_ca.clone(), options.device_cert_secs);
     hub.set_secrets_key(secrets_key(&dir)?);
+    hub.telemetry.json_feed = options.json_feed;
+    if let Some(retention) = options.history {
+        hub.telemetry.history = Some(crate::telemetry::history::History::open(
+            &dir.0.join("telemetry.db"),
+            retention,
+        )?);
+    }
     if let Some((mdir, reload)) = options.mosquitto {
         anyhow::ensure!(
             mdir.join("mosquitto.conf").exists(),

@@ -1,6 +1,7 @@
 //! Deployment spec files (TOML): parsing and validation into domain types. Every error names the file, the line
 //! (for syntax errors) or the field (for semantic ones), and nothing is applied unless the whole spec is valid.
 
+use crate::telemetry::typed::ContentType;
 use flotilla_hub_core::rollout::{HoldDeadline, Plan, TelemetryGate, Wave, Window};
 use flotilla_hub_core::{Constraints, Policy, Target};
 use flotilla_shared::wire::{Geofence, HealthRule, LatLon, Resources, RestartPolicy, WorkloadKind};
@@ -298,6 +299,9 @@ struct RawWorkload {
     stop_timeout_secs: Option<u32>,
     update_strategy: Option<String>,
     log_max_mib: Option<u32>,
+    /// Content types of the workload's telemetry streams, by stream name (`{ count = "u64le" }`).
+    #[serde(default)]
+    telemetry: BTreeMap<String, String>,
 }
 
 fn default_memory() -> u32 {
@@ -345,6 +349,9 @@ pub struct WorkloadTemplate {
     pub kind: Option<WorkloadKind>,
     /// The container fields, when the spec declares a container workload.
     pub container: Option<flotilla_shared::wire::ContainerSpec>,
+    /// Declared content types of its telemetry streams. Hub-side only: not part of the signed spec, so changing a
+    /// declaration restarts nothing.
+    pub telemetry: BTreeMap<Label, ContentType>,
 }
 
 /// A validated deployment.
@@ -357,6 +364,39 @@ pub struct Deployment {
     pub workloads: Vec<WorkloadTemplate>,
     /// How a change to this deployment is rolled out; `None` means all placed devices at once.
     pub rollout: Option<Plan>,
+}
+
+/// Validates a workload's stream declarations. `agent` and `*.metrics` are the agents' own metric streams.
+fn telemetry_streams(
+    field: &str,
+    raw: &BTreeMap<String, String>,
+) -> Result<BTreeMap<Label, ContentType>, (String, String)> {
+    let mut out = BTreeMap::new();
+    for (stream, ty) in raw {
+        let f = format!("{field}.{stream}");
+        let name = Label::new(stream.as_str()).map_err(|e| (f.clone(), e.to_string()))?;
+        if stream == "agent" || stream.ends_with(".metrics") {
+            return Err((
+                f,
+                "is reserved for metrics (the agent's own, or `<workload>.metrics`)".into(),
+            ));
+        }
+        let ty = ContentType::parse(ty)
+            .filter(|t| !t.is_metrics())
+            .ok_or_else(|| {
+                let names: Vec<&str> = ContentType::ALL
+                    .iter()
+                    .filter(|t| !t.is_metrics())
+                    .map(|t| t.name())
+                    .collect();
+                (
+                    f.clone(),
+                    format!("{ty:?} is not one of {}", names.join(", ")),
+                )
+            })?;
+        out.insert(name, ty);
+    }
+    Ok(out)
 }
 
 fn point(field: &str, lat: f64, lon: f64) -> Result<LatLon, (String, String)> {
@@ -626,6 +666,7 @@ fn validate(raw: RawSpec) -> Result<Deployment, (String, String)> {
             .as_ref()
             .map(|g| geofence(&f("geofence"), g))
             .transpose()?;
+        let telemetry = telemetry_streams(&f("telemetry"), &w.telemetry)?;
         workloads.push(WorkloadTemplate {
             name,
             release,
@@ -640,6 +681,7 @@ fn validate(raw: RawSpec) -> Result<Deployment, (String, String)> {
             geofence,
             kind,
             container,
+            telemetry,
         });
     }
     let rollout = raw.rollout.map(rollout_plan).transpose()?;
@@ -684,6 +726,27 @@ config = { interval = "5" }
             }
         );
         assert_eq!(d.workloads[0].config, b"interval=5\n");
+        assert!(d.workloads[0].telemetry.is_empty());
+        let typed = parse(
+            "s.toml",
+            &GOOD.replace(
+                "tick_ms = 1000",
+                "tick_ms = 1000\ntelemetry = { count = \"u64le\", readings = \"json\" }",
+            ),
+        )
+        .expect("valid");
+        let streams: Vec<(&str, ContentType)> = typed.workloads[0]
+            .telemetry
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(
+            streams,
+            [
+                ("count", ContentType::U64Le),
+                ("readings", ContentType::Json)
+            ]
+        );
         assert_eq!(
             d.workloads[0].release,
             ReleaseRef::Version {
@@ -711,6 +774,10 @@ config = { interval = "5" }
                 "target.geofence.circle.lat",
             ),
             (GOOD.replace("regions = [", "geofence = { h3 = [\"zz\"] }\nregions = ["), "target.geofence.h3[0]"),
+            (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { count = \"u128le\" }"), "workloads[0].telemetry.count"),
+            (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { \"x.metrics\" = \"json\" }"), "reserved"),
+            (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { agent = \"json\" }"), "reserved"),
+            (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { Bad = \"json\" }"), "workloads[0].telemetry.Bad"),
         ];
         for (text, want) in cases {
             let err = parse("deploy/sensors.toml", &text)

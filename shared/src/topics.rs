@@ -11,6 +11,7 @@
 //! | `flotilla/v1/dev/{device}/cert/req` | agent -> hub | no | `CredentialRequest` |
 //! | `flotilla/v1/dev/{device}/cert/resp` | hub -> agent | no | `CredentialResponse` |
 //! | `flotilla/v1/telemetry/{region}/{device}/{stream}` | agent -> consumers | no | `Telemetry` |
+//! | `flotilla/v1/feed/json/{region}/{device}/{stream}` | hub -> consumers | no | one JSON record |
 //! | `flotilla/v1/enroll/enroll-{nonce}/req` | agent -> hub | no | `EnrollRequest` |
 //! | `flotilla/v1/enroll/enroll-{nonce}/resp` | hub -> agent | no | `EnrollResponse` |
 
@@ -93,6 +94,14 @@ pub fn telemetry(region: Option<&Label>, device: &DeviceId, stream: &Label) -> S
     let region = region.map_or(NO_REGION, Label::as_str);
     format!("{PREFIX}/telemetry/{region}/{device}/{stream}")
 }
+
+/// The hub's JSON republication of one accepted telemetry record (`region` is [`NO_REGION`] for none).
+pub fn feed_json(region: &str, device: &str, stream: &str) -> String {
+    format!("{PREFIX}/feed/json/{region}/{device}/{stream}")
+}
+
+/// Prefix of the JSON feed's topics, before the region level.
+pub const FEED_JSON_PREFIX: &str = "flotilla/v1/feed/json/";
 
 /// Subscription filter for the whole telemetry feed, or one region of it.
 pub fn telemetry_filter(region: Option<&Label>) -> String {

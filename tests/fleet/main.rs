@@ -14,4 +14,5 @@ mod partition;
 mod rollout;
 mod secrets;
 mod storm;
+mod telemetry;
 mod trust;

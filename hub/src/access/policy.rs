@@ -5,7 +5,7 @@
 //! |---|---|---|---|
 //! | `hub` | everything | everything | everything |
 //! | `device:{id}` | its own `report`, `artifact/req`, `cert/req`, `logs/resp`, `presence`; telemetry under its own region and id | its own `presence` | exactly its own `desired`, `root`, `artifact/chunk`, `cert/resp`, `logs/req` |
-//! | `feed:{name}` | nothing | nothing | telemetry filters whose region level is one of its regions |
+//! | `feed:{name}` | nothing | nothing | telemetry and JSON feed filters whose region level is one of its regions |
 //! | `enroll:{nonce}` (anonymous) | its own `enroll/enroll-{nonce}/req` | nothing | exactly its own `enroll/enroll-{nonce}/resp` |
 //!
 //! Client ids are namespaced per principal so that no identity can take over another's session: a device connects
@@ -164,9 +164,11 @@ pub fn feed_allows(regions: &[String], access: Access, filter: &str) -> bool {
     if access != Access::Subscribe {
         return false;
     }
+    // The raw feed (postcard records) and the hub's JSON republication of it, per region alike.
     let Some(rest) = filter
         .strip_prefix(PREFIX)
         .and_then(|t| t.strip_prefix("/telemetry/"))
+        .or_else(|| filter.strip_prefix(topics::FEED_JSON_PREFIX))
     else {
         return false;
     };
@@ -350,6 +352,58 @@ mod tests {
                 false,
             ),
             (&feed, &feed_facts, Subscribe, "#", false),
+            (
+                &feed,
+                &feed_facts,
+                Subscribe,
+                "flotilla/v1/feed/json/eu-west/#",
+                true,
+            ),
+            (
+                &feed,
+                &feed_facts,
+                Subscribe,
+                "flotilla/v1/feed/json/eu-west/gw-a/+",
+                true,
+            ),
+            (
+                &feed,
+                &feed_facts,
+                Subscribe,
+                "flotilla/v1/feed/json/us-east/#",
+                false,
+            ),
+            (
+                &feed,
+                &feed_facts,
+                Subscribe,
+                "flotilla/v1/feed/json/+/gw-a/x",
+                false,
+            ),
+            (
+                &feed,
+                &feed_facts,
+                Subscribe,
+                "flotilla/v1/feed/json/#",
+                false,
+            ),
+            (&feed, &feed_facts, Subscribe, "flotilla/v1/feed/#", false),
+            (
+                &feed,
+                &feed_facts,
+                Publish,
+                "flotilla/v1/feed/json/eu-west/gw-a/x",
+                false,
+            ),
+            // Only the hub writes the JSON feed: a device cannot forge records there.
+            (
+                &a,
+                &eu,
+                Publish,
+                "flotilla/v1/feed/json/eu-west/gw-a/count",
+                false,
+            ),
+            (&a, &eu, Subscribe, "flotilla/v1/feed/json/eu-west/#", false),
             (&feed, &feed_facts, Subscribe, "$SYS/#", false),
             (
                 &feed,

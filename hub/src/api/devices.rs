@@ -1,4 +1,4 @@
-//! Devices: the registry, one device, its telemetry view, and `why`.
+//! Devices: the registry, one device, and `why` (their telemetry is in `telemetry.rs`).
 
 use super::{ApiResult, ApiState, Problem, Role, ok};
 use crate::hub::{Hub, HubError};
@@ -107,29 +107,6 @@ pub(super) async fn device(
 fn device_id(id: String) -> Result<DeviceId, Problem> {
     DeviceId::new(id)
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))
-}
-
-pub(super) async fn device_telemetry(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
-    s.auth(&headers, Role::Viewer).await?;
-    let id = device_id(id)?;
-    let v = s
-        .call(move |h| {
-            let streams: Vec<Value> = h
-                .telemetry
-                .device_streams(&id)
-                .map(|(stream, st)| {
-                    json!({"stream": stream, "records": st.records, "gaps": st.gaps, "duplicates": st.duplicates,
-                           "last_seq": st.last_seq, "last_at": st.last_at, "metrics": st.metrics, "last_bytes": st.last_bytes})
-                })
-                .collect();
-            json!({"device": id.as_str(), "streams": streams})
-        })
-        .await?;
-    ok(v)
 }
 
 pub(super) async fn why(

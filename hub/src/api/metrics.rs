@@ -52,7 +52,7 @@ pub(super) async fn metrics(State(s): State<ApiState>) -> ApiResult {
                 m.report_lag_secs,
                 m.enrollments,
                 m.credentials_issued,
-            ))
+            ) + &telemetry_metrics(&h.telemetry))
         })
         .await??;
     let mut text = text;
@@ -79,6 +79,45 @@ pub(super) async fn metrics(State(s): State<ApiState>) -> ApiResult {
         }
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// Telemetry drops at the hub by reason (every reason, zeros included, so rates exist from the first scrape), JSON
+/// feed and history counters.
+fn telemetry_metrics(t: &crate::telemetry::Telemetry) -> String {
+    use crate::telemetry::typed::DropReason;
+    use std::fmt::Write as _;
+    let mut out = String::from("# TYPE flotilla_telemetry_dropped_total counter\n");
+    for r in DropReason::ALL {
+        let n = t.dropped.get(&r).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "flotilla_telemetry_dropped_total{{reason=\"{}\"}} {n}",
+            r.name()
+        );
+    }
+    let _ = write!(
+        out,
+        "# TYPE flotilla_telemetry_feed_dropped_total counter\nflotilla_telemetry_feed_dropped_total{{feed=\"json\"}} {}\n",
+        t.feed_dropped
+    );
+    if let Some(h) = &t.history {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &h.stats;
+        let _ = write!(
+            out,
+            "# TYPE flotilla_telemetry_history_written_total counter\nflotilla_telemetry_history_written_total {}\n\
+             # TYPE flotilla_telemetry_history_dropped_total counter\nflotilla_telemetry_history_dropped_total{{reason=\"backlog\"}} {}\n\
+             flotilla_telemetry_history_dropped_total{{reason=\"write_error\"}} {}\n\
+             # TYPE flotilla_telemetry_history_evicted_total counter\nflotilla_telemetry_history_evicted_total{{bound=\"age\"}} {}\n\
+             flotilla_telemetry_history_evicted_total{{bound=\"bytes\"}} {}\n",
+            s.written.load(Relaxed),
+            s.dropped_backlog.load(Relaxed),
+            s.write_errors.load(Relaxed),
+            s.evicted_age.load(Relaxed),
+            s.evicted_bytes.load(Relaxed),
+        );
+    }
+    out
 }
 
 pub(super) async fn openapi() -> Response {

@@ -7,6 +7,7 @@ mod devices;
 mod metrics;
 mod releases;
 mod rollouts;
+mod telemetry;
 mod tokens;
 
 use crate::hub::{Call, Hub, HubError};
@@ -17,11 +18,12 @@ use axum::{Json, Router};
 use deployments::{
     apply, delete_deployment, deployment_status, deployments, list_secrets, set_secret,
 };
-use devices::{device, device_telemetry, devices, logs, revoke, rotate_credentials, why};
+use devices::{device, devices, logs, revoke, rotate_credentials, why};
 use metrics::{metrics, openapi};
 use releases::{push_release, releases, upload_artifact};
 use rollouts::{rollout_action, rollout_status};
 use serde_json::{Value, json};
+use telemetry::{device_telemetry, tail};
 use tokens::{audit, create_api_token, create_feed_credential, enroll_token};
 use tokio::sync::{mpsc, oneshot};
 
@@ -175,6 +177,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
+        .route("/api/v1/telemetry/tail", get(tail))
         .route("/api/v1/devices/{id}/revoke", post(revoke))
         .route(
             "/api/v1/devices/{id}/rotate-credentials",

@@ -16,6 +16,7 @@ mod devices;
 mod releases;
 mod rollout;
 mod serve;
+mod telemetry;
 
 use crate::client::Client;
 use crate::keys_cli::{self, KeysCmd, ReleaseSign, RootCmd};
@@ -201,6 +202,9 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Telemetry history and live records.
+    #[command(subcommand)]
+    Telemetry(TelemetryCmd),
     /// The last output lines of a workload (WASM or container), asked of the device (it must be online).
     Logs {
         device: String,
@@ -211,6 +215,40 @@ enum Cmd {
         /// Keep asking every 2 s and print new lines as they come (Ctrl-C to stop).
         #[arg(long, short)]
         follow: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TelemetryCmd {
+    /// A device stream's history, oldest first (`--step` summarises a metric stream per bucket instead).
+    Query {
+        device: String,
+        stream: String,
+        /// From: 30s, 15m, 2h, 7d ago, or Unix seconds (device time).
+        #[arg(long)]
+        since: Option<String>,
+        /// Until (exclusive), in the same forms.
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many records.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Downsample a metric stream into buckets of this many seconds (min, mean, max per metric).
+        #[arg(long)]
+        step: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Records as the hub accepts them, until interrupted (`-o json`: one JSON record per line).
+    Tail {
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        stream: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -513,6 +551,36 @@ fn run(cli: Cli) -> Result<()> {
             workload,
             conn,
         } => devices::why(&device, &workload, conn)?,
+        Cmd::Telemetry(TelemetryCmd::Query {
+            device,
+            stream,
+            since,
+            until,
+            limit,
+            step,
+            conn,
+        }) => telemetry::query(
+            telemetry::QueryArgs {
+                device,
+                stream,
+                since,
+                until,
+                limit,
+                step,
+            },
+            &conn,
+        )?,
+        Cmd::Telemetry(TelemetryCmd::Tail {
+            region,
+            device,
+            stream,
+            conn,
+        }) => telemetry::tail(
+            region.as_deref(),
+            device.as_deref(),
+            stream.as_deref(),
+            &conn,
+        )?,
         Cmd::Logs {
             device,
             workload,

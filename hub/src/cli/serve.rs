@@ -47,6 +47,15 @@ pub struct ServeArgs {
     /// Command that makes Mosquitto reload its files (default: SIGHUP to the pid in DIR/mosquitto.pid).
     #[arg(long, requires = "mosquitto_dir")]
     pub mosquitto_reload: Option<String>,
+    /// Do not republish telemetry as JSON on flotilla/v1/feed/json/{region}/{device}/{stream}.
+    #[arg(long)]
+    pub no_json_feed: bool,
+    /// Keep telemetry history this long, in seconds (0: keep none).
+    #[arg(long, default_value_t = 7 * 86_400)]
+    pub telemetry_history_secs: u64,
+    /// Keep at most this many MiB of telemetry history per device (oldest records go first).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub telemetry_history_mib: u64,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -64,6 +73,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         device_cert_secs,
         mosquitto_dir,
         mosquitto_reload,
+        no_json_feed,
+        telemetry_history_secs,
+        telemetry_history_mib,
     } = args;
     let choice = match broker {
         Some(url) => {
@@ -105,6 +117,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let options = server::ServeOptions {
         device_cert_secs,
         mosquitto: mosquitto_dir.map(|d| (d, mosquitto_reload)),
+        json_feed: !no_json_feed,
+        history: (telemetry_history_secs > 0).then_some(crate::telemetry::history::Retention {
+            max_age_secs: telemetry_history_secs,
+            max_bytes_per_device: telemetry_history_mib << 20,
+        }),
     };
     rt.block_on(server::serve_with(DataDir(data_dir), http, choice, options))?;
 

@@ -122,6 +122,7 @@ impl Hub {
     pub fn reconcile_fleet(&mut self) -> Result<()> {
         let started = Instant::now();
         let now = unix_now();
+        self.refresh_telemetry_declarations();
         // A revoked device is out of placement, and gets no desired state at all.
         let views: Vec<DeviceView> = self.store.with_devices(|rows| {
             rows.filter(|d| !self.access.is_revoked(&d.id))
@@ -138,6 +139,14 @@ impl Hub {
             if plan.previous.get(name) != Some(chosen) {
                 let chosen: Vec<DeviceId> = chosen.iter().cloned().collect();
                 self.store.set_placements(name, &chosen)?;
+            }
+            // Telemetry resolves a stream declared by several deployments by where each is placed.
+            if self.telemetry.decls.declares(name)
+                && !self.telemetry.decls.placement_is(name, chosen)
+            {
+                self.telemetry
+                    .decls
+                    .set_placement(name, Some(chosen.clone()));
             }
         }
         let mut per_device = plan.per_device;

@@ -138,6 +138,15 @@ impl Store {
         Ok(self.device_rows()?.contains_key(id))
     }
 
+    /// Runs `f` on one device's row without copying it (telemetry reads the region and zone per record).
+    pub fn with_device<T>(
+        &self,
+        id: &DeviceId,
+        f: impl FnOnce(&DeviceRow) -> T,
+    ) -> Result<Option<T>> {
+        Ok(self.device_rows()?.get(id).map(f))
+    }
+
     /// One device (the hot path for reports).
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRow>> {
         Ok(self.device_rows()?.get(id).cloned())
