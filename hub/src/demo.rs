@@ -62,6 +62,8 @@ tick_ms = 1000
 memory_mib = 8
 cpu_ms = 20
 config = { site = "demo", unit = "count" }
+# The sensor publishes a counter as 8 little-endian bytes: the JSON feed and history show it as a number.
+telemetry = { count = "u64le" }
 "#;
 
 fn agent_binary() -> Result<PathBuf> {
@@ -472,7 +474,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
          \x20 flotilla deploy status sensors\n\
          \x20 flotilla why paris-gw sensor\n\
          \x20 flotilla why berlin-gw ticker\n\
-         \x20 mosquitto_sub -h {} -p {} {feed_login} -t 'flotilla/v1/telemetry/eu-west/#' -v   # telemetry (binary)\n\
+         \x20 mosquitto_sub -h {} -p {} {feed_login} -t 'flotilla/v1/feed/json/eu-west/#'   # telemetry as JSON\n\
+         \x20 flotilla telemetry tail --region eu-west\n\
+         \x20 flotilla telemetry query berlin-gw count --since 5m\n\
          API: {api}/api/v1/openapi.json   metrics: {api}/metrics   spec: {}\n",
         token_file.display(),
         mqtt.ip(),
