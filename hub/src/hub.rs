@@ -59,8 +59,8 @@ pub struct HubMetrics {
     /// Client certificates and passwords issued after enrollment (renewals and rotations).
     pub credentials_issued: u64,
     pub last_placement_secs: f64,
-    /// Seconds between a report's `sent_at` and its arrival, last seen.
-    pub report_lag_secs: f64,
+    /// Whether the hub's own MQTT link is connected to the broker.
+    pub link_up: bool,
 }
 
 /// The hub's state, owned by its loop. Each concern keeps its own state in its own field; the concerns' handlers
@@ -76,6 +76,10 @@ pub struct Hub {
     pub telemetry: Telemetry,
     pub(crate) desired: DesiredCache,
     pub metrics: HubMetrics,
+    /// The control plane's SLI histograms and counters (shared with the API).
+    pub slis: crate::slis::Slis,
+    /// Desired states published and not yet acknowledged or running (reconcile lag, start time).
+    pub(crate) inflight: crate::slis::InFlight,
     /// The MQTT credential registry the embedded broker authenticates against (shared with it).
     pub access: crate::access::Credentials,
     /// SHA-256 of the broker CA's certificate, appended to enrollment tokens (`fet_<secret>.<sha256>`) so a fresh
@@ -161,6 +165,8 @@ impl Hub {
             broker: None,
             dirty: true,
             pending_logs: Default::default(),
+            slis: Default::default(),
+            inflight: Default::default(),
         })
     }
 
@@ -202,10 +208,12 @@ impl Hub {
         match ev {
             Event::Link(LinkEvent::Connected) => {
                 tracing::info!("hub connected to broker");
+                self.metrics.link_up = true;
                 self.dirty = true;
                 self.on_broker_connected();
             }
             Event::Link(LinkEvent::Disconnected(e)) => {
+                self.metrics.link_up = false;
                 tracing::warn!(error = %e, "hub lost the broker")
             }
             Event::Link(LinkEvent::Message { topic, payload }) => self.on_message(&topic, &payload),
@@ -222,6 +230,7 @@ impl Hub {
         if self.dirty && tick {
             self.dirty = false;
             if let Err(e) = self.reconcile_fleet() {
+                self.slis.error(crate::slis::ControlPlaneError::Placement);
                 tracing::error!(error = %e, "placement failed");
             }
         }

@@ -18,6 +18,7 @@ pub mod mosquitto;
 pub mod pki;
 pub mod rollout;
 pub mod server;
+pub mod slis;
 pub mod spec;
 pub mod spec_container;
 pub mod store;

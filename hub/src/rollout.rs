@@ -20,6 +20,9 @@ pub struct DeploymentRollout {
     pub(crate) stable: Option<Deployment>,
     /// The last snapshot written to the store (writes happen only on change).
     pub(crate) persisted: Vec<u8>,
+    /// Its outcome is counted in `flotilla_rollouts_finished_total` (set at load for finished ones: a restart
+    /// must not count them again).
+    pub(crate) outcome_counted: bool,
 }
 
 /// Loads every persisted rollout: a restarted hub continues each from its last persisted transition.
@@ -32,6 +35,7 @@ pub fn load(store: &Store) -> Result<BTreeMap<String, DeploymentRollout>> {
                 rollouts.insert(
                     name,
                     DeploymentRollout {
+                        outcome_counted: rollout.is_finished(),
                         rollout,
                         stable_source,
                         target_source,
@@ -90,6 +94,7 @@ impl Hub {
                 target_source: target_source.to_owned(),
                 stable: Some(stable),
                 persisted: vec![],
+                outcome_counted: false,
             },
         );
         Ok(())
@@ -207,6 +212,16 @@ impl Hub {
             while let Some(rollout::Action::Assign { .. }) = r.rollout.poll_action() {
                 // The assignment lives in the rollout state (`on_new`); placement reads it when re-publishing.
                 self.dirty = true;
+                self.inflight
+                    .changed_at
+                    .get_or_insert_with(std::time::Instant::now);
+            }
+            if r.rollout.is_finished() && !r.outcome_counted {
+                r.outcome_counted = true;
+                self.slis.rollout_finished(match r.rollout.phase {
+                    Phase::Completed => "completed",
+                    _ => "aborted",
+                });
             }
             let snapshot = postcard::to_stdvec(&r.rollout).unwrap_or_default();
             if snapshot == r.persisted {
@@ -217,6 +232,7 @@ impl Hub {
                     .save_rollout(&name, &r.stable_source, &r.target_source, &snapshot, now)
             {
                 tracing::error!(deployment = %name, error = %e, "cannot persist rollout");
+                self.slis.error(crate::slis::ControlPlaneError::Store);
                 continue;
             }
             r.persisted = snapshot;

@@ -360,6 +360,7 @@ pub async fn serve_with(
     let app = api::router(ApiState {
         calls: calls_tx,
         broker: embedded,
+        slis: hub.slis.clone(),
     });
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
     tokio::select! {

@@ -52,6 +52,31 @@ pub struct ApiState {
     pub calls: mpsc::Sender<Call>,
     /// The embedded broker, when this hub runs one: its gauges and counters join `/metrics`.
     pub broker: Option<crate::embedded::Broker>,
+    /// The SLI metrics; the API observes its own latency into them.
+    pub slis: crate::slis::Slis,
+}
+
+/// Observes every request's latency by method, matched route and status (`flotilla_api_request_duration_seconds`).
+async fn observe_latency(
+    axum::extract::State(slis): axum::extract::State<crate::slis::Slis>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let resp = next.run(req).await;
+    slis.api_latency
+        .get_or_create(&crate::slis::ApiLabels {
+            method,
+            route,
+            status: resp.status().as_u16().to_string(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    resp
 }
 
 /// An RFC 9457 problem response.
@@ -168,6 +193,7 @@ pub(crate) fn ok(v: Value) -> ApiResult {
 }
 
 pub fn router(state: ApiState) -> Router {
+    let slis = state.slis.clone();
     Router::new()
         .route(
             "/api/v1/health",
@@ -208,6 +234,8 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/metrics", get(metrics))
         .with_state(state)
+        // `route_layer`: runs after routing, so the matched route template is known.
+        .route_layer(axum::middleware::from_fn_with_state(slis, observe_latency))
         // Largest artifact accepted through the API.
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
 }

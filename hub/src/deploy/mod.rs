@@ -179,6 +179,9 @@ impl Hub {
             self.begin_rollout(&name, plan, stable_source, stable, source, who, now)?;
         }
         self.deployments.insert(name.clone(), d);
+        self.inflight
+            .changed_at
+            .get_or_insert_with(std::time::Instant::now);
         self.drive_rollouts();
         self.reconcile_fleet()
             .map_err(|e| HubError::Internal(e.to_string()))?;
@@ -294,6 +297,9 @@ impl Hub {
             return Err(HubError::NotFound(format!("no deployment {name}")));
         }
         self.deployments.remove(name);
+        self.inflight
+            .changed_at
+            .get_or_insert_with(std::time::Instant::now);
         self.store
             .audit(unix_now(), who, "delete", &format!("deployment {name}"))?;
         self.reconcile_fleet()

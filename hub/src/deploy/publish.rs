@@ -196,10 +196,18 @@ impl Hub {
         }
         let batch = self.desired.batch.take().unwrap_or_default();
         if let Err(e) = result.and_then(|()| Ok(self.store.commit()?)) {
+            self.slis.error(crate::slis::ControlPlaneError::Store);
             self.store.rollback();
             // The cache holds generations that were never committed; it reloads from the store on a miss.
             self.desired.published.clear();
             return Err(e);
+        }
+        // Scheduling latency: from the operator change (or rollout step) that made this pass publish.
+        if let Some(changed) = self.inflight.changed_at.take() {
+            let secs = changed.elapsed().as_secs_f64();
+            for _ in &batch {
+                self.slis.scheduling.observe(secs);
+            }
         }
         for (device, bytes) in batch {
             self.send_desired(device, bytes);
@@ -243,6 +251,7 @@ impl Hub {
             true,
         ) {
             tracing::warn!(device = %device, error = %e, "desired state publish deferred");
+            self.slis.error(crate::slis::ControlPlaneError::Publish);
             self.desired.unpublished.insert(device, bytes);
             self.dirty = true;
             return;
@@ -300,6 +309,15 @@ impl Hub {
             .published
             .insert(device.clone(), (generation, content, ds.expires_at));
         tracing::info!(device = %device, generation, workloads = ds.workloads.len(), "desired state signed");
+        self.inflight.published(
+            device,
+            generation,
+            ds.workloads
+                .iter()
+                .map(|w| (w.name.to_string(), w.release))
+                .collect(),
+            Instant::now(),
+        );
         match &mut self.desired.batch {
             // Published by `reconcile_fleet` once the batch has committed.
             Some(batch) => batch.push((device.clone(), bytes)),

@@ -4,9 +4,10 @@
 
 use super::validate_inventory;
 use crate::hub::{Hub, unix_now};
+use crate::slis::ControlPlaneError;
 use flotilla_shared::DeviceId;
 use flotilla_shared::trust;
-use flotilla_shared::wire::{Presence, Signed};
+use flotilla_shared::wire::{Presence, Report, Signed, WorkloadState};
 
 impl Hub {
     pub(crate) fn on_report(&mut self, device: &DeviceId, signed: &Signed) -> Result<(), String> {
@@ -26,7 +27,10 @@ impl Hub {
             validate_inventory(inv)?;
         }
         let now = unix_now();
-        self.metrics.report_lag_secs = now.saturating_sub(report.sent_at) as f64;
+        self.slis
+            .report_lag
+            .observe(now.saturating_sub(report.sent_at) as f64);
+        self.count_failed_starts(&d, &report);
         // What the operator set at enrollment (token presets) stays authoritative over what the device reports.
         let mut report = report;
         let mut inventory_changed = false;
@@ -46,16 +50,49 @@ impl Hub {
             }
             report.inventory = Some(merged);
         }
-        self.store
-            .save_report(device, &report, now)
-            .map_err(|e| e.to_string())?;
+        if let Err(e) = self.store.save_report(device, &report, now) {
+            self.slis.error(ControlPlaneError::Store);
+            return Err(e.to_string());
+        }
         self.metrics.reports_accepted += 1;
+        self.inflight.reported(
+            &self.slis,
+            device,
+            report.applied_generation,
+            |name, release| {
+                report.workloads.iter().any(|w| {
+                    w.name.as_str() == name
+                        && w.release == *release
+                        && w.state == WorkloadState::Running
+                })
+            },
+            std::time::Instant::now(),
+        );
         self.check_behind(device, &report);
         self.observe_for_rollouts(device, &report, now);
         if inventory_changed || !d.online {
             self.dirty = true;
         }
         Ok(())
+    }
+
+    /// Failed starts since the device's previous report: restarts that went up, and releases newly refused.
+    fn count_failed_starts(&self, before: &crate::store::DeviceRow, report: &Report) {
+        let prev = before.last_report.as_ref();
+        for w in &report.workloads {
+            let old = prev.and_then(|p| p.workloads.iter().find(|o| o.name == w.name));
+            let restarts_before = old
+                .filter(|o| o.release == w.release)
+                .map_or(0, |o| o.restarts);
+            self.slis.failed_start(
+                "crash",
+                u64::from(w.restarts.saturating_sub(restarts_before)),
+            );
+            let newly_rejected = w.rejected.is_some()
+                && old.is_none_or(|o| o.rejected.is_none() || o.release != w.release);
+            self.slis
+                .failed_start("rejected", u64::from(newly_rejected));
+        }
     }
 
     /// Presence is unsigned (the broker's last will); it only moves online/offline, never state.
