@@ -7,13 +7,16 @@ cd "$(dirname "$0")/.."
 # on a fresh Debian machine. One container test mounts a small tmpfs (a disk that fills up): run as root.
 # The telemetry feed test reads the JSON feed with mosquitto_sub (mosquitto-clients) and checks it against the
 # schema with Python's jsonschema.
+# The Prometheus scrape test runs Debian's prometheus (which also brings promtool for the rule tests).
 if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_sub >/dev/null 2>&1 || [ ! -x /bin/busybox ] \
-  || ! command -v docker-registry >/dev/null 2>&1; then
+  || ! command -v docker-registry >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients \
-      busybox-static docker-registry >/dev/null
+      busybox-static docker-registry prometheus >/dev/null
+    # The packages start system services on the ports tests might pick; tests start their own.
+    (systemctl stop mosquitto docker-registry prometheus prometheus-node-exporter || true) >/dev/null 2>&1
   else
-    echo "a test dependency is missing: sudo apt-get install -y mosquitto mosquitto-clients busybox-static docker-registry" >&2
+    echo "a test dependency is missing: sudo apt-get install -y mosquitto mosquitto-clients busybox-static docker-registry prometheus" >&2
     exit 1
   fi
 fi
@@ -25,5 +28,8 @@ if ! docker version >/dev/null 2>&1; then
   echo "the Docker engine is not reachable (container tests need it): install docker.io and start it" >&2
   exit 1
 fi
+# The shipped Prometheus rules: syntax, the scrape config, and their unit tests.
+(cd deploy/prometheus && promtool check rules flotilla-alerts.yml >/dev/null && promtool check config prometheus.yml >/dev/null \
+  && promtool test rules flotilla-alerts.test.yml)
 cargo build --workspace --bins
 cargo nextest run --workspace --profile ci

@@ -11,6 +11,7 @@ mod lifecycle;
 mod mosquitto;
 mod offline;
 mod partition;
+mod prometheus;
 mod rollout;
 mod secrets;
 mod storm;

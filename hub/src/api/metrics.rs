@@ -8,6 +8,7 @@ use crate::hub::{Hub, HubError};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use flotilla_shared::wire::WorkloadState;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
@@ -58,6 +59,9 @@ fn hub_metrics(h: &Hub, reg: &mut Registry) -> Result<(), HubError> {
     let (mut total, mut online) = (0usize, 0usize);
     let (mut desired, mut acked, mut converged) = (0u64, 0u64, 0usize);
     let mut regions: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    // Per region: devices holding updates, and devices with a workload failing (crash loop, failed, refused).
+    let mut held: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failing: BTreeMap<String, usize> = BTreeMap::new();
     h.store.with_devices(|devs| {
         for d in devs {
             let g = h.desired_generation(&d.id);
@@ -75,6 +79,14 @@ fn hub_metrics(h: &Hub, reg: &mut Registry) -> Result<(), HubError> {
             let e = regions.entry(region.to_owned()).or_default();
             e.0 += usize::from(d.online);
             e.1 += usize::from(!d.online);
+            if let Some(r) = &d.last_report {
+                *held.entry(region.to_owned()).or_default() += usize::from(r.hold.is_some());
+                let bad = r.workloads.iter().any(|w| {
+                    w.rejected.is_some()
+                        || matches!(w.state, WorkloadState::BackingOff | WorkloadState::Failed)
+                });
+                *failing.entry(region.to_owned()).or_default() += usize::from(bad);
+            }
         }
     })?;
     let m = &h.metrics;
@@ -101,6 +113,23 @@ fn hub_metrics(h: &Hub, reg: &mut Registry) -> Result<(), HubError> {
         "flotilla_region_devices",
         "Registered devices by region and presence",
         &per_region,
+    );
+    let by_region = |m: &BTreeMap<String, usize>| -> Vec<(Labels, i64)> {
+        m.iter()
+            .map(|(r, n)| (labels(&[("region", r)]), to_i64(*n)))
+            .collect()
+    };
+    gauge_family(
+        reg,
+        "flotilla_devices_held",
+        "Devices holding updates (hold file or guest hold), by region",
+        &by_region(&held),
+    );
+    gauge_family(
+        reg,
+        "flotilla_devices_failing",
+        "Devices with a workload crash-looping, failed or refusing its release, by region",
+        &by_region(&failing),
     );
     gauge_family(
         reg,
