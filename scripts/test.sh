@@ -20,8 +20,9 @@ if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_sub >/dev/nu
     exit 1
   fi
 fi
-if ! python3 -c 'import jsonschema' 2>/dev/null; then
-  python3 -m pip install -q 'jsonschema>=4.18'
+# The Sparkplug test decodes the hub's Sparkplug B feed with pysparkplug (it brings paho-mqtt and protobuf).
+if ! python3 -c 'import jsonschema, pysparkplug' 2>/dev/null; then
+  python3 -m pip install -q 'jsonschema>=4.18' 'pysparkplug==0.6.1'
 fi
 # Container tests drive the local Docker engine.
 if ! docker version >/dev/null 2>&1; then

@@ -209,6 +209,7 @@ impl Hub {
             Event::Link(LinkEvent::Connected) => {
                 tracing::info!("hub connected to broker");
                 self.metrics.link_up = true;
+                self.sparkplug_rebirth_all();
                 self.dirty = true;
                 self.on_broker_connected();
             }

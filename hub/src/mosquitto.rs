@@ -293,6 +293,7 @@ pub fn write_dynamic(
                 for r in &c.regions {
                     let _ = writeln!(acl, "topic read flotilla/v1/telemetry/{r}/#");
                     let _ = writeln!(acl, "topic read flotilla/v1/feed/json/{r}/#");
+                    let _ = writeln!(acl, "topic read spBv1.0/{r}/#");
                 }
             }
             _ => {}

@@ -220,6 +220,8 @@ pub struct ServeOptions {
     pub mosquitto: Option<(PathBuf, Option<String>)>,
     /// Republish accepted telemetry as JSON on `flotilla/v1/feed/json/...`.
     pub json_feed: bool,
+    /// Publish the Sparkplug B feed (`spBv1.0/{region}/...`).
+    pub sparkplug: bool,
     /// How much telemetry history to keep (`telemetry.db`); `None` keeps none.
     pub history: Option<crate::telemetry::history::Retention>,
 }
@@ -230,6 +232,7 @@ impl Default for ServeOptions {
             device_cert_secs: crate::fleet::credentials::DEFAULT_CERT_LIFETIME_SECS,
             mosquitto: None,
             json_feed: true,
+            sparkplug: false,
             history: Some(crate::telemetry::history::Retention::default()),
         }
     }
@@ -311,6 +314,9 @@ pub async fn serve_with(
     hub.set_device_certs(device_ca.clone(), options.device_cert_secs);
     hub.set_secrets_key(secrets_key(&dir)?);
     hub.telemetry.json_feed = options.json_feed;
+    if options.sparkplug {
+        hub.telemetry.sparkplug = Some(Default::default());
+    }
     if let Some(retention) = options.history {
         hub.telemetry.history = Some(crate::telemetry::history::History::open(
             &dir.0.join("telemetry.db"),

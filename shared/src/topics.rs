@@ -102,6 +102,8 @@ pub fn feed_json(region: &str, device: &str, stream: &str) -> String {
 
 /// Prefix of the JSON feed's topics, before the region level.
 pub const FEED_JSON_PREFIX: &str = "flotilla/v1/feed/json/";
+/// Prefix of the Sparkplug B feed's topics (`spBv1.0/{group = region}/{NBIRTH|NDATA|NDEATH}/{device}`).
+pub const SPARKPLUG_PREFIX: &str = "spBv1.0/";
 
 /// Subscription filter for the whole telemetry feed, or one region of it.
 pub fn telemetry_filter(region: Option<&Label>) -> String {

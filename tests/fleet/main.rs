@@ -14,6 +14,7 @@ mod partition;
 mod prometheus;
 mod rollout;
 mod secrets;
+mod sparkplug;
 mod storm;
 mod telemetry;
 mod trust;

@@ -3,12 +3,13 @@
 //! records dropped with a reason while other devices' records keep flowing, the history API's pages, and the CLI's
 //! `telemetry query` and `telemetry tail` against a live fleet.
 
-use flotilla_fleet_tests::{AgentSpec, Fleet, FleetBuilder, PATIENCE, bin_dir, firmware, wait_for};
+use flotilla_fleet_tests::{
+    AgentSpec, ChildLines, Fleet, FleetBuilder, PATIENCE, bin_dir, firmware, wait_for,
+};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// One deployment per region of the sensor firmware (a u64 counter on stream `count`) as workload `workload`,
@@ -55,53 +56,6 @@ fn schema_errors(lines: &[String]) -> Option<String> {
             String::from_utf8_lossy(&out.stderr)
         )
     })
-}
-
-/// A child process whose stdout lines arrive on a channel; killed when dropped.
-struct Lines {
-    child: Child,
-    rx: mpsc::Receiver<String>,
-}
-
-impl Lines {
-    fn spawn(cmd: &mut Command) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawns");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, rx }
-    }
-
-    /// The next `n` lines, waiting at most `PATIENCE` in all.
-    fn take(&self, n: usize) -> Vec<String> {
-        let deadline = std::time::Instant::now() + PATIENCE;
-        let mut out = Vec::new();
-        while out.len() < n {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(l) => out.push(l),
-                Err(_) => panic!("only {} of {n} lines: {out:?}", out.len()),
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Lines {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn cli(fleet: &Fleet) -> Command {
@@ -166,7 +120,7 @@ fn json_feed_history_and_tail() {
             &[],
         )
         .expect("feed credential");
-    let sub = Lines::spawn(
+    let sub = ChildLines::spawn(
         Command::new("mosquitto_sub")
             .args([
                 "-h",
@@ -182,8 +136,14 @@ fn json_feed_history_and_tail() {
             .args(["-q", "1", "-t", "flotilla/v1/feed/json/eu-west/#"])
             .args(["-t", "flotilla/v1/feed/json/us-east/#"]),
     );
-    let tail =
-        Lines::spawn(cli(&fleet).args(["telemetry", "tail", "--region", "us-east", "-o", "json"]));
+    let tail = ChildLines::spawn(cli(&fleet).args([
+        "telemetry",
+        "tail",
+        "--region",
+        "us-east",
+        "-o",
+        "json",
+    ]));
 
     hub.apply(&spec("sensors-eu", "sensor", "eu-west", "u64le"))
         .expect("apply eu");

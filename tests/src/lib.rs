@@ -1358,3 +1358,52 @@ impl Drop for DockerCleanup {
         }
     }
 }
+
+/// A child process whose stdout lines arrive on a channel; killed when dropped.
+#[derive(Debug)]
+pub struct ChildLines {
+    child: std::process::Child,
+    pub rx: std::sync::mpsc::Receiver<String>,
+}
+
+impl ChildLines {
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawns");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, rx }
+    }
+
+    /// The next `n` lines, waiting at most `PATIENCE` in all.
+    pub fn take(&self, n: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) => out.push(l),
+                Err(_) => panic!("only {} of {n} lines: {out:?}", out.len()),
+            }
+        }
+        out
+    }
+}
+
+impl Drop for ChildLines {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

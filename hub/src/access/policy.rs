@@ -5,7 +5,7 @@
 //! |---|---|---|---|
 //! | `hub` | everything | everything | everything |
 //! | `device:{id}` | its own `report`, `artifact/req`, `cert/req`, `logs/resp`, `presence`; telemetry under its own region and id | its own `presence` | exactly its own `desired`, `root`, `artifact/chunk`, `cert/resp`, `logs/req` |
-//! | `feed:{name}` | nothing | nothing | telemetry and JSON feed filters whose region level is one of its regions |
+//! | `feed:{name}` | nothing | nothing | telemetry, JSON feed and Sparkplug filters whose region level is one of its regions |
 //! | `enroll:{nonce}` (anonymous) | its own `enroll/enroll-{nonce}/req` | nothing | exactly its own `enroll/enroll-{nonce}/resp` |
 //!
 //! Client ids are namespaced per principal so that no identity can take over another's session: a device connects
@@ -169,6 +169,7 @@ pub fn feed_allows(regions: &[String], access: Access, filter: &str) -> bool {
         .strip_prefix(PREFIX)
         .and_then(|t| t.strip_prefix("/telemetry/"))
         .or_else(|| filter.strip_prefix(topics::FEED_JSON_PREFIX))
+        .or_else(|| filter.strip_prefix(topics::SPARKPLUG_PREFIX))
     else {
         return false;
     };
@@ -388,6 +389,25 @@ mod tests {
                 false,
             ),
             (&feed, &feed_facts, Subscribe, "flotilla/v1/feed/#", false),
+            (&feed, &feed_facts, Subscribe, "spBv1.0/eu-west/#", true),
+            (
+                &feed,
+                &feed_facts,
+                Subscribe,
+                "spBv1.0/eu-west/NDATA/+",
+                true,
+            ),
+            (&feed, &feed_facts, Subscribe, "spBv1.0/us-east/#", false),
+            (&feed, &feed_facts, Subscribe, "spBv1.0/#", false),
+            (&feed, &feed_facts, Subscribe, "spBv1.0/+/NBIRTH/+", false),
+            (
+                &feed,
+                &feed_facts,
+                Publish,
+                "spBv1.0/eu-west/NCMD/gw-a",
+                false,
+            ),
+            (&a, &eu, Publish, "spBv1.0/eu-west/NDATA/gw-a", false),
             (
                 &feed,
                 &feed_facts,

@@ -275,7 +275,10 @@ fn telemetry_metrics(t: &crate::telemetry::Telemetry, reg: &mut Registry) {
         reg,
         "flotilla_telemetry_feed_dropped",
         "Feed messages the hub's MQTT client could not queue",
-        &[(labels(&[("feed", "json")]), t.feed_dropped)],
+        &[
+            (labels(&[("feed", "json")]), t.feed_dropped),
+            (labels(&[("feed", "sparkplug")]), t.sparkplug_dropped),
+        ],
     );
     if let Some(h) = &t.history {
         use std::sync::atomic::Ordering::Relaxed;

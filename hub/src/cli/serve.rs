@@ -50,6 +50,9 @@ pub struct ServeArgs {
     /// Do not republish telemetry as JSON on flotilla/v1/feed/json/{region}/{device}/{stream}.
     #[arg(long)]
     pub no_json_feed: bool,
+    /// Also publish telemetry as Sparkplug B (group = region, edge node = device) on spBv1.0/{region}/...
+    #[arg(long)]
+    pub sparkplug: bool,
     /// Keep telemetry history this long, in seconds (0: keep none).
     #[arg(long, default_value_t = 7 * 86_400)]
     pub telemetry_history_secs: u64,
@@ -74,6 +77,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         mosquitto_dir,
         mosquitto_reload,
         no_json_feed,
+        sparkplug,
         telemetry_history_secs,
         telemetry_history_mib,
     } = args;
@@ -118,6 +122,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         device_cert_secs,
         mosquitto: mosquitto_dir.map(|d| (d, mosquitto_reload)),
         json_feed: !no_json_feed,
+        sparkplug,
         history: (telemetry_history_secs > 0).then_some(crate::telemetry::history::Retention {
             max_age_secs: telemetry_history_secs,
             max_bytes_per_device: telemetry_history_mib << 20,

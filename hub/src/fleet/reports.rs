@@ -100,6 +100,7 @@ impl Hub {
         if self.store.device_exists(device).unwrap_or(false) {
             let _ = self.store.set_presence(device, p.online, unix_now());
             self.dirty = true;
+            self.sparkplug_presence(device, p.online);
             if p.online {
                 self.resend_desired(device, "came online");
                 self.resume_rotation(device);

@@ -5,6 +5,7 @@
 //! sends can stop other devices' records.
 
 pub mod history;
+pub mod sparkplug;
 pub mod typed;
 
 use crate::hub::Hub;
@@ -55,6 +56,10 @@ pub struct Telemetry {
     pub dropped: BTreeMap<DropReason, u64>,
     /// JSON feed messages the MQTT client could not queue.
     pub feed_dropped: u64,
+    /// Sparkplug B messages the MQTT client could not queue.
+    pub sparkplug_dropped: u64,
+    /// The Sparkplug B feed's sessions, when it is on (`serve --sparkplug`).
+    pub sparkplug: Option<sparkplug::Sparkplug>,
     /// Republish accepted records as JSON (`serve --no-json-feed` turns it off).
     pub json_feed: bool,
     /// Accepted records for live subscribers.
@@ -70,6 +75,8 @@ impl Default for Telemetry {
             decls: Declarations::default(),
             dropped: BTreeMap::new(),
             feed_dropped: 0,
+            sparkplug_dropped: 0,
+            sparkplug: None,
             json_feed: true,
             live: tokio::sync::broadcast::channel(LIVE_BUFFER).0,
             history: None,
@@ -114,6 +121,26 @@ impl Telemetry {
     pub fn dropped_total(&self) -> u64 {
         self.dropped.values().sum()
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Publishes Sparkplug messages (births and data at QoS 0, deaths at QoS 1); returns how many could not be queued.
+fn publish_sparkplug(link: &flotilla_mqtt::Link, out: Vec<sparkplug::Out>) -> u64 {
+    let mut dropped = 0;
+    for o in out {
+        let sent = if o.at_least_once {
+            link.publish(&o.topic, o.payload, false)
+        } else {
+            link.publish_at_most_once(&o.topic, o.payload)
+        };
+        dropped += u64::from(sent.is_err());
+    }
+    dropped
 }
 
 fn hub_time() -> f64 {
@@ -208,12 +235,69 @@ impl Hub {
                     t.feed_dropped += 1;
                 }
             }
+            if let Some(sp) = &mut t.sparkplug {
+                let group = region.as_deref().unwrap_or(NO_REGION);
+                let out = sp.record(group, &fr, now_ms());
+                t.sparkplug_dropped += publish_sparkplug(&self.link, out);
+            }
             if let Some(h) = &t.history {
                 h.record(fr.clone());
             }
             // No receivers is the normal case; the send then fails and costs nothing.
             let _ = t.live.send(fr);
         }
+    }
+
+    /// Sparkplug: a device came online or went offline (births carry the device's region as the group).
+    pub(crate) fn sparkplug_presence(&mut self, device: &DeviceId, online: bool) {
+        let Some(sp) = &mut self.telemetry.sparkplug else {
+            return;
+        };
+        let out = if online {
+            let group = self
+                .store
+                .with_device(device, |d| {
+                    d.inventory.region.as_ref().map(|r| r.to_string())
+                })
+                .ok()
+                .flatten()
+                .flatten()
+                .unwrap_or_else(|| NO_REGION.to_owned());
+            sp.online(device.as_str(), &group, now_ms())
+        } else {
+            sp.offline(device.as_str(), now_ms())
+        };
+        self.telemetry.sparkplug_dropped += publish_sparkplug(&self.link, out);
+    }
+
+    /// Sparkplug: the hub (re)connected to the broker. Consumers may have missed anything since, so every online
+    /// device is born again.
+    pub(crate) fn sparkplug_rebirth_all(&mut self) {
+        let Some(sp) = &mut self.telemetry.sparkplug else {
+            return;
+        };
+        sp.forget_sessions();
+        let online: Vec<(String, String)> = self
+            .store
+            .with_devices(|devs| {
+                devs.filter(|d| d.online)
+                    .map(|d| {
+                        let group = d
+                            .inventory
+                            .region
+                            .as_ref()
+                            .map_or(NO_REGION, |r| r.as_str());
+                        (d.id.to_string(), group.to_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let now = now_ms();
+        let out: Vec<sparkplug::Out> = online
+            .iter()
+            .flat_map(|(d, g)| sp.online(d, g, now))
+            .collect();
+        self.telemetry.sparkplug_dropped += publish_sparkplug(&self.link, out);
     }
 
     /// Rebuilds the stream declarations after deployments changed.

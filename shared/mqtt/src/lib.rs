@@ -104,6 +104,14 @@ impl Publisher for Link {
 }
 
 impl Link {
+    /// Queues a QoS 0 publish (fire and forget), for feeds whose convention asks for it (Sparkplug B NBIRTH and
+    /// NDATA); fails when the queue is full.
+    pub fn publish_at_most_once(&self, topic: &str, payload: Vec<u8>) -> Result<(), LinkError> {
+        self.client
+            .try_publish(topic, QoS::AtMostOnce, false, payload)?;
+        Ok(())
+    }
+
     /// Subscribes once more at runtime (in addition to the reconnect set).
     pub fn subscribe(&self, filter: &str) -> Result<(), LinkError> {
         self.client.try_subscribe(filter, QoS::AtLeastOnce)?;
