@@ -272,7 +272,7 @@ pub fn write_dynamic(
          pattern write flotilla/v1/dev/%u/artifact/req\n\
          pattern write flotilla/v1/dev/%u/cert/req\n\
          pattern write flotilla/v1/dev/%u/logs/resp\n\n\
-         user hub\ntopic readwrite flotilla/#\n",
+         user hub\ntopic readwrite flotilla/#\ntopic write spBv1.0/#\n",
     );
     for c in &credentials {
         match Principal::parse(&c.principal) {

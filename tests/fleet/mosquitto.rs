@@ -169,6 +169,11 @@ fn acl_matrix_against_the_generated_mosquitto() {
         ("flotilla/v1/dev/gw-b/cert/resp", "cert to b"),
         ("flotilla/v1/telemetry/eu-west/gw-a/count", "eu telemetry"),
         ("flotilla/v1/telemetry/us-east/gw-b/count", "us telemetry"),
+        // The hub's JSON and Sparkplug B republications, per region like the raw feed.
+        ("flotilla/v1/feed/json/eu-west/gw-a/count", "eu json"),
+        ("flotilla/v1/feed/json/us-east/gw-b/count", "us json"),
+        ("spBv1.0/eu-west/NDATA/gw-a", "eu sparkplug"),
+        ("spBv1.0/us-east/NDATA/gw-b", "us sparkplug"),
         (
             "flotilla/v1/enroll/enroll-ffeeddccbbaa99887766554433221100/resp",
             "other enrollment",
@@ -186,7 +191,7 @@ fn acl_matrix_against_the_generated_mosquitto() {
     );
     assert_eq!(
         texts(f.messages_until(f_marker)),
-        ["eu telemetry"],
+        ["eu json", "eu sparkplug", "eu telemetry"],
         "the feed reads only its region's telemetry"
     );
     assert_eq!(
