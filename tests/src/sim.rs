@@ -10,11 +10,11 @@ use flotilla_shared::codec::{self, Message};
 use flotilla_shared::topics::{self, DeviceTopic};
 use flotilla_shared::trust::{self, DocType, SigningKey, TrustFloor};
 use flotilla_shared::wire::{
-    EnrollRequest, EnrollResponse, Inventory, Presence, Report, WorkloadKind, WorkloadState,
-    WorkloadStatus,
+    EnrollRequest, EnrollResponse, Inventory, Presence, Report, TelemetryPayload, TelemetryRecord,
+    WorkloadKind, WorkloadState, WorkloadStatus,
 };
 use flotilla_shared::{DeviceId, Label};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -42,6 +42,10 @@ pub struct Shared {
     pub connects: AtomicU64,
     /// Enrollment failures (refused, or the link closed); the reasons go to stderr.
     pub failed: AtomicUsize,
+    /// While set, every connected device publishes one telemetry record a second (stream `count`, a u64 LE).
+    pub telemetry: AtomicBool,
+    /// Telemetry records the simulated agents published.
+    pub telemetry_sent: AtomicU64,
     /// Per device: the last desired-state generation it verified and applied.
     applied: Vec<AtomicU64>,
     /// The current measurement: when it was armed, and its number (0 = none yet).
@@ -90,6 +94,8 @@ impl SimFleet {
             connected: AtomicUsize::new(0),
             connects: AtomicU64::new(0),
             failed: AtomicUsize::new(0),
+            telemetry: AtomicBool::new(false),
+            telemetry_sent: AtomicU64::new(0),
             applied: tokens.iter().map(|_| AtomicU64::new(0)).collect(),
             mark: Mutex::new((Instant::now(), 0)),
             done,
@@ -287,6 +293,15 @@ async fn agent(
     let period = Duration::from_secs(REPORT_INTERVAL_SECS);
     let phase = Duration::from_millis((i as u64 * 7_919) % (REPORT_INTERVAL_SECS * 1000));
     let mut periodic = tokio::time::interval_at(tokio::time::Instant::now() + phase, period);
+    // Telemetry (when the run asks for it): one record a second, spread over the second by device.
+    let stream = Label::new("count")?;
+    let telemetry_topic = topics::telemetry(Label::new(region).ok().as_ref(), &id, &stream);
+    let mut telemetry_seq = 0u64;
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_millis((i as u64 * 7_919) % 1000),
+        Duration::from_secs(1),
+    );
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let ev = tokio::select! {
             ev = rx.recv() => match ev {
@@ -296,6 +311,24 @@ async fn agent(
             _ = periodic.tick() => {
                 if is_connected {
                     send_report(applied, &workloads, false)?;
+                }
+                continue;
+            }
+            _ = ticker.tick() => {
+                if is_connected && shared.telemetry.load(Ordering::Relaxed) {
+                    telemetry_seq += 1;
+                    let rec = TelemetryRecord {
+                        device: id.clone(),
+                        stream: stream.clone(),
+                        seq: telemetry_seq,
+                        at: trust_now(),
+                        payload: TelemetryPayload::Bytes(telemetry_seq.to_le_bytes().to_vec()),
+                    };
+                    let bytes = codec::encode(&Message::Telemetry(vec![rec]))?;
+                    if link.publish(&telemetry_topic, bytes, false).is_ok() {
+                        shared.telemetry_sent.fetch_add(1, Ordering::Relaxed);
+                        shared.sent.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 continue;
             }

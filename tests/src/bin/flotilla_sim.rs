@@ -6,7 +6,12 @@
 //! report running as soon as they have verified the desired state).
 //!
 //! `cargo build --release --bins -p flotilla-hub -p flotilla-fleet-tests && target/release/flotilla-sim 10000
-//! [--mosquitto] [--source-addresses K]`
+//! [--mosquitto] [--source-addresses K] [--api-probe]`
+//!
+//! `--api-probe` also times `GET /api/v1/devices/{id}` and `GET /api/v1/devices` from another thread during the
+//! apply. `--telemetry SECS` measures telemetry ingest instead: three hubs in turn (raw feed only; JSON feed and
+//! history, the default; JSON feed, history and Sparkplug B), each with N devices sending one record a second for
+//! SECS seconds, and prints records accepted and stored per second, drops, and hub+broker CPU and RSS.
 
 use anyhow::{Context, Result, bail};
 use flotilla_fleet_tests::sim::{SimFleet, proc_cpu_secs, proc_rss_kib};
@@ -133,11 +138,15 @@ const USAGE: &str = "
 flotilla-sim: scale simulator. A hub (embedded broker, or Mosquitto) and N simulated agents in this process;
 applies a deployment to every device and measures apply -> running (p50, p99, max), hub+broker RSS and CPU.
 
-Usage: flotilla-sim [DEVICES] [--mosquitto] [--source-addresses K]
+Usage: flotilla-sim [DEVICES] [--mosquitto] [--source-addresses K] [--api-probe]
+       flotilla-sim [DEVICES] --telemetry SECS
 
   DEVICES                 simulated devices (default 1000)
   --mosquitto             the hub uses an external Mosquitto started here instead of its embedded broker
   --source-addresses K    spread the devices' connections over K loopback source addresses
+  --api-probe             time device API calls (one device, the whole list) from another thread during the apply
+  --telemetry SECS        measure telemetry ingest (one record per device per second for SECS seconds) with the raw
+                          feed only, with the JSON feed and history (default hub), and with Sparkplug B too
   -h, --help              this text
 ";
 
@@ -162,12 +171,10 @@ fn main() -> Result<()> {
     // `--mosquitto`: the hub uses an external Mosquitto (started here) instead of its embedded broker.
     let mosquitto = std::env::args().any(|a| a == "--mosquitto");
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(secs) = flag_value("--telemetry")? {
+        return telemetry_bench(n, secs);
+    }
     let dir = tempfile::tempdir()?;
-    let hub_dir = dir.path().join("hub");
-    let bins = std::env::current_exe()?
-        .parent()
-        .context("bin dir")?
-        .to_owned();
     let broker = if mosquitto {
         Some(flotilla_fleet_tests::Mosquitto::start(
             &dir.path().join("mosquitto"),
@@ -175,47 +182,97 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    let mut hub_args: Vec<String> = ["serve", "--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"]
-        .map(str::to_owned)
-        .to_vec();
-    if let Some(m) = &broker {
-        hub_args.push("--broker".into());
-        hub_args.push(format!("mqtt://127.0.0.1:{}", m.port));
-    } else {
-        // The default device TLS listener on a free port (the simulated devices use the loopback listener).
-        hub_args.extend(["--mqtt-tls".to_owned(), "127.0.0.1:0".to_owned()]);
-    }
-    hub_args.push("--data-dir".into());
-    hub_args.push(hub_dir.display().to_string());
-    let mut guard_args = vec![
-        "--guard".to_owned(),
-        bins.join("flotilla").display().to_string(),
-    ];
-    guard_args.extend(hub_args);
-    let hub_proc = Helper::spawn(
-        &guard_args,
-        std::fs::File::create(dir.path().join("hub.log"))?.into(),
-    )?;
-    let hub_pid = hub_proc.answer;
+    let hub = HubProc::start(dir.path(), broker.as_ref().map(|m| m.port), &[])?;
     let broker_pid = broker.as_ref().map(|m| m.proc.child.id());
-    let result = run(n, &hub_dir, hub_pid, broker_pid);
+    let result = run(n, &hub.dir, hub.pid(), broker_pid);
     if result.is_err() || std::env::var_os("FLOTILLA_SIM_KEEP_LOGS").is_some() {
-        // Keep the hub's and broker's logs for diagnosis; the temp dir goes away with this process.
+        hub.keep_logs(dir.path());
+    }
+    result
+}
+
+/// The value after `flag` on the command line, parsed as a number.
+fn flag_value(flag: &str) -> Result<Option<u64>> {
+    std::env::args()
+        .skip_while(|a| a != flag)
+        .nth(1)
+        .map(|s| {
+            s.parse()
+                .with_context(|| format!("{flag} {s:?} is not a number; see --help"))
+        })
+        .transpose()
+}
+
+/// A hub started through a guard helper (killed with this process).
+struct HubProc {
+    helper: Helper,
+    dir: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl HubProc {
+    /// `flotilla serve` on free ports with its data in `dir/hub`, on the embedded broker or the external one.
+    fn start(dir: &std::path::Path, external_port: Option<u16>, extra: &[&str]) -> Result<Self> {
+        let hub_dir = dir.join("hub");
+        let bins = std::env::current_exe()?
+            .parent()
+            .context("bin dir")?
+            .to_owned();
+        let mut hub_args: Vec<String> = ["serve", "--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"]
+            .map(str::to_owned)
+            .to_vec();
+        match external_port {
+            Some(port) => {
+                hub_args.push("--broker".into());
+                hub_args.push(format!("mqtt://127.0.0.1:{port}"));
+            }
+            // The default device TLS listener on a free port (the simulated devices use the loopback listener).
+            None => hub_args.extend(["--mqtt-tls".to_owned(), "127.0.0.1:0".to_owned()]),
+        }
+        hub_args.push("--data-dir".into());
+        hub_args.push(hub_dir.display().to_string());
+        hub_args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let mut guard_args = vec![
+            "--guard".to_owned(),
+            bins.join("flotilla").display().to_string(),
+        ];
+        guard_args.extend(hub_args);
+        let log = dir.join("hub.log");
+        let helper = Helper::spawn(&guard_args, std::fs::File::create(&log)?.into())?;
+        Ok(Self {
+            helper,
+            dir: hub_dir,
+            log,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.helper.answer
+    }
+
+    /// Keeps the hub's and broker's logs for diagnosis; the temp dir goes away with this process.
+    fn keep_logs(&self, dir: &std::path::Path) {
         let keep = std::env::temp_dir().join(format!("flotilla-sim-logs-{}", std::process::id()));
-        std::fs::create_dir_all(&keep)?;
-        let _ = std::fs::copy(dir.path().join("hub.log"), keep.join("hub.log"));
+        let _ = std::fs::create_dir_all(&keep);
+        let _ = std::fs::copy(&self.log, keep.join("hub.log"));
         let _ = std::fs::copy(
-            dir.path().join("mosquitto/mosquitto.log"),
+            dir.join("mosquitto/mosquitto.log"),
             keep.join("mosquitto.log"),
         );
         eprintln!("logs kept in {}", keep.display());
     }
-    drop(hub_proc);
-    result
 }
 
-fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32>) -> Result<()> {
-    let mem = || proc_rss_kib(hub_pid) + broker_pid.map_or(0, proc_rss_kib);
+/// A hub's API client and an enrolled simulated fleet, all online; the relays (if any) must outlive the fleet.
+struct Up {
+    client: flotilla_hub::client::Client,
+    sim: SimFleet,
+    _relays: Vec<(Helper, u16)>,
+}
+
+/// Waits for the hub in `hub_dir`, makes N enrollment tokens and starts N simulated agents, and returns once the
+/// hub sees every one online.
+fn bring_up(n: usize, hub_dir: &std::path::Path, mem: &dyn Fn() -> u64) -> Result<Up> {
     let start = Instant::now();
     let (api, mqtt) = loop {
         if let Some(e) = flotilla_hub::server::read_endpoints(hub_dir) {
@@ -268,7 +325,7 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
     } else {
         relays.iter().map(|(_, p)| *p).collect()
     };
-    let mut sim = SimFleet::start(&ports, tokens, 2)?;
+    let sim = SimFleet::start(&ports, tokens, 2)?;
     // Wait until the hub sees every device online and reporting.
     loop {
         // The cheap endpoint: listing 10,000 devices every half second would load the hub more than the fleet.
@@ -304,7 +361,18 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
         peers.len(),
         shown.join(", ")
     );
+    Ok(Up {
+        client,
+        sim,
+        _relays: relays,
+    })
+}
 
+/// Signs and uploads release `app@1.0.0` (a minimal WASM module) with the hub's release key.
+fn push_app_release(
+    client: &flotilla_hub::client::Client,
+    hub_dir: &std::path::Path,
+) -> Result<()> {
     let wasm = tempfile::NamedTempFile::new()?;
     std::fs::write(wasm.path(), b"\0asm\x01\0\0\0")?;
     let sign = flotilla_hub::keys_cli::ReleaseSign {
@@ -330,6 +398,18 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
         &postcard::to_stdvec(&signed)?,
         &[],
     )?;
+    Ok(())
+}
+
+fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32>) -> Result<()> {
+    let mem = || proc_rss_kib(hub_pid) + broker_pid.map_or(0, proc_rss_kib);
+    let Up {
+        client,
+        mut sim,
+        _relays,
+    } = bring_up(n, hub_dir, &mem)?;
+    let rss_idle = mem();
+    push_app_release(&client, hub_dir)?;
     let counters = sim.shared.clone();
     let (sent0, recv0) = (
         counters.sent.load(Ordering::Relaxed),
@@ -339,6 +419,32 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
     let cpu0 = cpu_all();
     let spec = "name = \"app\"\n[target]\nselector = { role = \"sim\" }\n[[workloads]]\nname = \"app\"\nrelease = \"app@1.0.0\"\n";
     eprintln!("release uploaded; applying the deployment");
+    // `--api-probe`: an operator's view during the apply, from another thread: one device every 50 ms, the whole
+    // list every 500 ms.
+    let stop_probe = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = std::env::args().any(|a| a == "--api-probe").then(|| {
+        let (client, stop) = (client.clone(), stop_probe.clone());
+        std::thread::spawn(move || {
+            let (mut one, mut list) = (Vec::new(), Vec::new());
+            let mut k = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("sim-{:05}", (k * 7_919) % n);
+                let t = Instant::now();
+                if client.get(&format!("/api/v1/devices/{id}")).is_ok() {
+                    one.push(t.elapsed().as_secs_f64());
+                }
+                if k.is_multiple_of(10) {
+                    let t = Instant::now();
+                    if client.get("/api/v1/devices").is_ok() {
+                        list.push(t.elapsed().as_secs_f64());
+                    }
+                }
+                k += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (one, list)
+        })
+    });
     sim.arm();
     let apply_at = Instant::now();
     client.post(
@@ -402,6 +508,23 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
         std::thread::sleep(Duration::from_millis(200));
     }
     let hub_converged = apply_at.elapsed();
+    stop_probe.store(true, Ordering::Relaxed);
+    if let Some(Ok((mut one, mut list))) = probe.map(std::thread::JoinHandle::join) {
+        one.sort_by(f64::total_cmp);
+        list.sort_by(f64::total_cmp);
+        for (what, v) in [
+            ("GET /api/v1/devices/{id}", &one),
+            ("GET /api/v1/devices", &list),
+        ] {
+            println!(
+                "during the apply, {what}: n={} p50 {:.1} ms  p95 {:.1} ms  max {:.1} ms",
+                v.len(),
+                pct(v, 0.5) * 1e3,
+                pct(v, 0.95) * 1e3,
+                pct(v, 1.0) * 1e3
+            );
+        }
+    }
     let cpu = cpu_all() - cpu0;
     peak_rss = peak_rss.max(mem());
     let msgs = (counters.sent.load(Ordering::Relaxed) - sent0)
@@ -430,5 +553,125 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
         "simulated-agent MQTT messages during the apply window: {msgs} ({:.0}/s)",
         msgs as f64 / hub_converged.as_secs_f64()
     );
+    Ok(())
+}
+
+/// The sum of every sample of `name` (any labels) in a `/metrics` text.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `--telemetry SECS`: telemetry ingest with each feed configuration in turn, N devices at one record a second.
+fn telemetry_bench(n: usize, secs: u64) -> Result<()> {
+    let configs: [(&str, &[&str]); 3] = [
+        (
+            "raw feed only",
+            &["--no-json-feed", "--telemetry-history-secs", "0"],
+        ),
+        ("JSON feed + history (default)", &[]),
+        ("JSON feed + history + Sparkplug B", &["--sparkplug"]),
+    ];
+    let mut rows = Vec::new();
+    for (name, extra) in configs {
+        let dir = tempfile::tempdir()?;
+        let hub = HubProc::start(dir.path(), None, extra)?;
+        let pid = hub.pid();
+        let mem = || proc_rss_kib(pid);
+        let up = bring_up(n, &hub.dir, &mem)?;
+        // A deployment that declares the stream, so the feeds decode it as a number; wait until it has settled.
+        push_app_release(&up.client, &hub.dir)?;
+        let spec = "name = \"app\"\n[target]\nselector = { role = \"sim\" }\n[[workloads]]\nname = \"app\"\n\
+                    release = \"app@1.0.0\"\ntelemetry = { count = \"u64le\" }\n";
+        up.client.post(
+            "/api/v1/deployments",
+            "application/toml",
+            spec.as_bytes(),
+            &[],
+        )?;
+        let settle = Instant::now();
+        while metric_sum(
+            &up.client.get_text("/metrics")?,
+            "flotilla_devices_converged",
+        ) < n as f64
+        {
+            if settle.elapsed() > Duration::from_secs(300) {
+                bail!("{name}: the deployment did not converge");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let snapshot = |c: &flotilla_hub::client::Client| -> Result<[f64; 6]> {
+            let t = c.get_text("/metrics")?;
+            Ok([
+                metric_sum(&t, "flotilla_telemetry_records_total"),
+                metric_sum(&t, "flotilla_telemetry_history_written_total"),
+                metric_sum(&t, "flotilla_telemetry_dropped_total"),
+                metric_sum(&t, "flotilla_telemetry_feed_dropped_total"),
+                metric_sum(&t, "flotilla_telemetry_history_dropped_total"),
+                metric_sum(&t, "flotilla_broker_messages_dropped_total"),
+            ])
+        };
+        let m0 = snapshot(&up.client)?;
+        let shared = up.sim.shared.clone();
+        let sent0 = shared.telemetry_sent.load(Ordering::Relaxed);
+        let cpu0 = proc_cpu_secs(pid);
+        shared.telemetry.store(true, Ordering::Relaxed);
+        let t0 = Instant::now();
+        let mut peak = 0;
+        while t0.elapsed() < Duration::from_secs(secs) {
+            std::thread::sleep(Duration::from_millis(500));
+            peak = peak.max(mem());
+        }
+        shared.telemetry.store(false, Ordering::Relaxed);
+        let window = t0.elapsed().as_secs_f64();
+        let cpu = proc_cpu_secs(pid) - cpu0;
+        let sent = (shared.telemetry_sent.load(Ordering::Relaxed) - sent0) as f64;
+        // Drain: everything sent accepted (or dropped), and the history caught up with what was accepted.
+        let history_on = !extra.contains(&"--telemetry-history-secs");
+        let drained_at = Instant::now();
+        let m1 = loop {
+            let m = snapshot(&up.client)?;
+            let accepted = m[0] - m0[0];
+            let settled = accepted + (m[2] - m0[2]) >= sent
+                && (!history_on || m[1] - m0[1] + (m[4] - m0[4]) >= accepted);
+            if settled || drained_at.elapsed() > Duration::from_secs(60) {
+                break m;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let drain = drained_at.elapsed().as_secs_f64();
+        let row = format!(
+            "| {name} | {n} | {sent:.0} | {:.0} ({:.0}/s) | {} | {:.0} / {:.0} / {:.0} / {:.0} | {:.2} s ({:.0} % of one core) | {} MiB | {drain:.1} s |",
+            m1[0] - m0[0],
+            (m1[0] - m0[0]) / window,
+            if history_on {
+                format!("{:.0}", m1[1] - m0[1])
+            } else {
+                "off".to_owned()
+            },
+            m1[2] - m0[2],
+            m1[3] - m0[3],
+            m1[4] - m0[4],
+            m1[5] - m0[5],
+            cpu,
+            cpu / window * 100.0,
+            peak / 1024,
+        );
+        println!("{row}");
+        rows.push(row);
+        drop(up);
+        drop(hub);
+    }
+    println!(
+        "\n| hub configuration | devices | records sent | accepted at the hub | written to history | dropped: hub / feed / history / broker | hub CPU over {secs} s | hub RSS peak | drain after the window |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for r in rows {
+        println!("{r}");
+    }
     Ok(())
 }
