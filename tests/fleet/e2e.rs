@@ -72,6 +72,29 @@ fn scenario(broker: BrokerKind) {
     assert_eq!(t["streams"][0]["stream"], "count");
     assert_eq!(t["streams"][0]["gaps"], 0, "{t}");
 
+    // The device list in pages: each device once, in id order.
+    let mut paged = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = hub
+            .client
+            .get(&format!("/api/v1/devices?limit=2&after={after}"))
+            .expect("page");
+        let ids: Vec<String> = page
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|d| d["id"].as_str().map(str::to_owned))
+            .collect();
+        assert!(ids.len() <= 2, "{ids:?}");
+        match ids.last() {
+            Some(last) => after.clone_from(last),
+            None => break,
+        }
+        paged.extend(ids);
+    }
+    assert_eq!(paged, ["ap-1", "eu-1", "us-1"]);
+
     // Widen to ap-south: only ap-1 gets a new generation; the others are untouched.
     hub.apply(&spec("\"eu-west\", \"us-east\", \"ap-south\"", "a"))
         .expect("applied");

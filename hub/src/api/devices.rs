@@ -2,8 +2,10 @@
 
 use super::{ApiResult, ApiState, Problem, Role, ok};
 use crate::hub::{Hub, HubError};
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use flotilla_shared::DeviceId;
 use flotilla_shared::wire::WorkloadState;
 use serde_json::{Value, json};
@@ -32,13 +34,21 @@ fn exit_json(e: &flotilla_shared::wire::ExitCause) -> Value {
     json!({"kind": kind, "detail": detail, "text": e.to_string()})
 }
 
-pub(super) fn device_json(h: &Hub, d: &crate::store::DeviceRow) -> Value {
+/// Release versions by digest, looked up once per release for a whole listing (not once per device).
+type Versions = std::collections::HashMap<flotilla_shared::Digest, Option<String>>;
+
+pub(super) fn device_json(h: &Hub, d: &crate::store::DeviceRow, versions: &mut Versions) -> Value {
     let desired = h.desired_generation(&d.id);
     let workloads: Vec<Value> = d.last_report.as_ref().map_or(vec![], |r| {
         r.workloads
             .iter()
             .map(|w| {
-                let version = h.store.release_by_digest(&w.release).ok().flatten().map(|r| r.release.version);
+                let version = versions
+                    .entry(w.release)
+                    .or_insert_with(|| {
+                        h.store.release_by_digest(&w.release).ok().flatten().map(|r| r.release.version)
+                    })
+                    .clone();
                 json!({"name": w.name.as_str(), "state": state_str(w.state), "healthy": w.healthy,
                        "version": version, "release": w.release.to_hex(), "restarts": w.restarts,
                        "last_error": w.last_error, "rejected": w.rejected.as_ref().map(ToString::to_string),
@@ -70,17 +80,66 @@ pub(super) fn device_json(h: &Hub, d: &crate::store::DeviceRow) -> Value {
     })
 }
 
-pub(super) async fn devices(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+/// `?limit=N&after=ID`: one page of devices in id order, after device ID.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Page {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+/// Largest page of devices.
+const MAX_PAGE: usize = 10_000;
+
+/// `GET /api/v1/devices`: every device, or with `limit` one page of them; a page that is not the last has a
+/// `Link: <...>; rel="next"` header (RFC 8288), so the body stays the same JSON array either way.
+pub(super) async fn devices(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    page: Result<axum::extract::Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::response::Response, Problem> {
     s.auth(&headers, Role::Viewer).await?;
-    let v = s
-        .call(|h| -> Result<Value, HubError> {
-            let devs = h.store.devices()?;
-            Ok(Value::Array(
-                devs.iter().map(|d| device_json(h, d)).collect(),
-            ))
+    let axum::extract::Query(page) =
+        page.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid query", e.body_text()))?;
+    if page.limit.is_some_and(|l| l == 0 || l > MAX_PAGE) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid query",
+            format!("limit must be 1..={MAX_PAGE}"),
+        ));
+    }
+    let limit = page.limit.unwrap_or(usize::MAX);
+    let (v, next) = s
+        .call(move |h| -> Result<(Value, Option<String>), HubError> {
+            // Borrowed rows, not copies: this runs on the hub loop, at 10,000+ devices.
+            let mut versions = Versions::new();
+            h.store
+                .with_devices(|devs| {
+                    let mut rows = devs
+                        .skip_while(|d| page.after.as_deref().is_some_and(|a| d.id.as_str() <= a))
+                        .peekable();
+                    let mut out = Vec::new();
+                    let mut last = None;
+                    while out.len() < limit {
+                        let Some(d) = rows.next() else { break };
+                        out.push(device_json(h, d, &mut versions));
+                        last = Some(d.id.to_string());
+                    }
+                    let next = rows.peek().and(last);
+                    (Value::Array(out), next)
+                })
+                .map_err(HubError::from)
         })
         .await??;
-    ok(v)
+    let mut resp = Json(v).into_response();
+    if let (Some(after), Some(limit)) = (next, page.limit)
+        && let Ok(link) = axum::http::HeaderValue::from_str(&format!(
+            "</api/v1/devices?limit={limit}&after={after}>; rel=\"next\""
+        ))
+    {
+        resp.headers_mut().insert(axum::http::header::LINK, link);
+    }
+    Ok(resp)
 }
 
 pub(super) async fn device(
@@ -92,12 +151,10 @@ pub(super) async fn device(
     let id = device_id(id)?;
     let v = s
         .call(move |h| -> Result<Value, HubError> {
-            let devs = h.store.devices()?;
-            let d = devs
-                .iter()
-                .find(|d| d.id == id)
-                .ok_or_else(|| HubError::NotFound(format!("no device {id}")))?;
-            Ok(device_json(h, d))
+            let mut versions = Versions::new();
+            h.store
+                .with_device(&id, |d| device_json(h, d, &mut versions))?
+                .ok_or_else(|| HubError::NotFound(format!("no device {id}")))
         })
         .await??;
     ok(v)

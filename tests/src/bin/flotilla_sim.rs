@@ -144,7 +144,7 @@ Usage: flotilla-sim [DEVICES] [--mosquitto] [--source-addresses K] [--api-probe]
   DEVICES                 simulated devices (default 1000)
   --mosquitto             the hub uses an external Mosquitto started here instead of its embedded broker
   --source-addresses K    spread the devices' connections over K loopback source addresses
-  --api-probe             time device API calls (one device, the whole list) from another thread during the apply
+  --api-probe             time device API calls (one device, a page, the whole list) from another thread during the apply
   --telemetry SECS        measure telemetry ingest (one record per device per second for SECS seconds) with the raw
                           feed only, with the JSON feed and history (default hub), and with Sparkplug B too
   -h, --help              this text
@@ -419,19 +419,27 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
     let cpu0 = cpu_all();
     let spec = "name = \"app\"\n[target]\nselector = { role = \"sim\" }\n[[workloads]]\nname = \"app\"\nrelease = \"app@1.0.0\"\n";
     eprintln!("release uploaded; applying the deployment");
-    // `--api-probe`: an operator's view during the apply, from another thread: one device every 50 ms, the whole
-    // list every 500 ms.
+    // `--api-probe`: an operator's view during the apply, from another thread: one device and one page of 100
+    // devices every 50 ms, the whole list every 500 ms.
     let stop_probe = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let probe = std::env::args().any(|a| a == "--api-probe").then(|| {
         let (client, stop) = (client.clone(), stop_probe.clone());
         std::thread::spawn(move || {
-            let (mut one, mut list) = (Vec::new(), Vec::new());
+            let (mut one, mut list, mut paged) = (Vec::new(), Vec::new(), Vec::new());
             let mut k = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let id = format!("sim-{:05}", (k * 7_919) % n);
                 let t = Instant::now();
                 if client.get(&format!("/api/v1/devices/{id}")).is_ok() {
                     one.push(t.elapsed().as_secs_f64());
+                }
+                let t = Instant::now();
+                let after = format!("sim-{:05}", (k * 104_729) % n);
+                if client
+                    .get(&format!("/api/v1/devices?limit=100&after={after}"))
+                    .is_ok()
+                {
+                    paged.push(t.elapsed().as_secs_f64());
                 }
                 if k.is_multiple_of(10) {
                     let t = Instant::now();
@@ -442,7 +450,7 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
                 k += 1;
                 std::thread::sleep(Duration::from_millis(50));
             }
-            (one, list)
+            (one, list, paged)
         })
     });
     sim.arm();
@@ -509,12 +517,14 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
     }
     let hub_converged = apply_at.elapsed();
     stop_probe.store(true, Ordering::Relaxed);
-    if let Some(Ok((mut one, mut list))) = probe.map(std::thread::JoinHandle::join) {
-        one.sort_by(f64::total_cmp);
-        list.sort_by(f64::total_cmp);
+    if let Some(Ok((mut one, mut list, mut paged))) = probe.map(std::thread::JoinHandle::join) {
+        for v in [&mut one, &mut list, &mut paged] {
+            v.sort_by(f64::total_cmp);
+        }
         for (what, v) in [
             ("GET /api/v1/devices/{id}", &one),
-            ("GET /api/v1/devices", &list),
+            ("GET /api/v1/devices?limit=100&after=ID", &paged),
+            ("GET /api/v1/devices (all)", &list),
         ] {
             println!(
                 "during the apply, {what}: n={} p50 {:.1} ms  p95 {:.1} ms  max {:.1} ms",
