@@ -180,6 +180,8 @@ impl Hub {
             topics::all_devices(DeviceTopic::LogsResponse),
             topics::ENROLL_REQUESTS.to_owned(),
             topics::telemetry_filter(None),
+            // Sparkplug B host applications' commands (rebirth requests); ignored unless `--sparkplug`.
+            format!("{}+/NCMD/+", topics::SPARKPLUG_PREFIX),
         ]
     }
 
@@ -244,6 +246,10 @@ impl Hub {
                 Ok(Message::EnrollRequest(req)) => self.on_enroll(nonce.to_owned(), *req),
                 _ => self.metrics.messages_rejected += 1,
             }
+            return;
+        }
+        if topic.starts_with(topics::SPARKPLUG_PREFIX) {
+            self.on_sparkplug_command(topic, payload);
             return;
         }
         if let Some((_, device, stream)) = topics::parse_telemetry(topic) {

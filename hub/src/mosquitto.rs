@@ -272,7 +272,7 @@ pub fn write_dynamic(
          pattern write flotilla/v1/dev/%u/artifact/req\n\
          pattern write flotilla/v1/dev/%u/cert/req\n\
          pattern write flotilla/v1/dev/%u/logs/resp\n\n\
-         user hub\ntopic readwrite flotilla/#\ntopic write spBv1.0/#\n",
+         user hub\ntopic readwrite flotilla/#\ntopic readwrite spBv1.0/#\n",
     );
     for c in &credentials {
         match Principal::parse(&c.principal) {
@@ -294,6 +294,7 @@ pub fn write_dynamic(
                     let _ = writeln!(acl, "topic read flotilla/v1/telemetry/{r}/#");
                     let _ = writeln!(acl, "topic read flotilla/v1/feed/json/{r}/#");
                     let _ = writeln!(acl, "topic read spBv1.0/{r}/#");
+                    let _ = writeln!(acl, "topic write spBv1.0/{r}/NCMD/+");
                 }
             }
             _ => {}

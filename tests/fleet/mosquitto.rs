@@ -109,6 +109,10 @@ fn acl_matrix_against_the_generated_mosquitto() {
     );
     assert_eq!(ok, Connect::Accepted);
     assert!(hub.subscribe("flotilla/#"), "the hub reads the fleet");
+    assert!(
+        hub.subscribe("spBv1.0/+/NCMD/+"),
+        "the hub reads Sparkplug commands"
+    );
     let marker = "flotilla/v1/probe/marker";
 
     let (mut a, ok) = Probe::connect_cert(p.cert, "gw-a", None, &ca, &a_cert, &a_key);
@@ -241,6 +245,14 @@ fn acl_matrix_against_the_generated_mosquitto() {
         b"feed publishes",
         false,
     );
+    // A Sparkplug host application's rebirth request: to its own region's nodes only.
+    f.publish("spBv1.0/eu-west/NCMD/gw-a", b"feed rebirth request", false);
+    f.publish(
+        "spBv1.0/us-east/NCMD/gw-b",
+        b"feed command elsewhere",
+        false,
+    );
+    a.publish("spBv1.0/eu-west/NCMD/gw-a", b"device command", false);
     e.publish(
         &format!("flotilla/v1/enroll/enroll-{nonce}/req"),
         b"own enrollment request",
@@ -281,6 +293,7 @@ fn acl_matrix_against_the_generated_mosquitto() {
             "a own telemetry",
             "b own report",
             "b own telemetry",
+            "feed rebirth request",
             "own enrollment request"
         ],
         "only the allowed publishes reach the hub"

@@ -2,7 +2,8 @@
 //! generated from the Eclipse Tahu `.proto`) subscribes with a region's feed credential, and the test checks the
 //! birth, data and death rules over what it decoded: births with sequence 0 and a `bdSeq`, data in sequence with
 //! metrics their birth declared, a death with its birth's `bdSeq` when the device dies (`kill -9`: the broker's
-//! last will), the next birth one `bdSeq` later, QoS 0 births and data and QoS 1 deaths, one region only.
+//! last will), the next birth one `bdSeq` later, QoS 0 births and data and QoS 1 deaths, one region only, and a
+//! host application's rebirth request (NCMD) answered with a birth.
 
 use flotilla_fleet_tests::{AgentSpec, ChildLines, FleetBuilder, PATIENCE, firmware, wait_for};
 use serde_json::Value;
@@ -126,6 +127,9 @@ fn sparkplug_births_data_and_deaths_decode_with_an_independent_decoder() {
         cred["client_id"].as_str().expect("client id"),
         "spBv1.0/eu-west/#",
         "spBv1.0/us-east/#",
+        // As a host application that starts after the nodes: ask for births (the second is not its region).
+        "rebirth:spBv1.0/eu-west/NCMD/eu-1",
+        "rebirth:spBv1.0/us-east/NCMD/us-1",
     ]));
     let mut msgs: Vec<Value> = Vec::new();
     let read = |msgs: &mut Vec<Value>, until: &dyn Fn(&[Value]) -> bool| {
@@ -139,7 +143,8 @@ fn sparkplug_births_data_and_deaths_decode_with_an_independent_decoder() {
     };
     // Data flows; then the device dies without a goodbye and comes back.
     read(&mut msgs, &|m| {
-        m.iter().filter(|x| x["kind"] == "NDATA").count() >= 5
+        let after_birth = m.iter().skip_while(|x| x["kind"] != "NBIRTH");
+        after_birth.filter(|x| x["kind"] == "NDATA").count() >= 5
     });
     let agent = fleet.agent_mut("eu-1");
     agent.kill9();
@@ -154,10 +159,15 @@ fn sparkplug_births_data_and_deaths_decode_with_an_independent_decoder() {
     let nodes: Vec<&str> = msgs.iter().filter_map(|m| m["node"].as_str()).collect();
     assert!(nodes.iter().all(|n| *n == "eu-1"), "{nodes:?}");
     assert!(msgs.iter().all(|m| m["group"] == "eu-west"), "{msgs:?}");
-    // The rules hold from the first birth or death this subscriber saw (the kill's death: the earlier births
-    // went out before it subscribed); the data after the restart starts at sequence 1 of the new birth.
+    // The rebirth request was answered with a birth before the kill, so the rules cover the session the
+    // subscriber joined, the death and the next session.
+    let first = |kind: &str| msgs.iter().position(|m| m["kind"] == kind);
+    assert!(
+        matches!((first("NBIRTH"), first("NDEATH")), (Some(b), Some(d)) if b < d),
+        "{msgs:?}"
+    );
     let counts = check_rules(&msgs);
-    assert!(counts.len() >= 3, "{counts:?}");
+    assert!(counts.len() >= 8, "{counts:?}");
     // The counter restarts with the workload after the kill; within each run it only goes up.
     let drops = counts.windows(2).filter(|w| w[1] < w[0]).count();
     assert!(drops <= 1, "{counts:?}");

@@ -1,7 +1,10 @@
 """Subscribes to a Sparkplug B feed and prints one JSON line per message, decoded by pysparkplug (its own code,
 generated from the Eclipse Tahu sparkplug_b.proto): an independent decoder for tests/fleet/sparkplug.rs.
 
-usage: sparkplug_sub.py HOST PORT USERNAME PASSWORD CLIENT_ID FILTER...
+usage: sparkplug_sub.py HOST PORT USERNAME PASSWORD CLIENT_ID FILTER... [rebirth:TOPIC...]
+
+Once subscribed it asks for a rebirth on each rebirth:TOPIC (an NCMD topic), as a Sparkplug host application does
+when it starts after the edge nodes.
 """
 
 import base64
@@ -12,7 +15,8 @@ import paho.mqtt.client as mqtt
 import pysparkplug as sp
 
 host, port, user, password, client_id = sys.argv[1:6]
-topic_filters = sys.argv[6:]
+topic_filters = [a for a in sys.argv[6:] if not a.startswith("rebirth:")]
+rebirths = [a[len("rebirth:"):] for a in sys.argv[6:] if a.startswith("rebirth:")]
 births = {}
 
 
@@ -50,6 +54,10 @@ def on_message(client, userdata, m):
 def on_connect(client, userdata, flags, rc, *rest):
     for f in topic_filters:
         client.subscribe(f, qos=1)
+    now = sp.get_current_timestamp()
+    rebirth = sp.Metric(timestamp=now, name="Node Control/Rebirth", datatype=sp.DataType.BOOLEAN, value=True)
+    for t in rebirths:
+        client.publish(t, sp.NCmd(timestamp=now, metrics=(rebirth,)).encode(include_dtypes=True), qos=0)
 
 
 try:

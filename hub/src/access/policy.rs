@@ -5,7 +5,7 @@
 //! |---|---|---|---|
 //! | `hub` | everything | everything | everything |
 //! | `device:{id}` | its own `report`, `artifact/req`, `cert/req`, `logs/resp`, `presence`; telemetry under its own region and id | its own `presence` | exactly its own `desired`, `root`, `artifact/chunk`, `cert/resp`, `logs/req` |
-//! | `feed:{name}` | nothing | nothing | telemetry, JSON feed and Sparkplug filters whose region level is one of its regions |
+//! | `feed:{name}` | Sparkplug `NCMD` (rebirth requests) to nodes of its regions | nothing | telemetry, JSON feed and Sparkplug filters whose region level is one of its regions |
 //! | `enroll:{nonce}` (anonymous) | its own `enroll/enroll-{nonce}/req` | nothing | exactly its own `enroll/enroll-{nonce}/resp` |
 //!
 //! Client ids are namespaced per principal so that no identity can take over another's session: a device connects
@@ -159,8 +159,14 @@ fn own_telemetry(id: &str, region: Option<&str>, topic: &str) -> bool {
 }
 
 /// A feed consumer subscribes to telemetry filters whose region level is literally one of `regions` (the levels
-/// after it may be wildcards), and publishes nothing.
+/// after it may be wildcards), and publishes only Sparkplug B commands to its regions' nodes (rebirth requests, as
+/// a Sparkplug host application sends them), never retained.
 pub fn feed_allows(regions: &[String], access: Access, filter: &str) -> bool {
+    if access == Access::Publish {
+        return crate::telemetry::sparkplug::parse_ncmd(filter).is_some_and(|(group, node)| {
+            regions.iter().any(|r| r == group) && !node.contains(['+', '#'])
+        });
+    }
     if access != Access::Subscribe {
         return false;
     }
@@ -405,6 +411,34 @@ mod tests {
                 &feed_facts,
                 Publish,
                 "spBv1.0/eu-west/NCMD/gw-a",
+                true,
+            ),
+            (
+                &feed,
+                &feed_facts,
+                PublishRetained,
+                "spBv1.0/eu-west/NCMD/gw-a",
+                false,
+            ),
+            (
+                &feed,
+                &feed_facts,
+                Publish,
+                "spBv1.0/us-east/NCMD/gw-b",
+                false,
+            ),
+            (
+                &feed,
+                &feed_facts,
+                Publish,
+                "spBv1.0/eu-west/NDATA/gw-a",
+                false,
+            ),
+            (
+                &feed,
+                &feed_facts,
+                Publish,
+                "spBv1.0/eu-west/NCMD/gw-a/x",
                 false,
             ),
             (&a, &eu, Publish, "spBv1.0/eu-west/NDATA/gw-a", false),

@@ -270,6 +270,22 @@ impl Hub {
         self.telemetry.sparkplug_dropped += publish_sparkplug(&self.link, out);
     }
 
+    /// Sparkplug: a message on `spBv1.0/{group}/NCMD/{node}` (a host application's command to a node). Only rebirth
+    /// requests are honoured.
+    pub(crate) fn on_sparkplug_command(&mut self, topic: &str, payload: &[u8]) {
+        let Some(sp) = &mut self.telemetry.sparkplug else {
+            return;
+        };
+        let Some((group, node)) = sparkplug::parse_ncmd(topic) else {
+            return;
+        };
+        if !sparkplug::is_rebirth_request(payload) {
+            return;
+        }
+        let out = sp.rebirth(node, group, now_ms());
+        self.telemetry.sparkplug_dropped += publish_sparkplug(&self.link, out);
+    }
+
     /// Sparkplug: the hub (re)connected to the broker. Consumers may have missed anything since, so every online
     /// device is born again.
     pub(crate) fn sparkplug_rebirth_all(&mut self) {

@@ -8,6 +8,9 @@
 //! - A record with a metric the birth did not declare (or of another type) triggers a rebirth: a new `NBIRTH`
 //!   (sequence 0, same `bdSeq`) that carries the new value.
 //! - `NDEATH` when the device goes offline, with the `bdSeq` of its birth; the next birth increments `bdSeq`.
+//! - A host application's rebirth request (`NCMD` with `Node Control/Rebirth` = true, which feed credentials may
+//!   publish for their regions' nodes) gets a new `NBIRTH` of a live node, at most one per node per second; other
+//!   commands are ignored (devices take no commands from the feed).
 //!
 //! Metric names: a metric stream's metrics are `{stream}/{name}` (Double); a typed stream is one metric named after
 //! the stream (`u64le` UInt64, `i64le` Int64, `u32le` UInt32, `i32le` Int32, `f64le` Double, `f32le` Float,
@@ -53,8 +56,13 @@ struct Known {
     timestamp: u64,
 }
 
+/// Rebirths answered per node at most this often (a feed cannot make the hub publish more than it asks for).
+const REBIRTH_EVERY_MS: u64 = 1000;
+
 #[derive(Debug, Default)]
 struct Node {
+    /// When the last requested rebirth was published.
+    last_rebirth_ms: u64,
     /// The group its current birth was published in; `None` while dead.
     born_in: Option<String>,
     /// bdSeq of the current (or last) birth; `None` before the first.
@@ -82,6 +90,24 @@ fn metric(name: &str, datatype: DataType, value: Value, timestamp: u64) -> Metri
         value: Some(value),
         ..Default::default()
     }
+}
+
+/// `spBv1.0/{group}/NCMD/{node}` parsed into (group, node).
+pub fn parse_ncmd(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix(NAMESPACE)?.strip_prefix('/')?;
+    let mut parts = rest.split('/');
+    let (group, kind, node) = (parts.next()?, parts.next()?, parts.next()?);
+    (kind == "NCMD" && parts.next().is_none() && !group.is_empty() && !node.is_empty())
+        .then_some((group, node))
+}
+
+/// Whether an NCMD payload asks for a rebirth (`Node Control/Rebirth` set to true). Total: any bytes give an answer.
+pub fn is_rebirth_request(payload: &[u8]) -> bool {
+    proto::Payload::decode(payload).is_ok_and(|p| {
+        p.metrics.iter().any(|m| {
+            m.name.as_deref() == Some(REBIRTH) && matches!(m.value, Some(Value::BooleanValue(true)))
+        })
+    })
 }
 
 /// The Sparkplug metrics one feed record carries: (name, type, value).
@@ -152,6 +178,21 @@ impl Sparkplug {
         for node in self.nodes.values_mut() {
             node.born_in = None;
         }
+    }
+
+    /// A host application asked for `device`'s rebirth in `group`: a new NBIRTH (same `bdSeq`) if it is alive there
+    /// and was not reborn on request in the last second.
+    pub fn rebirth(&mut self, device: &str, group: &str, now_ms: u64) -> Vec<Out> {
+        let Some(node) = self.nodes.get_mut(device) else {
+            return vec![];
+        };
+        if node.born_in.as_deref() != Some(group)
+            || now_ms.saturating_sub(node.last_rebirth_ms) < REBIRTH_EVERY_MS
+        {
+            return vec![];
+        }
+        node.last_rebirth_ms = now_ms;
+        vec![Self::birth(device, group, node, false, now_ms)]
     }
 
     /// An accepted record: NDATA, or a birth (first record, new metric, changed type or group) carrying it.
@@ -374,6 +415,66 @@ mod tests {
             ),
         ];
         assert_eq!(summary(&all), want);
+    }
+
+    #[test]
+    fn rebirth_requests_are_parsed_and_rate_limited() {
+        let ask = |v: bool| {
+            proto::Payload {
+                metrics: vec![metric(
+                    REBIRTH,
+                    DataType::Boolean,
+                    Value::BooleanValue(v),
+                    0,
+                )],
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        assert!(is_rebirth_request(&ask(true)));
+        assert!(!is_rebirth_request(&ask(false)));
+        for junk in [&b""[..], b"\xff\xff\xff", b"\x12\x05\x0a\x03abc"] {
+            assert!(!is_rebirth_request(junk), "{junk:?}");
+        }
+        let cases = [
+            ("spBv1.0/eu-west/NCMD/gw-1", Some(("eu-west", "gw-1"))),
+            ("spBv1.0/eu-west/NDATA/gw-1", None),
+            ("spBv1.0/eu-west/NCMD/gw-1/x", None),
+            ("spBv1.0//NCMD/gw-1", None),
+            ("flotilla/v1/eu-west/NCMD/gw-1", None),
+        ];
+        for (t, want) in cases {
+            assert_eq!(parse_ncmd(t), want, "{t}");
+        }
+        let mut sp = Sparkplug::default();
+        assert!(sp.rebirth("gw-1", "eu-west", 0).is_empty(), "unknown node");
+        sp.online("gw-1", "eu-west", 1);
+        assert!(
+            sp.rebirth("gw-1", "us-east", 2000).is_empty(),
+            "not its group"
+        );
+        let out = summary(&sp.rebirth("gw-1", "eu-west", 2000));
+        assert_eq!(out, vec![s("NBIRTH", "eu-west", Some(0), Some(0), &[])]);
+        assert!(
+            sp.rebirth("gw-1", "eu-west", 2500).is_empty(),
+            "once a second"
+        );
+        assert_eq!(sp.rebirth("gw-1", "eu-west", 3000).len(), 1);
+        sp.offline("gw-1", 4000);
+        assert!(
+            sp.rebirth("gw-1", "eu-west", 9000).is_empty(),
+            "dead nodes are not reborn"
+        );
+    }
+
+    proptest::proptest! {
+        /// Any topic and payload a feed sends: parsing never panics (the fuzz target `sparkplug_ncmd` runs the same
+        /// with coverage guidance).
+        #[test]
+        fn commands_of_any_bytes_parse_without_panicking(topic in ".{0,64}", payload in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = parse_ncmd(&topic);
+            let _ = is_rebirth_request(&payload);
+        }
     }
 
     #[test]

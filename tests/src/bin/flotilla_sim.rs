@@ -419,6 +419,23 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
     let cpu0 = cpu_all();
     let spec = "name = \"app\"\n[target]\nselector = { role = \"sim\" }\n[[workloads]]\nname = \"app\"\nrelease = \"app@1.0.0\"\n";
     eprintln!("release uploaded; applying the deployment");
+    if std::env::args().any(|a| a == "--api-probe") {
+        // The same calls on the idle hub first: what the listing itself costs, without the apply's queue.
+        let mut idle: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                client
+                    .get("/api/v1/devices")
+                    .map(|_| t.elapsed().as_secs_f64())
+            })
+            .collect::<Result<_>>()?;
+        idle.sort_by(f64::total_cmp);
+        println!(
+            "idle hub, GET /api/v1/devices (all {n}): p50 {:.1} ms  max {:.1} ms",
+            pct(&idle, 0.5) * 1e3,
+            pct(&idle, 1.0) * 1e3
+        );
+    }
     // `--api-probe`: an operator's view during the apply, from another thread: one device and one page of 100
     // devices every 50 ms, the whole list every 500 ms.
     let stop_probe = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
