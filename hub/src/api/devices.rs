@@ -2,7 +2,6 @@
 
 use super::{ApiResult, ApiState, Problem, Role, ok};
 use crate::hub::{Hub, HubError};
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
@@ -37,47 +36,139 @@ fn exit_json(e: &flotilla_shared::wire::ExitCause) -> Value {
 /// Release versions by digest, looked up once per release for a whole listing (not once per device).
 type Versions = std::collections::HashMap<flotilla_shared::Digest, Option<String>>;
 
-pub(super) fn device_json(h: &Hub, d: &crate::store::DeviceRow, versions: &mut Versions) -> Value {
-    let desired = h.desired_generation(&d.id);
-    let workloads: Vec<Value> = d.last_report.as_ref().map_or(vec![], |r| {
+/// A device as the API shows it: borrowed from the cached row and serialised straight to bytes, so listing
+/// 10,000 devices on the hub loop builds no intermediate JSON tree.
+#[derive(serde::Serialize)]
+pub(super) struct DeviceOut<'a> {
+    id: &'a str,
+    online: bool,
+    last_seen: u64,
+    offline_since: Option<u64>,
+    region: Option<&'a str>,
+    zone: Option<&'a str>,
+    labels: std::collections::BTreeMap<&'a str, &'a str>,
+    location: Option<LatLonOut>,
+    arch: &'a str,
+    agent_version: &'a str,
+    memory_mib: u32,
+    runtimes: Vec<&'static str>,
+    container_engine: Option<EngineOut<'a>>,
+    desired_generation: u64,
+    applied_generation: u64,
+    rejection: Option<String>,
+    telemetry_dropped: u64,
+    hold: Option<&'a str>,
+    revoked: bool,
+    workloads: Vec<WorkloadOut<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct LatLonOut {
+    lat: f64,
+    lon: f64,
+}
+
+#[derive(serde::Serialize)]
+struct EngineOut<'a> {
+    name: &'a str,
+    api_version: &'a str,
+    memory_limit: bool,
+    storage_driver: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct WorkloadOut<'a> {
+    name: &'a str,
+    state: &'static str,
+    healthy: bool,
+    version: Option<String>,
+    release: String,
+    restarts: u32,
+    last_error: Option<&'a str>,
+    rejected: Option<String>,
+    exit: Option<Value>,
+    retry_in_ms: Option<u64>,
+}
+
+pub(super) fn device_out<'a>(
+    h: &Hub,
+    d: &'a crate::store::DeviceRow,
+    versions: &mut Versions,
+) -> DeviceOut<'a> {
+    let report = d.last_report.as_ref();
+    let workloads = report.map_or(vec![], |r| {
         r.workloads
             .iter()
-            .map(|w| {
-                let version = versions
+            .map(|w| WorkloadOut {
+                name: w.name.as_str(),
+                state: state_str(w.state),
+                healthy: w.healthy,
+                version: versions
                     .entry(w.release)
                     .or_insert_with(|| {
-                        h.store.release_by_digest(&w.release).ok().flatten().map(|r| r.release.version)
+                        h.store
+                            .release_by_digest(&w.release)
+                            .ok()
+                            .flatten()
+                            .map(|r| r.release.version)
                     })
-                    .clone();
-                json!({"name": w.name.as_str(), "state": state_str(w.state), "healthy": w.healthy,
-                       "version": version, "release": w.release.to_hex(), "restarts": w.restarts,
-                       "last_error": w.last_error, "rejected": w.rejected.as_ref().map(ToString::to_string),
-                       "exit": w.exit.map(|e| exit_json(&e)), "retry_in_ms": w.retry_in_ms})
+                    .clone(),
+                release: w.release.to_hex(),
+                restarts: w.restarts,
+                last_error: w.last_error.as_deref(),
+                rejected: w.rejected.as_ref().map(ToString::to_string),
+                exit: w.exit.map(|e| exit_json(&e)),
+                retry_in_ms: w.retry_in_ms,
             })
             .collect()
     });
     let inv = &d.inventory;
-    json!({
-        "id": d.id.as_str(),
-        "online": d.online,
-        "last_seen": d.last_seen,
-        "offline_since": d.offline_since,
-        "region": inv.region.as_ref().map(|r| r.as_str()),
-        "zone": inv.zone.as_ref().map(|z| z.as_str()),
-        "labels": inv.labels.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect::<serde_json::Map<_, _>>(),
-        "location": inv.location.map(|l| json!({"lat": l.lat, "lon": l.lon})),
-        "arch": inv.arch, "agent_version": inv.agent_version, "memory_mib": inv.memory_mib,
-        "runtimes": inv.runtimes.iter().map(|k| crate::store::kind_str(*k)).collect::<Vec<_>>(),
-        "container_engine": inv.container_engine.as_ref().map(|e| json!({"name": e.name, "api_version": e.api_version,
-            "memory_limit": e.memory_limit, "storage_driver": e.storage_driver})),
-        "desired_generation": desired,
-        "applied_generation": d.last_report.as_ref().map_or(0, |r| r.applied_generation),
-        "rejection": d.last_report.as_ref().and_then(|r| r.last_rejection.as_ref()).map(|r| format!("generation {}: {}", r.generation, r.reason)),
-        "telemetry_dropped": d.last_report.as_ref().map_or(0, |r| r.telemetry_dropped),
-        "hold": d.last_report.as_ref().and_then(|r| r.hold.clone()),
-        "revoked": h.access.is_revoked(&d.id),
-        "workloads": workloads,
-    })
+    DeviceOut {
+        id: d.id.as_str(),
+        online: d.online,
+        last_seen: d.last_seen,
+        offline_since: d.offline_since,
+        region: inv.region.as_ref().map(|r| r.as_str()),
+        zone: inv.zone.as_ref().map(|z| z.as_str()),
+        // Later entries win, as the inventory's merge of token presets over reported labels intends.
+        labels: inv
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        location: inv.location.map(|l| LatLonOut {
+            lat: l.lat,
+            lon: l.lon,
+        }),
+        arch: &inv.arch,
+        agent_version: &inv.agent_version,
+        memory_mib: inv.memory_mib,
+        runtimes: inv
+            .runtimes
+            .iter()
+            .map(|k| crate::store::kind_str(*k))
+            .collect(),
+        container_engine: inv.container_engine.as_ref().map(|e| EngineOut {
+            name: &e.name,
+            api_version: &e.api_version,
+            memory_limit: e.memory_limit,
+            storage_driver: &e.storage_driver,
+        }),
+        desired_generation: h.desired_generation(&d.id),
+        applied_generation: report.map_or(0, |r| r.applied_generation),
+        rejection: report
+            .and_then(|r| r.last_rejection.as_ref())
+            .map(|r| format!("generation {}: {}", r.generation, r.reason)),
+        telemetry_dropped: report.map_or(0, |r| r.telemetry_dropped),
+        hold: report.and_then(|r| r.hold.as_deref()),
+        revoked: h.access.is_revoked(&d.id),
+        workloads,
+    }
+}
+
+/// One device as JSON.
+pub(super) fn device_json(h: &Hub, d: &crate::store::DeviceRow, versions: &mut Versions) -> Value {
+    serde_json::to_value(device_out(h, d, versions)).unwrap_or(Value::Null)
 }
 
 /// `?limit=N&after=ID`: one page of devices in id order, after device ID.
@@ -109,9 +200,9 @@ pub(super) async fn devices(
         ));
     }
     let limit = page.limit.unwrap_or(usize::MAX);
-    let (v, next) = s
-        .call(move |h| -> Result<(Value, Option<String>), HubError> {
-            // Borrowed rows, not copies: this runs on the hub loop, at 10,000+ devices.
+    let (body, next) = s
+        .call(move |h| -> Result<(Vec<u8>, Option<String>), HubError> {
+            // Borrowed rows serialised straight to bytes: this runs on the hub loop, at 10,000+ devices.
             let mut versions = Versions::new();
             h.store
                 .with_devices(|devs| {
@@ -119,19 +210,23 @@ pub(super) async fn devices(
                         .skip_while(|d| page.after.as_deref().is_some_and(|a| d.id.as_str() <= a))
                         .peekable();
                     let mut out = Vec::new();
-                    let mut last = None;
                     while out.len() < limit {
                         let Some(d) = rows.next() else { break };
-                        out.push(device_json(h, d, &mut versions));
-                        last = Some(d.id.to_string());
+                        out.push(device_out(h, d, &mut versions));
                     }
-                    let next = rows.peek().and(last);
-                    (Value::Array(out), next)
+                    let next = rows.peek().and(out.last().map(|d| d.id.to_owned()));
+                    serde_json::to_vec(&out)
+                        .map(|b| (b, next))
+                        .map_err(|e| HubError::Internal(e.to_string()))
                 })
-                .map_err(HubError::from)
+                .map_err(HubError::from)?
         })
         .await??;
-    let mut resp = Json(v).into_response();
+    let mut resp = (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response();
     if let (Some(after), Some(limit)) = (next, page.limit)
         && let Ok(link) = axum::http::HeaderValue::from_str(&format!(
             "</api/v1/devices?limit={limit}&after={after}>; rel=\"next\""
