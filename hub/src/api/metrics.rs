@@ -311,6 +311,7 @@ fn telemetry_metrics(t: &crate::telemetry::Telemetry, reg: &mut Registry) {
             &[
                 (labels(&[("bound", "age")]), s.evicted_age.load(Relaxed)),
                 (labels(&[("bound", "bytes")]), s.evicted_bytes.load(Relaxed)),
+                (labels(&[("bound", "total")]), s.evicted_total.load(Relaxed)),
             ],
         );
     }

@@ -59,6 +59,9 @@ pub struct ServeArgs {
     /// Keep at most this many MiB of telemetry history per device (oldest records go first).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     pub telemetry_history_mib: u64,
+    /// Keep at most this many MiB of telemetry history in all (the oldest records go first, of any device).
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    pub telemetry_history_total_mib: u64,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -80,6 +83,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         sparkplug,
         telemetry_history_secs,
         telemetry_history_mib,
+        telemetry_history_total_mib,
     } = args;
     let choice = match broker {
         Some(url) => {
@@ -126,6 +130,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         history: (telemetry_history_secs > 0).then_some(crate::telemetry::history::Retention {
             max_age_secs: telemetry_history_secs,
             max_bytes_per_device: telemetry_history_mib << 20,
+            max_bytes_total: telemetry_history_total_mib << 20,
         }),
     };
     rt.block_on(server::serve_with(DataDir(data_dir), http, choice, options))?;

@@ -2,8 +2,9 @@
 //! one thread of its own so that ingesting 10,000 records a second never waits on the hub loop's store, and read by
 //! API calls on their own connections (WAL: readers never block the writer).
 //!
-//! Bounded two ways, oldest first, every eviction counted: by age (`max_age_secs`) and by bytes per device
-//! (`max_bytes_per_device`, the stored size of a record's value and names). Metric streams can be read downsampled
+//! Bounded three ways, oldest first, every eviction counted: by age (`max_age_secs`), by bytes per device
+//! (`max_bytes_per_device`, the stored size of a record's value and names), and by bytes in all
+//! (`max_bytes_total`: 10,000 devices at the per-device bound would otherwise be 80 GiB). Metric streams can be read downsampled
 //! (`step`: per bucket min/max/mean/count of each metric), so a week at one record a second is one page.
 
 use super::typed::FeedRecord;
@@ -30,6 +31,8 @@ const RECORD_OVERHEAD: u64 = 48;
 pub struct Retention {
     pub max_age_secs: u64,
     pub max_bytes_per_device: u64,
+    /// Over every device: the oldest records (by the hub's time) go first, whichever device they are from.
+    pub max_bytes_total: u64,
 }
 
 impl Default for Retention {
@@ -37,6 +40,7 @@ impl Default for Retention {
         Self {
             max_age_secs: 7 * 86_400,
             max_bytes_per_device: 8 << 20,
+            max_bytes_total: 2 << 30,
         }
     }
 }
@@ -49,6 +53,8 @@ pub struct HistoryStats {
     pub dropped_backlog: AtomicU64,
     pub evicted_age: AtomicU64,
     pub evicted_bytes: AtomicU64,
+    /// Records removed by the fleet-wide byte bound.
+    pub evicted_total: AtomicU64,
     /// Records lost because their batch could not be written.
     pub write_errors: AtomicU64,
 }
@@ -227,6 +233,9 @@ impl Writer {
         for device in over {
             evict_bytes(&tx, &device, self.retention, &mut self.totals, &self.stats)?;
         }
+        if self.totals.values().sum::<u64>() > self.retention.max_bytes_total {
+            evict_total(&tx, self.retention, &mut self.totals, &self.stats)?;
+        }
         tx.commit()?;
         self.stats
             .written
@@ -299,6 +308,47 @@ fn evict_bytes(
         if let Some(seq) = upto {
             del.execute(params![device, seq])?;
             stats.evicted_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// Drops the oldest records of the whole history (by the hub's time) until it is under the fleet-wide budget by
+/// 10% of it or 8 MiB, whichever is less: enough that eviction is not paid per batch, little enough that one
+/// eviction never stalls the writer for long (8 MiB is about 80,000 records).
+fn evict_total(
+    tx: &rusqlite::Transaction<'_>,
+    retention: Retention,
+    totals: &mut HashMap<String, u64>,
+    stats: &HistoryStats,
+) -> rusqlite::Result<()> {
+    let budget = retention.max_bytes_total;
+    let target = budget - (budget / 10).min(8 << 20);
+    let mut grand: u64 = totals.values().sum();
+    let mut oldest = tx.prepare_cached(
+        "SELECT device, seq, bytes FROM records ORDER BY hub_ms, device, seq LIMIT 1000",
+    )?;
+    let mut del = tx.prepare_cached("DELETE FROM records WHERE device = ?1 AND seq = ?2")?;
+    while grand > target {
+        let rows: Vec<(String, i64, i64)> = oldest
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        if rows.is_empty() {
+            totals.clear();
+            break;
+        }
+        // Only as many as it takes: a chunk may hold more than the excess.
+        for (device, seq, bytes) in rows {
+            if grand <= target {
+                break;
+            }
+            del.execute(params![device, seq])?;
+            let b = u64::try_from(bytes).unwrap_or(0);
+            grand = grand.saturating_sub(b);
+            if let Some(t) = totals.get_mut(&device) {
+                *t = t.saturating_sub(b);
+            }
+            stats.evicted_total.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())
@@ -569,6 +619,7 @@ mod tests {
             Retention {
                 max_age_secs: 86_400,
                 max_bytes_per_device: 10_000,
+                max_bytes_total: u64::MAX,
             },
         )
         .expect("open");
@@ -606,6 +657,54 @@ mod tests {
             1000 - big.len() as u64
         );
         assert_eq!(all("small").len(), 1);
+    }
+
+    #[test]
+    fn fleet_wide_bound_drops_the_oldest_records_of_any_device() {
+        let dir = tempfile::tempdir().expect("dir");
+        let h = History::open(
+            &dir.path().join("t.db"),
+            Retention {
+                max_age_secs: 86_400,
+                max_bytes_per_device: u64::MAX,
+                max_bytes_total: 20_000,
+            },
+        )
+        .expect("open");
+        // ~100 bytes per record, two devices alternating one millisecond apart: 400 records are twice the budget.
+        let pad = "x".repeat(40);
+        let base = now_ms() as f64 / 1000.0;
+        let at = |n: u64| base + n as f64 / 1000.0;
+        for seq in 1..=200 {
+            for (k, device) in ["a", "b"].into_iter().enumerate() {
+                let mut r = (*rec(device, "s", seq, seq, json!(pad))).clone();
+                r.hub_time = at(2 * seq + k as u64);
+                h.record(Arc::new(r));
+            }
+        }
+        written(&h, 400);
+        let all = |device: &str| -> Vec<u64> {
+            query(
+                h.path(),
+                &Query {
+                    device: device.into(),
+                    limit: MAX_LIMIT,
+                    ..Default::default()
+                },
+            )
+            .expect("query")
+            .records
+            .iter()
+            .map(|r| r.seq)
+            .collect()
+        };
+        let (a, b) = (all("a"), all("b"));
+        let kept: u64 = (a.len() + b.len()) as u64;
+        assert!(kept * 100 <= 20_000 && kept >= 150, "{kept} records kept");
+        // Both devices keep their newest records: the oldest went first, from both.
+        assert_eq!((a.last(), b.last()), (Some(&200), Some(&200)));
+        assert!(a.len().abs_diff(b.len()) <= 1, "{} / {}", a.len(), b.len());
+        assert_eq!(h.stats.evicted_total.load(Ordering::Relaxed), 400 - kept);
     }
 
     #[test]
@@ -650,6 +749,7 @@ mod tests {
             retention: Retention {
                 max_age_secs: 0,
                 max_bytes_per_device: u64::MAX,
+                max_bytes_total: u64::MAX,
             },
             totals: HashMap::new(),
             stats: Arc::new(HistoryStats::default()),
