@@ -29,7 +29,7 @@ pub struct DeploymentRollout {
 pub fn load(store: &Store) -> Result<BTreeMap<String, DeploymentRollout>> {
     let mut rollouts = BTreeMap::new();
     for (name, stable_source, target_source, snapshot) in store.rollouts()? {
-        match postcard::from_bytes::<Rollout>(&snapshot) {
+        match Rollout::from_snapshot(&snapshot) {
             Ok(rollout) => {
                 let stable = spec::parse(&name, &stable_source).ok();
                 rollouts.insert(
@@ -66,20 +66,27 @@ impl Hub {
         who: &str,
         now: u64,
     ) -> Result<(), HubError> {
-        let devices = self.store.devices()?;
-        let members: Vec<(DeviceId, Option<String>)> = self
-            .store
-            .placements(name)?
-            .into_iter()
-            .map(|id| {
-                let region = devices
-                    .iter()
-                    .find(|x| x.id == id)
-                    .and_then(|x| x.inventory.region.as_ref().map(|r| r.to_string()));
-                (id, region)
-            })
-            .collect();
-        let rollout = Rollout::start(plan, &members, now);
+        let placed = self.store.placements(name)?;
+        let mut members: Vec<(DeviceId, Option<String>)> = Vec::with_capacity(placed.len());
+        // A device's own time zone is its `tz` label (set in agent.toml or by its enrollment token).
+        let mut zones = BTreeMap::new();
+        for id in placed {
+            let (region, tz) = self
+                .store
+                .with_device(&id, |d| {
+                    let tz = d.inventory.labels.iter().rev().find(|(k, _)| k == "tz");
+                    (
+                        d.inventory.region.as_ref().map(|r| r.to_string()),
+                        tz.map(|(_, v)| v.clone()),
+                    )
+                })?
+                .unwrap_or_default();
+            if let Some(tz) = tz {
+                zones.insert(id.clone(), tz);
+            }
+            members.push((id, region));
+        }
+        let rollout = Rollout::start_with_zones(plan, &members, zones, now);
         self.store.audit(
             now,
             who,

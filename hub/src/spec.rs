@@ -2,7 +2,9 @@
 //! (for syntax errors) or the field (for semantic ones), and nothing is applied unless the whole spec is valid.
 
 use crate::telemetry::typed::ContentType;
-use flotilla_hub_core::rollout::{HoldDeadline, Plan, TelemetryGate, Wave, Window};
+use flotilla_hub_core::rollout::{
+    Clock, HoldDeadline, Plan, TelemetryGate, Wave, Window, is_time_zone,
+};
 use flotilla_hub_core::{Constraints, Policy, Target};
 use flotilla_shared::wire::{Geofence, HealthRule, LatLon, Resources, RestartPolicy, WorkloadKind};
 use flotilla_shared::{Digest, Label, WorkloadName};
@@ -74,8 +76,13 @@ struct RawGate {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWindow {
+    /// A fixed offset from UTC (no daylight saving time); or `tz`.
+    utc_offset_min: Option<i32>,
+    /// An IANA time zone (`Europe/Berlin`), daylight saving time included.
+    tz: Option<String>,
+    /// Follow each device's own time zone (its `tz` label) where it has a valid one.
     #[serde(default)]
-    utc_offset_min: i32,
+    device_tz: bool,
     days: Vec<String>,
     start: String,
     end: String,
@@ -183,13 +190,34 @@ fn rollout_plan(r: RawRollout) -> Result<Plan, (String, String)> {
         }
         let start_min = hhmm(&format!("{f}.start"), &w.start)?;
         let end_min = hhmm(&format!("{f}.end"), &w.end)?;
+        let clock = match (w.utc_offset_min, w.tz) {
+            (Some(_), Some(_)) => {
+                return Err((f, "give utc_offset_min or tz, not both".into()));
+            }
+            (Some(min), None) if (-14 * 60..=14 * 60).contains(&min) => Clock::Offset(min),
+            (Some(min), None) => {
+                return Err((
+                    format!("{f}.utc_offset_min"),
+                    format!("{min} is not an offset in minutes (-840..840)"),
+                ));
+            }
+            (None, Some(tz)) if is_time_zone(&tz) => Clock::Zone(tz),
+            (None, Some(tz)) => {
+                return Err((
+                    format!("{f}.tz"),
+                    format!("{tz:?} is not an IANA time zone (like \"Europe/Berlin\")"),
+                ));
+            }
+            (None, None) => Clock::Offset(0),
+        };
         windows.insert(
             region,
             Window {
-                utc_offset_min: w.utc_offset_min,
+                clock,
                 days,
                 start_min,
                 end_min,
+                device_zone: w.device_tz,
             },
         );
     }
@@ -714,6 +742,25 @@ tick_ms = 1000
 config = { interval = "5" }
 "#;
 
+    /// A rollout with a weekday window in eu-west, its clock left to the case.
+    const WINDOW: &str = "[rollout]\nwaves = [\"rest\"]\n[rollout.windows.eu-west]\n\
+                          days = [\"mon\"]\nstart = \"01:00\"\nend = \"05:00\"\n";
+
+    #[test]
+    fn window_clocks() {
+        let window = |extra: &str| {
+            let d = parse("s.toml", &format!("{GOOD}{WINDOW}{extra}")).expect("valid");
+            d.rollout.expect("rollout").windows["eu-west"].clone()
+        };
+        let w = window("tz = \"America/New_York\"\ndevice_tz = true\n");
+        assert_eq!(
+            (w.clock, w.device_zone),
+            (Clock::Zone("America/New_York".into()), true)
+        );
+        assert_eq!(window("utc_offset_min = -300\n").clock, Clock::Offset(-300));
+        assert_eq!(window("").clock, Clock::Offset(0));
+    }
+
     /// A good spec parses into the expected policy and workload.
     #[test]
     fn parses_good_spec() {
@@ -775,6 +822,9 @@ config = { interval = "5" }
             ),
             (GOOD.replace("regions = [", "geofence = { h3 = [\"zz\"] }\nregions = ["), "target.geofence.h3[0]"),
             (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { count = \"u128le\" }"), "workloads[0].telemetry.count"),
+            (format!("{GOOD}{WINDOW}tz = \"Europe/Berln\"\n"), "rollout.windows.eu-west.tz"),
+            (format!("{GOOD}{WINDOW}tz = \"Europe/Berlin\"\nutc_offset_min = 60\n"), "not both"),
+            (format!("{GOOD}{WINDOW}utc_offset_min = 6000\n"), "rollout.windows.eu-west.utc_offset_min"),
             (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { \"x.metrics\" = \"json\" }"), "reserved"),
             (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { agent = \"json\" }"), "reserved"),
             (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { Bad = \"json\" }"), "workloads[0].telemetry.Bad"),

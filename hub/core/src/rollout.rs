@@ -22,31 +22,76 @@ pub enum Wave {
     Rest,
 }
 
-/// A weekly maintenance window in a region's local time (a fixed UTC offset; no time-zone database on devices).
+/// Whose clock a maintenance window reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Clock {
+    /// A fixed offset from UTC, in minutes (no daylight saving time).
+    Offset(i32),
+    /// An IANA time zone (`Europe/Berlin`), daylight saving time included, from the bundled time-zone database.
+    Zone(String),
+}
+
+/// A weekly maintenance window in local wall-clock time.
+///
+/// Daylight saving time follows the wall clock: on the night clocks go forward, a window inside the skipped hour
+/// does not open at all and one spanning it is an hour shorter; on the night they go back, a window inside the
+/// repeated hour is open through both passes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Window {
-    pub utc_offset_min: i32,
+    pub clock: Clock,
     /// Bit 0 = Monday ... bit 6 = Sunday.
     pub days: u8,
     /// Minutes since local midnight; `end < start` spans midnight.
     pub start_min: u32,
     pub end_min: u32,
+    /// Read each device's own time zone (its `tz` label) instead, where it names a valid zone; `clock` is the
+    /// fallback. A wave spanning time zones then updates every device in its own night.
+    pub device_zone: bool,
+}
+
+/// (weekday with Monday = 0, minute of the day) of `now` on a clock.
+fn wall_clock(clock: &Clock, now: u64) -> Option<(u32, u32)> {
+    match clock {
+        Clock::Offset(min) => {
+            let local = i64::try_from(now).ok()? + i64::from(*min) * 60;
+            // 1970-01-01 was a Thursday (weekday index 3 with Monday = 0).
+            let weekday = u32::try_from((local.div_euclid(86_400) + 3).rem_euclid(7)).ok()?;
+            let minute = u32::try_from(local.rem_euclid(86_400) / 60).ok()?;
+            Some((weekday, minute))
+        }
+        Clock::Zone(name) => {
+            let tz = jiff::tz::TimeZone::get(name).ok()?;
+            let t = jiff::Timestamp::from_second(i64::try_from(now).ok()?).ok()?;
+            let local = tz.to_datetime(t);
+            let weekday = u32::from(local.weekday().to_monday_zero_offset().unsigned_abs());
+            let minute = u32::from(local.hour().unsigned_abs()) * 60
+                + u32::from(local.minute().unsigned_abs());
+            Some((weekday, minute))
+        }
+    }
+}
+
+/// Whether `name` is a time zone the bundled database knows.
+pub fn is_time_zone(name: &str) -> bool {
+    jiff::tz::TimeZone::get(name).is_ok()
 }
 
 impl Window {
-    /// Whether `now` (unix seconds) falls inside the window.
-    pub fn contains(&self, now: u64) -> bool {
-        let local = i64::try_from(now).unwrap_or(i64::MAX) + i64::from(self.utc_offset_min) * 60;
-        let day = local.div_euclid(86_400);
-        let minute = u32::try_from(local.rem_euclid(86_400) / 60).unwrap_or(0);
-        // 1970-01-01 was a Thursday (weekday index 3 with Monday = 0).
-        let weekday = |d: i64| u32::try_from((d + 3).rem_euclid(7)).unwrap_or(0);
-        let open_on = |d: i64| self.days & (1 << weekday(d)) != 0;
+    /// Whether `now` (unix seconds) falls inside the window, for a device whose own time zone is `device_tz`.
+    pub fn contains(&self, now: u64, device_tz: Option<&str>) -> bool {
+        let own = device_tz
+            .filter(|_| self.device_zone)
+            .filter(|z| is_time_zone(z))
+            .map(|z| Clock::Zone(z.to_owned()));
+        let Some((weekday, minute)) = wall_clock(own.as_ref().unwrap_or(&self.clock), now) else {
+            return false;
+        };
+        let open_on = |wd: u32| self.days & (1 << wd) != 0;
         if self.start_min <= self.end_min {
-            open_on(day) && minute >= self.start_min && minute < self.end_min
+            open_on(weekday) && minute >= self.start_min && minute < self.end_min
         } else {
-            (open_on(day) && minute >= self.start_min)
-                || (open_on(day - 1) && minute < self.end_min)
+            (open_on(weekday) && minute >= self.start_min)
+                || (open_on((weekday + 6) % 7) && minute < self.end_min)
         }
     }
 }
@@ -250,6 +295,8 @@ pub struct Rollout {
     pub soak_start: Option<u64>,
     /// Human-readable history: (time, event).
     pub history: Vec<(u64, String)>,
+    /// Each member's own time zone (its `tz` label), for windows that follow the device's clock.
+    pub device_zones: BTreeMap<DeviceId, String>,
     #[serde(skip)]
     actions: VecDeque<Action>,
 }
@@ -257,6 +304,16 @@ pub struct Rollout {
 impl Rollout {
     /// Plans waves over `members` (device, region) and starts wave 0.
     pub fn start(plan: Plan, members: &[(DeviceId, Option<String>)], now: u64) -> Self {
+        Self::start_with_zones(plan, members, BTreeMap::new(), now)
+    }
+
+    /// [`Rollout::start`], with the members' own time zones (for windows with `device_zone`).
+    pub fn start_with_zones(
+        plan: Plan,
+        members: &[(DeviceId, Option<String>)],
+        device_zones: BTreeMap<DeviceId, String>,
+        now: u64,
+    ) -> Self {
         let regions: BTreeMap<DeviceId, Option<String>> = members.iter().cloned().collect();
         let waves = plan_waves(&plan.waves, &regions);
         let status = regions
@@ -273,6 +330,7 @@ impl Rollout {
             paused: false,
             soak_start: None,
             history: vec![],
+            device_zones,
             actions: VecDeque::new(),
         };
         let sizes: Vec<String> = r.waves.iter().map(|w| w.len().to_string()).collect();
@@ -286,6 +344,16 @@ impl Rollout {
         );
         r.step(now);
         r
+    }
+
+    /// Decodes a snapshot the hub stored (postcard), also in the layout before windows had time zones (a fixed
+    /// offset, no device clocks), so a hub upgraded mid-rollout continues it.
+    pub fn from_snapshot(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes::<Self>(bytes).or_else(|e| {
+            postcard::from_bytes::<legacy::RolloutV1>(bytes)
+                .map(legacy::RolloutV1::upgrade)
+                .map_err(|_| e)
+        })
     }
 
     fn log(&mut self, now: u64, what: String) {
@@ -474,7 +542,7 @@ impl Rollout {
         let region = self.regions.get(device).cloned().flatten();
         region
             .and_then(|r| self.plan.windows.get(&r))
-            .is_none_or(|w| w.contains(now))
+            .is_none_or(|w| w.contains(now, self.device_zones.get(device).map(String::as_str)))
     }
 
     /// Advances the current wave: gate check, assignments within limits and windows, completion and soak.
@@ -611,4 +679,93 @@ pub fn plan_waves(
         }
     }
     out
+}
+
+/// Snapshot layouts of earlier hubs, decoded once and upgraded.
+mod legacy {
+    use super::{
+        BTreeMap, BTreeSet, Clock, DeviceId, DeviceStatus, HoldDeadline, Phase, Plan, Rollout,
+        TelemetryGate, Wave, Window,
+    };
+    use serde::Deserialize;
+    use std::collections::VecDeque;
+
+    /// A window before time zones: a fixed UTC offset.
+    #[derive(Deserialize)]
+    struct WindowV1 {
+        utc_offset_min: i32,
+        days: u8,
+        start_min: u32,
+        end_min: u32,
+    }
+
+    #[derive(Deserialize)]
+    struct PlanV1 {
+        waves: Vec<Wave>,
+        soak_secs: u64,
+        max_in_flight: u32,
+        max_failure_ratio: f64,
+        report_timeout_secs: u64,
+        manual_approval: bool,
+        windows: BTreeMap<String, WindowV1>,
+        max_hold_secs: u64,
+        on_hold_deadline: HoldDeadline,
+        telemetry_gates: Vec<TelemetryGate>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct RolloutV1 {
+        plan: PlanV1,
+        waves: Vec<Vec<DeviceId>>,
+        regions: BTreeMap<DeviceId, Option<String>>,
+        status: BTreeMap<DeviceId, DeviceStatus>,
+        on_new: BTreeSet<DeviceId>,
+        phase: Phase,
+        paused: bool,
+        soak_start: Option<u64>,
+        history: Vec<(u64, String)>,
+    }
+
+    impl RolloutV1 {
+        pub(super) fn upgrade(self) -> Rollout {
+            let p = self.plan;
+            Rollout {
+                plan: Plan {
+                    waves: p.waves,
+                    soak_secs: p.soak_secs,
+                    max_in_flight: p.max_in_flight,
+                    max_failure_ratio: p.max_failure_ratio,
+                    report_timeout_secs: p.report_timeout_secs,
+                    manual_approval: p.manual_approval,
+                    windows: p
+                        .windows
+                        .into_iter()
+                        .map(|(region, w)| {
+                            let window = Window {
+                                clock: Clock::Offset(w.utc_offset_min),
+                                days: w.days,
+                                start_min: w.start_min,
+                                end_min: w.end_min,
+                                device_zone: false,
+                            };
+                            (region, window)
+                        })
+                        .collect(),
+                    max_hold_secs: p.max_hold_secs,
+                    on_hold_deadline: p.on_hold_deadline,
+                    telemetry_gates: p.telemetry_gates,
+                },
+                waves: self.waves,
+                regions: self.regions,
+                status: self.status,
+                on_new: self.on_new,
+                phase: self.phase,
+                paused: self.paused,
+                soak_start: self.soak_start,
+                history: self.history,
+                device_zones: BTreeMap::new(),
+                actions: VecDeque::new(),
+            }
+        }
+    }
 }

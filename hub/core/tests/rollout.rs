@@ -3,8 +3,8 @@
 
 use expect_test::{Expect, expect};
 use flotilla_hub_core::rollout::{
-    Action, Command, DeviceStatus, HoldDeadline, Observation, Phase, Plan, Rollout, Version, Wave,
-    Window,
+    Action, Clock, Command, DeviceStatus, HoldDeadline, Observation, Phase, Plan, Rollout, Version,
+    Wave, Window,
 };
 use flotilla_shared::DeviceId;
 use std::collections::BTreeMap;
@@ -245,10 +245,11 @@ fn maintenance_window() {
     p.windows.insert(
         "eu-west".into(),
         Window {
-            utc_offset_min: 60,
+            clock: Clock::Offset(60),
             days: 0b001_1111,
             start_min: 3 * 60,
             end_min: 5 * 60,
+            device_zone: false,
         },
     );
     check(
@@ -323,10 +324,11 @@ fn holds_with_deadline() {
 fn window_contains() {
     // 22:00-02:00 UTC on Thursdays only. 1970-01-01 is a Thursday.
     let w = Window {
-        utc_offset_min: 0,
+        clock: Clock::Offset(0),
         days: 1 << 3,
         start_min: 22 * 60,
         end_min: 2 * 60,
+        device_zone: false,
     };
     let cases = [
         (21 * 3600, false),
@@ -336,8 +338,367 @@ fn window_contains() {
         (7 * 86_400 + 23 * 3600, true),
     ];
     for (t, want) in cases {
-        assert_eq!(w.contains(t), want, "t={t}");
+        assert_eq!(w.contains(t, None), want, "t={t}");
     }
+}
+
+/// Unix seconds of an RFC 3339 instant.
+fn at(s: &str) -> u64 {
+    let t: jiff::Timestamp = s.parse().expect("instant");
+    u64::try_from(t.as_second()).expect("after 1970")
+}
+
+fn daily(clock: Clock, start: &str, end: &str, device_zone: bool) -> Window {
+    let min = |s: &str| {
+        let (h, m) = s.split_once(':').expect("HH:MM");
+        h.parse::<u32>().expect("hour") * 60 + m.parse::<u32>().expect("minute")
+    };
+    Window {
+        clock,
+        days: 0x7f,
+        start_min: min(start),
+        end_min: min(end),
+        device_zone,
+    }
+}
+
+/// IANA time zones across the 2026 daylight-saving transitions of Berlin (29 March 02:00 -> 03:00, 25 October
+/// 03:00 -> 02:00) and New York (8 March 02:00 -> 03:00, 1 November 02:00 -> 01:00): a window inside the skipped
+/// hour never opens that night, one inside the repeated hour is open through both passes, and a fixed offset is an
+/// hour off all summer.
+#[test]
+fn time_zone_windows_across_daylight_saving_transitions() {
+    let berlin = || Clock::Zone("Europe/Berlin".into());
+    let new_york = || Clock::Zone("America/New_York".into());
+    let cases: Vec<(Window, &str, Option<&str>, bool, &str)> = vec![
+        // Berlin 02:00-03:00 every day.
+        (
+            daily(berlin(), "02:00", "03:00", false),
+            "2026-03-28T01:30:00Z",
+            None,
+            true,
+            "02:30 CET the night before",
+        ),
+        (
+            daily(berlin(), "02:00", "03:00", false),
+            "2026-03-29T00:59:00Z",
+            None,
+            false,
+            "01:59 CET",
+        ),
+        (
+            daily(berlin(), "02:00", "03:00", false),
+            "2026-03-29T01:00:00Z",
+            None,
+            false,
+            "03:00 CEST: 02:xx never came",
+        ),
+        (
+            daily(berlin(), "02:00", "03:00", false),
+            "2026-03-29T01:30:00Z",
+            None,
+            false,
+            "03:30 CEST",
+        ),
+        (
+            daily(berlin(), "02:00", "03:00", false),
+            "2026-10-24T23:59:00Z",
+            None,
+            false,
+            "01:59 CEST",
+        ),
+        (
+            daily(berlin(), "02:00", "03:00", false),
+            "2026-10-25T00:00:00Z",
+            None,
+            true,
+            "02:00 CEST, first pass",
+        ),
+        (
+            daily(berlin(), "02:00", "03:00", false),
+            "2026-10-25T00:59:00Z",
+            None,
+            true,
+            "02:59 CEST",
+        ),
+        (
+            daily(berlin(), "02:00", "03:00", false),
+            "2026-10-25T01:00:00Z",
+            None,
+            true,
+            "02:00 CET, second pass",
+        ),
+        (
+            daily(berlin(), "02:00", "03:00", false),
+            "2026-10-25T01:59:00Z",
+            None,
+            true,
+            "02:59 CET",
+        ),
+        (
+            daily(berlin(), "02:00", "03:00", false),
+            "2026-10-25T02:00:00Z",
+            None,
+            false,
+            "03:00 CET",
+        ),
+        // A window spanning the skipped hour is an hour shorter that night.
+        (
+            daily(berlin(), "01:00", "04:00", false),
+            "2026-03-29T00:30:00Z",
+            None,
+            true,
+            "01:30 CET",
+        ),
+        (
+            daily(berlin(), "01:00", "04:00", false),
+            "2026-03-29T01:30:00Z",
+            None,
+            true,
+            "03:30 CEST",
+        ),
+        (
+            daily(berlin(), "01:00", "04:00", false),
+            "2026-03-29T02:00:00Z",
+            None,
+            false,
+            "04:00 CEST",
+        ),
+        // Summer: the zone window opens at 02:00 CEST; a fixed +01:00 window is an hour late.
+        (
+            daily(berlin(), "02:00", "03:00", false),
+            "2026-07-01T00:30:00Z",
+            None,
+            true,
+            "02:30 CEST",
+        ),
+        (
+            daily(Clock::Offset(60), "02:00", "03:00", false),
+            "2026-07-01T00:30:00Z",
+            None,
+            false,
+            "01:30 at +01:00",
+        ),
+        (
+            daily(Clock::Offset(60), "02:00", "03:00", false),
+            "2026-07-01T01:30:00Z",
+            None,
+            true,
+            "03:30 CEST",
+        ),
+        // New York 01:00-02:00: the repeated hour in November.
+        (
+            daily(new_york(), "01:00", "02:00", false),
+            "2026-11-01T04:59:00Z",
+            None,
+            false,
+            "00:59 EDT",
+        ),
+        (
+            daily(new_york(), "01:00", "02:00", false),
+            "2026-11-01T05:30:00Z",
+            None,
+            true,
+            "01:30 EDT",
+        ),
+        (
+            daily(new_york(), "01:00", "02:00", false),
+            "2026-11-01T06:30:00Z",
+            None,
+            true,
+            "01:30 EST, again",
+        ),
+        (
+            daily(new_york(), "01:00", "02:00", false),
+            "2026-11-01T07:00:00Z",
+            None,
+            false,
+            "02:00 EST",
+        ),
+        // New York 02:00-03:00: the skipped hour in March.
+        (
+            daily(new_york(), "02:00", "03:00", false),
+            "2026-03-07T07:30:00Z",
+            None,
+            true,
+            "02:30 EST the night before",
+        ),
+        (
+            daily(new_york(), "02:00", "03:00", false),
+            "2026-03-08T06:59:00Z",
+            None,
+            false,
+            "01:59 EST",
+        ),
+        (
+            daily(new_york(), "02:00", "03:00", false),
+            "2026-03-08T07:00:00Z",
+            None,
+            false,
+            "03:00 EDT",
+        ),
+        // Each device's own clock, with the window's zone as the fallback.
+        (
+            daily(berlin(), "02:00", "03:00", true),
+            "2026-07-01T06:30:00Z",
+            Some("America/New_York"),
+            true,
+            "02:30 EDT",
+        ),
+        (
+            daily(berlin(), "02:00", "03:00", true),
+            "2026-07-01T06:30:00Z",
+            None,
+            false,
+            "08:30 CEST",
+        ),
+        (
+            daily(berlin(), "02:00", "03:00", true),
+            "2026-07-01T00:30:00Z",
+            Some("Mars/Olympus"),
+            true,
+            "not a zone: Berlin",
+        ),
+        // A device's zone is ignored unless the window follows device clocks.
+        (
+            daily(berlin(), "02:00", "03:00", false),
+            "2026-07-01T06:30:00Z",
+            Some("America/New_York"),
+            false,
+            "08:30 CEST",
+        ),
+    ];
+    for (w, t, device, want, why) in cases {
+        assert_eq!(
+            w.contains(at(t), device),
+            want,
+            "{t} ({why}) in {w:?} for {device:?}"
+        );
+    }
+}
+
+/// One wave spanning two time zones, the window following each device's clock: each device updates in its own
+/// night, six hours apart.
+#[test]
+fn a_wave_across_time_zones_updates_each_device_in_its_own_night() {
+    let mut p = plan();
+    p.waves = vec![Wave::Rest];
+    p.windows.insert(
+        "eu-west".into(),
+        daily(Clock::Zone("Europe/Berlin".into()), "02:00", "03:00", true),
+    );
+    let members = vec![
+        (id("berlin-1"), Some("eu-west".to_owned())),
+        (id("nyc-1"), Some("eu-west".to_owned())),
+    ];
+    let zones = BTreeMap::from([(id("nyc-1"), "America/New_York".to_owned())]);
+    let assigned = |r: &mut Rollout| {
+        let mut out = vec![];
+        while let Some(Action::Assign { device, version }) = r.poll_action() {
+            out.push(format!("{device} {version:?}"));
+        }
+        out
+    };
+    // 01:00 in Berlin, 19:00 in New York: nobody yet.
+    let mut r = Rollout::start_with_zones(p, &members, zones, at("2026-07-01T23:00:00Z"));
+    assert!(assigned(&mut r).is_empty());
+    r.tick(at("2026-07-02T00:00:00Z"));
+    assert_eq!(assigned(&mut r), ["berlin-1 New"], "02:00 in Berlin");
+    r.observe(
+        at("2026-07-02T00:01:00Z"),
+        &id("berlin-1"),
+        Observation::Healthy,
+    );
+    r.tick(at("2026-07-02T03:00:00Z"));
+    assert!(assigned(&mut r).is_empty(), "23:00 in New York");
+    r.tick(at("2026-07-02T06:00:00Z"));
+    assert_eq!(assigned(&mut r), ["nyc-1 New"], "02:00 in New York");
+    assert_eq!(r.phase, Phase::Wave(0));
+    // The zones survive a snapshot.
+    let restored =
+        Rollout::from_snapshot(&postcard::to_stdvec(&r).expect("snapshot")).expect("restore");
+    assert_eq!(restored.device_zones, r.device_zones);
+}
+
+/// A snapshot written by a hub from before time zones (windows with a fixed `utc_offset_min`, no device zones)
+/// still restores, its windows as fixed offsets.
+#[test]
+fn snapshots_from_before_time_zones_restore() {
+    use serde::Serialize;
+    #[derive(Serialize)]
+    struct WindowV1 {
+        utc_offset_min: i32,
+        days: u8,
+        start_min: u32,
+        end_min: u32,
+    }
+    #[derive(Serialize)]
+    struct PlanV1<'a> {
+        waves: &'a Vec<Wave>,
+        soak_secs: u64,
+        max_in_flight: u32,
+        max_failure_ratio: f64,
+        report_timeout_secs: u64,
+        manual_approval: bool,
+        windows: BTreeMap<String, WindowV1>,
+        max_hold_secs: u64,
+        on_hold_deadline: HoldDeadline,
+        telemetry_gates: &'a Vec<flotilla_hub_core::rollout::TelemetryGate>,
+    }
+    #[derive(Serialize)]
+    struct RolloutV1<'a> {
+        plan: PlanV1<'a>,
+        waves: &'a Vec<Vec<DeviceId>>,
+        regions: &'a BTreeMap<DeviceId, Option<String>>,
+        status: &'a BTreeMap<DeviceId, DeviceStatus>,
+        on_new: &'a std::collections::BTreeSet<DeviceId>,
+        phase: &'a Phase,
+        paused: bool,
+        soak_start: Option<u64>,
+        history: &'a Vec<(u64, String)>,
+    }
+    let mut p = plan();
+    p.windows.insert(
+        "eu-west".into(),
+        daily(Clock::Offset(60), "03:00", "05:00", false),
+    );
+    let mut r = Rollout::start(p, &members(), 1_000);
+    while r.poll_action().is_some() {}
+    r.observe(1_010, &id("ap-0"), Observation::Healthy);
+    let old = RolloutV1 {
+        plan: PlanV1 {
+            waves: &r.plan.waves,
+            soak_secs: r.plan.soak_secs,
+            max_in_flight: r.plan.max_in_flight,
+            max_failure_ratio: r.plan.max_failure_ratio,
+            report_timeout_secs: r.plan.report_timeout_secs,
+            manual_approval: r.plan.manual_approval,
+            windows: BTreeMap::from([(
+                "eu-west".to_owned(),
+                WindowV1 {
+                    utc_offset_min: 60,
+                    days: 0x7f,
+                    start_min: 180,
+                    end_min: 300,
+                },
+            )]),
+            max_hold_secs: r.plan.max_hold_secs,
+            on_hold_deadline: r.plan.on_hold_deadline,
+            telemetry_gates: &r.plan.telemetry_gates,
+        },
+        waves: &r.waves,
+        regions: &r.regions,
+        status: &r.status,
+        on_new: &r.on_new,
+        phase: &r.phase,
+        paused: r.paused,
+        soak_start: r.soak_start,
+        history: &r.history,
+    };
+    let bytes = postcard::to_stdvec(&old).expect("old snapshot");
+    let restored = Rollout::from_snapshot(&bytes).expect("restores");
+    assert_eq!(restored, r, "the same rollout, windows as fixed offsets");
+    assert!(Rollout::from_snapshot(&bytes[..bytes.len() / 2]).is_err());
 }
 
 /// A snapshot taken mid-wave and restored continues exactly like the original, emitting no action twice.
