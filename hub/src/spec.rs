@@ -330,6 +330,96 @@ struct RawWorkload {
     /// Content types of the workload's telemetry streams, by stream name (`{ count = "u64le" }`).
     #[serde(default)]
     telemetry: BTreeMap<String, String>,
+    /// Config layered over `config` by region, zone, labels or device (`[[workloads.overrides]]`).
+    #[serde(default)]
+    overrides: Vec<RawOverride>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverride {
+    #[serde(rename = "match")]
+    matches: RawMatch,
+    config: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    region: Option<String>,
+    zone: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    device: Option<String>,
+}
+
+/// Config for the devices an override matches. Layers apply from the least to the most specific (region, zone,
+/// labels, device; an override's rank is its most specific key, and every key it has must match), a later one of
+/// the same rank over an earlier one; each layer replaces the keys it names and keeps the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigOverride {
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub device: Option<String>,
+    pub config: BTreeMap<String, String>,
+}
+
+impl ConfigOverride {
+    fn rank(&self) -> u8 {
+        if self.device.is_some() {
+            3
+        } else if !self.labels.is_empty() {
+            2
+        } else if self.zone.is_some() {
+            1
+        } else {
+            0
+        }
+    }
+
+    fn matches(&self, d: &flotilla_hub_core::DeviceView) -> bool {
+        self.region
+            .as_ref()
+            .is_none_or(|r| d.region.as_ref() == Some(r))
+            && self
+                .zone
+                .as_ref()
+                .is_none_or(|z| d.zone.as_ref() == Some(z))
+            && self.device.as_ref().is_none_or(|id| d.id.as_str() == id)
+            && self.labels.iter().all(|(k, v)| d.labels.get(k) == Some(v))
+    }
+}
+
+/// A config map as the workload reads it (`key=value` lines).
+fn config_bytes(config: &BTreeMap<String, String>) -> Vec<u8> {
+    config
+        .iter()
+        .map(|(k, v)| format!("{k}={v}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+impl WorkloadTemplate {
+    /// This workload's config on `device`: the base config with every matching override layered over it.
+    pub fn config_for(&self, device: &flotilla_hub_core::DeviceView) -> Vec<u8> {
+        let mut layers: Vec<(u8, usize, &ConfigOverride)> = self
+            .overrides
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.matches(device))
+            .map(|(i, o)| (o.rank(), i, o))
+            .collect();
+        if layers.is_empty() {
+            return self.config.clone();
+        }
+        layers.sort_by_key(|(rank, i, _)| (*rank, *i));
+        let mut merged = self.config_map.clone();
+        for (_, _, o) in layers {
+            merged.extend(o.config.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        config_bytes(&merged)
+    }
 }
 
 fn default_memory() -> u32 {
@@ -380,6 +470,10 @@ pub struct WorkloadTemplate {
     /// Declared content types of its telemetry streams. Hub-side only: not part of the signed spec, so changing a
     /// declaration restarts nothing.
     pub telemetry: BTreeMap<Label, ContentType>,
+    /// `config` as a map, for layering overrides over it.
+    pub config_map: BTreeMap<String, String>,
+    /// Per-region, zone, label or device config layers ([`WorkloadTemplate::config_for`]).
+    pub overrides: Vec<ConfigOverride>,
 }
 
 /// A validated deployment.
@@ -392,6 +486,33 @@ pub struct Deployment {
     pub workloads: Vec<WorkloadTemplate>,
     /// How a change to this deployment is rolled out; `None` means all placed devices at once.
     pub rollout: Option<Plan>,
+}
+
+/// Validates one config override: at least one match key, each a valid name.
+fn config_override(field: &str, o: RawOverride) -> Result<ConfigOverride, (String, String)> {
+    let m = o.matches;
+    if m.region.is_none() && m.zone.is_none() && m.labels.is_empty() && m.device.is_none() {
+        return Err((
+            format!("{field}.match"),
+            "needs at least one of region, zone, labels, device".into(),
+        ));
+    }
+    for (key, value) in [
+        ("region", &m.region),
+        ("zone", &m.zone),
+        ("device", &m.device),
+    ] {
+        if let Some(v) = value {
+            Label::new(v.as_str()).map_err(|e| (format!("{field}.match.{key}"), e.to_string()))?;
+        }
+    }
+    Ok(ConfigOverride {
+        region: m.region,
+        zone: m.zone,
+        labels: m.labels,
+        device: m.device,
+        config: o.config,
+    })
 }
 
 /// Validates a workload's stream declarations. `agent` and `*.metrics` are the agents' own metric streams.
@@ -683,12 +804,13 @@ fn validate(raw: RawSpec) -> Result<Deployment, (String, String)> {
         if w.tick_ms != 0 && w.tick_ms < 10 {
             return Err((f("tick_ms"), "must be 0 (command) or at least 10".into()));
         }
-        let config = w
-            .config
-            .iter()
-            .map(|(k, v)| format!("{k}={v}\n"))
-            .collect::<String>()
-            .into_bytes();
+        let config = config_bytes(&w.config);
+        let overrides = w
+            .overrides
+            .into_iter()
+            .enumerate()
+            .map(|(j, o)| config_override(&f(&format!("overrides[{j}]")), o))
+            .collect::<Result<Vec<_>, _>>()?;
         let geofence = w
             .geofence
             .as_ref()
@@ -710,6 +832,8 @@ fn validate(raw: RawSpec) -> Result<Deployment, (String, String)> {
             kind,
             container,
             telemetry,
+            config_map: w.config,
+            overrides,
         });
     }
     let rollout = raw.rollout.map(rollout_plan).transpose()?;
@@ -759,6 +883,64 @@ config = { interval = "5" }
         );
         assert_eq!(window("utc_offset_min = -300\n").clock, Clock::Offset(-300));
         assert_eq!(window("").clock, Clock::Offset(0));
+    }
+
+    /// Config layers: region < zone < labels < device, later over earlier at the same rank, keys merged.
+    #[test]
+    fn config_overrides_layer_by_specificity() {
+        let text = format!(
+            "{GOOD}[[workloads.overrides]]\nmatch = {{ device = \"gw-9\" }}\nconfig = {{ interval = \"1\" }}\n\
+             [[workloads.overrides]]\nmatch = {{ region = \"eu-west\" }}\nconfig = {{ unit = \"c\", interval = \"9\" }}\n\
+             [[workloads.overrides]]\nmatch = {{ labels = {{ site = \"plant-7\" }} }}\nconfig = {{ unit = \"k\" }}\n\
+             [[workloads.overrides]]\nmatch = {{ zone = \"eu-b\" }}\nconfig = {{ unit = \"z1\" }}\n\
+             [[workloads.overrides]]\nmatch = {{ zone = \"eu-b\", region = \"us-east\" }}\nconfig = {{ unit = \"never\" }}\n\
+             [[workloads.overrides]]\nmatch = {{ zone = \"eu-b\" }}\nconfig = {{ unit = \"z2\" }}\n"
+        );
+        let d = parse("s.toml", &text).expect("valid");
+        let w = &d.workloads[0];
+        let view = |id: &str, region: &str, zone: &str, site: Option<&str>| {
+            flotilla_hub_core::DeviceView {
+                id: flotilla_shared::DeviceId::new(id).expect("id"),
+                labels: site
+                    .map(|s| [("site".to_owned(), s.to_owned())].into())
+                    .unwrap_or_default(),
+                region: Some(region.into()),
+                zone: Some(zone.into()),
+                location: None,
+                arch: "x86_64".into(),
+                runtimes: vec![],
+                memory_mib: 64,
+                online: true,
+                offline_since: None,
+            }
+        };
+        let cases = [
+            (view("gw-1", "us-east", "us-a", None), "interval=5\n"),
+            (
+                view("gw-2", "eu-west", "eu-a", None),
+                "interval=9\nunit=c\n",
+            ),
+            (
+                view("gw-3", "eu-west", "eu-b", None),
+                "interval=9\nunit=z2\n",
+            ),
+            (
+                view("gw-4", "eu-west", "eu-b", Some("plant-7")),
+                "interval=9\nunit=k\n",
+            ),
+            (
+                view("gw-9", "eu-west", "eu-b", Some("plant-7")),
+                "interval=1\nunit=k\n",
+            ),
+            // The zone-and-region layer has the same rank (zone) as the plain zone layers: the last one wins.
+            (
+                view("gw-5", "us-east", "eu-b", None),
+                "interval=5\nunit=z2\n",
+            ),
+        ];
+        for (v, want) in cases {
+            assert_eq!(String::from_utf8_lossy(&w.config_for(&v)), want, "{}", v.id);
+        }
     }
 
     /// A good spec parses into the expected policy and workload.
@@ -825,6 +1007,9 @@ config = { interval = "5" }
             (format!("{GOOD}{WINDOW}tz = \"Europe/Berln\"\n"), "rollout.windows.eu-west.tz"),
             (format!("{GOOD}{WINDOW}tz = \"Europe/Berlin\"\nutc_offset_min = 60\n"), "not both"),
             (format!("{GOOD}{WINDOW}utc_offset_min = 6000\n"), "rollout.windows.eu-west.utc_offset_min"),
+            (format!("{GOOD}[[workloads.overrides]]\nmatch = {{}}\nconfig = {{ a = \"b\" }}\n"), "workloads[0].overrides[0].match"),
+            (format!("{GOOD}[[workloads.overrides]]\nmatch = {{ region = \"EU!\" }}\nconfig = {{}}\n"), "workloads[0].overrides[0].match.region"),
+            (format!("{GOOD}[[workloads.overrides]]\nmatch = {{ city = \"x\" }}\nconfig = {{}}\n"), "unknown field"),
             (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { \"x.metrics\" = \"json\" }"), "reserved"),
             (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { agent = \"json\" }"), "reserved"),
             (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { Bad = \"json\" }"), "workloads[0].telemetry.Bad"),

@@ -359,3 +359,64 @@ fn embedded_broker_mutual_tls_refuses_unknown_clients() {
         "hub still up"
     );
 }
+
+/// Layered config: one deployment, a region override and a device override. Each device's desired state carries
+/// its own config (shown by `device show` as `effective_config`, and read by the guest, which logs it); changing
+/// the device override gives only that device a new generation.
+#[test]
+fn config_overrides_by_region_and_device() {
+    let fleet = FleetBuilder::new()
+        .agent(AgentSpec::new("eu-1", "eu-west", 52.52, 13.40))
+        .agent(AgentSpec::new("eu-2", "eu-west", 48.85, 2.35))
+        .agent(AgentSpec::new("us-1", "us-east", 40.71, -74.00))
+        .start()
+        .expect("fleet starts");
+    let hub = &fleet.hub;
+    hub.push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("release pushed");
+    let spec = |device_site: &str| {
+        format!(
+            "name = \"sensors\"\n[placement]\npolicy = \"every\"\n[[workloads]]\nname = \"sensor\"\n\
+             release = \"sensor@1.0.0\"\ntick_ms = 100\nmemory_mib = 4\ncpu_ms = 20\nconfig = {{ site = \"a\", unit = \"c\" }}\n\
+             [[workloads.overrides]]\nmatch = {{ region = \"us-east\" }}\nconfig = {{ site = \"b\" }}\n\
+             [[workloads.overrides]]\nmatch = {{ device = \"eu-2\" }}\nconfig = {{ site = \"{device_site}\" }}\n"
+        )
+    };
+    hub.apply(&spec("c")).expect("applied");
+    for id in ["eu-1", "eu-2", "us-1"] {
+        hub.wait_workload(id, "sensor", "running").expect("running");
+    }
+    let effective = |id: &str| {
+        hub.device(id)
+            .and_then(|d| d["effective_config"]["sensor"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        ["eu-1", "eu-2", "us-1"].map(effective),
+        ["site=a\nunit=c\n", "site=c\nunit=c\n", "site=b\nunit=c\n"]
+    );
+    // The guest reads its own config (it logs it once at start).
+    let logs = wait_for("eu-2's guest logs its config", PATIENCE, || {
+        let v = hub
+            .client
+            .get("/api/v1/devices/eu-2/logs/sensor?lines=20")
+            .ok()?;
+        let text = v["text"].as_str()?.to_owned();
+        text.contains("site=c").then_some(text)
+    })
+    .expect("guest output");
+    assert!(!logs.contains("site=a"), "{logs}");
+    let before = ["eu-1", "eu-2", "us-1"].map(|id| generation(&fleet, id));
+    hub.apply(&spec("d")).expect("applied");
+    wait_for("eu-2 takes its new config", PATIENCE, || {
+        (effective("eu-2") == "site=d\nunit=c\n").then_some(())
+    })
+    .expect("new config");
+    let after = ["eu-1", "eu-2", "us-1"].map(|id| generation(&fleet, id));
+    assert_eq!(
+        (after[0], after[2]),
+        (before[0], before[2]),
+        "only eu-2 changes"
+    );
+    assert!(after[1] > before[1]);
+}

@@ -8,6 +8,7 @@ use axum::response::IntoResponse;
 use flotilla_shared::DeviceId;
 use flotilla_shared::wire::WorkloadState;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
 pub(super) fn state_str(s: WorkloadState) -> &'static str {
     match s {
@@ -60,6 +61,10 @@ pub(super) struct DeviceOut<'a> {
     hold: Option<&'a str>,
     revoked: bool,
     workloads: Vec<WorkloadOut<'a>>,
+    /// On `GET /api/v1/devices/{id}` only: each workload's config as the device's desired state has it (overrides
+    /// by region, zone, labels or device applied).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    effective_config: Option<BTreeMap<String, String>>,
 }
 
 #[derive(serde::Serialize)]
@@ -163,12 +168,28 @@ pub(super) fn device_out<'a>(
         hold: report.and_then(|r| r.hold.as_deref()),
         revoked: h.access.is_revoked(&d.id),
         workloads,
+        effective_config: None,
     }
 }
 
-/// One device as JSON.
-pub(super) fn device_json(h: &Hub, d: &crate::store::DeviceRow, versions: &mut Versions) -> Value {
-    serde_json::to_value(device_out(h, d, versions)).unwrap_or(Value::Null)
+/// Each workload's config (the `key=value` text it reads) in the device's stored desired state.
+fn effective_config(h: &Hub, id: &DeviceId) -> BTreeMap<String, String> {
+    let Ok(Some((_, content, ..))) = h.store.desired(id) else {
+        return BTreeMap::new();
+    };
+    postcard::from_bytes::<Vec<flotilla_shared::wire::WorkloadSpec>>(&content)
+        .map(|specs| {
+            specs
+                .into_iter()
+                .map(|w| {
+                    (
+                        w.name.to_string(),
+                        String::from_utf8_lossy(&w.config).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `?limit=N&after=ID`: one page of devices in id order, after device ID.
@@ -248,7 +269,11 @@ pub(super) async fn device(
         .call(move |h| -> Result<Value, HubError> {
             let mut versions = Versions::new();
             h.store
-                .with_device(&id, |d| device_json(h, d, &mut versions))?
+                .with_device(&id, |d| {
+                    let mut out = device_out(h, d, &mut versions);
+                    out.effective_config = Some(effective_config(h, &id));
+                    serde_json::to_value(out).unwrap_or(Value::Null)
+                })?
                 .ok_or_else(|| HubError::NotFound(format!("no device {id}")))
         })
         .await??;

@@ -104,6 +104,21 @@ pub fn show(id: &str, conn: Conn) -> Result<()> {
             );
         }
     }
+    // The config each workload reads on this device, overrides applied.
+    if let Some(configs) = v["effective_config"].as_object().filter(|c| !c.is_empty()) {
+        outln!();
+        for (workload, text) in configs {
+            let lines: Vec<&str> = text.as_str().unwrap_or_default().lines().collect();
+            outln!(
+                "config of {workload}: {}",
+                if lines.is_empty() {
+                    "-".to_owned()
+                } else {
+                    lines.join(", ")
+                }
+            );
+        }
+    }
     Ok(())
 }
 

@@ -62,6 +62,13 @@ impl Hub {
         now: u64,
     ) -> crate::store::Result<FleetPlan> {
         let mut plan = FleetPlan::default();
+        // Only deployments with config overrides need each device's view, to layer its config.
+        let by_id: std::collections::HashMap<&DeviceId, &DeviceView> =
+            if deployments.values().any(has_overrides) {
+                views.iter().map(|v| (&v.id, v)).collect()
+            } else {
+                Default::default()
+            };
         for (name, d) in deployments {
             let specs = match self.resolve(d) {
                 Ok(s) => s,
@@ -87,14 +94,23 @@ impl Hub {
             let placement = place(views, &d.target, &d.policy, &d.constraints, &previous, now);
             for id in &placement.chosen {
                 let on_new = active.is_none_or(|r| r.rollout.on_new.contains(id));
-                let use_specs = match (&stable_specs, on_new) {
-                    (Some(stable), false) => stable,
-                    _ => &specs,
+                let (use_specs, templates) = match (&stable_specs, on_new) {
+                    (Some(stable), false) => {
+                        (stable, active.and_then(|r| r.stable.as_ref()).unwrap_or(d))
+                    }
+                    _ => (&specs, d),
                 };
+                let mut specs_here = use_specs.clone();
+                if let Some(view) = by_id.get(id).filter(|_| has_overrides(templates)) {
+                    // `resolve` keeps the templates' order: spec i is template i.
+                    for (spec, t) in specs_here.iter_mut().zip(&templates.workloads) {
+                        spec.config = t.config_for(view);
+                    }
+                }
                 plan.per_device
                     .entry(id.clone())
                     .or_default()
-                    .push((name.clone(), use_specs.clone()));
+                    .push((name.clone(), specs_here));
             }
             plan.placements.insert(name.clone(), placement.chosen);
             plan.previous.insert(name.clone(), previous);
@@ -195,6 +211,11 @@ fn varint_len(mut n: usize) -> usize {
 }
 
 /// The workloads of a device's groups, sorted by name (the order a desired state lists them in).
+/// Whether any workload of `d` layers config per device.
+fn has_overrides(d: &Deployment) -> bool {
+    d.workloads.iter().any(|w| !w.overrides.is_empty())
+}
+
 pub(crate) fn flatten(groups: &[(String, Vec<WorkloadSpec>)]) -> Vec<WorkloadSpec> {
     let mut out: Vec<WorkloadSpec> = groups.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
