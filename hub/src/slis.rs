@@ -189,7 +189,8 @@ impl Slis {
 }
 
 /// Per device, the generation last handed to the broker and when, until the device acknowledges it (reconcile
-/// lag) and runs its workloads (start time). Owned by the hub loop.
+/// lag) and runs its workloads (start time). Owned by the hub loop; one entry per device at most (a newer publish
+/// replaces an unfinished one), so a device that never answers costs one entry.
 #[derive(Debug, Default)]
 pub struct InFlight {
     /// device -> (generation, published at, workloads whose running state is still awaited: (name, release)).
@@ -257,11 +258,6 @@ impl InFlight {
         if p.starting.is_empty() {
             self.pending.remove(device);
         }
-    }
-
-    /// Forgets a device (deleted or revoked).
-    pub fn forget(&mut self, device: &flotilla_shared::DeviceId) {
-        self.pending.remove(device);
     }
 }
 

@@ -210,12 +210,12 @@ fn varint_len(mut n: usize) -> usize {
     len
 }
 
-/// The workloads of a device's groups, sorted by name (the order a desired state lists them in).
 /// Whether any workload of `d` layers config per device.
 fn has_overrides(d: &Deployment) -> bool {
     d.workloads.iter().any(|w| !w.overrides.is_empty())
 }
 
+/// The workloads of a device's groups, sorted by name (the order a desired state lists them in).
 pub(crate) fn flatten(groups: &[(String, Vec<WorkloadSpec>)]) -> Vec<WorkloadSpec> {
     let mut out: Vec<WorkloadSpec> = groups.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
