@@ -420,3 +420,147 @@ fn config_overrides_by_region_and_device() {
     );
     assert!(after[1] > before[1]);
 }
+
+/// `apply --dry-run` reports, device by device, exactly what the apply then does, and changes nothing itself.
+#[test]
+fn dry_run_matches_the_apply_device_for_device() {
+    let fleet = FleetBuilder::new()
+        .agent(AgentSpec::new("eu-1", "eu-west", 52.52, 13.40))
+        .agent(AgentSpec::new("eu-2", "eu-west", 48.85, 2.35))
+        .agent(AgentSpec::new("us-1", "us-east", 40.71, -74.00))
+        .start()
+        .expect("fleet starts");
+    let hub = &fleet.hub;
+    hub.push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("release pushed");
+    hub.apply(&spec("\"eu-west\"", "a")).expect("applied");
+    for id in ["eu-1", "eu-2"] {
+        hub.wait_workload(id, "sensor", "running").expect("running");
+    }
+    // Widen to us-east, and give eu-2 its own config.
+    let next = format!(
+        "{}[[workloads.overrides]]\nmatch = {{ device = \"eu-2\" }}\nconfig = {{ site = \"z\" }}\n",
+        spec("\"eu-west\", \"us-east\"", "a")
+    );
+    let before = ["eu-1", "eu-2", "us-1"].map(|id| generation(&fleet, id));
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("sensors.toml");
+    std::fs::write(&file, &next).expect("spec file");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(flotilla_fleet_tests::bin_dir().join("flotilla"))
+            .args(args)
+            .env("FLOTILLA_SERVER", &hub.api)
+            .env("FLOTILLA_TOKEN_FILE", hub.dir.join("admin.token"))
+            .output()
+            .expect("cli runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = run(&["apply", "--dry-run", "-f", &file.display().to_string()]);
+    assert!(
+        table.contains("placed on 3 devices, 2 would change, 1 unchanged"),
+        "{table}"
+    );
+    assert!(
+        table.contains("us-1") && table.contains("+ sensor 1.0.0"),
+        "{table}"
+    );
+    assert!(table.contains("(config changes)"), "{table}");
+    let plan: serde_json::Value = serde_json::from_str(&run(&[
+        "apply",
+        "--dry-run",
+        "-f",
+        &file.display().to_string(),
+        "-o",
+        "json",
+    ]))
+    .expect("JSON");
+    let predicted: Vec<(String, String)> = plan["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .flat_map(|c| {
+            c["workloads"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |w| {
+                    (
+                        c["device"].as_str().unwrap_or("").to_owned(),
+                        w["change"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+        })
+        .collect();
+    assert_eq!(
+        predicted,
+        [
+            ("eu-2".to_owned(), "update".to_owned()),
+            ("us-1".to_owned(), "add".to_owned())
+        ]
+    );
+    // The dry run changed nothing.
+    assert_eq!(
+        ["eu-1", "eu-2", "us-1"].map(|id| generation(&fleet, id)),
+        before
+    );
+    let status = hub
+        .client
+        .get("/api/v1/deployments/sensors")
+        .expect("status");
+    assert_eq!(
+        status["placed"], 2,
+        "still placed on eu-west only: {status}"
+    );
+    // A spec the apply would refuse is refused by the dry run too, with the same reason.
+    let bad = hub.client.post(
+        "/api/v1/deployments?dry_run=true",
+        "application/toml",
+        spec("\"eu-west\"", "a")
+            .replace("sensor@1.0.0", "sensor@9.9.9")
+            .as_bytes(),
+        &[],
+    );
+    assert!(
+        bad.as_ref()
+            .is_err_and(|e| e.to_string().contains("no release sensor@9.9.9")),
+        "{bad:?}"
+    );
+
+    // The real apply: exactly the predicted devices get a new generation.
+    hub.apply(&next).expect("applied");
+    hub.wait_workload("us-1", "sensor", "running")
+        .expect("us-1 runs");
+    wait_for("eu-2 takes its config", PATIENCE, || {
+        (generation(&fleet, "eu-2") > before[1]).then_some(())
+    })
+    .expect("eu-2 updated");
+    let after = ["eu-1", "eu-2", "us-1"].map(|id| generation(&fleet, id));
+    let changed: Vec<&str> = ["eu-1", "eu-2", "us-1"]
+        .into_iter()
+        .zip(before.iter().zip(after))
+        .filter(|(_, (b, a))| a > *b)
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(changed, ["eu-2", "us-1"]);
+    // Applied, a dry run of the same spec has nothing left to change.
+    let again = hub
+        .client
+        .post(
+            "/api/v1/deployments?dry_run=true",
+            "application/toml",
+            next.as_bytes(),
+            &[],
+        )
+        .expect("dry run");
+    assert_eq!(
+        again["dry_run"]["changes"],
+        serde_json::json!([]),
+        "{again}"
+    );
+}

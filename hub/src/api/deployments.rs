@@ -10,8 +10,23 @@ use axum::response::IntoResponse;
 use flotilla_shared::wire::WorkloadState;
 use serde_json::{Value, json};
 
-pub(super) async fn apply(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+/// `?dry_run=true`: report what the apply would change and change nothing.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ApplyParams {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+pub(super) async fn apply(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    params: Result<axum::extract::Query<ApplyParams>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> ApiResult {
     let who = s.auth(&headers, Role::Operator).await?;
+    let axum::extract::Query(params) = params
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid query", e.body_text()))?;
     let file = headers
         .get("x-flotilla-spec-file")
         .and_then(|v| v.to_str().ok())
@@ -30,6 +45,12 @@ pub(super) async fn apply(State(s): State<ApiState>, headers: HeaderMap, body: B
         .get("x-flotilla-force")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v == "true");
+    if params.dry_run {
+        let plan = s
+            .call(move |h| h.apply_dry_run(&file, &text, force))
+            .await??;
+        return ok(json!({"dry_run": plan}));
+    }
     let (name, rev) = s
         .call(move |h| h.apply(&file, &text, &who, force))
         .await??;

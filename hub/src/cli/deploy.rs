@@ -22,6 +22,63 @@ pub fn apply(file: &Path, force: bool, conn: Conn) -> Result<()> {
     Ok(())
 }
 
+/// `flotilla apply --dry-run`: what the apply would change, device by device.
+pub fn dry_run(file: &Path, force: bool, conn: Conn) -> Result<()> {
+    let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let name = file.display().to_string();
+    let mut headers = vec![("x-flotilla-spec-file", name.as_str())];
+    if force {
+        headers.push(("x-flotilla-force", "true"));
+    }
+    let v = conn.client()?.post(
+        "/api/v1/deployments?dry_run=true",
+        "application/toml",
+        &text,
+        &headers,
+    )?;
+    let plan = &v["dry_run"];
+    if conn.json() {
+        print_json(plan);
+        return Ok(());
+    }
+    let changes = plan["changes"].as_array().cloned().unwrap_or_default();
+    outln!(
+        "dry run of deployment {}: placed on {} devices, {} would change, {} unchanged; nothing was applied",
+        s(plan, "deployment"),
+        s(plan, "placed"),
+        changes.len(),
+        s(plan, "unchanged")
+    );
+    for c in &changes {
+        for w in c["workloads"].as_array().map_or(&[][..], Vec::as_slice) {
+            let what = match w["change"].as_str() {
+                Some("add") => format!("+ {} {}", s(w, "workload"), s(w, "to")),
+                Some("remove") => format!("- {} {}", s(w, "workload"), s(w, "from")),
+                _ if w["from"] != w["to"] => {
+                    format!("~ {} {} -> {}", s(w, "workload"), s(w, "from"), s(w, "to"))
+                }
+                _ => format!("~ {} {}", s(w, "workload"), s(w, "to")),
+            };
+            let config = if w["config_changed"] == true && w["change"] == "update" {
+                " (config changes)"
+            } else {
+                ""
+            };
+            outln!("  {:<20} {what}{config}", s(c, "device"));
+        }
+    }
+    if let Some(waves) = plan["waves"].as_array() {
+        outln!("rollout waves:");
+        for (i, w) in waves.iter().enumerate() {
+            let ids: Vec<&str> = w
+                .as_array()
+                .map_or(vec![], |a| a.iter().filter_map(|x| x.as_str()).collect());
+            outln!("  wave {i}: {} devices: {}", ids.len(), ids.join(" "));
+        }
+    }
+    Ok(())
+}
+
 /// Posts a spec file to the hub's deployments endpoint.
 pub(super) fn post_spec(
     conn: &Conn,

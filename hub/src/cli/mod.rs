@@ -176,6 +176,9 @@ enum Cmd {
         /// no device or enrollment token knows yet.
         #[arg(long)]
         force: bool,
+        /// Show what the apply would change, device by device (and the waves of a rollout), and change nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -540,7 +543,18 @@ fn run(cli: Cli) -> Result<()> {
             ttl_secs,
             conn,
         }) => devices::enroll_token(region, zone, labels, ttl_secs, conn)?,
-        Cmd::Apply { file, force, conn } => deploy::apply(&file, force, conn)?,
+        Cmd::Apply {
+            file,
+            force,
+            dry_run: false,
+            conn,
+        } => deploy::apply(&file, force, conn)?,
+        Cmd::Apply {
+            file,
+            force,
+            dry_run: true,
+            conn,
+        } => deploy::dry_run(&file, force, conn)?,
         Cmd::Deploy(DeployCmd::Ls { conn }) => deploy::ls(conn)?,
         Cmd::Deploy(DeployCmd::Status { name, conn }) => deploy::status(&name, conn)?,
         Cmd::Deploy(DeployCmd::Rm { name, conn }) => deploy::rm(&name, conn)?,

@@ -1,6 +1,7 @@
 //! Deployments: loading, resolving (release names to signed release digests) and applying operator specs. Placement
 //! and the signing and publishing of desired states live in [`publish`]; explanations for operators in [`why`].
 
+pub mod dryrun;
 pub mod plan;
 pub mod publish;
 pub mod secrets;
@@ -124,41 +125,9 @@ impl Hub {
         who: &str,
         force: bool,
     ) -> Result<(String, u64), HubError> {
-        let d = spec::parse(file, source).map_err(|e| HubError::BadRequest(e.to_string()))?;
-        let specs = self.resolve(&d).map_err(|e| match e {
-            HubError::BadRequest(m) => HubError::BadRequest(format!("{file}: {m}")),
-            other => other,
-        })?;
-        for (other_name, other) in &self.deployments {
-            if other_name == d.name.as_str() {
-                continue;
-            }
-            if let Some(w) = d
-                .workloads
-                .iter()
-                .find(|w| other.workloads.iter().any(|o| o.name == w.name))
-            {
-                return Err(HubError::Conflict(format!(
-                    "workload {} is already deployed by deployment {other_name}",
-                    w.name
-                )));
-            }
-        }
+        let (d, _) = self.validate_apply(file, source, force)?;
         let now = unix_now();
         let name = d.name.to_string();
-        if self
-            .rollouts
-            .get(&name)
-            .is_some_and(|r| !r.rollout.is_finished())
-        {
-            return Err(HubError::Conflict(format!(
-                "a rollout of {name} is in progress; wait for it, or abort it with `flotilla rollout abort {name}`"
-            )));
-        }
-        if !force {
-            self.check_known_locations(file, &d)?;
-        }
-        self.check_placement(file, &d, &specs, force)?;
         let previous = self.store.deployment_source(&name)?;
         let rollout_from = match (&d.rollout, &previous, self.deployments.get(&name)) {
             (Some(_), Some(prev_source), Some(prev))
@@ -186,6 +155,52 @@ impl Hub {
         self.reconcile_fleet()
             .map_err(|e| HubError::Internal(e.to_string()))?;
         Ok((name, rev))
+    }
+
+    /// Everything `apply` checks before it changes anything: the spec parses, its releases resolve, its workloads
+    /// are not another deployment's, no rollout of it is running, and it places (see [`Hub::apply`]). Returns the
+    /// deployment and its resolved workload specs.
+    pub(crate) fn validate_apply(
+        &self,
+        file: &str,
+        source: &str,
+        force: bool,
+    ) -> Result<(Deployment, Vec<WorkloadSpec>), HubError> {
+        let d = spec::parse(file, source).map_err(|e| HubError::BadRequest(e.to_string()))?;
+        let specs = self.resolve(&d).map_err(|e| match e {
+            HubError::BadRequest(m) => HubError::BadRequest(format!("{file}: {m}")),
+            other => other,
+        })?;
+        for (other_name, other) in &self.deployments {
+            if other_name == d.name.as_str() {
+                continue;
+            }
+            if let Some(w) = d
+                .workloads
+                .iter()
+                .find(|w| other.workloads.iter().any(|o| o.name == w.name))
+            {
+                return Err(HubError::Conflict(format!(
+                    "workload {} is already deployed by deployment {other_name}",
+                    w.name
+                )));
+            }
+        }
+        let name = d.name.to_string();
+        if self
+            .rollouts
+            .get(&name)
+            .is_some_and(|r| !r.rollout.is_finished())
+        {
+            return Err(HubError::Conflict(format!(
+                "a rollout of {name} is in progress; wait for it, or abort it with `flotilla rollout abort {name}`"
+            )));
+        }
+        if !force {
+            self.check_known_locations(file, &d)?;
+        }
+        self.check_placement(file, &d, &specs, force)?;
+        Ok((d, specs))
     }
 
     /// Refuses target regions and zones that no enrolled device and no enrollment token names: a typo there
