@@ -129,8 +129,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         sparkplug,
         history: (telemetry_history_secs > 0).then_some(crate::telemetry::history::Retention {
             max_age_secs: telemetry_history_secs,
-            max_bytes_per_device: telemetry_history_mib << 20,
-            max_bytes_total: telemetry_history_total_mib << 20,
+            max_bytes_per_device: telemetry_history_mib.saturating_mul(1 << 20),
+            max_bytes_total: telemetry_history_total_mib.saturating_mul(1 << 20),
         }),
     };
     rt.block_on(server::serve_with(DataDir(data_dir), http, choice, options))?;
