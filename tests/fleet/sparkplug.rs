@@ -109,22 +109,16 @@ fn sparkplug_births_data_and_deaths_decode_with_an_independent_decoder() {
     for d in ["eu-1", "us-1"] {
         hub.wait_workload(d, "sensor", "running").expect("running");
     }
-    let cred = hub
-        .client
-        .post(
-            "/api/v1/feed-credentials",
-            "application/json",
-            br#"{"name": "scada", "regions": ["eu-west"]}"#,
-            &[],
-        )
+    let (user, password, client_id) = hub
+        .feed_credential("scada", &["eu-west"])
         .expect("feed credential");
     let port = hub.mqtt_port.to_string();
     let sub = ChildLines::spawn(Command::new("python3").arg(script()).args([
         "127.0.0.1",
         &port,
-        cred["username"].as_str().expect("user"),
-        cred["password"].as_str().expect("password"),
-        cred["client_id"].as_str().expect("client id"),
+        &user,
+        &password,
+        &client_id,
         "spBv1.0/eu-west/#",
         "spBv1.0/us-east/#",
         // As a host application that starts after the nodes: ask for births (the second is not its region).

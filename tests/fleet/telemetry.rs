@@ -111,14 +111,8 @@ fn json_feed_history_and_tail() {
 
     // A generic MQTT client with an eu-west feed credential subscribes to the JSON feed of its region, and of a
     // region it may not read (refused by the broker: only eu-west records may arrive).
-    let cred = hub
-        .client
-        .post(
-            "/api/v1/feed-credentials",
-            "application/json",
-            br#"{"name": "jq", "regions": ["eu-west"]}"#,
-            &[],
-        )
+    let (user, password, client_id) = hub
+        .feed_credential("jq", &["eu-west"])
         .expect("feed credential");
     let sub = ChildLines::spawn(
         Command::new("mosquitto_sub")
@@ -130,9 +124,7 @@ fn json_feed_history_and_tail() {
                 "-V",
                 "mqttv311",
             ])
-            .args(["-u", cred["username"].as_str().expect("user")])
-            .args(["-P", cred["password"].as_str().expect("password")])
-            .args(["-i", cred["client_id"].as_str().expect("client id")])
+            .args(["-u", &user, "-P", &password, "-i", &client_id])
             .args(["-q", "1", "-t", "flotilla/v1/feed/json/eu-west/#"])
             .args(["-t", "flotilla/v1/feed/json/us-east/#"]),
     );

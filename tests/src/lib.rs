@@ -542,13 +542,12 @@ impl Hub {
         )
     }
 
-    /// A read-only telemetry consumer for `regions`, with a credential created through the API.
-    pub fn feed_client(
+    /// A feed credential for `regions`, created through the API: (username, password, client id).
+    pub fn feed_credential(
         &self,
         name: &str,
         regions: &[&str],
-        subscriptions: &[&str],
-    ) -> Result<TestClient> {
+    ) -> Result<(String, String, String)> {
         let body = serde_json::json!({"name": name, "regions": regions});
         let c = self.client.post(
             "/api/v1/feed-credentials",
@@ -556,9 +555,19 @@ impl Hub {
             body.to_string().as_bytes(),
             &[],
         )?;
-        let user = c["username"].as_str().context("username")?.to_owned();
-        let pass = c["password"].as_str().context("password")?.to_owned();
-        let id = c["client_id"].as_str().context("client_id")?.to_owned();
+        let field =
+            |k: &str| -> Result<String> { Ok(c[k].as_str().context(k.to_owned())?.to_owned()) };
+        Ok((field("username")?, field("password")?, field("client_id")?))
+    }
+
+    /// A read-only telemetry consumer for `regions`, with a credential created through the API.
+    pub fn feed_client(
+        &self,
+        name: &str,
+        regions: &[&str],
+        subscriptions: &[&str],
+    ) -> Result<TestClient> {
+        let (user, pass, id) = self.feed_credential(name, regions)?;
         TestClient::connect_with(self.mqtt_port, &id, Some((user, pass)), subscriptions)
     }
 

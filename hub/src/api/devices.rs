@@ -281,7 +281,7 @@ pub(super) async fn device(
 }
 
 /// A device id from the path, or a 400 naming what is wrong with it.
-fn device_id(id: String) -> Result<DeviceId, Problem> {
+pub(super) fn device_id(id: String) -> Result<DeviceId, Problem> {
     DeviceId::new(id)
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))
 }

@@ -8,7 +8,6 @@ use axum::extract::{Path, Query as QueryString, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use flotilla_shared::DeviceId;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -41,8 +40,7 @@ pub(super) async fn device_telemetry(
     params: Result<QueryString<HistoryParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     s.auth(&headers, Role::Viewer).await?;
-    let id = DeviceId::new(id)
-        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid device id", e.to_string()))?;
+    let id = super::devices::device_id(id)?;
     let QueryString(p) = params.map_err(|e| bad(e.body_text()))?;
     let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {

@@ -25,16 +25,12 @@ pub fn apply(file: &Path, force: bool, conn: Conn) -> Result<()> {
 /// `flotilla apply --dry-run`: what the apply would change, device by device.
 pub fn dry_run(file: &Path, force: bool, conn: Conn) -> Result<()> {
     let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let name = file.display().to_string();
-    let mut headers = vec![("x-flotilla-spec-file", name.as_str())];
-    if force {
-        headers.push(("x-flotilla-force", "true"));
-    }
-    let v = conn.client()?.post(
+    let v = post_spec_to(
+        &conn,
         "/api/v1/deployments?dry_run=true",
-        "application/toml",
+        file,
         &text,
-        &headers,
+        force,
     )?;
     let plan = &v["dry_run"];
     if conn.json() {
@@ -86,13 +82,24 @@ pub(super) fn post_spec(
     text: &[u8],
     force: bool,
 ) -> Result<serde_json::Value> {
+    post_spec_to(conn, "/api/v1/deployments", file, text, force)
+}
+
+/// Posts a spec file to `path` (the deployments endpoint, with or without `?dry_run=true`).
+fn post_spec_to(
+    conn: &Conn,
+    path: &str,
+    file: &Path,
+    text: &[u8],
+    force: bool,
+) -> Result<serde_json::Value> {
     let name = file.display().to_string();
     let mut headers = vec![("x-flotilla-spec-file", name.as_str())];
     if force {
         headers.push(("x-flotilla-force", "true"));
     }
     conn.client()?
-        .post("/api/v1/deployments", "application/toml", text, &headers)
+        .post(path, "application/toml", text, &headers)
 }
 
 /// Lists deployments.

@@ -546,15 +546,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Apply {
             file,
             force,
-            dry_run: false,
+            dry_run,
             conn,
-        } => deploy::apply(&file, force, conn)?,
-        Cmd::Apply {
-            file,
-            force,
-            dry_run: true,
-            conn,
-        } => deploy::dry_run(&file, force, conn)?,
+        } => {
+            if dry_run {
+                deploy::dry_run(&file, force, conn)?
+            } else {
+                deploy::apply(&file, force, conn)?
+            }
+        }
         Cmd::Deploy(DeployCmd::Ls { conn }) => deploy::ls(conn)?,
         Cmd::Deploy(DeployCmd::Status { name, conn }) => deploy::status(&name, conn)?,
         Cmd::Deploy(DeployCmd::Rm { name, conn }) => deploy::rm(&name, conn)?,

@@ -143,10 +143,9 @@ fn publish_sparkplug(link: &flotilla_mqtt::Link, out: Vec<sparkplug::Out>) -> u6
     dropped
 }
 
+/// Unix seconds with millisecond precision (the feed's `hub_time`).
 fn hub_time() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| (d.as_millis() as f64) / 1000.0)
+    now_ms() as f64 / 1000.0
 }
 
 impl Hub {
