@@ -94,6 +94,13 @@ fn scenario(broker: BrokerKind) {
         paged.extend(ids);
     }
     assert_eq!(paged, ["ap-1", "eu-1", "us-1"]);
+    for bad in ["limit=0", "limit=10001", "limit=x"] {
+        let err = hub
+            .client
+            .get(&format!("/api/v1/devices?{bad}"))
+            .expect_err(bad);
+        assert!(err.to_string().contains("400"), "{bad}: {err}");
+    }
 
     // Widen to ap-south: only ap-1 gets a new generation; the others are untouched.
     hub.apply(&spec("\"eu-west\", \"us-east\", \"ap-south\"", "a"))

@@ -224,6 +224,29 @@ fn json_feed_history_and_tail() {
         String::from_utf8_lossy(&out.stderr)
     );
     let q: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    // Bad queries are refused with the reason, and the history is still there afterwards.
+    for (query, reason) in [
+        ("limit=0", "limit must be"),
+        ("limit=10001", "limit must be"),
+        ("since=20&until=10", "since must be before until"),
+        ("step=60", "give stream too"),
+        ("stream=count&step=0", "at least 1 second"),
+        ("colour=red", "unknown field"),
+    ] {
+        let err = hub
+            .client
+            .get(&format!("/api/v1/devices/eu-1/telemetry?{query}"))
+            .expect_err(query);
+        assert!(
+            err.to_string().contains("400") && err.to_string().contains(reason),
+            "{query}: {err}"
+        );
+    }
+    assert!(
+        hub.client
+            .get("/api/v1/devices/nobody/telemetry")
+            .is_err_and(|e| e.to_string().contains("404"))
+    );
     assert_eq!(q.as_array().map(Vec::len), Some(5), "{q}");
     assert_eq!(q[0], all[0]);
 
