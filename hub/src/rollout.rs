@@ -1,12 +1,13 @@
 //! The rollout driver: feeds the sans-IO rollout state machine (`flotilla_hub_core::rollout`) with device reports,
-//! telemetry gates and time, persists its snapshot after every transition, makes an abort's rollback permanent,
-//! and takes operator commands. Placement reads the rollout's assignments (`on_new`) when it builds desired states.
+//! presence, telemetry gates, what is out of service elsewhere (budgets) and time; persists its snapshot after every
+//! transition; makes an abort's rollback permanent; remembers releases that failed on a device; and takes operator
+//! commands. Placement reads the rollout's assignments (`on_new`) when it builds desired states.
 
 use crate::hub::{Hub, HubError, unix_now};
 use crate::spec::{self, Deployment};
 use crate::store::Store;
 use anyhow::Result;
-use flotilla_hub_core::rollout::{self, Observation, Phase, Rollout};
+use flotilla_hub_core::rollout::{self, Member, Observation, Phase, Rollout};
 use flotilla_shared::DeviceId;
 use flotilla_shared::wire::WorkloadState;
 use std::collections::BTreeMap;
@@ -52,9 +53,39 @@ pub fn load(store: &Store) -> Result<BTreeMap<String, DeploymentRollout>> {
     Ok(rollouts)
 }
 
+/// The releases (`name@version`) of `target` that `stable` does not run: what a failure of this rollout is
+/// remembered against.
+pub(crate) fn changed_releases(stable: &Deployment, target: &Deployment) -> Vec<String> {
+    let mut out: Vec<String> = target
+        .workloads
+        .iter()
+        .filter(|w| {
+            !stable
+                .workloads
+                .iter()
+                .any(|s| s.name == w.name && s.release == w.release)
+        })
+        .map(|w| w.release.to_string())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A device's `tz` label (set in agent.toml or by its enrollment token).
+fn tz_label(d: &crate::store::DeviceRow) -> Option<String> {
+    let tz = d.inventory.labels.iter().rev().find(|(k, _)| k == "tz");
+    tz.map(|(_, v)| v.clone())
+}
+
+/// A device's labels as a map (the last value of a repeated key wins, as in placement).
+fn label_map(d: &crate::store::DeviceRow) -> BTreeMap<String, String> {
+    d.inventory.labels.iter().cloned().collect()
+}
+
 impl Hub {
-    /// Starts a rollout of `name` from `stable` (its previous version) to `target_source`, over the devices the
-    /// deployment is placed on now.
+    /// Starts a rollout of `name` from `stable` (its previous version) to `target`, over the devices the
+    /// deployment is placed on now. Devices where one of the target's new releases failed before are left out.
     #[allow(clippy::too_many_arguments)] // Reason: the parts of one apply, named at its single call site.
     pub(crate) fn begin_rollout(
         &mut self,
@@ -62,36 +93,62 @@ impl Hub {
         plan: rollout::Plan,
         stable_source: String,
         stable: Deployment,
+        target: &Deployment,
         target_source: &str,
         who: &str,
         now: u64,
     ) -> Result<(), HubError> {
         let placed = self.store.placements(name)?;
-        let mut members: Vec<(DeviceId, Option<String>)> = Vec::with_capacity(placed.len());
-        // A device's own time zone is its `tz` label (set in agent.toml or by its enrollment token).
-        let mut zones = BTreeMap::new();
+        let changed = changed_releases(&stable, target);
+        let mut members: Vec<Member> = Vec::with_capacity(placed.len());
         for id in placed {
-            let (region, tz) = self
+            let Some(mut m) = self.store.with_device(&id, |d| Member {
+                id: d.id.clone(),
+                region: d.inventory.region.as_ref().map(|r| r.to_string()),
+                zone: d.inventory.zone.as_ref().map(|z| z.to_string()),
+                labels: label_map(d),
+                tz: tz_label(d),
+                online: d.online,
+                blocked: None,
+            })?
+            else {
+                continue;
+            };
+            m.blocked = self
                 .store
-                .with_device(&id, |d| {
-                    let tz = d.inventory.labels.iter().rev().find(|(k, _)| k == "tz");
-                    (
-                        d.inventory.region.as_ref().map(|r| r.to_string()),
-                        tz.map(|(_, v)| v.clone()),
+                .failed_releases(&id)?
+                .into_iter()
+                .find(|(release, ..)| changed.contains(release))
+                .map(|(release, _, reason, at)| {
+                    format!(
+                        "{release} failed its health window here at {at} ({reason}); \
+                         `flotilla rollout retry {name} --device {id}` gives it another chance"
                     )
-                })?
-                .unwrap_or_default();
-            if let Some(tz) = tz {
-                zones.insert(id.clone(), tz);
-            }
-            members.push((id, region));
+                });
+            members.push(m);
         }
-        let rollout = Rollout::start_with_zones(plan, &members, zones, now);
+        // Percentage budgets are of the whole group in the fleet, not only of the devices this deployment runs on.
+        let mut sizes: BTreeMap<String, u32> = BTreeMap::new();
+        if !plan.budgets.is_empty() {
+            self.store.with_devices(|devices| {
+                for d in devices {
+                    let labels = label_map(d);
+                    let zone = d.inventory.zone.as_ref().map(|z| z.to_string());
+                    for b in &plan.budgets {
+                        if let Some(key) = b.group_of(zone.as_deref(), &labels) {
+                            *sizes.entry(key).or_default() += 1;
+                        }
+                    }
+                }
+            })?;
+        }
+        let count = members.len();
+        let rollout = Rollout::begin(plan, members, &sizes, now);
         self.store.audit(
             now,
             who,
             "rollout-start",
-            &format!("deployment {name}: {} devices", members.len()),
+            &format!("deployment {name}: {count} devices"),
         )?;
         self.rollouts.insert(
             name.to_owned(),
@@ -104,12 +161,105 @@ impl Hub {
                 outcome_counted: false,
             },
         );
+        // A rollout with budgets starts its first devices once it knows what is out of service elsewhere.
+        self.refresh_budgets();
+        if let Some(r) = self.rollouts.get_mut(name) {
+            r.rollout.tick(now);
+        }
         Ok(())
+    }
+
+    /// Tells every active rollout with disruption budgets which of its devices are out of service outside it:
+    /// offline, a workload not running healthy, or updating in another rollout.
+    pub(crate) fn refresh_budgets(&mut self) {
+        let with_budgets: Vec<String> = self
+            .rollouts
+            .iter()
+            .filter(|(_, r)| !r.rollout.is_finished() && !r.rollout.plan.budgets.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in with_budgets {
+            let Some(mut r) = self.rollouts.remove(&name) else {
+                continue;
+            };
+            let others = &self.rollouts;
+            let store = &self.store;
+            r.rollout.refresh_elsewhere(|d| {
+                others.values().any(|o| o.rollout.is_unavailable(d))
+                    || store
+                        .with_device(d, |row| !row.online || !reports_healthy(row))
+                        .ok()
+                        .flatten()
+                        .unwrap_or(false)
+            });
+            self.rollouts.insert(name, r);
+        }
+    }
+
+    /// A member went offline or came back: every active rollout it belongs to is told.
+    pub(crate) fn presence_for_rollouts(&mut self, device: &DeviceId, online: bool, now: u64) {
+        for r in self.rollouts.values_mut() {
+            if !r.rollout.is_finished() {
+                r.rollout.set_online(now, device, online);
+            }
+        }
+    }
+
+    /// `flotilla rollout retry`: forgets the failures of this deployment's new releases (on one device, or on all)
+    /// and gives the devices another chance in the rollout when it is running or completed. Returns the devices
+    /// the rollout retried and how many remembered failures were forgotten.
+    pub fn rollout_retry(
+        &mut self,
+        deployment: &str,
+        device: Option<DeviceId>,
+        who: &str,
+    ) -> Result<(Vec<String>, usize), HubError> {
+        let r = self
+            .rollouts
+            .get_mut(deployment)
+            .ok_or_else(|| HubError::NotFound(format!("no rollout for deployment {deployment}")))?;
+        let target = spec::parse(deployment, &r.target_source)
+            .map_err(|e| HubError::Internal(format!("stored target of {deployment}: {e}")))?;
+        let releases = match &r.stable {
+            Some(stable) => changed_releases(stable, &target),
+            None => target
+                .workloads
+                .iter()
+                .map(|w| w.release.to_string())
+                .collect(),
+        };
+        let forgotten = self.store.forget_failures(&releases, device.as_ref())?;
+        let now = unix_now();
+        let devices: Vec<DeviceId> = device.iter().cloned().collect();
+        let retried = match r.rollout.retry(now, &devices, who) {
+            Ok(ds) => ds.iter().map(|d| d.to_string()).collect(),
+            // An aborted rollout is not reopened; forgetting the failure is what lets the next one include it.
+            Err(_) if forgotten > 0 => vec![],
+            Err(e) => return Err(HubError::Conflict(e.to_string())),
+        };
+        self.store.audit(
+            now,
+            who,
+            "rollout-retry",
+            &format!(
+                "{deployment}: {} ({} failures forgotten, {} devices retried)",
+                device
+                    .as_ref()
+                    .map_or("all devices".to_owned(), |d| d.to_string()),
+                forgotten,
+                retried.len()
+            ),
+        )?;
+        self.drive_rollouts();
+        self.reconcile_fleet()
+            .map_err(|e| HubError::Internal(e.to_string()))?;
+        Ok((retried, forgotten))
     }
 
     /// Time passes for every rollout: telemetry gates are evaluated, soak and report timeouts advance.
     pub(crate) fn tick_rollouts(&mut self, now: u64) {
         self.check_telemetry_gates(now);
+        self.refresh_budgets();
         for r in self.rollouts.values_mut() {
             r.rollout.tick(now);
         }
@@ -216,12 +366,37 @@ impl Hub {
             let Some(r) = self.rollouts.get_mut(&name) else {
                 continue;
             };
-            while let Some(rollout::Action::Assign { .. }) = r.rollout.poll_action() {
-                // The assignment lives in the rollout state (`on_new`); placement reads it when re-publishing.
-                self.dirty = true;
-                self.inflight
-                    .changed_at
-                    .get_or_insert_with(std::time::Instant::now);
+            let mut failures = vec![];
+            while let Some(action) = r.rollout.poll_action() {
+                match action {
+                    rollout::Action::Assign { .. } => {
+                        // The assignment lives in the rollout state (`on_new`); placement reads it when
+                        // re-publishing.
+                        self.dirty = true;
+                        self.inflight
+                            .changed_at
+                            .get_or_insert_with(std::time::Instant::now);
+                    }
+                    rollout::Action::RememberFailure { device, reason } => {
+                        failures.push((device, reason))
+                    }
+                }
+            }
+            if !failures.is_empty() {
+                let releases = match (&r.stable, spec::parse(&name, &r.target_source)) {
+                    (Some(stable), Ok(target)) => changed_releases(stable, &target),
+                    _ => vec![],
+                };
+                for (device, reason) in failures {
+                    for release in &releases {
+                        if let Err(e) = self
+                            .store
+                            .remember_failure(&device, release, &name, &reason, now)
+                        {
+                            tracing::error!(device = %device, error = %e, "cannot remember a failed release");
+                        }
+                    }
+                }
             }
             if r.rollout.is_finished() && !r.outcome_counted {
                 r.outcome_counted = true;
@@ -230,7 +405,7 @@ impl Hub {
                     _ => "aborted",
                 });
             }
-            let snapshot = postcard::to_stdvec(&r.rollout).unwrap_or_default();
+            let snapshot = r.rollout.snapshot();
             if snapshot == r.persisted {
                 continue;
             }
@@ -283,7 +458,7 @@ impl Hub {
             .ok_or_else(|| HubError::NotFound(format!("no rollout for deployment {deployment}")))?;
         let now = unix_now();
         r.rollout
-            .command(now, cmd)
+            .command(now, cmd, who)
             .map_err(|e| HubError::Conflict(e.to_string()))?;
         self.store
             .audit(now, who, "rollout", &format!("{deployment}: {cmd:?}"))?;
@@ -292,4 +467,14 @@ impl Hub {
             .map_err(|e| HubError::Internal(e.to_string()))?;
         Ok(())
     }
+}
+
+/// Whether a device's last report has every workload running and healthy (no report yet counts as healthy: the
+/// device has nothing to be unhealthy about).
+fn reports_healthy(row: &crate::store::DeviceRow) -> bool {
+    row.last_report.as_ref().is_none_or(|r| {
+        r.workloads
+            .iter()
+            .all(|w| w.state == WorkloadState::Running && w.healthy)
+    })
 }

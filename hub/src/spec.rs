@@ -3,7 +3,7 @@
 
 use crate::telemetry::typed::ContentType;
 use flotilla_hub_core::rollout::{
-    Clock, HoldDeadline, Plan, TelemetryGate, Wave, Window, is_time_zone,
+    Budget, Clock, GroupBy, HoldDeadline, Limit, Plan, TelemetryGate, Wave, Window, is_time_zone,
 };
 use flotilla_hub_core::{Constraints, Policy, Target};
 use flotilla_shared::wire::{Geofence, HealthRule, LatLon, Resources, RestartPolicy, WorkloadKind};
@@ -62,6 +62,22 @@ struct RawRollout {
     windows: BTreeMap<String, RawWindow>,
     #[serde(default)]
     telemetry_gates: Vec<RawGate>,
+    /// How long a device offline at its turn may hold up its wave.
+    #[serde(default = "default_offline_grace")]
+    offline_grace_secs: u64,
+    /// Count a device still offline after the grace as failed.
+    #[serde(default)]
+    offline_is_failure: bool,
+    #[serde(default)]
+    budgets: Vec<RawBudget>,
+}
+
+/// `[[rollout.budgets]] group_by = "zone" | "label:site", max_unavailable = 1 | "25%"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    group_by: String,
+    max_unavailable: toml::Value,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +115,9 @@ fn default_timeout() -> u64 {
 }
 fn default_hold() -> u64 {
     3600
+}
+fn default_offline_grace() -> u64 {
+    600
 }
 fn default_on_hold() -> String {
     "fail".into()
@@ -221,6 +240,10 @@ fn rollout_plan(r: RawRollout) -> Result<Plan, (String, String)> {
             },
         );
     }
+    let mut budgets = Vec::new();
+    for (i, b) in r.budgets.into_iter().enumerate() {
+        budgets.push(budget(&format!("rollout.budgets[{i}]"), b)?);
+    }
     Ok(Plan {
         waves,
         soak_secs: r.soak_secs,
@@ -232,6 +255,47 @@ fn rollout_plan(r: RawRollout) -> Result<Plan, (String, String)> {
         max_hold_secs: r.max_hold_secs,
         on_hold_deadline,
         telemetry_gates,
+        offline_grace_secs: r.offline_grace_secs,
+        offline_is_failure: r.offline_is_failure,
+        budgets,
+    })
+}
+
+/// Validates one disruption budget.
+fn budget(f: &str, b: RawBudget) -> Result<Budget, (String, String)> {
+    let group_by = match b.group_by.split_once(':') {
+        None if b.group_by == "zone" => GroupBy::Zone,
+        Some(("label", key)) if !key.is_empty() => GroupBy::Label(key.to_owned()),
+        _ => {
+            return Err((
+                format!("{f}.group_by"),
+                format!("{:?}: use \"zone\" or \"label:KEY\"", b.group_by),
+            ));
+        }
+    };
+    let bad = || {
+        (
+            format!("{f}.max_unavailable"),
+            "a device count (1 or more) or a percentage (\"25%\", 1..100)".to_owned(),
+        )
+    };
+    let max_unavailable = match &b.max_unavailable {
+        toml::Value::Integer(n) if *n >= 1 => Limit::Count(u32::try_from(*n).map_err(|_| bad())?),
+        toml::Value::String(p) => {
+            let pct: u32 = p
+                .strip_suffix('%')
+                .and_then(|n| n.trim().parse().ok())
+                .ok_or_else(bad)?;
+            if !(1..=100).contains(&pct) {
+                return Err(bad());
+            }
+            Limit::Percent(pct)
+        }
+        _ => return Err(bad()),
+    };
+    Ok(Budget {
+        group_by,
+        max_unavailable,
     })
 }
 
@@ -870,6 +934,49 @@ config = { interval = "5" }
     const WINDOW: &str = "[rollout]\nwaves = [\"rest\"]\n[rollout.windows.eu-west]\n\
                           days = [\"mon\"]\nstart = \"01:00\"\nend = \"05:00\"\n";
 
+    /// A rollout with one disruption budget, its fields left to the case.
+    const BUDGET: &str = "[rollout]\nwaves = [\"rest\"]\n[[rollout.budgets]]\n";
+
+    #[test]
+    fn budgets_and_offline_settings() {
+        let text = format!(
+            "{GOOD}{BUDGET}group_by = \"label:site\"\nmax_unavailable = 2\n\
+             [[rollout.budgets]]\ngroup_by = \"zone\"\nmax_unavailable = \"25%\"\n"
+        );
+        let plan = parse("s.toml", &text)
+            .expect("valid")
+            .rollout
+            .expect("rollout");
+        assert_eq!(
+            plan.budgets,
+            vec![
+                Budget {
+                    group_by: GroupBy::Label("site".into()),
+                    max_unavailable: Limit::Count(2)
+                },
+                Budget {
+                    group_by: GroupBy::Zone,
+                    max_unavailable: Limit::Percent(25)
+                },
+            ]
+        );
+        assert_eq!(
+            (plan.offline_grace_secs, plan.offline_is_failure),
+            (600, false)
+        );
+        let text = format!(
+            "{GOOD}[rollout]\nwaves = [\"rest\"]\noffline_grace_secs = 30\noffline_is_failure = true\n"
+        );
+        let plan = parse("s.toml", &text)
+            .expect("valid")
+            .rollout
+            .expect("rollout");
+        assert_eq!(
+            (plan.offline_grace_secs, plan.offline_is_failure),
+            (30, true)
+        );
+    }
+
     #[test]
     fn window_clocks() {
         let window = |extra: &str| {
@@ -1013,6 +1120,12 @@ config = { interval = "5" }
             (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { \"x.metrics\" = \"json\" }"), "reserved"),
             (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { agent = \"json\" }"), "reserved"),
             (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\ntelemetry = { Bad = \"json\" }"), "workloads[0].telemetry.Bad"),
+            (format!("{GOOD}{BUDGET}group_by = \"site\"\nmax_unavailable = 1\n"), "rollout.budgets[0].group_by"),
+            (format!("{GOOD}{BUDGET}group_by = \"label:\"\nmax_unavailable = 1\n"), "rollout.budgets[0].group_by"),
+            (format!("{GOOD}{BUDGET}group_by = \"zone\"\nmax_unavailable = 0\n"), "rollout.budgets[0].max_unavailable"),
+            (format!("{GOOD}{BUDGET}group_by = \"zone\"\nmax_unavailable = \"150%\"\n"), "rollout.budgets[0].max_unavailable"),
+            (format!("{GOOD}{BUDGET}group_by = \"zone\"\nmax_unavailable = \"half\"\n"), "rollout.budgets[0].max_unavailable"),
+            (format!("{GOOD}{BUDGET}group_by = \"zone\"\nmax_unavailable = 1\nper = \"site\"\n"), "unknown field"),
         ];
         for (text, want) in cases {
             let err = parse("deploy/sensors.toml", &text)

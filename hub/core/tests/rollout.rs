@@ -3,8 +3,8 @@
 
 use expect_test::{Expect, expect};
 use flotilla_hub_core::rollout::{
-    Action, Clock, Command, DeviceStatus, HoldDeadline, Observation, Phase, Plan, Rollout, Version,
-    Wave, Window,
+    Action, Clock, Command, DeviceStatus, HoldDeadline, Member, Observation, Phase, Plan, Rollout,
+    Version, Wave, Window,
 };
 use flotilla_shared::DeviceId;
 use std::collections::BTreeMap;
@@ -38,16 +38,27 @@ fn plan() -> Plan {
         max_hold_secs: 300,
         on_hold_deadline: HoldDeadline::Fail,
         telemetry_gates: vec![],
+        offline_grace_secs: 600,
+        offline_is_failure: false,
+        budgets: vec![],
     }
 }
 
 fn drain(r: &mut Rollout, out: &mut String) {
     let mut news = vec![];
     let mut olds = vec![];
-    while let Some(Action::Assign { device, version }) = r.poll_action() {
-        match version {
-            Version::New => news.push(device.to_string()),
-            Version::Old => olds.push(device.to_string()),
+    let mut remembered = vec![];
+    while let Some(action) = r.poll_action() {
+        match action {
+            Action::Assign {
+                device,
+                version: Version::New,
+            } => news.push(device.to_string()),
+            Action::Assign {
+                device,
+                version: Version::Old,
+            } => olds.push(device.to_string()),
+            Action::RememberFailure { device, .. } => remembered.push(device.to_string()),
         }
     }
     if !news.is_empty() {
@@ -55,6 +66,9 @@ fn drain(r: &mut Rollout, out: &mut String) {
     }
     if !olds.is_empty() {
         write!(out, " old[{}]", olds.join(" ")).expect("write");
+    }
+    if !remembered.is_empty() {
+        write!(out, " remember[{}]", remembered.join(" ")).expect("write");
     }
 }
 
@@ -104,7 +118,7 @@ fn check(plan: Plan, script: &str, expect: Expect) {
                     "approve" => Command::Approve,
                     other => panic!("unknown step {other}"),
                 };
-                if let Err(e) = r.command(now, c) {
+                if let Err(e) = r.command(now, c, "op") {
                     write!(out, "{line:<24}| error: {e}").expect("write");
                     writeln!(out, " => {}", phase(&r)).expect("write");
                     continue;
@@ -155,7 +169,7 @@ fn canary_failure_aborts_and_rolls_back() {
         expect![[r#"
             start                   | new[ap-0 eu-0 us-0] => wave 0
             ok ap-0 eu-0            | => wave 0
-            bad us-0 trap: unreachable| old[us-0 ap-0 eu-0] => aborted: wave 0: 1 of 3 devices failed the health gate
+            bad us-0 trap: unreachable| old[us-0 ap-0 eu-0] remember[us-0] => aborted: wave 0: 1 of 3 devices failed the health gate
             ok us-1                 | => aborted: wave 0: 1 of 3 devices failed the health gate
             approve                 | error: the rollout is finished (aborted) => aborted: wave 0: 1 of 3 devices failed the health gate
         "#]],
@@ -174,7 +188,7 @@ fn report_timeout_counts_as_failure() {
             start                   | new[ap-0 eu-0 us-0] => wave 0
             ok ap-0 eu-0            | => wave 0
             at 1119                 | => wave 0
-            at 1120                 | old[us-0 ap-0 eu-0] => aborted: wave 0: 1 of 3 devices failed the health gate
+            at 1120                 | old[us-0 ap-0 eu-0] remember[us-0] => aborted: wave 0: 1 of 3 devices failed the health gate
         "#]],
     );
 }
@@ -214,8 +228,8 @@ fn operator_commands() {
             at 1200                 | => wave 1 (paused)
             resume                  | => approve? 2
             at 1260                 | => approve? 2
-            abort                   | old[ap-0 eu-0 eu-1 eu-2 eu-3 eu-4 us-0] => aborted: aborted by the operator
-            resume                  | error: the rollout is finished (aborted) => aborted: aborted by the operator
+            abort                   | old[ap-0 eu-0 eu-1 eu-2 eu-3 eu-4 us-0] => aborted: aborted by the operator (op)
+            resume                  | error: the rollout is finished (aborted) => aborted: aborted by the operator (op)
         "#]],
     );
 }
@@ -587,20 +601,20 @@ fn a_wave_across_time_zones_updates_each_device_in_its_own_night() {
         "eu-west".into(),
         daily(Clock::Zone("Europe/Berlin".into()), "02:00", "03:00", true),
     );
-    let members = vec![
-        (id("berlin-1"), Some("eu-west".to_owned())),
-        (id("nyc-1"), Some("eu-west".to_owned())),
-    ];
-    let zones = BTreeMap::from([(id("nyc-1"), "America/New_York".to_owned())]);
+    let mut nyc = Member::new(id("nyc-1"), Some("eu-west".to_owned()));
+    nyc.tz = Some("America/New_York".to_owned());
+    let members = vec![Member::new(id("berlin-1"), Some("eu-west".to_owned())), nyc];
     let assigned = |r: &mut Rollout| {
         let mut out = vec![];
-        while let Some(Action::Assign { device, version }) = r.poll_action() {
-            out.push(format!("{device} {version:?}"));
+        while let Some(action) = r.poll_action() {
+            if let Action::Assign { device, version } = action {
+                out.push(format!("{device} {version:?}"));
+            }
         }
         out
     };
     // 01:00 in Berlin, 19:00 in New York: nobody yet.
-    let mut r = Rollout::start_with_zones(p, &members, zones, at("2026-07-01T23:00:00Z"));
+    let mut r = Rollout::begin(p, members, &BTreeMap::new(), at("2026-07-01T23:00:00Z"));
     assert!(assigned(&mut r).is_empty());
     r.tick(at("2026-07-02T00:00:00Z"));
     assert_eq!(assigned(&mut r), ["berlin-1 New"], "02:00 in Berlin");
@@ -615,8 +629,7 @@ fn a_wave_across_time_zones_updates_each_device_in_its_own_night() {
     assert_eq!(assigned(&mut r), ["nyc-1 New"], "02:00 in New York");
     assert_eq!(r.phase, Phase::Wave(0));
     // The zones survive a snapshot.
-    let restored =
-        Rollout::from_snapshot(&postcard::to_stdvec(&r).expect("snapshot")).expect("restore");
+    let restored = Rollout::from_snapshot(&r.snapshot()).expect("restore");
     assert_eq!(restored.device_zones, r.device_zones);
 }
 
@@ -697,7 +710,18 @@ fn snapshots_from_before_time_zones_restore() {
     };
     let bytes = postcard::to_stdvec(&old).expect("old snapshot");
     let restored = Rollout::from_snapshot(&bytes).expect("restores");
-    assert_eq!(restored, r, "the same rollout, windows as fixed offsets");
+    assert_eq!(
+        restored.plan, r.plan,
+        "the same plan, windows as fixed offsets"
+    );
+    assert_eq!(
+        (&restored.waves, &restored.regions, &restored.status),
+        (&r.waves, &r.regions, &r.status)
+    );
+    assert_eq!(
+        (&restored.on_new, &restored.phase, &restored.history),
+        (&r.on_new, &r.phase, &r.history)
+    );
     assert!(Rollout::from_snapshot(&bytes[..bytes.len() / 2]).is_err());
 }
 
@@ -707,8 +731,8 @@ fn snapshot_resume_is_exact() {
     let mut a = Rollout::start(plan(), &members(), 1_000);
     while a.poll_action().is_some() {}
     a.observe(1_010, &id("ap-0"), Observation::Healthy);
-    let bytes = postcard::to_stdvec(&a).expect("snapshot");
-    let mut b: Rollout = postcard::from_bytes(&bytes).expect("restore");
+    let bytes = a.snapshot();
+    let mut b = Rollout::from_snapshot(&bytes).expect("restore");
     assert_eq!(b.poll_action(), None, "restored state re-emits nothing");
     for r in [&mut a, &mut b] {
         r.observe(1_020, &id("eu-0"), Observation::Healthy);
@@ -746,11 +770,13 @@ fn thousand_device_fleet_canary_fails() {
         .map(|(d, _)| (d.clone(), Version::Old))
         .collect();
     let mut apply = |r: &mut Rollout, ever_new: &mut std::collections::BTreeSet<DeviceId>| {
-        while let Some(Action::Assign { device, version: v }) = r.poll_action() {
-            if v == Version::New {
-                ever_new.insert(device.clone());
+        while let Some(action) = r.poll_action() {
+            if let Action::Assign { device, version: v } = action {
+                if v == Version::New {
+                    ever_new.insert(device.clone());
+                }
+                version.insert(device, v);
             }
-            version.insert(device, v);
         }
     };
     apply(&mut r, &mut ever_new);
@@ -835,4 +861,408 @@ fn telemetry_gate_checks() {
             "{value} {baseline:?}"
         );
     }
+}
+
+/// Runs a script over `members` (steps as in [`check`], plus `offline DEV`, `online DEV`, `retry [DEV..]`,
+/// `status DEV..`, and `report`) and returns the trace.
+fn trace(plan: Plan, members: Vec<Member>, script: &str) -> String {
+    let mut now = 1_000;
+    let mut r = Rollout::begin(plan, members, &BTreeMap::new(), now);
+    let mut out = String::new();
+    write!(out, "{:<24}|", "start").expect("write");
+    drain(&mut r, &mut out);
+    writeln!(out, " => {}", phase(&r)).expect("write");
+    for line in script.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let mut extra = String::new();
+        match w[0] {
+            "at" => {
+                now = w[1].parse().expect("time");
+                r.tick(now);
+            }
+            "ok" => w[1..]
+                .iter()
+                .for_each(|d| r.observe(now, &id(d), Observation::Healthy)),
+            "bad" => r.observe(now, &id(w[1]), Observation::Unhealthy(w[2..].join(" "))),
+            "offline" => r.set_online(now, &id(w[1]), false),
+            "online" => r.set_online(now, &id(w[1]), true),
+            "abort" => r.command(now, Command::Abort, "op").expect("abort"),
+            "retry" => {
+                let ds: Vec<DeviceId> = w[1..].iter().map(|d| id(d)).collect();
+                if let Err(e) = r.retry(now, &ds, "op") {
+                    extra = format!(" error: {e}");
+                }
+            }
+            "status" => {
+                let ss: Vec<String> = w[1..]
+                    .iter()
+                    .map(|d| format!("{d}={}", r.status[&id(d)]))
+                    .collect();
+                extra = format!(" {}", ss.join(" "));
+            }
+            "report" => {
+                let rep = r.report(now);
+                for wr in &rep.waves {
+                    write!(
+                        extra,
+                        " w{}:{}h/{}f/{}u/{}o",
+                        wr.wave, wr.healthy, wr.failed, wr.undetermined, wr.other
+                    )
+                    .expect("write");
+                }
+                for l in &rep.left_out {
+                    write!(extra, " left-out:{}", l.device).expect("write");
+                }
+                for g in &rep.gates {
+                    let verdict = if g.passed { "passed" } else { "halted" };
+                    write!(extra, " gate{}:{verdict}({})", g.wave + 1, g.detail).expect("write");
+                }
+            }
+            other => panic!("unknown step {other}"),
+        }
+        write!(out, "{line:<24}|{extra}").expect("write");
+        drain(&mut r, &mut out);
+        writeln!(out, " => {}", phase(&r)).expect("write");
+    }
+    out
+}
+
+fn fleet_with(offline: &[&str], blocked: &[&str]) -> Vec<Member> {
+    members()
+        .into_iter()
+        .map(|(d, region)| {
+            let mut m = Member::new(d.clone(), region);
+            m.online = !offline.contains(&d.as_str());
+            m.blocked = blocked
+                .contains(&d.as_str())
+                .then(|| "sensor@3.0.0 failed here: trap".to_owned());
+            m
+        })
+        .collect()
+}
+
+/// A canary offline at its turn is undetermined, not failed: the wave waits the grace (600 s) and is then judged
+/// without it; back online it is updating again and judged like any other device.
+#[test]
+fn offline_canary_is_undetermined_and_judged_without() {
+    let out = trace(
+        plan(),
+        fleet_with(&["us-0"], &[]),
+        "status us-0
+         ok ap-0 eu-0
+         at 1100
+         at 1600
+         report
+         at 1660
+         online us-0
+         ok us-0
+         status us-0",
+    );
+    expect![[r#"
+        start                   | new[ap-0 eu-0 us-0] => wave 0
+        status us-0             | us-0=undetermined: offline => wave 0
+        ok ap-0 eu-0            | => wave 0
+        at 1100                 | => wave 0
+        at 1600                 | => wave 0
+        report                  | w1:2h/0f/1u/0o w2:0h/0f/0u/4o w3:0h/0f/0u/8o => wave 0
+        at 1660                 | new[eu-1 eu-2 eu-3 eu-4] => wave 1
+        online us-0             | => wave 1
+        ok us-0                 | => wave 1
+        status us-0             | us-0=healthy => wave 1
+    "#]]
+    .assert_eq(&out);
+}
+
+/// A device that goes offline mid-update is undetermined instead of failing at the report timeout; with
+/// `offline_is_failure` it fails once the grace is over.
+#[test]
+fn offline_mid_update_and_offline_is_failure() {
+    let script = "ok ap-0 eu-0
+                  offline us-0
+                  at 1120
+                  status us-0
+                  at 1600
+                  at 1660
+                  status us-0";
+    let out = trace(plan(), fleet_with(&[], &[]), script);
+    expect![[r#"
+        start                   | new[ap-0 eu-0 us-0] => wave 0
+        ok ap-0 eu-0            | => wave 0
+        offline us-0            | => wave 0
+        at 1120                 | => wave 0
+        status us-0             | us-0=undetermined: offline => wave 0
+        at 1600                 | => wave 0
+        at 1660                 | new[eu-1 eu-2 eu-3 eu-4] => wave 1
+        status us-0             | us-0=undetermined: offline => wave 1
+    "#]]
+    .assert_eq(&out);
+    let mut strict = plan();
+    strict.offline_is_failure = true;
+    let out = trace(strict, fleet_with(&[], &[]), script);
+    expect![[r#"
+        start                   | new[ap-0 eu-0 us-0] => wave 0
+        ok ap-0 eu-0            | => wave 0
+        offline us-0            | => wave 0
+        at 1120                 | => wave 0
+        status us-0             | us-0=undetermined: offline => wave 0
+        at 1600                 | old[us-0 ap-0 eu-0] => aborted: wave 0: 1 of 3 devices failed the health gate
+        at 1660                 | => aborted: wave 0: 1 of 3 devices failed the health gate
+        status us-0             | us-0=rolled-back: failed (offline for 600 s), then the rollout was aborted => aborted: wave 0: 1 of 3 devices failed the health gate
+    "#]]
+    .assert_eq(&out);
+}
+
+/// An offline device catching up after an abort: it was told the new release at its turn, the abort takes it back,
+/// so when it returns it runs the stable one.
+#[test]
+fn offline_device_catches_up_after_an_abort() {
+    let out = trace(
+        plan(),
+        fleet_with(&["us-0"], &[]),
+        "bad eu-0 trap
+         online us-0
+         status us-0
+         report",
+    );
+    expect![[r#"
+        start                   | new[ap-0 eu-0 us-0] => wave 0
+        bad eu-0 trap           | old[eu-0 ap-0 us-0] remember[eu-0] => aborted: wave 0: 1 of 3 devices failed the health gate
+        online us-0             | => aborted: wave 0: 1 of 3 devices failed the health gate
+        status us-0             | us-0=rolled-back: wave 0: 1 of 3 devices failed the health gate => aborted: wave 0: 1 of 3 devices failed the health gate
+        report                  | w1:0h/0f/0u/0o w2:0h/0f/0u/4o w3:0h/0f/0u/8o gate1:halted(1/3 failed > max_failure_ratio 0.25) => aborted: wave 0: 1 of 3 devices failed the health gate
+    "#]]
+    .assert_eq(&out);
+}
+
+/// A device where the release failed before is left out of every wave (blocked) until an operator retries it; a
+/// completed rollout reopens for the retried device, which then gets the release like the others.
+#[test]
+fn failed_version_memory_and_retry() {
+    let out = trace(
+        plan(),
+        fleet_with(&[], &["eu-0"]),
+        "report
+         ok ap-0 eu-1 us-0
+         at 1060
+         ok eu-2 eu-3 eu-4
+         at 1120
+         ok ap-1 ap-2 ap-3 ap-4 us-1 us-2 us-3 us-4
+         at 1180
+         retry ap-1
+         retry eu-0
+         ok eu-0
+         at 1240
+         status eu-0",
+    );
+    expect![[r#"
+        start                   | new[ap-0 eu-1 us-0] => wave 0
+        report                  | w1:0h/0f/0u/3o w2:0h/0f/0u/3o w3:0h/0f/0u/8o left-out:eu-0 => wave 0
+        ok ap-0 eu-1 us-0       | => wave 0
+        at 1060                 | new[eu-2 eu-3 eu-4] => wave 1
+        ok eu-2 eu-3 eu-4       | => wave 1
+        at 1120                 | new[ap-1 ap-2 ap-3 ap-4 us-1 us-2 us-3 us-4] => wave 2
+        ok ap-1 ap-2 ap-3 ap-4 us-1 us-2 us-3 us-4| => wave 2
+        at 1180                 | => completed
+        retry ap-1              | error: nothing to retry: no device of this rollout failed or was left out => completed
+        retry eu-0              | new[eu-0] => wave 2
+        ok eu-0                 | => wave 2
+        at 1240                 | => completed
+        status eu-0             | eu-0=healthy => completed
+    "#]]
+    .assert_eq(&out);
+}
+
+/// Two concurrent rollouts (different deployments on the same devices) under a disruption budget of one device per
+/// site, and a percentage budget per zone: each rollout counts the other's updating devices, so at no point is
+/// more than one device of a site (or 50 % of a zone) out of service across both.
+#[test]
+fn disruption_budget_across_two_concurrent_rollouts() {
+    use flotilla_hub_core::rollout::{Budget, GroupBy, Limit};
+    let mut p = plan();
+    p.waves = vec![Wave::Rest];
+    p.soak_secs = 0;
+    p.budgets = vec![
+        Budget {
+            group_by: GroupBy::Label("site".into()),
+            max_unavailable: Limit::Count(1),
+        },
+        Budget {
+            group_by: GroupBy::Zone,
+            max_unavailable: Limit::Percent(50),
+        },
+    ];
+    let fleet: Vec<Member> = ["a-0", "a-1", "a-2", "b-0", "b-1", "c-0"]
+        .iter()
+        .map(|d| {
+            let mut m = Member::new(id(d), Some("eu-west".into()));
+            m.labels.insert("site".into(), d[..1].to_owned());
+            // Sites a and b share zone z1 (5 devices: at most 3 out); c is alone in z2.
+            m.zone = Some(if d.starts_with('c') { "z2" } else { "z1" }.to_owned());
+            m
+        })
+        .collect();
+    let mut rollouts = [
+        Rollout::begin(p.clone(), fleet.clone(), &BTreeMap::new(), 1_000),
+        Rollout::begin(p, fleet.clone(), &BTreeMap::new(), 1_000),
+    ];
+    let mut out = String::new();
+    let mut now = 1_000;
+    for round in 0..8 {
+        now += 10;
+        for i in 0..2 {
+            let (me, other) = if i == 0 {
+                let (a, b) = rollouts.split_at_mut(1);
+                (&mut a[0], &b[0])
+            } else {
+                let (a, b) = rollouts.split_at_mut(1);
+                (&mut b[0], &a[0])
+            };
+            me.refresh_elsewhere(|d| other.is_unavailable(d));
+            me.tick(now);
+            let mut started = vec![];
+            while let Some(action) = me.poll_action() {
+                if let Action::Assign { device, .. } = action {
+                    started.push(device.to_string());
+                }
+            }
+            writeln!(
+                out,
+                "round {round} rollout {}: start [{}]",
+                "AB".as_bytes()[i] as char,
+                started.join(" ")
+            )
+            .expect("write");
+        }
+        // The invariant, checked over both rollouts at once.
+        for (group, max) in [("a", 1), ("b", 1), ("c", 1)] {
+            let out_of_service = fleet
+                .iter()
+                .filter(|m| m.id.as_str().starts_with(group))
+                .filter(|m| rollouts.iter().any(|r| r.is_unavailable(&m.id)))
+                .count();
+            assert!(
+                out_of_service <= max,
+                "site {group}: {out_of_service} out at once"
+            );
+        }
+        let z1 = fleet
+            .iter()
+            .filter(|m| m.zone.as_deref() == Some("z1"))
+            .filter(|m| rollouts.iter().any(|r| r.is_unavailable(&m.id)))
+            .count();
+        assert!(z1 <= 3, "zone z1: {z1} out at once");
+        // Everyone updating reports healthy before the next round.
+        for r in &mut rollouts {
+            let updating: Vec<DeviceId> = r
+                .status
+                .iter()
+                .filter(|(_, s)| matches!(s, DeviceStatus::Updating { .. }))
+                .map(|(d, _)| d.clone())
+                .collect();
+            for d in updating {
+                r.observe(now + 5, &d, Observation::Healthy);
+            }
+        }
+    }
+    expect![[r#"
+        round 0 rollout A: start [a-0 b-0 c-0]
+        round 0 rollout B: start []
+        round 1 rollout A: start [a-1 b-1]
+        round 1 rollout B: start [c-0]
+        round 2 rollout A: start [a-2]
+        round 2 rollout B: start [b-0]
+        round 3 rollout A: start []
+        round 3 rollout B: start [b-1 a-0]
+        round 4 rollout A: start []
+        round 4 rollout B: start [a-1]
+        round 5 rollout A: start []
+        round 5 rollout B: start [a-2]
+        round 6 rollout A: start []
+        round 6 rollout B: start []
+        round 7 rollout A: start []
+        round 7 rollout B: start []
+    "#]]
+    .assert_eq(&out);
+    assert!(rollouts.iter().all(|r| r.phase == Phase::Completed));
+}
+
+/// A snapshot in the postcard layout of the hubs of 2026-12-06 (time-zone windows, device clocks, nothing of
+/// offline devices or budgets) restores with those as defaults.
+#[test]
+fn snapshots_from_postcard_hubs_restore() {
+    use serde::Serialize;
+    #[derive(Serialize)]
+    struct PlanV2<'a> {
+        waves: &'a Vec<Wave>,
+        soak_secs: u64,
+        max_in_flight: u32,
+        max_failure_ratio: f64,
+        report_timeout_secs: u64,
+        manual_approval: bool,
+        windows: &'a BTreeMap<String, Window>,
+        max_hold_secs: u64,
+        on_hold_deadline: HoldDeadline,
+        telemetry_gates: &'a Vec<flotilla_hub_core::rollout::TelemetryGate>,
+    }
+    #[derive(Serialize)]
+    struct RolloutV2<'a> {
+        plan: PlanV2<'a>,
+        waves: &'a Vec<Vec<DeviceId>>,
+        regions: &'a BTreeMap<DeviceId, Option<String>>,
+        status: &'a BTreeMap<DeviceId, DeviceStatus>,
+        on_new: &'a std::collections::BTreeSet<DeviceId>,
+        phase: &'a Phase,
+        paused: bool,
+        soak_start: Option<u64>,
+        history: &'a Vec<(u64, String)>,
+        device_zones: &'a BTreeMap<DeviceId, String>,
+    }
+    let mut p = plan();
+    p.windows.insert(
+        "eu-west".into(),
+        // Open at the start: 1970-01-01 00:16 UTC is 01:16 in Berlin.
+        daily(Clock::Zone("Europe/Berlin".into()), "01:00", "04:00", true),
+    );
+    let mut r = Rollout::start(p, &members(), 1_000);
+    while r.poll_action().is_some() {}
+    r.observe(1_010, &id("ap-0"), Observation::Healthy);
+    let old = RolloutV2 {
+        plan: PlanV2 {
+            waves: &r.plan.waves,
+            soak_secs: r.plan.soak_secs,
+            max_in_flight: r.plan.max_in_flight,
+            max_failure_ratio: r.plan.max_failure_ratio,
+            report_timeout_secs: r.plan.report_timeout_secs,
+            manual_approval: r.plan.manual_approval,
+            windows: &r.plan.windows,
+            max_hold_secs: r.plan.max_hold_secs,
+            on_hold_deadline: r.plan.on_hold_deadline,
+            telemetry_gates: &r.plan.telemetry_gates,
+        },
+        waves: &r.waves,
+        regions: &r.regions,
+        status: &r.status,
+        on_new: &r.on_new,
+        phase: &r.phase,
+        paused: r.paused,
+        soak_start: r.soak_start,
+        history: &r.history,
+        device_zones: &r.device_zones,
+    };
+    let bytes = postcard::to_stdvec(&old).expect("old snapshot");
+    let mut restored = Rollout::from_snapshot(&bytes).expect("restores");
+    assert_eq!(restored.plan, r.plan);
+    assert_eq!((&restored.status, &restored.on_new), (&r.status, &r.on_new));
+    assert!(restored.offline.is_empty() && restored.gates.is_empty());
+    // It carries on: the rest of the canary reports healthy and the wave moves on after the soak.
+    for d in ["eu-0", "us-0"] {
+        restored.observe(1_020, &id(d), Observation::Healthy);
+    }
+    restored.tick(1_080);
+    assert_eq!(restored.phase, Phase::Wave(1));
+    assert_eq!(restored.wave_times[1].started, Some(1_080));
+    while restored.poll_action().is_some() {}
+    // And what it writes now is JSON, which restores exactly.
+    let again = Rollout::from_snapshot(&restored.snapshot()).expect("json");
+    assert_eq!(again, restored);
 }

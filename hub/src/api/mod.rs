@@ -21,7 +21,7 @@ use deployments::{
 use devices::{device, devices, logs, revoke, rotate_credentials, why};
 use metrics::{metrics, openapi};
 use releases::{push_release, releases, upload_artifact};
-use rollouts::{rollout_action, rollout_status};
+use rollouts::{rollout_action, rollout_report, rollout_retry, rollout_status};
 use serde_json::{Value, json};
 use telemetry::{device_telemetry, tail};
 use tokens::{audit, create_api_token, create_feed_credential, enroll_token};
@@ -228,6 +228,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/tokens", post(create_api_token))
         .route("/api/v1/rollouts/{deployment}", get(rollout_status))
+        .route("/api/v1/rollouts/{deployment}/report", get(rollout_report))
+        .route("/api/v1/rollouts/{deployment}/retry", post(rollout_retry))
         .route(
             "/api/v1/rollouts/{deployment}/{action}",
             post(rollout_action),

@@ -1,7 +1,8 @@
-//! Rollouts: status and operator commands (pause, resume, abort, approve).
+//! Rollouts: status, the report, and operator commands (pause, resume, abort, approve, retry).
 
 use super::{ApiResult, ApiState, Problem, Role, ok};
 use crate::hub::HubError;
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
@@ -66,4 +67,56 @@ pub(super) async fn rollout_action(
     s.call(move |h| h.rollout_command(&name, cmd, &who))
         .await??;
     ok(json!({"ok": true}))
+}
+
+/// `GET /api/v1/rollouts/{deployment}/report`: per wave start, end and outcome counts with reasons, the gate
+/// evaluations, who did what, total time.
+pub(super) async fn rollout_report(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    s.auth(&headers, Role::Viewer).await?;
+    let v = s
+        .call(move |h| -> Result<Value, HubError> {
+            let r = h
+                .rollouts
+                .get(&name)
+                .ok_or_else(|| HubError::NotFound(format!("no rollout for deployment {name}")))?;
+            let report = r.rollout.report(crate::hub::unix_now());
+            let mut v =
+                serde_json::to_value(report).map_err(|e| HubError::Internal(e.to_string()))?;
+            v["deployment"] = json!(name);
+            Ok(v)
+        })
+        .await??;
+    ok(v)
+}
+
+/// `POST /api/v1/rollouts/{deployment}/retry` with `{"device": ID}` (or `{}` for every device): forget the
+/// failures of the rollout's releases and give the devices another chance.
+pub(super) async fn rollout_retry(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let who = s.auth(&headers, Role::Operator).await?;
+    let bad = |m: String| Problem::new(StatusCode::BAD_REQUEST, "bad request", m);
+    let req: Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad(format!("body: {e}")))?
+    };
+    let device = match req.get("device") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) => Some(
+            flotilla_shared::DeviceId::new(d.as_str()).map_err(|e| bad(format!("device: {e}")))?,
+        ),
+        Some(_) => return Err(bad("device: must be a device id".into())),
+    };
+    let (retried, forgotten) = s
+        .call(move |h| h.rollout_retry(&name, device, &who))
+        .await??;
+    ok(json!({"retried": retried, "forgotten": forgotten}))
 }

@@ -429,6 +429,22 @@ pub enum RolloutCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Per wave: start, end, devices healthy / failed (with reasons) / undetermined / held; gate evaluations;
+    /// who paused, approved or aborted; total time.
+    Report {
+        deployment: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Give a device (or every device) where the rollout's release failed another chance: later rollouts leave
+    /// such devices out until this is said.
+    Retry {
+        deployment: String,
+        #[arg(long)]
+        device: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Debug, Subcommand)]

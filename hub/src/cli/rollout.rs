@@ -1,4 +1,4 @@
-//! `flotilla rollout start|status|pause|resume|abort|approve`.
+//! `flotilla rollout start|status|pause|resume|abort|approve|report|retry`.
 
 use super::{Conn, RolloutCmd, print_json, s};
 use anyhow::{Context, Result};
@@ -22,6 +22,78 @@ fn print_rollout(v: &Value) {
     }
     if let Some(last) = v["history"].as_array().and_then(|h| h.last()) {
         outln!("  last event: {}", s(last, "event"));
+    }
+}
+
+/// A report time as RFC 3339 (UTC), `-` when unset.
+fn at(v: &Value) -> String {
+    v.as_u64()
+        .map_or_else(|| "-".to_owned(), super::telemetry::when)
+}
+
+fn print_report(v: &Value) {
+    outln!(
+        "rollout of {}: {} (total {} s)",
+        s(v, "deployment"),
+        s(v, "outcome"),
+        v["total_secs"]
+    );
+    outln!(
+        "  started {}, finished {}",
+        at(&v["started_at"]),
+        at(&v["finished_at"])
+    );
+    outln!(
+        "  {:<5} {:<21} {:<21} {:>7} {:>7} {:>6} {:>12} {:>5} {:>11}",
+        "WAVE",
+        "STARTED",
+        "ENDED",
+        "DEVICES",
+        "HEALTHY",
+        "FAILED",
+        "UNDETERMINED",
+        "HELD",
+        "ROLLED-BACK"
+    );
+    for w in v["waves"].as_array().into_iter().flatten() {
+        outln!(
+            "  {:<5} {:<21} {:<21} {:>7} {:>7} {:>6} {:>12} {:>5} {:>11}",
+            w["wave"],
+            at(&w["started"]),
+            at(&w["ended"]),
+            w["devices"],
+            w["healthy"],
+            w["failed"],
+            w["undetermined"],
+            w["held"],
+            w["rolled_back"]
+        );
+        for e in w["exceptions"].as_array().into_iter().flatten() {
+            let reason = e["reason"]
+                .as_str()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
+            outln!("        {} {}{reason}", s(e, "device"), s(e, "status"));
+        }
+    }
+    for e in v["left_out"].as_array().into_iter().flatten() {
+        outln!("  left out: {}: {}", s(e, "device"), s(e, "reason"));
+    }
+    for g in v["gates"].as_array().into_iter().flatten() {
+        let verdict = if g["passed"] == true {
+            "passed"
+        } else {
+            "HALTED"
+        };
+        let wave = g["wave"].as_u64().map_or(0, |w| w + 1);
+        outln!(
+            "  gate, wave {wave}, {}: {verdict}: {}",
+            at(&g["at"]),
+            s(g, "detail")
+        );
+    }
+    for o in v["operators"].as_array().into_iter().flatten() {
+        outln!("  {} {}: {}", at(&o["at"]), s(o, "who"), s(o, "command"));
     }
 }
 
@@ -68,6 +140,44 @@ pub fn run(cmd: RolloutCmd) -> Result<()> {
         RolloutCmd::Resume { deployment, conn } => rollout_action(&conn, &deployment, "resume")?,
         RolloutCmd::Abort { deployment, conn } => rollout_action(&conn, &deployment, "abort")?,
         RolloutCmd::Approve { deployment, conn } => rollout_action(&conn, &deployment, "approve")?,
+        RolloutCmd::Report { deployment, conn } => {
+            let v = conn
+                .client()?
+                .get(&format!("/api/v1/rollouts/{deployment}/report"))?;
+            if conn.json() {
+                print_json(&v);
+            } else {
+                print_report(&v);
+            }
+        }
+        RolloutCmd::Retry {
+            deployment,
+            device,
+            conn,
+        } => {
+            let body = serde_json::json!({ "device": device });
+            let v = conn.client()?.post(
+                &format!("/api/v1/rollouts/{deployment}/retry"),
+                "application/json",
+                body.to_string().as_bytes(),
+                &[],
+            )?;
+            let retried: Vec<&str> = v["retried"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            outln!(
+                "rollout of {deployment}: {} remembered failures forgotten; {}",
+                v["forgotten"],
+                if retried.is_empty() {
+                    "the next rollout includes the device(s) again".to_owned()
+                } else {
+                    format!("retrying now: {}", retried.join(" "))
+                }
+            );
+        }
     }
     Ok(())
 }

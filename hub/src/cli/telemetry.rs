@@ -29,7 +29,7 @@ pub fn parse_time(text: &str, now: u64) -> Result<u64> {
 }
 
 /// RFC 3339 (UTC) for a Unix time.
-fn when(secs: u64) -> String {
+pub(super) fn when(secs: u64) -> String {
     i64::try_from(secs)
         .ok()
         .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())

@@ -145,7 +145,7 @@ impl Hub {
             &format!("deployment {} revision {rev}", d.name),
         )?;
         if let (Some((stable_source, stable)), Some(plan)) = (rollout_from, d.rollout.clone()) {
-            self.begin_rollout(&name, plan, stable_source, stable, source, who, now)?;
+            self.begin_rollout(&name, plan, stable_source, stable, &d, source, who, now)?;
         }
         self.deployments.insert(name.clone(), d);
         self.inflight

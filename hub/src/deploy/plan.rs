@@ -3,6 +3,7 @@
 
 use crate::hub::{DESIRED_TTL_SECS, Hub};
 use crate::spec::Deployment;
+use flotilla_hub_core::rollout::Phase;
 use flotilla_hub_core::{DeviceView, place};
 use flotilla_shared::DeviceId;
 use flotilla_shared::codec::{self, EncodeError, Message};
@@ -77,7 +78,14 @@ impl Hub {
                     continue;
                 }
             };
-            let active = self.rollouts.get(name).filter(|r| !r.rollout.is_finished());
+            // A running rollout decides per device; a finished one still keeps the devices it left on the previous
+            // release there (failed, left out, skipped) while the deployment is the version it rolled out.
+            let active = self.rollouts.get(name).filter(|r| {
+                !r.rollout.is_finished()
+                    || (r.rollout.phase == Phase::Completed
+                        && self.store.deployment_source(name).ok().flatten().as_deref()
+                            == Some(r.target_source.as_str()))
+            });
             let stable_specs = match active
                 .and_then(|r| r.stable.as_ref())
                 .map(|s| self.resolve(s))
@@ -93,7 +101,13 @@ impl Hub {
             let previous: BTreeSet<DeviceId> = self.store.placements(name)?.into_iter().collect();
             let placement = place(views, &d.target, &d.policy, &d.constraints, &previous, now);
             for id in &placement.chosen {
-                let on_new = active.is_none_or(|r| r.rollout.on_new.contains(id));
+                let on_new = active.is_none_or(|r| {
+                    if r.rollout.is_finished() {
+                        !r.rollout.keeps_previous(id)
+                    } else {
+                        r.rollout.on_new.contains(id)
+                    }
+                });
                 let (use_specs, templates) = match (&stable_specs, on_new) {
                     (Some(stable), false) => {
                         (stable, active.and_then(|r| r.stable.as_ref()).unwrap_or(d))

@@ -39,6 +39,27 @@ impl Hub {
                 describe_exclusion(why)
             ));
         }
+        // A rollout that leaves this device on the previous release says why before anything else does.
+        if let Some(r) = self.rollouts.get(dep_name.as_str())
+            && self.store.deployment_source(dep_name)?.as_deref() == Some(r.target_source.as_str())
+        {
+            use flotilla_hub_core::rollout::DeviceStatus;
+            match r.rollout.status.get(device) {
+                Some(DeviceStatus::Blocked { reason }) => {
+                    return Ok(format!(
+                        "left out of the rollout of {dep_name}, so it keeps the previous release: {reason}"
+                    ));
+                }
+                Some(DeviceStatus::Failed { reason }) => {
+                    return Ok(format!(
+                        "the new release failed its health window here ({reason}), so the device is back on the \
+                         previous release and later rollouts leave it out; `flotilla rollout retry {dep_name} \
+                         --device {device}` gives it another chance"
+                    ));
+                }
+                _ => {}
+            }
+        }
         let expected = self
             .resolve(dep)?
             .into_iter()

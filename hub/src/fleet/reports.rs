@@ -98,7 +98,9 @@ impl Hub {
     /// Presence is unsigned (the broker's last will); it only moves online/offline, never state.
     pub(crate) fn on_presence(&mut self, device: &DeviceId, p: &Presence) -> Result<(), String> {
         if self.store.device_exists(device).unwrap_or(false) {
-            let _ = self.store.set_presence(device, p.online, unix_now());
+            let now = unix_now();
+            let _ = self.store.set_presence(device, p.online, now);
+            self.presence_for_rollouts(device, p.online, now);
             self.dirty = true;
             self.sparkplug_presence(device, p.online);
             if p.online {

@@ -35,10 +35,18 @@ impl Store {
 
     /// Overwrites a deployment's source without bumping the revision history semantics (rollback to stable).
     pub fn set_deployment_source(&self, name: &str, source: &str, now: u64) -> Result<()> {
-        self.conn.execute(
-            "UPDATE deployments SET source = ?2, revision = revision + 1, updated_at = ?3 WHERE name = ?1",
-            params![name, source, to_i64(now)],
-        )?;
+        let rev: Option<i64> = self
+            .conn
+            .query_row(
+                "UPDATE deployments SET source = ?2, revision = revision + 1, updated_at = ?3 WHERE name = ?1
+                 RETURNING revision",
+                params![name, source, to_i64(now)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(rev) = rev {
+            self.keep_revision(name, rev, source, now)?;
+        }
         Ok(())
     }
 
@@ -53,6 +61,7 @@ impl Store {
             .optional()?)
     }
 
+    /// Stores a deployment's new source as its next revision, and keeps the revision for `deploy diff`.
     pub fn upsert_deployment(&self, name: &str, source: &str, now: u64) -> Result<u64> {
         let rev: i64 = self.conn.query_row(
             "INSERT INTO deployments (name, source, revision, updated_at) VALUES (?1, ?2, 1, ?3)
@@ -60,12 +69,92 @@ impl Store {
             params![name, source, to_i64(now)],
             |r| r.get(0),
         )?;
+        self.keep_revision(name, rev, source, now)?;
         Ok(to_u64(rev))
+    }
+
+    fn keep_revision(&self, name: &str, rev: i64, source: &str, now: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO deployment_revisions (name, revision, source, at) VALUES (?1, ?2, ?3, ?4)",
+            params![name, rev, source, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// The source of one kept revision of a deployment.
+    pub fn deployment_revision(&self, name: &str, revision: u64) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT source FROM deployment_revisions WHERE name = ?1 AND revision = ?2",
+                params![name, to_i64(revision)],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// (revision, at) of every kept revision of a deployment, oldest first.
+    pub fn deployment_revisions(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT revision, at FROM deployment_revisions WHERE name = ?1 ORDER BY revision",
+        )?;
+        let rows = stmt.query_map([name], |r| {
+            Ok((to_u64(r.get::<_, i64>(0)?), to_u64(r.get::<_, i64>(1)?)))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Remembers that `release` (`name@version`) failed its health window on `device`, so later rollouts leave
+    /// the device out until an operator retries.
+    pub fn remember_failure(
+        &self,
+        device: &DeviceId,
+        release: &str,
+        deployment: &str,
+        reason: &str,
+        now: u64,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO failed_releases (device, release, deployment, reason, at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![device.as_str(), release, deployment, reason, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// (release, deployment, reason, at) of every release remembered as failed on `device`.
+    pub fn failed_releases(&self, device: &DeviceId) -> Result<Vec<(String, String, String, u64)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT release, deployment, reason, at FROM failed_releases WHERE device = ?1 ORDER BY release",
+        )?;
+        let rows = stmt.query_map([device.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, to_u64(r.get::<_, i64>(3)?)))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Forgets the failures of `releases` (on one device, or on every device): the operator's retry.
+    pub fn forget_failures(&self, releases: &[String], device: Option<&DeviceId>) -> Result<usize> {
+        let mut n = 0;
+        for release in releases {
+            n += match device {
+                Some(d) => self.conn.execute(
+                    "DELETE FROM failed_releases WHERE release = ?1 AND device = ?2",
+                    params![release, d.as_str()],
+                )?,
+                None => self
+                    .conn
+                    .execute("DELETE FROM failed_releases WHERE release = ?1", [release])?,
+            };
+        }
+        Ok(n)
     }
 
     pub fn delete_deployment(&self, name: &str) -> Result<bool> {
         self.conn
             .execute("DELETE FROM placements WHERE deployment = ?1", [name])?;
+        self.conn
+            .execute("DELETE FROM deployment_revisions WHERE name = ?1", [name])?;
         Ok(self
             .conn
             .execute("DELETE FROM deployments WHERE name = ?1", [name])?

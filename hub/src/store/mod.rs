@@ -72,6 +72,10 @@ CREATE TABLE IF NOT EXISTS broker_password_lines (principal TEXT PRIMARY KEY, li
 CREATE TABLE IF NOT EXISTS credential_rotations (device TEXT PRIMARY KEY, requested_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS secrets (deployment TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
     sealed BLOB NOT NULL, size INTEGER NOT NULL, updated_at INTEGER NOT NULL, PRIMARY KEY (deployment, name));
+CREATE TABLE IF NOT EXISTS failed_releases (device TEXT NOT NULL, release TEXT NOT NULL, deployment TEXT NOT NULL,
+    reason TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (device, release));
+CREATE TABLE IF NOT EXISTS deployment_revisions (name TEXT NOT NULL, revision INTEGER NOT NULL, source TEXT NOT NULL,
+    at INTEGER NOT NULL, PRIMARY KEY (name, revision));
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, who TEXT NOT NULL,
     action TEXT NOT NULL, detail TEXT NOT NULL);
 ";
@@ -146,6 +150,12 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Deployments stored by hubs from before revisions were kept: their current revision is the first kept.
+        conn.execute(
+            "INSERT OR IGNORE INTO deployment_revisions (name, revision, source, at)
+             SELECT name, revision, source, updated_at FROM deployments",
+            [],
+        )?;
         let fast = Connection::open(dir.join("hub.db"))?;
         fast.pragma_update(None, "synchronous", "NORMAL")?;
         fast.busy_timeout(std::time::Duration::from_secs(5))?;
