@@ -72,6 +72,18 @@ pub(crate) fn changed_releases(stable: &Deployment, target: &Deployment) -> Vec<
     out
 }
 
+/// Every release (`name@version`) `target` runs.
+pub(crate) fn target_releases(target: &Deployment) -> Vec<String> {
+    let mut out: Vec<String> = target
+        .workloads
+        .iter()
+        .map(|w| w.release.to_string())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// A device's `tz` label (set in agent.toml or by its enrollment token).
 fn tz_label(d: &crate::store::DeviceRow) -> Option<String> {
     let tz = d.inventory.labels.iter().rev().find(|(k, _)| k == "tz");
@@ -99,7 +111,9 @@ impl Hub {
         now: u64,
     ) -> Result<(), HubError> {
         let placed = self.store.placements(name)?;
-        let changed = changed_releases(&stable, target);
+        // Every release of the target counts, not only the changed ones: a device an earlier rollout left behind
+        // on an older version is still left out of a release that failed on it.
+        let releases = target_releases(target);
         let mut members: Vec<Member> = Vec::with_capacity(placed.len());
         for id in placed {
             let Some(mut m) = self.store.with_device(&id, |d| Member {
@@ -118,7 +132,7 @@ impl Hub {
                 .store
                 .failed_releases(&id)?
                 .into_iter()
-                .find(|(release, ..)| changed.contains(release))
+                .find(|(release, ..)| releases.contains(release))
                 .map(|(release, _, reason, at)| {
                     format!(
                         "{release} failed its health window here at {at} ({reason}); \
@@ -383,9 +397,18 @@ impl Hub {
                 }
             }
             if !failures.is_empty() {
+                // The releases this rollout brought; when it changed only settings, the release it runs.
                 let releases = match (&r.stable, spec::parse(&name, &r.target_source)) {
-                    (Some(stable), Ok(target)) => changed_releases(stable, &target),
-                    _ => vec![],
+                    (Some(stable), Ok(target)) => {
+                        let changed = changed_releases(stable, &target);
+                        if changed.is_empty() {
+                            target_releases(&target)
+                        } else {
+                            changed
+                        }
+                    }
+                    (None, Ok(target)) => target_releases(&target),
+                    (_, Err(_)) => vec![],
                 };
                 for (device, reason) in failures {
                     for release in &releases {

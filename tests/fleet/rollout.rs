@@ -307,3 +307,113 @@ fn telemetry_gate_stops_a_noisy_release() {
         wait_version(&f, id, "1.0.0");
     }
 }
+
+/// Failed-version memory: 2.0.0 crashes on eu-1 only (its device config override trips the `picky` module). The
+/// first rollout completes without it (eu-1 back on 1.0.0); the next rollout of 2.0.0 leaves eu-1 out (its desired
+/// state never changes, `why` and the report say why) until `flotilla rollout retry --device eu-1`. The report
+/// lists the waves, the gate evaluations and who did what.
+#[test]
+fn a_failed_release_is_not_retried_by_the_next_rollout() {
+    let ids = [
+        ("eu-1", "eu-west"),
+        ("eu-2", "eu-west"),
+        ("us-1", "us-east"),
+        ("us-2", "us-east"),
+    ];
+    let f = fleet(&ids);
+    f.hub
+        .push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("v1");
+    f.hub
+        .push_release("sensor", "2.0.0", 1, &firmware("picky"))
+        .expect("v2");
+    f.hub.apply(&spec("1.0.0", "")).expect("v1 everywhere");
+    for (id, _) in ids {
+        wait_version(&f, id, "1.0.0");
+    }
+    // One wave; a quarter of it may fail. eu-1 gets a config, which `picky` traps on.
+    let plan = |tick: u32| {
+        format!(
+            "[[workloads.overrides]]\nmatch = {{ device = \"eu-1\" }}\nconfig = {{ trip = \"yes\" }}\n\
+             [rollout]\nwaves = [\"rest\"]\nsoak_secs = 1\nreport_timeout_secs = 30\nmax_failure_ratio = 0.25\n\
+             # tick {tick}\n"
+        )
+    };
+    f.hub.apply(&spec("2.0.0", &plan(1))).expect("rollout 1");
+    let done = wait_phase(&f, "completed");
+    let statuses = |v: &Value| -> Vec<(String, String)> {
+        v["waves"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|w| w["devices"].as_array().cloned().unwrap_or_default())
+            .chain(v["left_out"].as_array().cloned().unwrap_or_default())
+            .map(|d| (s(&d["device"]), s(&d["status"])))
+            .collect()
+    };
+    assert!(
+        statuses(&done).contains(&("eu-1".into(), "failed".into())),
+        "{done}"
+    );
+    wait_version(&f, "eu-1", "1.0.0");
+    for id in ["eu-2", "us-1", "us-2"] {
+        wait_version(&f, id, "2.0.0");
+    }
+
+    // The next rollout of 2.0.0 (a settings change: a faster tick) leaves eu-1 where it is.
+    let eu1_generation = generation(&f, "eu-1");
+    let next = spec("2.0.0", &plan(2)).replace("tick_ms = 100", "tick_ms = 200");
+    f.hub.apply(&next).expect("rollout 2");
+    let running = status(&f);
+    assert!(
+        statuses(&running).contains(&("eu-1".into(), "blocked".into())),
+        "{running}"
+    );
+    let why = f.hub.client.get("/api/v1/why/eu-1/sensor").expect("why");
+    let why = why["explanation"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        why.contains("left out of the rollout") && why.contains("sensor@2.0.0 failed"),
+        "{why}"
+    );
+    let done = wait_phase(&f, "completed");
+    assert_eq!(
+        generation(&f, "eu-1"),
+        eu1_generation,
+        "eu-1 was not given 2.0.0 again: {done}"
+    );
+    wait_version(&f, "eu-1", "1.0.0");
+    let report = f
+        .hub
+        .client
+        .get("/api/v1/rollouts/sensors/report")
+        .expect("report");
+    assert_eq!(report["left_out"][0]["device"], "eu-1", "{report}");
+    assert_eq!(report["waves"][0]["healthy"], 3, "{report}");
+    assert_eq!(report["gates"][0]["passed"], true, "{report}");
+
+    // The operator retries eu-1: the completed rollout reopens for it and it gets 2.0.0 (and fails again).
+    let out = f
+        .hub
+        .cli(&["rollout", "retry", "sensors", "--device", "eu-1"])
+        .expect("retry");
+    assert!(out.contains("retrying now: eu-1"), "{out}");
+    wait_for("eu-1 failing again after the retry", PATIENCE, || {
+        statuses(&status(&f))
+            .contains(&("eu-1".into(), "failed".into()))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", status(&f)));
+    let table = f
+        .hub
+        .cli(&["rollout", "report", "sensors"])
+        .expect("report");
+    assert!(
+        table.contains("left out") || table.contains("eu-1 failed"),
+        "{table}"
+    );
+    assert!(table.contains("retry eu-1"), "who retried shows: {table}");
+}
+
+fn s(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_owned()
+}

@@ -383,6 +383,22 @@ pub struct ExternalBroker {
 }
 
 impl Hub {
+    /// Runs the operator CLI (`flotilla ARGS..`) against this hub as the admin: its stdout, or an error with its
+    /// stderr when it exits non-zero.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(bin_dir().join("flotilla"))
+            .args(args)
+            .env("FLOTILLA_SERVER", &self.api)
+            .env("FLOTILLA_TOKEN_FILE", self.dir.join("admin.token"))
+            .env("FLOTILLA_CONFIG", "/nonexistent/cli.toml")
+            .output()
+            .context("running flotilla")?;
+        if !out.status.success() {
+            bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     fn spawn(
         dir: &Path,
         http: SocketAddr,

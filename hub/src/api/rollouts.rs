@@ -37,8 +37,16 @@ pub(super) async fn rollout_status(
                 })
                 .collect();
             let history: Vec<Value> = ro.history.iter().map(|(t, e)| json!({"at": t, "event": e})).collect();
+            // Devices in no wave: left out because the release failed on them before.
+            let left_out: Vec<Value> = ro
+                .status
+                .iter()
+                .filter(|(d, _)| ro.wave_of(d).is_none())
+                .map(|(d, st)| json!({"device": d.as_str(), "status": st.name(), "detail": st.detail()}))
+                .collect();
             Ok(json!({"deployment": name, "phase": phase, "paused": ro.paused, "finished": ro.is_finished(),
-                      "on_new": ro.on_new.iter().map(|d| d.as_str()).collect::<Vec<_>>(), "waves": waves, "history": history}))
+                      "on_new": ro.on_new.iter().map(|d| d.as_str()).collect::<Vec<_>>(), "waves": waves,
+                      "left_out": left_out, "history": history}))
         })
         .await??;
     ok(v)

@@ -20,6 +20,9 @@ fn print_rollout(v: &Value) {
             .collect();
         outln!("  wave {}: {}", s(w, "wave"), devs.join(" "));
     }
+    for d in v["left_out"].as_array().into_iter().flatten() {
+        outln!("  left out: {}: {}", s(d, "device"), s(d, "detail"));
+    }
     if let Some(last) = v["history"].as_array().and_then(|h| h.last()) {
         outln!("  last event: {}", s(last, "event"));
     }
@@ -58,15 +61,15 @@ fn print_report(v: &Value) {
     for w in v["waves"].as_array().into_iter().flatten() {
         outln!(
             "  {:<5} {:<21} {:<21} {:>7} {:>7} {:>6} {:>12} {:>5} {:>11}",
-            w["wave"],
+            w["wave"].to_string(),
             at(&w["started"]),
             at(&w["ended"]),
-            w["devices"],
-            w["healthy"],
-            w["failed"],
-            w["undetermined"],
-            w["held"],
-            w["rolled_back"]
+            w["devices"].to_string(),
+            w["healthy"].to_string(),
+            w["failed"].to_string(),
+            w["undetermined"].to_string(),
+            w["held"].to_string(),
+            w["rolled_back"].to_string()
         );
         for e in w["exceptions"].as_array().into_iter().flatten() {
             let reason = e["reason"]

@@ -3,7 +3,7 @@
 
 use crate::hub::{DESIRED_TTL_SECS, Hub};
 use crate::spec::Deployment;
-use flotilla_hub_core::rollout::Phase;
+use flotilla_hub_core::rollout::{DeviceStatus, Phase};
 use flotilla_hub_core::{DeviceView, place};
 use flotilla_shared::DeviceId;
 use flotilla_shared::codec::{self, EncodeError, Message};
@@ -114,6 +114,19 @@ impl Hub {
                     }
                     _ => (&specs, d),
                 };
+                // A device left out because the release failed on it keeps exactly what it runs now (which may
+                // be older than this rollout's stable version, when an earlier rollout left it behind too).
+                if !on_new
+                    && let Some(r) = active
+                    && matches!(r.rollout.status.get(id), Some(DeviceStatus::Blocked { .. }))
+                    && let Some(frozen) = self.published_specs(id, d)
+                {
+                    plan.per_device
+                        .entry(id.clone())
+                        .or_default()
+                        .push((name.clone(), frozen));
+                    continue;
+                }
                 let mut specs_here = use_specs.clone();
                 if let Some(view) = by_id.get(id).filter(|_| has_overrides(templates)) {
                     // `resolve` keeps the templates' order: spec i is template i.
@@ -130,6 +143,20 @@ impl Hub {
             plan.previous.insert(name.clone(), previous);
         }
         Ok(plan)
+    }
+
+    /// The specs of `d`'s workloads in the desired state last published to `device`, if it has them all.
+    fn published_specs(&self, device: &DeviceId, d: &Deployment) -> Option<Vec<WorkloadSpec>> {
+        let content = match self.desired.published.get(device) {
+            Some((_, c, _)) => c.clone(),
+            None => self.store.desired(device).ok().flatten()?.1,
+        };
+        let specs: Vec<WorkloadSpec> = postcard::from_bytes(&content).ok()?;
+        let mine: Vec<WorkloadSpec> = specs
+            .into_iter()
+            .filter(|s| d.workloads.iter().any(|w| w.name == s.name))
+            .collect();
+        (mine.len() == d.workloads.len()).then_some(mine)
     }
 
     /// A size check for desired states as this hub signs them (see [`FitCheck`]).

@@ -23,7 +23,7 @@ pub const DESIRED_TTL_SECS: u64 = 7 * 86_400;
 #[derive(Debug, Default)]
 pub struct DesiredCache {
     /// The last published (generation, content, expiry) per device.
-    published: BTreeMap<DeviceId, (u64, Vec<u8>, u64)>,
+    pub(super) published: BTreeMap<DeviceId, (u64, Vec<u8>, u64)>,
     /// Desired states saved but not yet accepted by the MQTT client (queue full), by device.
     unpublished: BTreeMap<DeviceId, Vec<u8>>,
     /// While `reconcile_fleet` saves desired states in one transaction: what to publish after it commits.

@@ -739,6 +739,9 @@ impl Rollout {
             let last = self.waves.len().saturating_sub(1);
             self.phase = Phase::Wave(last);
             self.finished_at = None;
+            if let Some(t) = self.wave_times.get_mut(last) {
+                t.ended = None;
+            }
             self.log(now, format!("reopened at wave {} for a retry", last + 1));
         }
         self.operators.push(OperatorAction {
