@@ -97,6 +97,8 @@ pub struct Hub {
     pub(crate) broker: Option<crate::embedded::Broker>,
     /// Something placement reads changed: re-place on the next tick. The one cross-concern signal.
     pub(crate) dirty: bool,
+    /// The admission policy file (`--policy`), re-read when it changes.
+    pub(crate) policy: Option<std::cell::RefCell<crate::admission::file::PolicyFile>>,
     /// `flotilla logs` requests waiting for their device's answer.
     pub(crate) pending_logs: crate::fleet::logs::PendingLogs,
 }
@@ -126,6 +128,9 @@ pub enum HubError {
     Conflict(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// Refused by the admission policy: every denied rule with its field.
+    #[error("{0}")]
+    Policy(String),
 }
 
 impl From<crate::store::StoreError> for HubError {
@@ -164,6 +169,7 @@ impl Hub {
             mosquitto: None,
             broker: None,
             dirty: true,
+            policy: None,
             pending_logs: Default::default(),
             slis: Default::default(),
             inflight: Default::default(),
@@ -337,6 +343,11 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Checks every apply against the admission policy in this file from now on (re-read when it changes).
+    pub fn set_policy(&mut self, file: crate::admission::file::PolicyFile) {
+        self.policy = Some(std::cell::RefCell::new(file));
     }
 
     /// Hands the hub the embedded broker it runs on (for revocation).

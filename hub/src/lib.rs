@@ -1,6 +1,7 @@
 //! The Flotilla hub: fleet registry, placement, signed desired state over MQTT, and the operator CLI.
 
 pub mod access;
+pub mod admission;
 pub mod api;
 pub mod artifacts;
 #[macro_use]

@@ -224,6 +224,8 @@ pub struct ServeOptions {
     pub sparkplug: bool,
     /// How much telemetry history to keep (`telemetry.db`); `None` keeps none.
     pub history: Option<crate::telemetry::history::Retention>,
+    /// The admission policy file every apply is checked against.
+    pub policy: Option<PathBuf>,
 }
 
 impl Default for ServeOptions {
@@ -234,6 +236,7 @@ impl Default for ServeOptions {
             json_feed: true,
             sparkplug: false,
             history: Some(crate::telemetry::history::Retention::default()),
+            policy: None,
         }
     }
 }
@@ -314,6 +317,11 @@ pub async fn serve_with(
     hub.set_device_certs(device_ca.clone(), options.device_cert_secs);
     hub.set_secrets_key(secrets_key(&dir)?);
     hub.telemetry.json_feed = options.json_feed;
+    if let Some(path) = &options.policy {
+        // A policy that does not read stops the hub: running without the rules the operator asked for would
+        // admit what they meant to refuse.
+        hub.set_policy(crate::admission::file::PolicyFile::open(path)?);
+    }
     if options.sparkplug {
         hub.telemetry.sparkplug = Some(Default::default());
     }

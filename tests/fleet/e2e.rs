@@ -571,3 +571,111 @@ fn dry_run_matches_the_apply_device_for_device() {
         "{again}"
     );
 }
+
+/// With `--policy`, an apply that breaks a rule is refused naming the rule and the field, with an audit entry,
+/// and leaves everything as it was (deployment, revision, every device's desired state); `--dry-run` lists the
+/// verdicts; an edit of the policy file takes effect on the next apply, and a bad edit keeps the old policy.
+#[test]
+fn admission_policy_refusal_leaves_everything_as_it_was() {
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[resources]\nmemory_mib = { required = true, max = 8 }\n\
+         [rollout]\nrequired_above_devices = 2\n",
+    )
+    .expect("policy");
+    let fleet = FleetBuilder::new()
+        .hub_args(&["--policy", &policy.display().to_string()])
+        .agent(AgentSpec::new("eu-1", "eu-west", 52.52, 13.40))
+        .agent(AgentSpec::new("eu-2", "eu-west", 48.85, 2.35))
+        .agent(AgentSpec::new("us-1", "us-east", 40.71, -74.00))
+        .start()
+        .expect("fleet starts");
+    let hub = &fleet.hub;
+    hub.push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("release pushed");
+    hub.apply(&spec("\"eu-west\"", "a"))
+        .expect("within the policy");
+    for id in ["eu-1", "eu-2"] {
+        hub.wait_workload(id, "sensor", "running").expect("running");
+    }
+    let snapshot = || {
+        let d = hub
+            .client
+            .get("/api/v1/deployments/sensors")
+            .expect("deployment");
+        (
+            d["revision"].clone(),
+            d["placed"].clone(),
+            ["eu-1", "eu-2", "us-1"].map(|id| generation(&fleet, id)),
+        )
+    };
+    let before = snapshot();
+    let refusals = [
+        (
+            spec("\"eu-west\"", "a").replace("memory_mib = 4", "memory_mib = 64"),
+            "field `workloads[0].memory_mib`: policy rule resources.memory_mib: sensor: memory_mib = 64 is above the maximum 8",
+        ),
+        (
+            spec("\"eu-west\"", "a").replace("memory_mib = 4\n", ""),
+            "field `workloads[0].memory_mib`: policy rule resources.memory_mib: sensor: memory_mib must be set",
+        ),
+        (
+            spec("\"eu-west\", \"us-east\"", "a"),
+            "field `rollout`: policy rule rollout.required_above_devices: 3 devices placed",
+        ),
+    ];
+    for (text, want) in &refusals {
+        let err = hub.apply(text).expect_err("refused").to_string();
+        assert!(err.starts_with("403") && err.contains(want), "{err}");
+        assert_eq!(snapshot(), before, "a refusal changes nothing");
+    }
+    let audit = hub.client.get("/api/v1/audit").expect("audit");
+    let refused = audit["entries"]
+        .as_array()
+        .or(audit.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|e| e["action"] == "apply-refused")
+        .count();
+    assert_eq!(refused, 3, "{audit}");
+    // The dry run shows every verdict and says the apply would be refused, without failing itself.
+    let file = dir.path().join("big.toml");
+    std::fs::write(&file, &refusals[0].0).expect("spec");
+    let table = hub
+        .cli(&["apply", "--dry-run", "-f", &file.display().to_string()])
+        .expect("dry run");
+    assert!(
+        table.contains("REFUSE resources.memory_mib (workloads[0].memory_mib)")
+            && table.contains("ok     rollout.required_above_devices (rollout)")
+            && table.contains("would be refused by the admission policy"),
+        "{table}"
+    );
+    // A bad edit keeps the policy in force; a good one takes effect at the next apply.
+    std::fs::write(&policy, "[resources]\nmemory_mib = { max = \"lots\" }\n").expect("bad edit");
+    assert!(hub.apply(&refusals[0].0).is_err(), "the old policy holds");
+    std::fs::write(
+        &policy,
+        "[resources]\nmemory_mib = { max = 128 }\n# raised\n",
+    )
+    .expect("edit");
+    hub.apply(&refusals[0].0)
+        .expect("allowed by the edited policy");
+    assert_eq!(snapshot().0, 2, "applied: the second revision");
+    // And `deploy diff` says what that revision changed.
+    let diff = hub.cli(&["deploy", "diff", "sensors"]).expect("diff");
+    assert!(
+        diff.contains("revision 1 -> 2: 1 change(s)")
+            && diff.contains("workload sensor: resources changed")
+            && diff.contains("-memory_mib = 4")
+            && diff.contains("+memory_mib = 64"),
+        "{diff}"
+    );
+    let err = hub
+        .client
+        .get("/api/v1/deployments/sensors/diff?from=1&to=7")
+        .expect_err("no revision 7")
+        .to_string();
+    assert!(err.starts_with("404") && err.contains("kept: 1, 2"), "{err}");
+}

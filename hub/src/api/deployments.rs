@@ -90,9 +90,16 @@ pub(super) fn deployment_json(h: &Hub, name: &str) -> Result<Value, HubError> {
         }
         rows.push(json!({"device": id.as_str(), "online": d.is_some_and(|d| d.online), "workloads": states}));
     }
+    let revisions: Vec<Value> = h
+        .store
+        .deployment_revisions(name)?
+        .into_iter()
+        .map(|(revision, at)| json!({"revision": revision, "at": at}))
+        .collect();
+    let revision = revisions.last().map(|r| r["revision"].clone());
     Ok(
-        json!({"name": name, "workloads": names, "placed": placed.len(), "running": running, "devices": rows,
-               "failed": h.desired.failed.get(name)}),
+        json!({"name": name, "revision": revision, "revisions": revisions, "workloads": names,
+               "placed": placed.len(), "running": running, "devices": rows, "failed": h.desired.failed.get(name)}),
     )
 }
 
@@ -161,4 +168,33 @@ pub(super) async fn list_secrets(
         })
         .collect();
     ok(json!({"deployment": deployment, "secrets": secrets}))
+}
+
+/// `?from=REV&to=REV`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DiffQuery {
+    from: u64,
+    to: u64,
+}
+
+/// `GET /api/v1/deployments/{name}/diff?from=REV&to=REV`: what changed between two kept revisions.
+pub(super) async fn deployment_diff(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    query: Result<axum::extract::Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    s.auth(&headers, Role::Viewer).await?;
+    let axum::extract::Query(q) = query.map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid request",
+            format!("query: {}", e.body_text()),
+        )
+    })?;
+    let v = s
+        .call(move |h| h.deployment_diff(&name, q.from, q.to))
+        .await??;
+    ok(serde_json::to_value(v).map_err(|e| HubError::Internal(e.to_string()))?)
 }

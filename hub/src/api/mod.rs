@@ -16,7 +16,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use deployments::{
-    apply, delete_deployment, deployment_status, deployments, list_secrets, set_secret,
+    apply, delete_deployment, deployment_diff, deployment_status, deployments, list_secrets,
+    set_secret,
 };
 use devices::{device, devices, logs, revoke, rotate_credentials, why};
 use metrics::{metrics, openapi};
@@ -115,6 +116,9 @@ impl From<HubError> for Problem {
             HubError::BadRequest(m) => Problem::new(StatusCode::BAD_REQUEST, "invalid request", m),
             HubError::NotFound(m) => Problem::new(StatusCode::NOT_FOUND, "not found", m),
             HubError::Conflict(m) => Problem::new(StatusCode::CONFLICT, "conflict", m),
+            HubError::Policy(m) => {
+                Problem::new(StatusCode::FORBIDDEN, "refused by the admission policy", m)
+            }
             HubError::Internal(m) => {
                 Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error", m)
             }
@@ -218,6 +222,7 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/deployments/{name}",
             get(deployment_status).delete(delete_deployment),
         )
+        .route("/api/v1/deployments/{name}/diff", get(deployment_diff))
         .route("/api/v1/deployments/{name}/secrets", get(list_secrets))
         .route(
             "/api/v1/deployments/{name}/secrets/{secret}",

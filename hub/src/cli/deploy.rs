@@ -72,6 +72,26 @@ pub fn dry_run(file: &Path, force: bool, conn: Conn) -> Result<()> {
             outln!("  wave {i}: {} devices: {}", ids.len(), ids.join(" "));
         }
     }
+    let verdicts = plan["policy"].as_array().cloned().unwrap_or_default();
+    if !verdicts.is_empty() {
+        outln!("admission policy:");
+        for v in &verdicts {
+            let mark = if v["allowed"] == true {
+                "ok    "
+            } else {
+                "REFUSE"
+            };
+            outln!(
+                "  {mark} {} ({}): {}",
+                s(v, "rule"),
+                s(v, "field"),
+                s(v, "message")
+            );
+        }
+    }
+    if plan["refused_by_policy"].is_string() {
+        outln!("the apply would be refused by the admission policy");
+    }
     Ok(())
 }
 
@@ -141,14 +161,52 @@ pub fn ls(conn: Conn) -> Result<()> {
 }
 
 /// Shows a deployment's placed devices and their workload states.
+/// `flotilla deploy diff NAME [--from REV] [--to REV]`.
+pub fn diff(name: &str, from: Option<u64>, to: Option<u64>, conn: Conn) -> Result<()> {
+    let c = conn.client()?;
+    let to = match to {
+        Some(t) => t,
+        None => c.get(&format!("/api/v1/deployments/{name}"))?["revision"]
+            .as_u64()
+            .context("the hub did not say the current revision")?,
+    };
+    let from = from.unwrap_or(to.saturating_sub(1).max(1));
+    let v = c.get(&format!(
+        "/api/v1/deployments/{name}/diff?from={from}&to={to}"
+    ))?;
+    if conn.json() {
+        print_json(&v);
+        return Ok(());
+    }
+    let changes = v["changes"].as_array().cloned().unwrap_or_default();
+    outln!(
+        "deployment {name}, revision {from} -> {to}: {}",
+        if changes.is_empty() {
+            "no change in meaning".to_owned()
+        } else {
+            format!("{} change(s)", changes.len())
+        }
+    );
+    for c in &changes {
+        outln!("  {}", c.as_str().unwrap_or_default());
+    }
+    let unified = s(&v, "unified");
+    if !unified.is_empty() {
+        outln!();
+        outln!("{}", unified.trim_end());
+    }
+    Ok(())
+}
+
 pub fn status(name: &str, conn: Conn) -> Result<()> {
     let v = conn.client()?.get(&format!("/api/v1/deployments/{name}"))?;
     if conn.json() {
         print_json(&v);
     } else {
         outln!(
-            "deployment {}: {} of {} placed devices running",
+            "deployment {} (revision {}): {} of {} placed devices running",
             name,
+            s(&v, "revision"),
             s(&v, "running"),
             s(&v, "placed")
         );

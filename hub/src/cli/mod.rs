@@ -463,6 +463,18 @@ enum DeployCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// What changed between two revisions of a deployment: in meaning, then as a unified diff of the spec.
+    Diff {
+        name: String,
+        /// The older revision (default: the one before --to).
+        #[arg(long)]
+        from: Option<u64>,
+        /// The newer revision (default: the current one).
+        #[arg(long)]
+        to: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 impl Conn {
@@ -574,6 +586,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Deploy(DeployCmd::Ls { conn }) => deploy::ls(conn)?,
         Cmd::Deploy(DeployCmd::Status { name, conn }) => deploy::status(&name, conn)?,
         Cmd::Deploy(DeployCmd::Rm { name, conn }) => deploy::rm(&name, conn)?,
+        Cmd::Deploy(DeployCmd::Diff {
+            name,
+            from,
+            to,
+            conn,
+        }) => deploy::diff(&name, from, to, conn)?,
         Cmd::Rollout(cmd) => rollout::run(cmd)?,
         Cmd::Token { name, role, conn } => devices::api_token(name, role, conn)?,
         Cmd::Why {

@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// Keep at most this many MiB of telemetry history in all (the oldest records go first, of any device).
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
     pub telemetry_history_total_mib: u64,
+    /// Admission policy (TOML) every apply and rollout start is checked against; re-read when it changes (a bad
+    /// edit keeps the previous policy). See the README, "Admission policy".
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -84,6 +88,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         telemetry_history_secs,
         telemetry_history_mib,
         telemetry_history_total_mib,
+        policy,
     } = args;
     let choice = match broker {
         Some(url) => {
@@ -132,6 +137,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             max_bytes_per_device: telemetry_history_mib.saturating_mul(1 << 20),
             max_bytes_total: telemetry_history_total_mib.saturating_mul(1 << 20),
         }),
+        policy,
     };
     rt.block_on(server::serve_with(DataDir(data_dir), http, choice, options))?;
 

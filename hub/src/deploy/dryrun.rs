@@ -24,6 +24,10 @@ pub struct DryRun {
     pub unchanged: usize,
     /// With a `[rollout]` section and a change of release or spec: the waves the rollout would form.
     pub waves: Option<Vec<Vec<String>>>,
+    /// The admission policy's verdict on every rule that applies (empty without a policy).
+    pub policy: Vec<crate::admission::Verdict>,
+    /// Whether the apply would be refused by the policy (the refusal, as the apply would give it).
+    pub refused_by_policy: Option<String>,
 }
 
 /// One device's changes.
@@ -67,7 +71,9 @@ fn find<'a>(specs: Option<&'a Vec<WorkloadSpec>>, name: &str) -> Option<&'a Work
 impl Hub {
     /// The changes applying `source` would make, without making them. Refused exactly as [`Hub::apply`] would be.
     pub fn apply_dry_run(&self, file: &str, source: &str, force: bool) -> Result<DryRun, HubError> {
-        let (d, specs) = self.validate_apply(file, source, force)?;
+        let (d, specs, placed_ids) = self.validate_apply(file, source, force)?;
+        let policy = self.admission(source, &d, &specs, &placed_ids)?;
+        let refused_by_policy = super::admit::refusal(file, &policy).map(|e| e.to_string());
         let name = d.name.to_string();
         let now = unix_now();
         let views: Vec<DeviceView> = self.store.with_devices(|rows| {
@@ -165,6 +171,8 @@ impl Hub {
             unchanged,
             changes,
             waves,
+            policy,
+            refused_by_policy,
         })
     }
 }

@@ -1,6 +1,8 @@
 //! Deployments: loading, resolving (release names to signed release digests) and applying operator specs. Placement
 //! and the signing and publishing of desired states live in [`publish`]; explanations for operators in [`why`].
 
+mod admit;
+pub mod diff;
 pub mod dryrun;
 pub mod plan;
 pub mod publish;
@@ -13,6 +15,7 @@ use crate::spec::{self, Deployment, ReleaseRef};
 use crate::store::Store;
 use anyhow::Result;
 use flotilla_hub_core::DeviceView;
+use flotilla_shared::DeviceId;
 use flotilla_shared::wire::{WorkloadKind, WorkloadSpec};
 use plan::flatten;
 use std::collections::{BTreeMap, BTreeSet};
@@ -125,8 +128,18 @@ impl Hub {
         who: &str,
         force: bool,
     ) -> Result<(String, u64), HubError> {
-        let (d, _) = self.validate_apply(file, source, force)?;
+        let (d, specs, placed) = self.validate_apply(file, source, force)?;
         let now = unix_now();
+        let verdicts = self.admission(source, &d, &specs, &placed)?;
+        if let Some(refused) = admit::refusal(file, &verdicts) {
+            self.store.audit(
+                now,
+                who,
+                "apply-refused",
+                &format!("deployment {}: {refused}", d.name),
+            )?;
+            return Err(refused);
+        }
         let name = d.name.to_string();
         let previous = self.store.deployment_source(&name)?;
         let rollout_from = match (&d.rollout, &previous, self.deployments.get(&name)) {
@@ -165,7 +178,7 @@ impl Hub {
         file: &str,
         source: &str,
         force: bool,
-    ) -> Result<(Deployment, Vec<WorkloadSpec>), HubError> {
+    ) -> Result<(Deployment, Vec<WorkloadSpec>, Vec<DeviceId>), HubError> {
         let d = spec::parse(file, source).map_err(|e| HubError::BadRequest(e.to_string()))?;
         let specs = self.resolve(&d).map_err(|e| match e {
             HubError::BadRequest(m) => HubError::BadRequest(format!("{file}: {m}")),
@@ -199,8 +212,8 @@ impl Hub {
         if !force {
             self.check_known_locations(file, &d)?;
         }
-        self.check_placement(file, &d, &specs, force)?;
-        Ok((d, specs))
+        let placed = self.check_placement(file, &d, &specs, force)?;
+        Ok((d, specs, placed))
     }
 
     /// Refuses target regions and zones that no enrolled device and no enrollment token names: a typo there
@@ -240,14 +253,15 @@ impl Hub {
     }
 
     /// Places the candidate over the fleet without storing anything: every device it would reach must still fit
-    /// its desired state, and (unless `force`) no workload may lose every device it is placed on.
+    /// its desired state, and (unless `force`) no workload may lose every device it is placed on. Returns the
+    /// devices it would be placed on.
     fn check_placement(
         &self,
         file: &str,
         d: &Deployment,
         specs: &[WorkloadSpec],
         force: bool,
-    ) -> Result<(), HubError> {
+    ) -> Result<Vec<DeviceId>, HubError> {
         let name = d.name.to_string();
         let now = unix_now();
         let views: Vec<DeviceView> = self
@@ -275,14 +289,14 @@ impl Hub {
             }
         }
         if force {
-            return Ok(());
+            return Ok(placed.into_iter().collect());
         }
         let Some(old) = self.deployments.get(&name) else {
-            return Ok(());
+            return Ok(placed.into_iter().collect());
         };
         let before = self.store.placements(&name)?;
         if before.is_empty() {
-            return Ok(());
+            return Ok(placed.into_iter().collect());
         }
         for w in &old.workloads {
             let kept = d.workloads.iter().any(|n| n.name == w.name) && !placed.is_empty();
@@ -304,7 +318,7 @@ impl Hub {
                 )));
             }
         }
-        Ok(())
+        Ok(placed.into_iter().collect())
     }
 
     pub fn delete_deployment(&mut self, name: &str, who: &str) -> Result<(), HubError> {
