@@ -211,6 +211,7 @@ async fn main() -> anyhow::Result<()> {
             expires_at: u64::MAX - 1,
             workloads: vec![spec("sensor", digest)],
             sealed: vec![],
+            staged: vec![],
         };
         let wire = codec::encode(&Message::DesiredState(trust::sign(
             DocType::DesiredState,

@@ -79,6 +79,8 @@ pub struct Agent {
     pub(crate) pulls: BTreeMap<Digest, crate::fetch::Pull>,
     /// Downloaded container tarballs being checked against their signed image (off the loop's thread).
     pub(crate) checking: BTreeSet<Digest>,
+    /// Releases staged ahead of a cutover: failures and container image preloads.
+    pub(crate) staging: crate::staging::Staging,
     pub(crate) rejection: Option<Rejection>,
     pub(crate) position: Option<LatLon>,
     pub(crate) holds: Holds,
@@ -204,6 +206,7 @@ impl Agent {
             fetches: BTreeMap::new(),
             pulls: BTreeMap::new(),
             checking: BTreeSet::new(),
+            staging: Default::default(),
             rejection,
             position,
             holds: Holds::default(),
@@ -484,6 +487,7 @@ impl Agent {
                 value,
             } => self.on_guest_metric(&name, metric, value),
             RuntimeEvent::Hold { name, reason, secs } => self.on_guest_hold(name, reason, secs),
+            RuntimeEvent::Preloaded { artifact, result } => self.on_preloaded(artifact, result),
             RuntimeEvent::ImageLoaded { name, image } => {
                 if let Err(e) = self.store.record_image(name.as_str(), &image, unix_now()) {
                     tracing::warn!(error = %e, "cannot record a loaded image");

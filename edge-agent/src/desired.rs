@@ -79,6 +79,8 @@ impl Agent {
             let _ = self.store.set_rejection(None);
         }
         self.workload_rejects.clear();
+        // A new state may stage other releases, or the same after space was freed: staging starts over.
+        self.staging.failures.clear();
         // Workloads that left the desired state have no version to fall back to any more.
         let names: Vec<WorkloadName> = ds.workloads.iter().map(|w| w.name.clone()).collect();
         self.last_good.retain(|n, _| names.contains(n));
@@ -218,17 +220,47 @@ impl Agent {
             list.push(target);
         }
         self.reconciler.set_desired(self.millis(), list);
+        self.promote_staged_epochs();
+        self.stage(&mut keep);
         // Until every desired release is known, the cache cannot tell what the new state needs: a new release may
         // name an artifact that a removed workload used (the same image under another name), so nothing is
         // collected now; the refresh after the last release arrives collects.
         let releases_known = self.accepted.as_ref().is_some_and(|(_, ds)| {
-            ds.workloads
-                .iter()
-                .all(|w| self.releases.contains_key(&w.release))
+            ds.workloads.iter().chain(&ds.staged).all(|w| {
+                self.releases.contains_key(&w.release)
+                    || self.staging.failures.contains_key(&w.release)
+            })
         });
         if releases_known {
             self.collect_garbage(&keep);
             self.collect_images();
+        }
+    }
+
+    /// A release that was staged (stored without raising the epoch floor) and is now what a desired workload
+    /// runs: the floor rises to its epoch, as for any release the device moves to.
+    fn promote_staged_epochs(&mut self) {
+        let Some((_, ds)) = &self.accepted else {
+            return;
+        };
+        let mut promote = vec![];
+        for w in &ds.workloads {
+            if let Some(r) = self.releases.get(&w.release)
+                && self.trust.floor.epochs.get(&r.name).copied().unwrap_or(0) < r.epoch
+            {
+                promote.push((w.release, r.name.clone(), r.epoch));
+            }
+        }
+        for (digest, name, epoch) in promote {
+            let Ok(Some(signed)) = self.store.release(&digest) else {
+                continue;
+            };
+            if let Err(e) = self.store.accept_release(&digest, &signed, &name, epoch) {
+                tracing::error!(error = %e, "cannot persist the epoch of a staged release");
+                continue;
+            }
+            let floor = self.trust.floor.epochs.entry(name).or_insert(0);
+            *floor = (*floor).max(epoch);
         }
     }
 

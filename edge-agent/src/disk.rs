@@ -47,10 +47,21 @@ impl Agent {
                 _ => None,
             })
             .collect();
+        let free = self.free_disk();
+        // Staging refused for space is tried again the same way.
+        let staged_before = self.staging.failures.len();
+        self.staging.failures.retain(|_, r| match r {
+            RejectReason::InsufficientDisk { needed, .. } => {
+                crate::fetch::disk_check(*needed, free).is_err()
+            }
+            _ => true,
+        });
+        if staged_before != self.staging.failures.len() {
+            self.refresh_desired();
+        }
         if waiting.is_empty() {
             return;
         }
-        let free = self.free_disk();
         let mut lifted = false;
         for (name, needed) in waiting {
             if crate::fetch::disk_check(needed, free).is_ok() {

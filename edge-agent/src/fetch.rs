@@ -239,6 +239,13 @@ impl Agent {
         let digest = match what {
             ArtifactRef::Release(d) | ArtifactRef::Blob(d) => d,
         };
+        if self.staged_only(&digest) {
+            // Staging refuses nothing that runs: the failure is the staged release's alone.
+            tracing::warn!(?what, ?reason, "staging failed");
+            self.staging.failures.insert(digest, reason);
+            self.send_report();
+            return;
+        }
         let names: Vec<WorkloadName> = self.accepted.as_ref().map_or(vec![], |(_, ds)| {
             ds.workloads
                 .iter()
@@ -331,15 +338,28 @@ impl Agent {
                     self.fail_fetch(what, RejectReason::Malformed);
                     return;
                 };
-                let Some(spec) = self
-                    .accepted
-                    .as_ref()
-                    .and_then(|(_, ds)| ds.workloads.iter().find(|w| w.release == digest).cloned())
-                else {
+                let staged_only = self.staged_only(&digest);
+                let Some(spec) = self.accepted.as_ref().and_then(|(_, ds)| {
+                    ds.workloads
+                        .iter()
+                        .chain(&ds.staged)
+                        .find(|w| w.release == digest)
+                        .cloned()
+                }) else {
                     return;
                 };
                 match trust::verify_release_for(&self.trust.root, &signed, &spec, &self.trust.floor)
                 {
+                    Ok(release) if staged_only => {
+                        // Staged: stored and verified, but the floor stays until a desired state runs it.
+                        if let Err(e) = self.store.stage_release(&digest, &signed) {
+                            tracing::error!(error = %e, "cannot persist a staged release");
+                            return;
+                        }
+                        self.releases.insert(digest, release);
+                        self.refresh_desired();
+                        self.send_report();
+                    }
                     Ok(release) => {
                         if let Err(e) = self.store.accept_release(
                             &digest,
@@ -442,6 +462,9 @@ impl Agent {
         }
         tracing::info!(artifact = %digest, size, "artifact verified and cached");
         self.refresh_desired();
+        if self.staged_only(&digest) {
+            self.send_report();
+        }
     }
 
     /// Asks again for every chunk unanswered for [`CHUNK_TIMEOUT`] (slow-drip and lost-message protection).

@@ -94,10 +94,11 @@ impl Agent {
             Ok(l) => l,
             Err(e) => return tracing::warn!(error = %e, "image index"),
         };
+        // Staged images stay too: they were loaded for the coming cutover.
         let specs: Vec<&flotilla_shared::wire::WorkloadSpec> = self
             .accepted
             .iter()
-            .flat_map(|(_, ds)| ds.workloads.iter())
+            .flat_map(|(_, ds)| ds.workloads.iter().chain(&ds.staged))
             .chain(self.last_good.values().map(|(spec, _)| spec))
             .collect();
         let workloads = specs.iter().map(|s| s.name.to_string()).collect();

@@ -16,5 +16,6 @@ pub mod outbox;
 pub mod report;
 pub mod runtime;
 pub mod secrets;
+pub mod staging;
 pub mod store;
 pub mod trust;

@@ -39,6 +39,7 @@ impl Agent {
             inventory: changed.clone(),
             telemetry_dropped: self.store.counter("telemetry_dropped")?,
             hold: self.hold_reason(),
+            staged: self.staged_status(),
         };
         Ok((
             trust::sign(DocType::Report, &report, &[&self.trust.key]),

@@ -465,6 +465,15 @@ impl Store {
         Ok(())
     }
 
+    /// Stores a verified release staged ahead of its cutover, leaving the epoch floor where it is.
+    pub fn stage_release(&mut self, digest: &Digest, signed: &Signed) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO releases (digest, signed) VALUES (?1, ?2)",
+            params![digest.0.as_slice(), encode(signed)],
+        )?;
+        Ok(())
+    }
+
     pub fn release(&self, digest: &Digest) -> Result<Option<Signed>> {
         let bytes: Option<Vec<u8>> = self
             .conn

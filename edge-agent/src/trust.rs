@@ -83,7 +83,14 @@ impl Agent {
             .map(|(spec, _)| spec.clone())
             .collect();
         if let Some((_, ds)) = &self.accepted {
-            for w in ds.workloads.clone().into_iter().chain(last_good) {
+            // Staged releases too: what was staged before a restart stays staged.
+            for w in ds
+                .workloads
+                .clone()
+                .into_iter()
+                .chain(ds.staged.clone())
+                .chain(last_good)
+            {
                 if let Some(signed) = self.store.release(&w.release)? {
                     match trust::verify_release_for(
                         &self.trust.root,

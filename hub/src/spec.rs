@@ -70,6 +70,11 @@ struct RawRollout {
     offline_is_failure: bool,
     #[serde(default)]
     budgets: Vec<RawBudget>,
+    /// Devices of the current and next wave download the release ahead of their cutover.
+    #[serde(default)]
+    pre_download: bool,
+    /// When they may download (local time); any time without.
+    download_window: Option<RawWindow>,
 }
 
 /// `[[rollout.budgets]] group_by = "zone" | "label:site", max_unavailable = 1 | "25%"`.
@@ -198,48 +203,13 @@ fn rollout_plan(r: RawRollout) -> Result<Plan, (String, String)> {
     };
     let mut windows = BTreeMap::new();
     for (region, w) in r.windows {
-        let f = format!("rollout.windows.{region}");
-        let mut days = 0u8;
-        for d in &w.days {
-            let i = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-                .iter()
-                .position(|x| x == d)
-                .ok_or_else(|| (format!("{f}.days"), format!("{d:?} is not mon..sun")))?;
-            days |= 1 << i;
-        }
-        let start_min = hhmm(&format!("{f}.start"), &w.start)?;
-        let end_min = hhmm(&format!("{f}.end"), &w.end)?;
-        let clock = match (w.utc_offset_min, w.tz) {
-            (Some(_), Some(_)) => {
-                return Err((f, "give utc_offset_min or tz, not both".into()));
-            }
-            (Some(min), None) if (-14 * 60..=14 * 60).contains(&min) => Clock::Offset(min),
-            (Some(min), None) => {
-                return Err((
-                    format!("{f}.utc_offset_min"),
-                    format!("{min} is not an offset in minutes (-840..840)"),
-                ));
-            }
-            (None, Some(tz)) if is_time_zone(&tz) => Clock::Zone(tz),
-            (None, Some(tz)) => {
-                return Err((
-                    format!("{f}.tz"),
-                    format!("{tz:?} is not an IANA time zone (like \"Europe/Berlin\")"),
-                ));
-            }
-            (None, None) => Clock::Offset(0),
-        };
-        windows.insert(
-            region,
-            Window {
-                clock,
-                days,
-                start_min,
-                end_min,
-                device_zone: w.device_tz,
-            },
-        );
+        let window = window(&format!("rollout.windows.{region}"), w)?;
+        windows.insert(region, window);
     }
+    let download_window = r
+        .download_window
+        .map(|w| window("rollout.download_window", w))
+        .transpose()?;
     let mut budgets = Vec::new();
     for (i, b) in r.budgets.into_iter().enumerate() {
         budgets.push(budget(&format!("rollout.budgets[{i}]"), b)?);
@@ -258,6 +228,49 @@ fn rollout_plan(r: RawRollout) -> Result<Plan, (String, String)> {
         offline_grace_secs: r.offline_grace_secs,
         offline_is_failure: r.offline_is_failure,
         budgets,
+        pre_download: r.pre_download,
+        download_window,
+    })
+}
+
+/// Validates one weekly window (maintenance or download).
+fn window(f: &str, w: RawWindow) -> Result<Window, (String, String)> {
+    let mut days = 0u8;
+    for d in &w.days {
+        let i = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+            .iter()
+            .position(|x| x == d)
+            .ok_or_else(|| (format!("{f}.days"), format!("{d:?} is not mon..sun")))?;
+        days |= 1 << i;
+    }
+    let start_min = hhmm(&format!("{f}.start"), &w.start)?;
+    let end_min = hhmm(&format!("{f}.end"), &w.end)?;
+    let clock = match (w.utc_offset_min, w.tz) {
+        (Some(_), Some(_)) => {
+            return Err((f.to_owned(), "give utc_offset_min or tz, not both".into()));
+        }
+        (Some(min), None) if (-14 * 60..=14 * 60).contains(&min) => Clock::Offset(min),
+        (Some(min), None) => {
+            return Err((
+                format!("{f}.utc_offset_min"),
+                format!("{min} is not an offset in minutes (-840..840)"),
+            ));
+        }
+        (None, Some(tz)) if is_time_zone(&tz) => Clock::Zone(tz),
+        (None, Some(tz)) => {
+            return Err((
+                format!("{f}.tz"),
+                format!("{tz:?} is not an IANA time zone (like \"Europe/Berlin\")"),
+            ));
+        }
+        (None, None) => Clock::Offset(0),
+    };
+    Ok(Window {
+        clock,
+        days,
+        start_min,
+        end_min,
+        device_zone: w.device_tz,
     })
 }
 

@@ -263,6 +263,10 @@ pub struct DesiredState {
     pub workloads: Vec<WorkloadSpec>,
     /// The workloads' secrets, each sealed to this device alone (re-sealed whenever the state is re-signed).
     pub sealed: Vec<SealedSecret>,
+    /// Workloads of the release the device will be moved to next (a rollout's coming wave): fetched, verified
+    /// and (containers) loaded ahead of the cutover, without touching what runs, so the cutover needs no
+    /// download. Never run from here.
+    pub staged: Vec<WorkloadSpec>,
 }
 
 /// Delivers root rotations: each entry is signed by its predecessor's and its own root keys.
@@ -545,6 +549,37 @@ pub struct Report {
     /// The device is holding updates ("not now", e.g. vehicle in motion): the reason. Running workloads stay on
     /// their current release until the hold is lifted.
     pub hold: Option<String>,
+    /// Where each release of the desired state's `staged` list is.
+    pub staged: Vec<StagedRelease>,
+}
+
+/// A staged release's progress on the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedRelease {
+    pub release: Digest,
+    pub state: StageState,
+}
+
+/// Where a staged release is: fetching, loading (a container image into the engine), ready for the cutover, or
+/// refused (the reason; what runs is untouched).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StageState {
+    Downloading,
+    Loading,
+    Staged,
+    Failed(RejectReason),
+}
+
+impl StageState {
+    /// `downloading`, `loading`, `staged`, `failed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Downloading => "downloading",
+            Self::Loading => "loading",
+            Self::Staged => "staged",
+            Self::Failed(_) => "failed",
+        }
+    }
 }
 
 /// Online/offline marker (the offline form is the MQTT last will).

@@ -196,7 +196,7 @@ proptest! {
             release_keys: vec![hub.public()], release_threshold: 1, hub_keys: vec![hub.public()], hub_threshold: 1 };
         let device = DeviceId::new(device).expect("grammar");
         let sealed = ws.iter().map(|w| SealedSecret { workload: w.name.clone(), name: "token".into(), version: 1, sealed: vec![7; 60] }).collect();
-        let ds = DesiredState { device: device.clone(), generation, issued_at: 1, expires_at: u64::MAX - 1, workloads: ws, sealed };
+        let ds = DesiredState { device: device.clone(), generation, issued_at: 1, expires_at: u64::MAX - 1, workloads: ws, sealed, staged: vec![] };
         let signed = trust::sign(DocType::DesiredState, &ds, &[&hub]);
         let bytes = codec::encode(&Message::DesiredState(signed)).expect("within caps");
         let Ok(Message::DesiredState(back)) = codec::decode(&bytes) else { panic!("decodes") };

@@ -105,6 +105,7 @@ fn desired(device: &str, generation: u64, workloads: Vec<WorkloadSpec>) -> Desir
         expires_at: NOW + 7 * DAY,
         workloads,
         sealed: vec![],
+        staged: vec![],
     }
 }
 
@@ -625,6 +626,7 @@ fn rejects_bad_reports() {
         inventory: None,
         telemetry_dropped: 0,
         hold: None,
+        staged: vec![],
     };
     let s = trust::sign(DocType::Report, &report, &[&device_key]);
     assert_eq!(

@@ -677,5 +677,8 @@ fn admission_policy_refusal_leaves_everything_as_it_was() {
         .get("/api/v1/deployments/sensors/diff?from=1&to=7")
         .expect_err("no revision 7")
         .to_string();
-    assert!(err.starts_with("404") && err.contains("kept: 1, 2"), "{err}");
+    assert!(
+        err.starts_with("404") && err.contains("kept: 1, 2"),
+        "{err}"
+    );
 }

@@ -417,3 +417,100 @@ fn a_failed_release_is_not_retried_by_the_next_rollout() {
 fn s(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_owned()
 }
+
+/// Pre-download: the next wave's device fetches and verifies 2.0.0 while 1.0.0 keeps running (its rollout status
+/// shows it `staged`); then its uplink is cut (device -> broker: no artifact request, report or keepalive gets
+/// through) and the wave is approved. The desired state still arrives, and the device cuts over to 2.0.0 from what
+/// it staged, with no download: its database records 2.0.0 as started while the link is still cut. Healed, it
+/// reports 2.0.0 and the rollout completes.
+#[test]
+fn staged_download_then_cutover_with_the_uplink_cut() {
+    let f = FleetBuilder::new()
+        .with_proxies()
+        .agent(AgentSpec::new("eu-1", "eu-west", 10.0, 10.0))
+        .agent(AgentSpec::new("eu-2", "eu-west", 10.0, 10.0))
+        .start()
+        .expect("fleet");
+    f.hub
+        .push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("v1");
+    // 2.0.0: the same code with a 1.5 MiB custom section, so the download is two dozen chunks, not one.
+    let mut v2 = firmware("sensor");
+    let payload = vec![7u8; 1536 * 1024];
+    let mut section = vec![1, b'x'];
+    section.extend_from_slice(&payload);
+    let mut len = section.len();
+    let mut leb = vec![];
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            leb.push(byte);
+            break;
+        }
+        leb.push(byte | 0x80);
+    }
+    v2.push(0);
+    v2.extend_from_slice(&leb);
+    v2.extend_from_slice(&section);
+    f.hub.push_release("sensor", "2.0.0", 1, &v2).expect("v2");
+    let v2_digest = flotilla_shared::Digest::of(&v2);
+    f.hub.apply(&spec("1.0.0", "")).expect("v1 everywhere");
+    for id in ["eu-1", "eu-2"] {
+        wait_version(&f, id, "1.0.0");
+    }
+    let plan = "[rollout]\nwaves = [\"canary:50\", \"rest\"]\nsoak_secs = 1\nreport_timeout_secs = 120\n\
+                manual_approval = true\npre_download = true\n";
+    f.hub.apply(&spec("2.0.0", plan)).expect("rollout");
+    wait_version(&f, "eu-1", "2.0.0");
+    wait_phase(&f, "awaiting approval");
+    let stage_of = |v: &Value, id: &str| -> String {
+        v["waves"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|w| w["devices"].as_array().cloned().unwrap_or_default())
+            .find(|d| d["device"] == id)
+            .and_then(|d| d["stage"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    wait_for("eu-2 staged 2.0.0", PATIENCE, || {
+        (stage_of(&status(&f), "eu-2") == "staged").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", status(&f)));
+    // Staging touched nothing that runs.
+    let d = f.hub.device("eu-2").expect("eu-2");
+    assert_eq!(d["workloads"][0]["version"], "1.0.0", "{d}");
+    assert_eq!(d["workloads"][0]["state"], "running", "{d}");
+
+    let agent = f.agent("eu-2");
+    agent.proxy.as_ref().expect("proxy").blackhole_uplink();
+    f.hub
+        .client
+        .post(
+            "/api/v1/rollouts/sensors/approve",
+            "application/json",
+            b"{}",
+            &[],
+        )
+        .expect("approve");
+    let db = agent.state_dir().join("agent.db");
+    let started = || -> Option<Vec<u8>> {
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .ok()?;
+        conn.query_row(
+            "SELECT artifact FROM last_good WHERE name = 'sensor'",
+            [],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+        .ok()
+    };
+    wait_for("eu-2 starts 2.0.0 with its uplink cut", PATIENCE, || {
+        (started()? == v2_digest.0.to_vec()).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: the device did not cut over from what it staged"));
+    agent.proxy.as_ref().expect("proxy").heal();
+    wait_version(&f, "eu-2", "2.0.0");
+    wait_phase(&f, "completed");
+}

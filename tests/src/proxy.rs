@@ -1,5 +1,6 @@
 //! A TCP fault proxy between agents and the broker: partition (cut every connection and refuse new ones), reset,
-//! blackhole (forward nothing and refuse nothing: a link that silently drops packets, noticed only by keepalives),
+//! blackhole (forward nothing and refuse nothing: a link that silently drops packets, noticed only by keepalives;
+//! or only the uplink, device to broker),
 //! a delay per forwarded chunk, a bandwidth cap (slow link), and heal. Runs on its own small tokio runtime.
 
 use anyhow::Result;
@@ -41,6 +42,7 @@ impl Proxy {
             delay_ms: AtomicU64::new(0),
             rate: AtomicU64::new(0),
             blackhole: watch::channel(false).0,
+            uplink_blackhole: watch::channel(false).0,
         });
         let (cut, cut_rx) = watch::channel(0u64);
         let up = format!("{}:{}", upstream.0, upstream.1);
@@ -66,8 +68,8 @@ impl Proxy {
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
                     tokio::select! {
-                        _ = pipe(cr, sw, d.clone()) => {}
-                        _ = pipe(sr, cw, d) => {}
+                        _ = pipe(cr, sw, d.clone(), true) => {}
+                        _ = pipe(sr, cw, d, false) => {}
                         _ = cut_rx.changed() => {}
                     }
                 });
@@ -96,6 +98,13 @@ impl Proxy {
     pub fn heal(&self) {
         self.partitioned.store(false, Ordering::Release);
         self.faults.blackhole.send_replace(false);
+        self.faults.uplink_blackhole.send_replace(false);
+    }
+
+    /// Like [`Proxy::blackhole`], for the client-to-broker direction only: what the broker sends still arrives
+    /// (a desired state), what the device sends (artifact requests, reports, keepalives) does not.
+    pub fn blackhole_uplink(&self) {
+        self.faults.uplink_blackhole.send_replace(true);
     }
 
     /// Forwards nothing until [`Proxy::heal`], without closing or refusing anything: bytes wait in the proxy as in
@@ -142,15 +151,19 @@ struct Faults {
     /// Bytes per second per direction; 0 = unlimited.
     rate: AtomicU64,
     blackhole: watch::Sender<bool>,
+    /// Only the client -> upstream direction is held.
+    uplink_blackhole: watch::Sender<bool>,
 }
 
 async fn pipe(
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
     faults: Arc<Faults>,
+    uplink: bool,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut blackhole = faults.blackhole.subscribe();
+    let mut uplink_blackhole = faults.uplink_blackhole.subscribe();
     loop {
         // A small read size under a rate cap keeps the pacing smooth.
         let rate = faults.rate.load(Ordering::Acquire);
@@ -167,6 +180,9 @@ async fn pipe(
         };
         // Held, not dropped: the stream stays intact, as TCP retransmission would keep it.
         if blackhole.wait_for(|on| !*on).await.is_err() {
+            return;
+        }
+        if uplink && uplink_blackhole.wait_for(|on| !*on).await.is_err() {
             return;
         }
         let d = faults.delay_ms.load(Ordering::Acquire);

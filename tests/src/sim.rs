@@ -282,6 +282,7 @@ async fn agent(
             inventory: inv.then(|| inventory(region)),
             telemetry_dropped: 0,
             hold: None,
+            staged: vec![],
         };
         let bytes = codec::encode(&Message::Report(trust::sign(DocType::Report, &r, &[&key])))?;
         link.publish(&report_topic, bytes, false)?;

@@ -223,6 +223,43 @@ impl ContainerRuntime {
         });
     }
 
+    /// Loads a staged release's verified tarball into the engine ahead of its cutover (creating nothing); answers
+    /// with [`RuntimeEvent::Preloaded`] (and [`RuntimeEvent::ImageLoaded`] when this call loaded it, for the image
+    /// collection).
+    pub fn preload(
+        &self,
+        workload: flotilla_shared::WorkloadName,
+        artifact: flotilla_shared::Digest,
+        tarball: std::path::PathBuf,
+        image: ContainerImage,
+        events: mpsc::Sender<RuntimeEvent>,
+    ) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let result = match inner.docker_within(PROBE_PATIENCE).await {
+                Some(docker) => inner
+                    .ensure_image(&docker, &tarball, &image, async {})
+                    .await
+                    .map(|(id, fresh)| (fresh).then_some(id)),
+                None => Err("container engine unreachable".to_owned()),
+            };
+            if let Ok(Some(id)) = &result {
+                let _ = events
+                    .send(RuntimeEvent::ImageLoaded {
+                        name: workload,
+                        image: id.clone(),
+                    })
+                    .await;
+            }
+            let _ = events
+                .send(RuntimeEvent::Preloaded {
+                    artifact,
+                    result: result.map(|_| ()),
+                })
+                .await;
+        });
+    }
+
     /// Removes, once the engine answers, every container of this device that is not in `keep` and that this run
     /// did not bring up (in any state):
     /// leftovers of workloads that were removed or replaced while the agent was down. Never touches a container

@@ -55,6 +55,11 @@ pub enum RuntimeEvent {
         artifact: flotilla_shared::Digest,
         result: Result<(String, bool), String>,
     },
+    /// A staged release's image is in the engine (or why not).
+    Preloaded {
+        artifact: flotilla_shared::Digest,
+        result: Result<(), String>,
+    },
     /// The container runtime loaded `image` into the engine for workload `name`.
     ImageLoaded { name: WorkloadName, image: String },
     /// The answer to a `flotilla logs` request, read from the engine.

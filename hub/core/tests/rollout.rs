@@ -41,6 +41,8 @@ fn plan() -> Plan {
         offline_grace_secs: 600,
         offline_is_failure: false,
         budgets: vec![],
+        pre_download: false,
+        download_window: None,
     }
 }
 
@@ -1265,4 +1267,37 @@ fn snapshots_from_postcard_hubs_restore() {
     // And what it writes now is JSON, which restores exactly.
     let again = Rollout::from_snapshot(&restored.snapshot()).expect("json");
     assert_eq!(again, restored);
+}
+
+/// Pre-download: the devices of the current wave not moved yet and of the next wave stage, within the download
+/// window (here 01:00-05:00 UTC); nobody without `pre_download`, nobody once finished.
+#[test]
+fn staging_covers_the_current_and_next_wave_inside_the_download_window() {
+    let mut p = plan();
+    p.max_in_flight = 1;
+    assert!(
+        Rollout::start(p.clone(), &members(), 1_000)
+            .due_for_staging(1_000)
+            .is_empty()
+    );
+    p.pre_download = true;
+    // 1970-01-01 00:16 UTC at the start: outside 01:00-05:00.
+    p.download_window = Some(daily(Clock::Offset(0), "01:00", "05:00", false));
+    let mut r = Rollout::start(p, &members(), 1_000);
+    while r.poll_action().is_some() {}
+    let names = |v: Vec<DeviceId>| {
+        v.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(names(r.due_for_staging(1_000)), "", "outside the window");
+    // 02:00: ap-0 updates (max_in_flight 1); eu-0 and us-0 wait their turn in wave 0; wave 1 is eu-1..4.
+    assert_eq!(
+        names(r.due_for_staging(7_200)),
+        "eu-0 us-0 eu-1 eu-2 eu-3 eu-4",
+        "the rest of wave 0 and all of wave 1; not wave 2"
+    );
+    r.command(7_200, Command::Abort, "op").expect("abort");
+    assert!(r.due_for_staging(7_200).is_empty(), "finished");
 }

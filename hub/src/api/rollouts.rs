@@ -23,6 +23,39 @@ pub(super) async fn rollout_status(
                 flotilla_hub_core::rollout::Phase::Completed => "completed".into(),
                 flotilla_hub_core::rollout::Phase::Aborted { reason } => format!("aborted: {reason}"),
             };
+            // The target's releases, to read each device's staging progress from its last report.
+            let target: Vec<flotilla_shared::Digest> = h
+                .deployments
+                .get(&name)
+                .and_then(|d| h.resolve(d).ok())
+                .map(|specs| specs.iter().map(|s| s.release).collect())
+                .unwrap_or_default();
+            let stage = |d: &flotilla_shared::DeviceId| -> Option<&'static str> {
+                use flotilla_hub_core::rollout::DeviceStatus;
+                match ro.status.get(d)? {
+                    DeviceStatus::Updating { .. } => return Some("applying"),
+                    DeviceStatus::Healthy { .. } => return Some("healthy"),
+                    _ => {}
+                }
+                h.store
+                    .with_device(d, |row| {
+                        let staged = &row.last_report.as_ref()?.staged;
+                        let states: Vec<&flotilla_shared::wire::StageState> = target
+                            .iter()
+                            .filter_map(|t| staged.iter().find(|s| s.release == *t).map(|s| &s.state))
+                            .collect();
+                        // The least advanced of the target's releases.
+                        states
+                            .iter()
+                            .find(|s| matches!(s, flotilla_shared::wire::StageState::Failed(_)))
+                            .or_else(|| states.iter().find(|s| !matches!(s, flotilla_shared::wire::StageState::Staged)))
+                            .or(states.first())
+                            .map(|s| s.name())
+                    })
+                    .ok()
+                    .flatten()
+                    .flatten()
+            };
             let waves: Vec<Value> = ro
                 .waves
                 .iter()
@@ -31,7 +64,7 @@ pub(super) async fn rollout_status(
                     let devices: Vec<Value> = w
                         .iter()
                         .map(|d| json!({"device": d.as_str(), "status": ro.status.get(d).map(|s| s.name()),
-                                      "detail": ro.status.get(d).and_then(|s| s.detail())}))
+                                      "detail": ro.status.get(d).and_then(|s| s.detail()), "stage": stage(d)}))
                         .collect();
                     json!({"wave": i + 1, "devices": devices})
                 })

@@ -16,7 +16,15 @@ fn print_rollout(v: &Value) {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|d| format!("{}={}", s(d, "device"), s(d, "status")))
+            .map(|d| match d["stage"].as_str() {
+                // A device not moved yet shows how far its download is (`pending/staged`).
+                Some(stage)
+                    if stage != s(d, "status") && !matches!(stage, "applying" | "healthy") =>
+                {
+                    format!("{}={}/{stage}", s(d, "device"), s(d, "status"))
+                }
+                _ => format!("{}={}", s(d, "device"), s(d, "status")),
+            })
             .collect();
         outln!("  wave {}: {}", s(w, "wave"), devs.join(" "));
     }

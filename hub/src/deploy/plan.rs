@@ -22,6 +22,8 @@ pub struct FleetPlan {
     pub previous: BTreeMap<String, BTreeSet<DeviceId>>,
     /// Deployments that could not be resolved, with the reason; the others are planned regardless.
     pub unresolved: BTreeMap<String, String>,
+    /// Per device, workloads to stage ahead of a rollout's cutover (`pre_download`).
+    pub staged: BTreeMap<DeviceId, Vec<WorkloadSpec>>,
 }
 
 /// A device's desired state would not fit its envelope.
@@ -98,6 +100,11 @@ impl Hub {
                 }
                 None => None,
             };
+            // Devices of the current and next wave fetch the target release ahead of their cutover.
+            let staging: BTreeSet<DeviceId> = active
+                .filter(|r| !r.rollout.is_finished())
+                .map(|r| r.rollout.due_for_staging(now).into_iter().collect())
+                .unwrap_or_default();
             let previous: BTreeSet<DeviceId> = self.store.placements(name)?.into_iter().collect();
             let placement = place(views, &d.target, &d.policy, &d.constraints, &previous, now);
             for id in &placement.chosen {
@@ -138,6 +145,15 @@ impl Hub {
                     .entry(id.clone())
                     .or_default()
                     .push((name.clone(), specs_here));
+                if !on_new && staging.contains(id) {
+                    let mut target = specs.clone();
+                    if let Some(view) = by_id.get(id).filter(|_| has_overrides(d)) {
+                        for (spec, t) in target.iter_mut().zip(&d.workloads) {
+                            spec.config = t.config_for(view);
+                        }
+                    }
+                    plan.staged.entry(id.clone()).or_default().extend(target);
+                }
             }
             plan.placements.insert(name.clone(), placement.chosen);
             plan.previous.insert(name.clone(), previous);
@@ -170,6 +186,7 @@ impl Hub {
             expires_at: now + DESIRED_TTL_SECS,
             workloads: vec![],
             sealed: vec![],
+            staged: vec![],
         };
         let signed = trust::sign(DocType::DesiredState, &sample, &[&self.hub_key]);
         let encoded = codec::encode(&Message::DesiredState(signed.clone())).map_or(0, |b| b.len());
@@ -230,6 +247,7 @@ impl FitCheck {
             expires_at: self.now + DESIRED_TTL_SECS,
             workloads,
             sealed,
+            staged: vec![],
         };
         let body = postcard::to_stdvec(&ds).map_or(usize::MAX / 2, |b| b.len());
         let len = body + varint_len(body) + self.overhead;
@@ -285,6 +303,7 @@ mod tests {
                 expires_at: 1_000_000 + DESIRED_TTL_SECS,
                 workloads: vec![w.clone()],
                 sealed: vec![],
+                staged: vec![],
             };
             let signed = trust::sign(DocType::DesiredState, &ds, &[&hub.hub_key]);
             let real = codec::encode(&Message::DesiredState(signed));

@@ -150,6 +150,7 @@ impl Hub {
             }
         }
         let mut per_device = plan.per_device;
+        let staged_per_device = plan.staged;
         self.metrics.last_placement_secs = started.elapsed().as_secs_f64();
         for (device, bytes) in std::mem::take(&mut self.desired.unpublished) {
             if self
@@ -174,7 +175,8 @@ impl Hub {
         'devices: for d in views.iter().map(|v| &v.id) {
             let mut groups = per_device.remove(d).unwrap_or_default();
             loop {
-                match self.publish_desired(d, flatten(&groups), now) {
+                let staged = staged_per_device.get(d).cloned().unwrap_or_default();
+                match self.publish_desired_staged(d, flatten(&groups), staged, now) {
                     Ok(Ok(())) => break,
                     // Too large: leave out the last deployment (in name order) on this device and try again, so
                     // that one oversized deployment cannot keep the others from the device.
@@ -261,13 +263,50 @@ impl Hub {
     }
 
     /// Signs and publishes a device's desired state if its content changed or its signature is getting old.
+    #[cfg(test)]
     pub(crate) fn publish_desired(
         &mut self,
         device: &DeviceId,
         workloads: Vec<WorkloadSpec>,
         now: u64,
     ) -> Result<Result<(), Oversize>> {
-        let content = postcard::to_stdvec(&workloads)?;
+        self.publish_desired_staged(device, workloads, vec![], now)
+    }
+
+    /// [`Hub::publish_desired`], with workloads to stage ahead of a cutover. Staging is an optimisation: when
+    /// it would make the state too large, the state goes without it.
+    pub(crate) fn publish_desired_staged(
+        &mut self,
+        device: &DeviceId,
+        workloads: Vec<WorkloadSpec>,
+        staged: Vec<WorkloadSpec>,
+        now: u64,
+    ) -> Result<Result<(), Oversize>> {
+        if staged.is_empty() {
+            return self.sign_and_publish(device, workloads, staged, now);
+        }
+        match self.sign_and_publish(device, workloads.clone(), staged, now)? {
+            Ok(()) => Ok(Ok(())),
+            Err(over) => {
+                tracing::warn!(device = %device, "staging left out: {over}");
+                self.sign_and_publish(device, workloads, vec![], now)
+            }
+        }
+    }
+
+    fn sign_and_publish(
+        &mut self,
+        device: &DeviceId,
+        workloads: Vec<WorkloadSpec>,
+        staged: Vec<WorkloadSpec>,
+        now: u64,
+    ) -> Result<Result<(), Oversize>> {
+        // The stored content is the workloads' encoding (what `device show` and placement read back), followed,
+        // when there are any, by the staged specs' (so a change there is a change of content too).
+        let mut content = postcard::to_stdvec(&workloads)?;
+        if !staged.is_empty() {
+            content.extend(postcard::to_stdvec(&staged)?);
+        }
         // The last published (generation, content, expiry) per device, cached: this runs for every device every
         // second, and the store is the source of truth only on a cache miss.
         if !self.desired.published.contains_key(device)
@@ -296,6 +335,7 @@ impl Hub {
             expires_at: now + DESIRED_TTL_SECS,
             workloads,
             sealed,
+            staged,
         };
         let signed = trust::sign(DocType::DesiredState, &ds, &[&self.hub_key]);
         let bytes = match encode_desired(&signed) {

@@ -430,6 +430,7 @@ mod tests {
             inventory,
             telemetry_dropped: 0,
             hold: None,
+            staged: vec![],
         };
         store
             .save_report(&ids[0], &report(&ids[0], 3, None), 21)

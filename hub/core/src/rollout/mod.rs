@@ -69,6 +69,10 @@ pub struct Plan {
     pub offline_is_failure: bool,
     /// Disruption budgets: never more devices of one group unavailable at once.
     pub budgets: Vec<Budget>,
+    /// Devices of the current and the next wave fetch and verify the new release ahead of their cutover.
+    pub pre_download: bool,
+    /// When they may (each device's local time, as for maintenance windows); `None` = any time.
+    pub download_window: Option<Window>,
 }
 
 impl Default for Plan {
@@ -88,6 +92,8 @@ impl Default for Plan {
             offline_grace_secs: 600,
             offline_is_failure: false,
             budgets: vec![],
+            pre_download: false,
+            download_window: None,
         }
     }
 }
@@ -502,6 +508,40 @@ impl Rollout {
                 )
             ),
         }
+    }
+
+    /// Devices that should stage the new release now (`pre_download`): those of the current wave (or the one
+    /// awaiting approval) and the next that have not been moved yet, inside the download window.
+    pub fn due_for_staging(&self, now: u64) -> Vec<DeviceId> {
+        if !self.plan.pre_download {
+            return vec![];
+        }
+        let w = match self.phase {
+            Phase::Wave(w) | Phase::AwaitingApproval(w) => w,
+            Phase::Completed | Phase::Aborted { .. } => return vec![],
+        };
+        self.waves
+            .iter()
+            .skip(w)
+            .take(2)
+            .flatten()
+            .filter(|d| {
+                matches!(
+                    self.status.get(*d),
+                    Some(
+                        DeviceStatus::Pending
+                            | DeviceStatus::WaitingForWindow
+                            | DeviceStatus::WaitingForBudget { .. }
+                    )
+                )
+            })
+            .filter(|d| {
+                self.plan.download_window.as_ref().is_none_or(|win| {
+                    win.contains(now, self.device_zones.get(*d).map(String::as_str))
+                })
+            })
+            .cloned()
+            .collect()
     }
 
     /// The next time [`Rollout::tick`] has something to do.
