@@ -124,7 +124,8 @@ impl Store {
 
     /// (release, deployment, reason, at) of every release remembered as failed on `device`.
     pub fn failed_releases(&self, device: &DeviceId) -> Result<Vec<(String, String, String, u64)>> {
-        let mut stmt = self.conn.prepare(
+        // Cached: a rollout's start asks once per member.
+        let mut stmt = self.conn.prepare_cached(
             "SELECT release, deployment, reason, at FROM failed_releases WHERE device = ?1 ORDER BY release",
         )?;
         let rows = stmt.query_map([device.as_str()], |r| {
