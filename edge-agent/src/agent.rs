@@ -110,6 +110,8 @@ pub struct Agent {
     pub(crate) renewal: crate::credentials::Renewal,
     /// The key the hub seals this device's workload secrets to.
     pub(crate) sealing: flotilla_shared::seal::SealingKey,
+    /// The service manager's notify socket (systemd `Type=notify`): ready, watchdog, stopping.
+    notifier: crate::notify::Notifier,
 }
 
 impl std::fmt::Debug for Agent {
@@ -207,6 +209,7 @@ impl Agent {
             pulls: BTreeMap::new(),
             checking: BTreeSet::new(),
             staging: Default::default(),
+            notifier: crate::notify::Notifier::new(Default::default()),
             rejection,
             position,
             holds: Holds::default(),
@@ -332,6 +335,13 @@ impl Agent {
         self.metrics_tx.send_replace(self.metrics());
         self.sweep_containers();
         self.drain_actions();
+        // Restored workloads are starting (from SQLite and the cache, no network): the service is up.
+        let restored = self
+            .accepted
+            .as_ref()
+            .map_or(0, |(_, ds)| ds.workloads.len());
+        self.notifier
+            .ready(&format!("{restored} workloads restored"));
         loop {
             let deadline = self
                 .reconciler
@@ -348,6 +358,8 @@ impl Agent {
                 break;
             }
             self.handle(event);
+            // From the loop itself: a loop that hangs stops pinging, and the service manager restarts the agent.
+            self.notifier.watchdog();
             // A reconnect with new credentials made a new link.
             if let Some(rx) = self.link_rx.take() {
                 link_rx = Some(rx);
@@ -362,8 +374,14 @@ impl Agent {
                 }
             }
         }
+        self.notifier.stopping();
         self.shutdown(&mut rt_rx).await;
         Ok(())
+    }
+
+    /// Talks to the service manager through this notifier (`Notifier::from_env` under systemd).
+    pub fn set_notifier(&mut self, notifier: crate::notify::Notifier) {
+        self.notifier = notifier;
     }
 
     fn handle(&mut self, event: Event) {

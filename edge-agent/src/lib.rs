@@ -12,6 +12,7 @@ pub mod gc;
 pub mod holds;
 pub mod inventory;
 pub mod metrics;
+pub mod notify;
 pub mod outbox;
 pub mod report;
 pub mod runtime;

@@ -132,6 +132,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         agent.with_containers(rt);
     }
     tracing::info!(device = %agent.device(), version = env!("CARGO_PKG_VERSION"), "agent starting");
+    agent.set_notifier(flotilla_agent::notify::Notifier::from_env());
     // Workloads come back from SQLite before any network is attempted.
     agent
         .restore()

@@ -10,6 +10,7 @@ mod e2e;
 mod lifecycle;
 mod mosquitto;
 mod offline;
+mod packaging;
 mod partition;
 mod prometheus;
 mod rollout;

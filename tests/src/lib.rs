@@ -765,6 +765,8 @@ pub struct Agent {
     pub config: PathBuf,
     pub proc: Option<Proc>,
     pub proxy: Option<proxy::Proxy>,
+    /// More environment for the agent process (from its next start).
+    pub env: Vec<(String, String)>,
     starts: u32,
 }
 
@@ -781,6 +783,7 @@ impl Agent {
             .arg("--config")
             .arg(&self.config)
             .env("FLOTILLA_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
@@ -1006,6 +1009,7 @@ impl FleetBuilder {
                 config,
                 proc: None,
                 proxy,
+                env: vec![],
                 starts: 0,
             };
             if agent.spec.position_file {
