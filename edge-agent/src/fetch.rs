@@ -55,6 +55,16 @@ pub(crate) const MAX_RELEASE_DOC: u64 = 16 * 1024;
 /// logs can still be written after a download.
 pub(crate) const DISK_RESERVE: u64 = (1 << 20) + crate::store::WAL_LIMIT_BYTES;
 
+/// The space a download of `size` bytes needs: a container image needs room twice, the cached tarball and the
+/// engine's copy once loaded.
+pub(crate) fn space_needed(size: u64, container: bool) -> u64 {
+    if container {
+        size.saturating_mul(2)
+    } else {
+        size
+    }
+}
+
 /// Refuses a download up front when the artifact plus the reserve does not fit in the free space.
 pub(crate) fn disk_check(size: u64, free: u64) -> Result<(), RejectReason> {
     if size.saturating_add(DISK_RESERVE) > free {
@@ -162,16 +172,11 @@ impl Agent {
         };
         if is_blob {
             let free = self.free_disk();
-            // A container image needs room twice: the cached tarball, and the engine's copy once loaded.
             let container = self
                 .releases
                 .values()
                 .any(|r| r.artifact_digest == digest && r.image.is_some());
-            let needed = if container {
-                size.saturating_mul(2)
-            } else {
-                size
-            };
+            let needed = space_needed(size, container);
             if let Err(reason) = disk_check(needed, free) {
                 tracing::warn!(workload = %workload, ?reason, "artifact refused before download");
                 self.workload_rejects.insert(workload.clone(), reason);

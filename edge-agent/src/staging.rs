@@ -6,7 +6,7 @@
 //! reported per release, and the cutover then downloads (and may refuse) as without staging.
 
 use crate::agent::Agent;
-use crate::fetch::{MAX_RELEASE_DOC, Pull, disk_check};
+use crate::fetch::{MAX_RELEASE_DOC, Pull, disk_check, space_needed};
 use flotilla_shared::Digest;
 use flotilla_shared::wire::{
     ArtifactRef, RejectReason, StageState, StagedRelease, WorkloadKind, WorkloadSpec,
@@ -74,11 +74,7 @@ impl Agent {
                 }
                 // Checked here rather than in the download, which would hold the refusal against the workload
                 // that runs now.
-                let needed = if release.image.is_some() {
-                    release.artifact_size.saturating_mul(2)
-                } else {
-                    release.artifact_size
-                };
+                let needed = space_needed(release.artifact_size, release.image.is_some());
                 if let Err(reason) = disk_check(needed, self.free_disk()) {
                     tracing::warn!(workload = %spec.name, ?reason, "staging refused before download");
                     self.staging.failures.insert(artifact, reason);

@@ -3,6 +3,7 @@
 //! transition; makes an abort's rollback permanent; remembers releases that failed on a device; and takes operator
 //! commands. Placement reads the rollout's assignments (`on_new`) when it builds desired states.
 
+use crate::fleet::device_view;
 use crate::hub::{Hub, HubError, unix_now};
 use crate::spec::{self, Deployment};
 use crate::store::Store;
@@ -84,17 +85,6 @@ pub(crate) fn target_releases(target: &Deployment) -> Vec<String> {
     out
 }
 
-/// A device's `tz` label (set in agent.toml or by its enrollment token).
-fn tz_label(d: &crate::store::DeviceRow) -> Option<String> {
-    let tz = d.inventory.labels.iter().rev().find(|(k, _)| k == "tz");
-    tz.map(|(_, v)| v.clone())
-}
-
-/// A device's labels as a map (the last value of a repeated key wins, as in placement).
-fn label_map(d: &crate::store::DeviceRow) -> BTreeMap<String, String> {
-    d.inventory.labels.iter().cloned().collect()
-}
-
 impl Hub {
     /// Starts a rollout of `name` from `stable` (its previous version) to `target`, over the devices the
     /// deployment is placed on now. Devices where one of the target's new releases failed before are left out.
@@ -116,14 +106,18 @@ impl Hub {
         let releases = target_releases(target);
         let mut members: Vec<Member> = Vec::with_capacity(placed.len());
         for id in placed {
-            let Some(mut m) = self.store.with_device(&id, |d| Member {
-                id: d.id.clone(),
-                region: d.inventory.region.as_ref().map(|r| r.to_string()),
-                zone: d.inventory.zone.as_ref().map(|z| z.to_string()),
-                labels: label_map(d),
-                tz: tz_label(d),
-                online: d.online,
-                blocked: None,
+            // The device as placement sees it; its own time zone is its `tz` label (agent.toml or its token).
+            let Some(mut m) = self.store.with_device(&id, |d| {
+                let v = device_view(d);
+                Member {
+                    tz: v.labels.get("tz").cloned(),
+                    id: v.id,
+                    region: v.region,
+                    zone: v.zone,
+                    labels: v.labels,
+                    online: v.online,
+                    blocked: None,
+                }
             })?
             else {
                 continue;
@@ -146,10 +140,9 @@ impl Hub {
         if !plan.budgets.is_empty() {
             self.store.with_devices(|devices| {
                 for d in devices {
-                    let labels = label_map(d);
-                    let zone = d.inventory.zone.as_ref().map(|z| z.to_string());
+                    let v = device_view(d);
                     for b in &plan.budgets {
-                        if let Some(key) = b.group_of(zone.as_deref(), &labels) {
+                        if let Some(key) = b.group_of(v.zone.as_deref(), &v.labels) {
                             *sizes.entry(key).or_default() += 1;
                         }
                     }
@@ -208,6 +201,13 @@ impl Hub {
             });
             self.rollouts.insert(name, r);
         }
+    }
+
+    /// The rollout of `deployment`, or why there is none.
+    pub(crate) fn rollout(&self, deployment: &str) -> Result<&DeploymentRollout, HubError> {
+        self.rollouts
+            .get(deployment)
+            .ok_or_else(|| HubError::NotFound(format!("no rollout for deployment {deployment}")))
     }
 
     /// A member went offline or came back: every active rollout it belongs to is told.

@@ -15,7 +15,7 @@ pub(super) async fn rollout_status(
     s.auth(&headers, Role::Viewer).await?;
     let v = s
         .call(move |h| -> Result<Value, HubError> {
-            let r = h.rollouts.get(&name).ok_or_else(|| HubError::NotFound(format!("no rollout for deployment {name}")))?;
+            let r = h.rollout(&name)?;
             let ro = &r.rollout;
             let phase = match &ro.phase {
                 flotilla_hub_core::rollout::Phase::Wave(w) => format!("wave {} of {}", w + 1, ro.waves.len()),
@@ -120,10 +120,7 @@ pub(super) async fn rollout_report(
     s.auth(&headers, Role::Viewer).await?;
     let v = s
         .call(move |h| -> Result<Value, HubError> {
-            let r = h
-                .rollouts
-                .get(&name)
-                .ok_or_else(|| HubError::NotFound(format!("no rollout for deployment {name}")))?;
+            let r = h.rollout(&name)?;
             let report = r.rollout.report(crate::hub::unix_now());
             let mut v =
                 serde_json::to_value(report).map_err(|e| HubError::Internal(e.to_string()))?;

@@ -82,9 +82,11 @@ impl Hub {
             };
             // A running rollout decides per device; a finished one still keeps the devices it left on the previous
             // release there (failed, left out, skipped) while the deployment is the version it rolled out.
+            // (The in-memory check first: most completed rollouts pin nothing, and then no store read is needed.)
             let active = self.rollouts.get(name).filter(|r| {
                 !r.rollout.is_finished()
                     || (r.rollout.phase == Phase::Completed
+                        && r.rollout.keeps_any_previous()
                         && self.store.deployment_source(name).ok().flatten().as_deref()
                             == Some(r.target_source.as_str()))
             });
@@ -134,24 +136,13 @@ impl Hub {
                         .push((name.clone(), frozen));
                     continue;
                 }
-                let mut specs_here = use_specs.clone();
-                if let Some(view) = by_id.get(id).filter(|_| has_overrides(templates)) {
-                    // `resolve` keeps the templates' order: spec i is template i.
-                    for (spec, t) in specs_here.iter_mut().zip(&templates.workloads) {
-                        spec.config = t.config_for(view);
-                    }
-                }
+                let specs_here = layered(use_specs, templates, by_id.get(id).copied());
                 plan.per_device
                     .entry(id.clone())
                     .or_default()
                     .push((name.clone(), specs_here));
                 if !on_new && staging.contains(id) {
-                    let mut target = specs.clone();
-                    if let Some(view) = by_id.get(id).filter(|_| has_overrides(d)) {
-                        for (spec, t) in target.iter_mut().zip(&d.workloads) {
-                            spec.config = t.config_for(view);
-                        }
-                    }
+                    let target = layered(&specs, d, by_id.get(id).copied());
                     plan.staged.entry(id.clone()).or_default().extend(target);
                 }
             }
@@ -270,6 +261,23 @@ fn varint_len(mut n: usize) -> usize {
 }
 
 /// Whether any workload of `d` layers config per device.
+/// `specs` (resolved from `templates`) with each workload's config layered for the device `view`, when the
+/// templates have overrides and the view is known.
+fn layered(
+    specs: &[WorkloadSpec],
+    templates: &Deployment,
+    view: Option<&DeviceView>,
+) -> Vec<WorkloadSpec> {
+    let mut out = specs.to_vec();
+    if let Some(view) = view.filter(|_| has_overrides(templates)) {
+        // `resolve` keeps the templates' order: spec i is template i.
+        for (spec, t) in out.iter_mut().zip(&templates.workloads) {
+            spec.config = t.config_for(view);
+        }
+    }
+    out
+}
+
 fn has_overrides(d: &Deployment) -> bool {
     d.workloads.iter().any(|w| !w.overrides.is_empty())
 }

@@ -544,6 +544,11 @@ impl Rollout {
             .collect()
     }
 
+    /// Whether any member stays on the previous release ([`Rollout::keeps_previous`]).
+    pub fn keeps_any_previous(&self) -> bool {
+        self.status.keys().any(|d| self.keeps_previous(d))
+    }
+
     /// The next time [`Rollout::tick`] has something to do.
     pub fn poll_timeout(&self) -> Option<u64> {
         if self.is_finished() {
