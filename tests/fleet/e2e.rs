@@ -681,4 +681,24 @@ fn admission_policy_refusal_leaves_everything_as_it_was() {
         err.starts_with("404") && err.contains("kept: 1, 2"),
         "{err}"
     );
+    // Bad input to the new endpoints is refused with the reason.
+    let bad = [
+        hub.client
+            .get("/api/v1/deployments/sensors/diff?from=one&to=2"),
+        hub.client.get("/api/v1/rollouts/nope/report"),
+        hub.client.post(
+            "/api/v1/rollouts/sensors/retry",
+            "application/json",
+            br#"{"device": 5}"#,
+            &[],
+        ),
+    ];
+    let codes: Vec<String> = bad
+        .iter()
+        .map(|r| match r {
+            Ok(v) => format!("ok {v}"),
+            Err(e) => e.to_string().chars().take(3).collect(),
+        })
+        .collect();
+    assert_eq!(codes, ["400", "404", "400"], "{bad:?}");
 }
