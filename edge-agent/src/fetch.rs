@@ -353,8 +353,13 @@ impl Agent {
                 }) else {
                     return;
                 };
-                match trust::verify_release_for(&self.trust.root, &signed, &spec, &self.trust.floor)
-                {
+                // Verified, then narrowed to the artifact this agent runs (its precompiled variant, or the
+                // source module if it can compile); an agent without a compiler refuses a release with no variant.
+                let verified =
+                    trust::verify_release_for(&self.trust.root, &signed, &spec, &self.trust.floor)
+                        .map_err(|e| RejectReason::from(&e))
+                        .and_then(crate::variant::for_this_agent);
+                match verified {
                     Ok(release) if staged_only => {
                         // Staged: stored and verified, but the floor stays until a desired state runs it.
                         if let Err(e) = self.store.stage_release(&digest, &signed) {
@@ -385,9 +390,9 @@ impl Agent {
                         self.releases.insert(digest, release);
                         self.refresh_desired();
                     }
-                    Err(e) => {
-                        tracing::warn!(workload = %spec.name, error = %e, "release rejected");
-                        self.fail_fetch(what, (&e).into());
+                    Err(reason) => {
+                        tracing::warn!(workload = %spec.name, %reason, "release rejected");
+                        self.fail_fetch(what, reason);
                     }
                 }
             }

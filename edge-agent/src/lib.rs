@@ -20,3 +20,4 @@ pub mod secrets;
 pub mod staging;
 pub mod store;
 pub mod trust;
+pub mod variant;

@@ -92,17 +92,16 @@ impl Agent {
                 .chain(last_good)
             {
                 if let Some(signed) = self.store.release(&w.release)? {
-                    match trust::verify_release_for(
-                        &self.trust.root,
-                        &signed,
-                        &w,
-                        &self.trust.floor,
-                    ) {
+                    let verified =
+                        trust::verify_release_for(&self.trust.root, &signed, &w, &self.trust.floor)
+                            .map_err(|e| flotilla_shared::wire::RejectReason::from(&e))
+                            .and_then(crate::variant::for_this_agent);
+                    match verified {
                         Ok(r) => {
                             self.releases.insert(w.release, r);
                         }
-                        Err(e) => {
-                            tracing::warn!(workload = %w.name, error = %e, "stored release no longer verifies")
+                        Err(reason) => {
+                            tracing::warn!(workload = %w.name, %reason, "stored release no longer usable")
                         }
                     }
                 }

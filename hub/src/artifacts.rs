@@ -120,6 +120,25 @@ impl Hub {
                 "uploaded artifact size differs from the release".into(),
             ));
         }
+        // Every precompiled variant a device may pick must be here too, or that device's download would fail.
+        for v in &release.precompiled {
+            let got = std::fs::metadata(self.store.blob_path(&v.digest)).map(|m| m.len());
+            match got {
+                Ok(n) if n == v.size => {}
+                Ok(_) => {
+                    return Err(HubError::BadRequest(format!(
+                        "the module precompiled for {} differs in size from the release",
+                        v.target
+                    )));
+                }
+                Err(_) => {
+                    return Err(HubError::BadRequest(format!(
+                        "the module precompiled for {} ({}) has not been uploaded",
+                        v.target, v.digest
+                    )));
+                }
+            }
+        }
         if self
             .store
             .release_by_version(release.name.as_str(), &release.version)?

@@ -183,9 +183,12 @@ fn container_demo(
         kind: "container".into(),
         keys: vec![key],
         registry: None,
+        precompile: vec![],
         out: None,
     };
-    let (signed, _, artifact) = keys_cli::sign_release(&sign).map_err(|e| format!("{e:#}"))?;
+    let keys_cli::SignedRelease {
+        signed, artifact, ..
+    } = keys_cli::sign_release(&sign).map_err(|e| format!("{e:#}"))?;
     let e = |e: anyhow::Error| format!("{e:#}");
     client
         .post(
@@ -394,9 +397,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         kind: "wasm".into(),
         keys: vec![hub_dir.release_key()],
         registry: None,
+        precompile: vec![],
         out: None,
     };
-    let (signed, _, _) = keys_cli::sign_release(&sign)?;
+    let signed = keys_cli::sign_release(&sign)?.signed;
     client.post(
         "/api/v1/artifacts",
         "application/octet-stream",

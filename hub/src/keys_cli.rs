@@ -4,7 +4,7 @@ use crate::keyfile;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use flotilla_shared::trust::{self, DocType};
-use flotilla_shared::wire::{Release, Root, WorkloadKind};
+use flotilla_shared::wire::{Precompiled, Release, Root, WorkloadKind};
 use flotilla_shared::{Digest, WorkloadName};
 use std::path::PathBuf;
 
@@ -86,6 +86,11 @@ pub struct ReleaseSign {
     /// image must have the signed config digest.
     #[arg(long)]
     pub registry: Option<String>,
+    /// Also sign modules precompiled for these targets, comma-separated (x86_64, aarch64, pulley32, pulley64),
+    /// compiled here with the agents' engine settings. An agent runs its own variant without compiling (an agent
+    /// built without a compiler needs one); agents of other targets compile the source module.
+    #[arg(long, value_delimiter = ',')]
+    pub precompile: Vec<String>,
     /// Where to write the signed release. `release sign` defaults to ARTIFACT.release; `release push` writes
     /// nothing unless this is given (the artifact's directory may be read-only).
     #[arg(long)]
@@ -118,8 +123,39 @@ pub fn run_keys(cmd: KeysCmd) -> Result<()> {
     Ok(())
 }
 
-/// A signed release and the artifact bytes it names (for a container: the canonical image tarball).
-pub type SignedRelease = (flotilla_shared::wire::Signed, Release, Vec<u8>);
+/// A signed release and the bytes it names.
+#[derive(Debug)]
+pub struct SignedRelease {
+    pub signed: flotilla_shared::wire::Signed,
+    pub release: Release,
+    /// The artifact (for a container: the canonical image tarball).
+    pub artifact: Vec<u8>,
+    /// The precompiled modules, in the order of `release.precompiled`.
+    pub variants: Vec<Vec<u8>>,
+}
+
+/// Compiles `wasm` for each named target with the agents' engine settings (see `flotilla_engine`).
+fn precompile(wasm: &[u8], targets: &[String]) -> Result<Vec<(Precompiled, Vec<u8>)>> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = vec![];
+    for name in targets {
+        let target = flotilla_engine::Target::parse(name)?;
+        if !seen.insert(target) {
+            continue;
+        }
+        let bytes = flotilla_engine::precompile(target, wasm)?;
+        out.push((
+            Precompiled {
+                target: target.name().to_owned(),
+                engine_fingerprint: flotilla_engine::fingerprint(target),
+                digest: Digest::of(&bytes),
+                size: bytes.len() as u64,
+            },
+            bytes,
+        ));
+    }
+    Ok(out)
+}
 
 /// Builds and signs a release for an artifact on disk. A container image (`docker save` or OCI layout tarball) is
 /// first rewritten into its canonical form, which is what the release names and what devices receive.
@@ -151,6 +187,10 @@ pub fn sign_release(args: &ReleaseSign) -> Result<SignedRelease> {
     if args.registry.is_some() && kind != WorkloadKind::Container {
         bail!("--registry is for container releases (--kind container)");
     }
+    if !args.precompile.is_empty() && kind != WorkloadKind::Wasm {
+        bail!("--precompile is for WASM releases (--kind wasm)");
+    }
+    let (precompiled, variants) = precompile(&bytes, &args.precompile)?.into_iter().unzip();
     let release = Release {
         name: WorkloadName::new(args.name.clone()).context("--name")?,
         version: args.version.clone(),
@@ -158,7 +198,7 @@ pub fn sign_release(args: &ReleaseSign) -> Result<SignedRelease> {
         kind,
         artifact_digest: Digest::of(&bytes),
         artifact_size: bytes.len() as u64,
-        precompiled: vec![],
+        precompiled,
         image,
     };
     let keys = args
@@ -167,15 +207,21 @@ pub fn sign_release(args: &ReleaseSign) -> Result<SignedRelease> {
         .map(|p| keyfile::read_signing_key(p))
         .collect::<Result<Vec<_>>>()?;
     let refs: Vec<_> = keys.iter().collect();
-    Ok((
-        trust::sign(DocType::Release, &release, &refs),
+    Ok(SignedRelease {
+        signed: trust::sign(DocType::Release, &release, &refs),
         release,
-        bytes,
-    ))
+        artifact: bytes,
+        variants,
+    })
 }
 
 pub fn run_release_sign(args: ReleaseSign) -> Result<()> {
-    let (signed, release, bytes) = sign_release(&args)?;
+    let SignedRelease {
+        signed,
+        release,
+        artifact: bytes,
+        variants,
+    } = sign_release(&args)?;
     let out = args
         .out
         .clone()
@@ -197,6 +243,19 @@ pub fn run_release_sign(args: ReleaseSign) -> Result<()> {
         release.artifact_digest,
         release.artifact_size
     );
+    // Precompiled variants are uploaded like the artifact: beside the release, named by target.
+    for (v, bytes) in release.precompiled.iter().zip(&variants) {
+        let path = out.with_extension(format!("{}.cwasm", v.target));
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        outln!(
+            "precompiled for {} ({}): {} ({} bytes) written to {}",
+            v.target,
+            v.engine_fingerprint,
+            v.digest,
+            v.size,
+            path.display()
+        );
+    }
     outln!("release digest {}", trust::document_digest(&signed));
     outln!("written to {}", out.display());
     Ok(())

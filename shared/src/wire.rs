@@ -334,6 +334,11 @@ pub enum RejectReason {
     BadImage(ImageProblem),
     /// The spec asks for something this device's local allow-list does not permit (named in the text).
     NotAllowed(String),
+    /// The agent has no WASM compiler and the release carries no module precompiled for its target and engine.
+    NoPrecompiledVariant {
+        target: String,
+        fingerprint: String,
+    },
 }
 
 /// What is wrong with a container image tarball, found by [`crate::image::verify`] or after the load.
@@ -451,6 +456,11 @@ impl std::fmt::Display for RejectReason {
             Self::InvalidSpec(why) => write!(f, "invalid workload spec: {why}"),
             Self::BadImage(p) => write!(f, "the container image was refused before loading: {p}"),
             Self::NotAllowed(why) => write!(f, "refused by the device: {why}"),
+            Self::NoPrecompiledVariant { target, fingerprint } => write!(
+                f,
+                "this agent has no WASM compiler and the release has no module precompiled for {target} \
+                 (engine {fingerprint}); push the release with --precompile {target}"
+            ),
         }
     }
 }

@@ -17,5 +17,6 @@ mod rollout;
 mod secrets;
 mod sparkplug;
 mod storm;
+mod targets;
 mod telemetry;
 mod trust;

@@ -622,7 +622,7 @@ impl Hub {
     ) -> Result<String> {
         let path = self.dir.join(format!("{name}-{version}.wasm"));
         std::fs::write(&path, wasm)?;
-        self.push_kind(name, version, epoch, "wasm", &path, None)
+        self.push_kind(name, version, epoch, "wasm", &path, None, &[])
     }
 
     /// Signs the container image tarball at `tar` (`docker save` output) as release `name@version`, uploading
@@ -634,7 +634,7 @@ impl Hub {
         epoch: u32,
         tar: &Path,
     ) -> Result<String> {
-        self.push_kind(name, version, epoch, "container", tar, None)
+        self.push_kind(name, version, epoch, "container", tar, None, &[])
     }
 
     /// As [`Hub::push_container`], offering the image from `registry` too (`REGISTRY/REPO@sha256:...`).
@@ -646,9 +646,22 @@ impl Hub {
         tar: &Path,
         registry: &str,
     ) -> Result<String> {
-        self.push_kind(name, version, epoch, "container", tar, Some(registry))
+        self.push_kind(name, version, epoch, "container", tar, Some(registry), &[])
     }
 
+    /// Signs and uploads a WASM module with variants precompiled for `targets` (`release push --precompile`).
+    pub fn push_wasm_precompiled(
+        &self,
+        name: &str,
+        version: &str,
+        epoch: u32,
+        wasm: &Path,
+        targets: &[&str],
+    ) -> Result<String> {
+        self.push_kind(name, version, epoch, "wasm", wasm, None, targets)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn push_kind(
         &self,
         name: &str,
@@ -657,6 +670,7 @@ impl Hub {
         kind: &str,
         path: &Path,
         registry: Option<&str>,
+        precompile: &[&str],
     ) -> Result<String> {
         let sign = flotilla_hub::keys_cli::ReleaseSign {
             artifact: path.to_owned(),
@@ -666,15 +680,15 @@ impl Hub {
             kind: kind.into(),
             keys: vec![self.release_key()],
             registry: registry.map(str::to_owned),
+            precompile: precompile.iter().map(|t| (*t).to_owned()).collect(),
             out: None,
         };
-        let (signed, _, artifact) = flotilla_hub::keys_cli::sign_release(&sign)?;
-        self.client.post(
-            "/api/v1/artifacts",
-            "application/octet-stream",
-            &artifact,
-            &[],
-        )?;
+        let signed = flotilla_hub::keys_cli::sign_release(&sign)?;
+        for blob in std::iter::once(&signed.artifact).chain(&signed.variants) {
+            self.client
+                .post("/api/v1/artifacts", "application/octet-stream", blob, &[])?;
+        }
+        let signed = signed.signed;
         let v = self.client.post(
             "/api/v1/releases",
             "application/octet-stream",
@@ -736,6 +750,10 @@ pub struct AgentSpec {
     pub pinned_tls: bool,
     /// With [`BrokerKind::MosquittoSecure`]: connect on the password listener instead of with a certificate.
     pub password_auth: bool,
+    /// Run this agent binary instead of the workspace's (an aarch64 build, a build without the compiler).
+    pub binary: Option<PathBuf>,
+    /// Run the binary through this command (e.g. `qemu-aarch64-static -L /usr/aarch64-linux-gnu`).
+    pub launcher: Vec<String>,
 }
 
 impl AgentSpec {
@@ -753,6 +771,8 @@ impl AgentSpec {
             container_config: String::new(),
             pinned_tls: false,
             password_auth: false,
+            binary: None,
+            launcher: vec![],
         }
     }
 }
@@ -779,7 +799,16 @@ impl Agent {
     pub fn start(&mut self) -> Result<()> {
         self.starts += 1;
         let log = self.dir.join(format!("agent-{}.log", self.starts));
-        let child = Command::new(bin_dir().join("flotilla-agent"))
+        let binary = (self.spec.binary.clone()).unwrap_or_else(|| bin_dir().join("flotilla-agent"));
+        let mut cmd = match self.spec.launcher.split_first() {
+            Some((launcher, args)) => {
+                let mut c = Command::new(launcher);
+                c.args(args).arg(&binary);
+                c
+            }
+            None => Command::new(&binary),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .env("FLOTILLA_LOG", "info")

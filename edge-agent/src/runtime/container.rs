@@ -905,10 +905,6 @@ impl Runtime for ContainerRuntime {
         tokio::spawn(lifecycle(inner, req, events, rx, logs.clone()));
         Box::new(ContainerHandle { ctl: tx, logs })
     }
-
-    fn fingerprint(&self) -> &str {
-        "container"
-    }
 }
 
 /// One run of a container: bring it up, report, then watch it until it exits, turns unhealthy, or the agent

@@ -108,8 +108,6 @@ pub trait Runtime: Send + Sync {
         req: StartRequest,
         events: tokio::sync::mpsc::Sender<RuntimeEvent>,
     ) -> Box<dyn RunningWorkload>;
-    /// Identifies the engine for precompiled artifacts (target triple + engine settings).
-    fn fingerprint(&self) -> &str;
 }
 
 /// A handle to a started workload.

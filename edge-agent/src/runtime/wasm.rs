@@ -23,8 +23,6 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Bytes of stdout+stderr kept per workload (oldest dropped first).
 const LOG_CAPACITY: usize = 16 * 1024;
-/// Guest stack limit: deep recursion traps here instead of exhausting the agent thread's stack.
-const MAX_WASM_STACK: usize = 512 * 1024;
 /// Largest telemetry payload a guest may publish in one call.
 const MAX_TELEMETRY: usize = 16 * 1024;
 
@@ -38,6 +36,8 @@ struct Inner {
     ready: std::sync::OnceLock<Ready>,
     /// Serialises the first build, so exactly one engine and one ticker thread exist.
     init: Mutex<()>,
+    /// Compiled modules of this host (only an agent with a compiler writes any).
+    #[cfg_attr(not(feature = "compiler"), allow(dead_code))]
     cache_dir: PathBuf,
     /// Number of running workloads; the ticker sleeps while it is zero so an idle agent stays idle.
     active: Arc<AtomicU64>,
@@ -177,21 +177,24 @@ impl Inner {
         if let Some(r) = self.ready.get() {
             return Ok(r);
         }
-        let mut config = wasmtime::Config::new();
-        config.epoch_interruption(true);
-        config.max_wasm_stack(MAX_WASM_STACK);
-        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-        let engine = Engine::new(&config)?;
+        // The settings precompiled variants are made with (flotilla-engine), so signed variants load here.
+        let engine = Engine::new(&flotilla_engine::config())?;
+        // Names this host's compiled-module cache entries: unlike a signed variant's fingerprint, it covers the
+        // host-detected CPU features the on-device compiler uses.
+        #[cfg(feature = "compiler")]
         let fingerprint = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             engine.precompile_compatibility_hash().hash(&mut h);
             format!(
-                "wasmtime-48.0.8-{}-{:016x}",
+                "wasmtime-{}-{}-{:016x}",
+                flotilla_engine::WASMTIME_VERSION,
                 std::env::consts::ARCH,
                 h.finish()
             )
         };
+        #[cfg(not(feature = "compiler"))]
+        let fingerprint = flotilla_engine::fingerprint(flotilla_engine::Target::host());
         let (e, a, w) = (
             engine.clone(),
             self.active.clone(),
@@ -217,13 +220,50 @@ impl Inner {
         }))
     }
 
-    /// Loads a module, from the compiled cache when possible, compiling and caching it otherwise.
+    /// Loads a module: a signed precompiled variant as it is; a source module from the compiled cache when
+    /// possible, compiling and caching it otherwise.
     pub fn load_module(
         &self,
         artifact: &flotilla_shared::Digest,
         path: &Path,
     ) -> wasmtime::Result<Module> {
         let ready = self.ready()?;
+        // Not an ELF file at all (a WebAssembly module) reads as an error here: that is "not precompiled".
+        if matches!(
+            Engine::detect_precompiled_file(path),
+            Ok(Some(wasmtime::Precompiled::Module))
+        ) {
+            // SAFETY: artifacts reach the cache only after their digest matched a signed release; a precompiled
+            // one is chosen only when its release signs it for this target and engine fingerprint (see
+            // `crate::variant`). wasmtime also checks the header (version, target, settings, CPU features) and
+            // refuses a mismatch with an error, which fails the start with its reason.
+            tracing::info!(%artifact, "loading precompiled module");
+            #[allow(unsafe_code)]
+            return unsafe { Module::deserialize_file(&ready.engine, path) };
+        }
+        self.compile_cached(ready, artifact, path)
+    }
+
+    /// Without the compiler: not reached through a desired state (the variant choice refuses first); a direct
+    /// load says why.
+    #[cfg(not(feature = "compiler"))]
+    fn compile_cached(
+        &self,
+        _ready: &Ready,
+        _artifact: &flotilla_shared::Digest,
+        _path: &Path,
+    ) -> wasmtime::Result<Module> {
+        wasmtime::bail!("this agent has no WASM compiler and the artifact is not precompiled")
+    }
+
+    /// Compiles a source module, or loads this host's earlier compilation of it from the cache.
+    #[cfg(feature = "compiler")]
+    fn compile_cached(
+        &self,
+        ready: &Ready,
+        artifact: &flotilla_shared::Digest,
+        path: &Path,
+    ) -> wasmtime::Result<Module> {
         let cached =
             self.cache_dir
                 .join(format!("{}-{}.cwasm", artifact.to_hex(), ready.fingerprint));
@@ -239,6 +279,7 @@ impl Inner {
                 }
             }
         }
+        tracing::info!(%artifact, "compiling module");
         let module = Module::from_file(&ready.engine, path)?;
         let bytes = module.serialize()?;
         let tmp = cached.with_extension("tmp");
@@ -440,13 +481,6 @@ fn describe(e: &wasmtime::Error) -> String {
 }
 
 impl super::Runtime for WasmRuntime {
-    fn fingerprint(&self) -> &str {
-        match self.inner.ready() {
-            Ok(r) => &r.fingerprint,
-            Err(_) => "unavailable",
-        }
-    }
-
     fn start(&self, req: StartRequest, events: Sender<RuntimeEvent>) -> Box<dyn RunningWorkload> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_op = Arc::new(AtomicU64::new(0));

@@ -7,7 +7,12 @@ use anyhow::Result;
 /// Signs the artifact with the operator's release key(s), uploads it, then uploads the signed release.
 pub fn push(sign: ReleaseSign, conn: Conn) -> Result<()> {
     let c = conn.client()?;
-    let (signed, release, bytes) = keys_cli::sign_release(&sign)?;
+    let keys_cli::SignedRelease {
+        signed,
+        release,
+        artifact: bytes,
+        variants,
+    } = keys_cli::sign_release(&sign)?;
     if let Some(out) = &sign.out {
         crate::keyfile::write_signed(out, &signed)?;
     }
@@ -20,6 +25,14 @@ pub fn push(sign: ReleaseSign, conn: Conn) -> Result<()> {
         bytes.len()
     );
     c.upload("/api/v1/artifacts", bytes)?;
+    // Each precompiled variant is a blob of its own; the hub refuses the release until all are uploaded.
+    for (v, bytes) in release.precompiled.iter().zip(variants) {
+        eprintln!(
+            "uploading the module precompiled for {} ({} bytes)...",
+            v.target, v.size
+        );
+        c.upload("/api/v1/artifacts", bytes)?;
+    }
     let body = postcard::to_stdvec(&signed)?;
     let v = c.post("/api/v1/releases", "application/octet-stream", &body, &[])?;
     if conn.json() {

@@ -383,9 +383,10 @@ fn push_app_release(
         kind: "wasm".into(),
         keys: vec![hub_dir.join("keys/release.key")],
         registry: None,
+        precompile: vec![],
         out: Some(wasm.path().with_extension("release")),
     };
-    let (signed, _, _) = flotilla_hub::keys_cli::sign_release(&sign)?;
+    let signed = flotilla_hub::keys_cli::sign_release(&sign)?.signed;
     client.post(
         "/api/v1/artifacts",
         "application/octet-stream",

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Cross-compiles flotilla-agent for an ARM gateway on a Debian bookworm x86_64 machine without rustup targets
+# (see env.sh and ../shared/docs/CROSS.md), and runs things under qemu-user.
+#
+#   cross/build.sh aarch64|armv7 release      # the release agent (what packages ship), both with and without
+#                                              # the compiler; prints where they are and what `file` says
+#   cross/build.sh aarch64|armv7 test         # the agent-core, shared, engine and agent unit tests under qemu,
+#                                              # and a dev-profile agent binary for the qemu fleet test
+#
+# When the target's standard library cannot be had from Debian, prints one line saying so and exits 0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+arch="${1:?usage: cross/build.sh aarch64|armv7 release|test}"
+what="${2:-release}"
+rc=0
+# shellcheck source=env.sh
+. cross/env.sh "$arch" || rc=$?
+if [ "$rc" = 2 ]; then exit 0; fi
+[ "$rc" = 0 ] || exit "$rc"
+echo "== $TARGET ($what) with $("$RUSTC" --version), target dir $CARGO_TARGET_DIR"
+case "$what" in
+  release)
+    cargo build --release --target "$TARGET" -p flotilla-agent --bin flotilla-agent
+    out="$CARGO_TARGET_DIR/$TARGET/release"
+    cp "$out/flotilla-agent" "$out/flotilla-agent-full"
+    cargo build --release --target "$TARGET" -p flotilla-agent --bin flotilla-agent --no-default-features
+    cp "$out/flotilla-agent" "$out/flotilla-agent-precompiled-only"
+    cp "$out/flotilla-agent-full" "$out/flotilla-agent"
+    for b in flotilla-agent-full flotilla-agent-precompiled-only; do
+      echo "$b: $(stat -c %s "$out/$b") bytes; $(file -b "$out/$b" | cut -d, -f1-2)"
+      $QEMU "$out/$b" --version
+    done
+    ;;
+  test)
+    cargo test --target "$TARGET" -p flotilla-agent-core -p flotilla-shared -p flotilla-engine -p flotilla-agent --lib
+    cargo build --target "$TARGET" -p flotilla-agent --bin flotilla-agent
+    echo "agent for the qemu fleet test: $CARGO_TARGET_DIR/$TARGET/debug/flotilla-agent"
+    ;;
+  *) echo "unknown step $what (release or test)" >&2; exit 1 ;;
+esac
