@@ -2,12 +2,12 @@
 # Builds the Debian packages with dpkg-deb (no debhelper needed):
 #   flotilla-agent_VERSION_ARCH.deb  /usr/bin/flotilla-agent, /etc/flotilla/agent.toml (a conffile), the systemd
 #                                    unit, a `flotilla` system user, state in /var/lib/flotilla
-#   flotilla_VERSION_ARCH.deb        /usr/bin/flotilla (hub and operator CLI), its unit, a `flotilla-hub` user,
-#                                    state in /var/lib/flotilla-hub
+#   flotilla_VERSION_ARCH.deb        /usr/bin/flotilla (hub and operator CLI), its unit (user `flotilla`), state
+#                                    in /var/lib/flotilla-hub, which a purge keeps (the hub's keys and database)
 #
 #   cross/package.sh --arch amd64|arm64 --agent PATH [--hub PATH] [--version V] [--out DIR]
 #
-# Binaries are taken as given (release builds: `cargo build --release`, or cross/build.sh ARCH release).
+# FLOTILLA_DEB_COMPRESS=gzip packs faster (the tests' debug builds). Binaries are taken as given (release builds: `cargo build --release`, or cross/build.sh ARCH release).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 arch="" agent="" hub="" out="$here/../target/debian"
@@ -45,7 +45,7 @@ Description: $desc
 CTL
   find "$root" -path "$root/DEBIAN" -prune -o -type f -print0 | xargs -0 md5sum | sed "s|$root/||" \
     > "$root/DEBIAN/md5sums"
-  dpkg-deb --root-owner-group -Zxz --build "$root" "$out/${name}_${version}_${arch}.deb" >/dev/null
+  dpkg-deb --root-owner-group "-Z${FLOTILLA_DEB_COMPRESS:-xz}" --build "$root" "$out/${name}_${version}_${arch}.deb" >/dev/null
   echo "$out/${name}_${version}_${arch}.deb"
 }
 
@@ -61,7 +61,7 @@ install -m 0644 "$here/debian/copyright" "$a/usr/share/doc/flotilla-agent/copyri
 echo "/etc/flotilla/agent.toml" > "$a/DEBIAN/conffiles"
 for s in postinst prerm postrm; do
   sed -e "s/@UNIT@/flotilla-agent.service/g" -e "s/@USER@/flotilla/g" -e "s|@STATE@|/var/lib/flotilla|g" \
-    -e "s|@CONF@|/etc/flotilla|g" "$here/debian/$s" > "$a/DEBIAN/$s"
+    -e "s|@CONF@|/etc/flotilla|g" -e "s/@PURGE_STATE@/yes/g" "$here/debian/$s" > "$a/DEBIAN/$s"
   chmod 0755 "$a/DEBIAN/$s"
 done
 build flotilla-agent "$a" "Flotilla edge agent (offline-first WASM and container workloads)
@@ -77,8 +77,8 @@ if [ -n "$hub" ]; then
   install -m 0644 "$here/systemd/flotilla.service" "$h/lib/systemd/system/"
   install -m 0644 "$here/debian/copyright" "$h/usr/share/doc/flotilla/copyright"
   for s in postinst prerm postrm; do
-    sed -e "s/@UNIT@/flotilla.service/g" -e "s/@USER@/flotilla-hub/g" -e "s|@STATE@|/var/lib/flotilla-hub|g" \
-      -e "s|@CONF@||g" "$here/debian/$s" > "$h/DEBIAN/$s"
+    sed -e "s/@UNIT@/flotilla.service/g" -e "s/@USER@/flotilla/g" -e "s|@STATE@|/var/lib/flotilla-hub|g" \
+      -e "s|@CONF@||g" -e "s/@PURGE_STATE@/no/g" "$here/debian/$s" > "$h/DEBIAN/$s"
     chmod 0755 "$h/DEBIAN/$s"
   done
   build flotilla "$h" "Flotilla hub and operator CLI

@@ -34,3 +34,6 @@ fi
   && promtool test rules flotilla-alerts.test.yml)
 cargo build --workspace --bins
 cargo nextest run --workspace --profile ci
+# Builds other than the workspace's debug build: release agents against their size budgets, the Debian packages in
+# a Debian root, the agent cross-built for ARM under qemu, the precompiled-only agent (scripts/test-targets.sh).
+./scripts/test-targets.sh

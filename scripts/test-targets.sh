@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The tests that need other builds than the workspace's debug build (part of the README's test command, run by
+# scripts/test.sh after the workspace tests):
+#   - the release agent for amd64 with and without the WASM compiler, against the size budgets;
+#   - the Debian packages, installed, upgraded and purged in a Debian root (a container from debootstrap);
+#   - the agent cross-built for aarch64 (and armv7 when Debian's armhf index has the standard library): unit
+#     tests under qemu-user, and a fleet test with the emulated agent against the x86_64 hub;
+#   - the fleet tests of the precompiled-only agent.
+# Needs root for apt-get and debootstrap on a fresh machine; caches the cross toolchain, the cross target dir and
+# the Debian image outside the repository.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+t0=$SECONDS
+step() { echo "== $1 (at $((SECONDS - t0)) s)"; }
+MIB=$((1024 * 1024))
+# Stripped release agent budgets (issue 16): with Cranelift, and precompiled modules only.
+BUDGET_FULL=$((24 * MIB))
+BUDGET_PRECOMPILED=$((11 * MIB))
+
+need=""
+command -v dpkg-deb >/dev/null || need="$need dpkg"
+command -v debootstrap >/dev/null || need="$need debootstrap"
+command -v file >/dev/null || need="$need file"
+if [ -n "$need" ]; then apt-get install -y -qq $need >/dev/null; fi
+
+step "release agents for amd64, with and without the compiler"
+cargo build --release -p flotilla-agent --bin flotilla-agent
+cp target/release/flotilla-agent target/release/flotilla-agent-full
+cargo build --release -p flotilla-agent --bin flotilla-agent --no-default-features
+cp target/release/flotilla-agent target/release/flotilla-agent-precompiled-only
+cp target/release/flotilla-agent-full target/release/flotilla-agent
+full=$(stat -c %s target/release/flotilla-agent-full)
+pre=$(stat -c %s target/release/flotilla-agent-precompiled-only)
+awk -v f="$full" -v p="$pre" -v m="$MIB" 'BEGIN { printf "size: agent with compiler %d bytes (%.2f MiB, budget 24 MiB); precompiled-only %d bytes (%.2f MiB, budget 11 MiB)\n", f, f / m, p, p / m }'
+if [ "$full" -gt "$BUDGET_FULL" ] || [ "$pre" -gt "$BUDGET_PRECOMPILED" ]; then
+  echo "the stripped release agent exceeds its size budget" >&2
+  exit 1
+fi
+
+step "aarch64: agent-core, shared, engine and agent unit tests under qemu, and the agent for the fleet test"
+cross/build.sh aarch64 test
+C="${FLOTILLA_CROSS_CACHE:-$HOME/.cache/flotilla-cross}"
+a64="${FLOTILLA_CROSS_TARGET_DIR:-$C/target}/aarch64-unknown-linux-gnu/debug/flotilla-agent"
+
+step "armv7 (Pulley): the same unit tests under qemu, when Debian can supply the standard library"
+cross/build.sh armv7 test
+
+step "Debian packages (amd64 agent and hub, arm64 agent)"
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)"
+rm -rf target/debian
+# The hub and arm64 packages carry this run's debug builds (a release hub build would add minutes); gzip packs
+# those quickly. `cross/package.sh` with release builds makes the packages to ship.
+export FLOTILLA_DEB_COMPRESS=gzip
+cross/package.sh --arch amd64 --agent target/release/flotilla-agent-full --hub target/debug/flotilla --out target/debian
+cross/package.sh --arch amd64 --agent target/release/flotilla-agent-full --version "$version+upgrade1" \
+  --out target/debian/upgrade >/dev/null
+cross/package.sh --arch arm64 --agent "$a64" --out target/debian
+for deb in target/debian/*.deb; do
+  echo "$deb: $(dpkg-deb -f "$deb" Package Version Architecture | tr '\n' ' ')"
+done
+tmp=$(mktemp -d)
+dpkg-deb -x "target/debian/flotilla-agent_${version}_arm64.deb" "$tmp"
+echo "packaged arm64 binary: $(file -b "$tmp/usr/bin/flotilla-agent" | cut -d, -f1-2)"
+file -b "$tmp/usr/bin/flotilla-agent" | grep -q "ARM aarch64"
+rm -rf "$tmp"
+
+step "a Debian root for the package test"
+image=flotilla-test-debian:bookworm
+if ! docker image inspect "$image" >/dev/null 2>&1; then
+  root=$(mktemp -d)
+  debootstrap --variant=minbase bookworm "$root" http://deb.debian.org/debian >/dev/null
+  tar -C "$root" -c . | docker import - "$image" >/dev/null
+  rm -rf "$root"
+fi
+
+step "fleet tests of these builds"
+FLOTILLA_AGENT_PRECOMPILED_ONLY="$PWD/target/release/flotilla-agent-precompiled-only" \
+FLOTILLA_CROSS_AGENT="$a64" FLOTILLA_CROSS_LAUNCHER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" FLOTILLA_CROSS_PRECOMPILE=aarch64 \
+FLOTILLA_DEB_AGENT="$PWD/target/debian/flotilla-agent_${version}_amd64.deb" \
+FLOTILLA_DEB_HUB="$PWD/target/debian/flotilla_${version}_amd64.deb" \
+FLOTILLA_DEB_AGENT_UPGRADE="$PWD/target/debian/upgrade/flotilla-agent_${version}+upgrade1_amd64.deb" \
+FLOTILLA_DEBIAN_IMAGE="$image" \
+  cargo nextest run -p flotilla-fleet-tests --profile ci --run-ignored only
+step "done"
