@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Agent footprint benchmark: stripped release binary sizes, and agent RSS/PSS and CPU idle with 0 and with 10 WASM
 # workloads, using the release binaries and the real hub over the embedded broker. Side by side in the same idle
-# window: mender-client (Debian `mender-client`) pointed at a dummy local HTTP server, with the ratios.
-# Writes /etc/mender/artifact_info if it is missing (mender refuses to run without it).
+# window: the agent built without the compiler (when target/release/flotilla-agent-precompiled-only exists, as
+# scripts/test-targets.sh leaves it), and mender-client (Debian `mender-client`) pointed at a dummy local HTTP
+# server, with the ratios. The ten workloads are pushed with a variant precompiled for x86_64, so both agents run
+# them. Writes /etc/mender/artifact_info if it is missing (mender refuses to run without it).
 #   cargo build --release --bins && scripts/bench-footprint.sh [IDLE_SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +49,19 @@ metrics_interval_secs = 3600
 CFG
 "$BIN/flotilla-agent" --config "$W/agent/agent.toml" 2>"$W/agent.log" &
 AGENT=$!
-for _ in $(seq 100); do "$BIN/flotilla" device ls -o json | grep -q '"online": true' && break; sleep 0.1; done
+PRE=""
+if [ -x "$BIN/flotilla-agent-precompiled-only" ]; then
+  mkdir -p "$W/pre"
+  TOKEN2=$("$BIN/flotilla" enroll-token create --region eu-west --label role=gateway)
+  sed -e 's/bench-gw/bench-pre/' -e "s|$W/agent/state|$W/pre/state|" -e "s|$TOKEN|$TOKEN2|" "$W/agent/agent.toml" \
+    > "$W/pre/agent.toml"
+  "$BIN/flotilla-agent-precompiled-only" --config "$W/pre/agent.toml" 2>"$W/pre.log" &
+  PRE=$!
+fi
+want=1; [ -n "$PRE" ] && want=2
+for _ in $(seq 100); do
+  [ "$("$BIN/flotilla" device ls -o json | grep -c '"online": true' || true)" -ge "$want" ] && break; sleep 0.1
+done
 
 # The peer, started now so that both idle through the same window.
 MENDER=""
@@ -69,10 +83,11 @@ ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 # Warm-up (enrollment, mender's key generation), then the measured idle window.
 sleep 5
-a0=$(ticks $AGENT); [ -n "$MENDER" ] && m0=$(ticks $MENDER); t0=$(date +%s.%N)
+a0=$(ticks $AGENT); [ -n "$MENDER" ] && m0=$(ticks $MENDER); [ -n "$PRE" ] && p0=$(ticks $PRE); t0=$(date +%s.%N)
 sleep "$IDLE"
 a1=$(ticks $AGENT); [ -n "$MENDER" ] && m1=$(ticks $MENDER); t1=$(date +%s.%N)
 read -r rss0 pss0 < <(mem $AGENT)
+[ -n "$PRE" ] && read -r prss0 ppss0 < <(mem $PRE) && p1=$(ticks $PRE)
 cpu_pct() { awk "BEGIN{printf \"%.4f\", ($2-$1)/$HZ/($t1-$t0)*100}"; }
 if [ -n "$MENDER" ]; then
   read -r mrss mpss < <(mem $MENDER)
@@ -89,18 +104,25 @@ echo 'name = "ten"' > "$specfile"
 printf '[target]\nselector = { role = "gateway" }\n' >> "$specfile"
 for i in $(seq 0 9); do
   "$BIN/flotilla" release push firmware-images/wasm/sensor.wasm --name "sensor-$i" --version 1.0.0 \
-      --key "$W/hub/keys/release.key" >/dev/null 2>&1
+      --key "$W/hub/keys/release.key" --precompile x86_64 >/dev/null 2>&1
   printf '[[workloads]]\nname = "sensor-%s"\nrelease = "sensor-%s@1.0.0"\ntick_ms = 1000\nmemory_mib = 1\ncpu_ms = 20\n' "$i" "$i" >> "$specfile"
 done
 "$BIN/flotilla" apply -f "$specfile" >/dev/null
 for _ in $(seq 300); do
   n=$("$BIN/flotilla" device ls -o json | grep -c '"state": "running"' || true)
-  [ "$n" -ge 10 ] && break; sleep 0.2
+  [ "$n" -ge $((10 * want)) ] && break; sleep 0.2
 done
 echo "workloads running: $n"
 sleep "$IDLE"
 read -r rss10 pss10 < <(mem $AGENT)
+[ -n "$PRE" ] && read -r prss10 ppss10 < <(mem $PRE)
 echo "agent idle after ${IDLE}s, 0 workloads:  RSS $((rss0)) KiB ($(awk "BEGIN{printf \"%.2f\", $rss0/1024}") MiB), PSS $pss0 KiB"
 echo "agent idle after ${IDLE}s, 10 workloads: RSS $((rss10)) KiB ($(awk "BEGIN{printf \"%.2f\", $rss10/1024}") MiB), PSS $pss10 KiB"
 echo "per extra idle workload: $(awk "BEGIN{printf \"%.0f\", ($rss10-$rss0)/10}") KiB RSS (each guest has 64 KiB of linear memory)"
 echo "agent CPU over the ${IDLE}s idle window, 0 workloads: $((a1-a0)) ticks = $(cpu_pct "$a0" "$a1") % of one core"
+if [ -n "$PRE" ]; then
+  echo "precompiled-only agent ($(stat -c %s "$BIN/flotilla-agent-precompiled-only") bytes), same windows:"
+  echo "  idle after ${IDLE}s, 0 workloads:  RSS $prss0 KiB ($(awk "BEGIN{printf \"%.2f\", $prss0/1024}") MiB), PSS $ppss0 KiB, CPU $(cpu_pct "$p0" "$p1") % of one core"
+  echo "  idle after ${IDLE}s, 10 workloads: RSS $prss10 KiB ($(awk "BEGIN{printf \"%.2f\", $prss10/1024}") MiB), PSS $ppss10 KiB"
+  [ -n "$MENDER" ] && echo "  ratio to mender-client: RSS $(awk "BEGIN{printf \"%.2f\", $prss0/$mrss}")x, PSS $(awk "BEGIN{printf \"%.2f\", $ppss0/$mpss}")x"
+fi
