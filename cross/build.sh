@@ -32,7 +32,7 @@ case "$what" in
     done
     ;;
   test)
-    cargo test --target "$TARGET" -p flotilla-agent-core -p flotilla-shared -p flotilla-engine -p flotilla-agent --lib
+    cargo test --target "$TARGET" -p flotilla-agent-core -p flotilla-shared -p flotilla-engine -p flotilla-agent --lib --tests
     cargo build --target "$TARGET" -p flotilla-agent --bin flotilla-agent
     echo "agent for the qemu fleet test: $CARGO_TARGET_DIR/$TARGET/debug/flotilla-agent"
     ;;

@@ -145,7 +145,8 @@ impl Drop for Container {
 #[ignore = "needs the built packages and a Debian image: scripts/test-targets.sh"]
 fn the_agent_package_installs_runs_upgrades_and_purges_in_debian() {
     let env = |k: &str| {
-        std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: run through scripts/test-targets.sh"))
+        std::env::var(k)
+            .unwrap_or_else(|_| panic!("{k} is not set: run through scripts/test-targets.sh"))
     };
     let (v1, v2, hub_deb, image) = (
         std::path::PathBuf::from(env("FLOTILLA_DEB_AGENT")),
@@ -203,10 +204,14 @@ fn the_agent_package_installs_runs_upgrades_and_purges_in_debian() {
         "flotilla 700"
     );
     assert!(
-        exec(&c.0, "dpkg-query -W -f='${Conffiles}' flotilla-agent").contains("/etc/flotilla/agent.toml")
+        exec(&c.0, "dpkg-query -W -f='${Conffiles}' flotilla-agent")
+            .contains("/etc/flotilla/agent.toml")
     );
     // Not configured yet: the shipped example configuration is refused with 78, which the unit does not restart.
-    let code = exec(&c.0, "su -s /bin/sh flotilla -c '/usr/bin/flotilla-agent --config /etc/flotilla/agent.toml' >/dev/null 2>&1; echo $?");
+    let code = exec(
+        &c.0,
+        "su -s /bin/sh flotilla -c '/usr/bin/flotilla-agent --config /etc/flotilla/agent.toml' >/dev/null 2>&1; echo $?",
+    );
     assert_eq!(code, "78");
 
     // Configure it (an edit of the conffile) for the real hub, then start it as the unit would.
@@ -220,7 +225,10 @@ fn the_agent_package_installs_runs_upgrades_and_purges_in_debian() {
          enroll_token = \"{token}\"\nregion = \"eu-west\"\nzone = \"eu-west-a\"\n[position]\nlat = 52.5\nlon = 13.4\n\
          [container]\nenabled = false\n"
     );
-    exec(&c.0, &format!("cat > /etc/flotilla/agent.toml <<'EOT'\n{config}EOT"));
+    exec(
+        &c.0,
+        &format!("cat > /etc/flotilla/agent.toml <<'EOT'\n{config}EOT"),
+    );
     let unit = exec(&c.0, "cat /lib/systemd/system/flotilla-agent.service");
     let field = |k: &str| {
         unit.lines()
@@ -237,7 +245,9 @@ fn the_agent_package_installs_runs_upgrades_and_purges_in_debian() {
         ),
     );
     let mut buf = [0u8; 512];
-    let len = listener.recv(&mut buf).expect("READY from the packaged agent");
+    let len = listener
+        .recv(&mut buf)
+        .expect("READY from the packaged agent");
     let ready = String::from_utf8_lossy(&buf[..len]).into_owned();
     assert!(ready.starts_with("READY=1\n"), "{ready}");
     flotilla_fleet_tests::wait_for("the packaged agent online at the hub", PATIENCE, || {
@@ -274,7 +284,10 @@ fn the_agent_package_installs_runs_upgrades_and_purges_in_debian() {
         "! test -e /usr/bin/flotilla-agent && ! test -e /etc/flotilla && ! test -e /var/lib/flotilla \
          && ! test -e /lib/systemd/system/flotilla-agent.service",
     );
-    let status = exec(&c.0, "dpkg-query -W -f='${Status}' flotilla-agent 2>&1 || true");
+    let status = exec(
+        &c.0,
+        "dpkg-query -W -f='${Status}' flotilla-agent 2>&1 || true",
+    );
     assert!(
         status.contains("not-installed") || status.contains("no packages found"),
         "{status}"
@@ -289,5 +302,8 @@ fn the_agent_package_installs_runs_upgrades_and_purges_in_debian() {
         exec(&c.0, "stat -c '%U %a' /var/lib/flotilla-hub"),
         "flotilla 700"
     );
-    exec(&c.0, "dpkg --purge flotilla && test -d /var/lib/flotilla-hub && ! test -e /usr/bin/flotilla");
+    exec(
+        &c.0,
+        "dpkg --purge flotilla && test -d /var/lib/flotilla-hub && ! test -e /usr/bin/flotilla",
+    );
 }

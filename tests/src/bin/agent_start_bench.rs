@@ -32,7 +32,10 @@ fn parse_ts(ts: &str) -> Option<i128> {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
-    Some((i128::from(days) * 86_400 + i128::from(hh * 3600 + mm * 60 + ss)) * 1_000_000 + i128::from(micros))
+    Some(
+        (i128::from(days) * 86_400 + i128::from(hh * 3600 + mm * 60 + ss)) * 1_000_000
+            + i128::from(micros),
+    )
 }
 
 fn main() -> Result<()> {
@@ -68,12 +71,16 @@ fn main() -> Result<()> {
     }
     fleet.hub.apply(&toml)?;
     for i in 0..workloads {
-        fleet.hub.wait_workload("bench-1", &format!("w{i}"), "running")?;
+        fleet
+            .hub
+            .wait_workload("bench-1", &format!("w{i}"), "running")?;
     }
     println!(
         "agent {} {}, {workloads} WASM workloads precompiled for {target}, broker unreachable",
         launcher.join(" "),
-        agent.map_or("(beside this binary)".to_owned(), |p| p.display().to_string()),
+        agent.map_or("(beside this binary)".to_owned(), |p| p
+            .display()
+            .to_string()),
     );
     let a = fleet.agent_mut("bench-1");
     a.proxy.as_ref().context("proxy")?.partition();
