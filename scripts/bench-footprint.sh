@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 IDLE="${1:-60}"
 BIN=target/release
+# The hub's own footprint is not measured here; HUB=target/debug/flotilla saves a release build of it.
+HUB="${HUB:-$BIN/flotilla}"
 W=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; pkill -f "mender --config $W" 2>/dev/null; rm -rf "$W"' EXIT
 
@@ -21,15 +23,15 @@ mem() { # pid -> "rss_kib pss_kib"
 }
 
 echo "binary sizes (stripped, release profile: lto, codegen-units=1, opt-level=s):"
-ls -l "$BIN/flotilla-agent" "$BIN/flotilla" | awk '{printf "  %-28s %6.1f MiB (%d bytes)\n", $9, $5/1048576, $5}'
+ls -l "$BIN/flotilla-agent" "$HUB" | awk '{printf "  %-28s %6.1f MiB (%d bytes)\n", $9, $5/1048576, $5}'
 
-"$BIN/flotilla" init --data-dir "$W/hub" >/dev/null
-"$BIN/flotilla" serve --data-dir "$W/hub" --http 127.0.0.1:0 --mqtt 127.0.0.1:0 --mqtt-tls 127.0.0.1:0 >/dev/null 2>"$W/hub.log" &
+"$HUB" init --data-dir "$W/hub" >/dev/null
+"$HUB" serve --data-dir "$W/hub" --http 127.0.0.1:0 --mqtt 127.0.0.1:0 --mqtt-tls 127.0.0.1:0 >/dev/null 2>"$W/hub.log" &
 for _ in $(seq 100); do [ -f "$W/hub/endpoints.txt" ] && break; sleep 0.1; done
 API=$(sed -n 's/^http=//p' "$W/hub/endpoints.txt"); MQTT=$(sed -n 's/^mqtt=//p' "$W/hub/endpoints.txt")
 export FLOTILLA_SERVER="$API" FLOTILLA_TOKEN_FILE="$W/hub/admin.token"
-for _ in $(seq 100); do "$BIN/flotilla" device ls >/dev/null 2>&1 && break; sleep 0.1; done
-TOKEN=$("$BIN/flotilla" enroll-token create --region eu-west --label role=gateway)
+for _ in $(seq 100); do "$HUB" device ls >/dev/null 2>&1 && break; sleep 0.1; done
+TOKEN=$("$HUB" enroll-token create --region eu-west --label role=gateway)
 mkdir -p "$W/agent"
 cat > "$W/agent/agent.toml" <<CFG
 version = 1
@@ -52,7 +54,7 @@ AGENT=$!
 PRE=""
 if [ -x "$BIN/flotilla-agent-precompiled-only" ]; then
   mkdir -p "$W/pre"
-  TOKEN2=$("$BIN/flotilla" enroll-token create --region eu-west --label role=gateway)
+  TOKEN2=$("$HUB" enroll-token create --region eu-west --label role=gateway)
   sed -e 's/bench-gw/bench-pre/' -e "s|$W/agent/state|$W/pre/state|" -e "s|$TOKEN|$TOKEN2|" "$W/agent/agent.toml" \
     > "$W/pre/agent.toml"
   "$BIN/flotilla-agent-precompiled-only" --config "$W/pre/agent.toml" 2>"$W/pre.log" &
@@ -60,7 +62,7 @@ if [ -x "$BIN/flotilla-agent-precompiled-only" ]; then
 fi
 want=1; [ -n "$PRE" ] && want=2
 for _ in $(seq 100); do
-  [ "$("$BIN/flotilla" device ls -o json | grep -c '"online": true' || true)" -ge "$want" ] && break; sleep 0.1
+  [ "$("$HUB" device ls -o json | grep -c '"online": true' || true)" -ge "$want" ] && break; sleep 0.1
 done
 
 # The peer, started now so that both idle through the same window.
@@ -103,13 +105,13 @@ specfile="$W/ten.toml"
 echo 'name = "ten"' > "$specfile"
 printf '[target]\nselector = { role = "gateway" }\n' >> "$specfile"
 for i in $(seq 0 9); do
-  "$BIN/flotilla" release push firmware-images/wasm/sensor.wasm --name "sensor-$i" --version 1.0.0 \
+  "$HUB" release push firmware-images/wasm/sensor.wasm --name "sensor-$i" --version 1.0.0 \
       --key "$W/hub/keys/release.key" --precompile x86_64 >/dev/null 2>&1
   printf '[[workloads]]\nname = "sensor-%s"\nrelease = "sensor-%s@1.0.0"\ntick_ms = 1000\nmemory_mib = 1\ncpu_ms = 20\n' "$i" "$i" >> "$specfile"
 done
-"$BIN/flotilla" apply -f "$specfile" >/dev/null
+"$HUB" apply -f "$specfile" >/dev/null
 for _ in $(seq 300); do
-  n=$("$BIN/flotilla" device ls -o json | grep -c '"state": "running"' || true)
+  n=$("$HUB" device ls -o json | grep -c '"state": "running"' || true)
   [ "$n" -ge $((10 * want)) ] && break; sleep 0.2
 done
 echo "workloads running: $n"

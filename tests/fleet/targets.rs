@@ -129,6 +129,13 @@ fn an_agent_loads_its_precompiled_variant_instead_of_compiling() {
         ])
         .expect("release push --precompile");
     assert!(out.contains("pushed sensor@1.0.0"), "{out}");
+    let ls = hub.cli(&["release", "ls"]).expect("release ls");
+    assert!(
+        ls.lines().any(|l| l.starts_with("sensor ")
+            && l.contains("1.0.0")
+            && l.ends_with("x86_64,aarch64")),
+        "{ls}"
+    );
     hub.apply(&spec(&["sensor"])).expect("apply");
     hub.wait_workload("gw-1", "sensor", "running")
         .expect("running");

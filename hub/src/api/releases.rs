@@ -65,7 +65,8 @@ pub(super) async fn releases(State(s): State<ApiState>, headers: HeaderMap) -> A
                     .map(|r| {
                         json!({"name": r.release.name.as_str(), "version": r.release.version, "epoch": r.release.epoch,
                            "digest": r.digest.to_hex(), "artifact": r.release.artifact_digest.to_hex(),
-                           "size": r.release.artifact_size, "created_at": r.created_at})
+                           "size": r.release.artifact_size, "created_at": r.created_at,
+                           "precompiled": r.release.precompiled.iter().map(|p| p.target.as_str()).collect::<Vec<_>>()})
                     })
                     .collect(),
             ))

@@ -56,21 +56,33 @@ pub fn ls(conn: Conn) -> Result<()> {
         print_json(&v);
     } else {
         outln!(
-            "{:<20} {:<12} {:>5} {:>10}  DIGEST",
+            "{:<20} {:<12} {:>5} {:>10}  {:<16}  PRECOMPILED",
             "NAME",
             "VERSION",
             "EPOCH",
-            "SIZE"
+            "SIZE",
+            "DIGEST"
         );
         for r in v.as_array().into_iter().flatten() {
             let d = s(r, "digest");
+            let targets: Vec<&str> = r["precompiled"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str())
+                .collect();
             outln!(
-                "{:<20} {:<12} {:>5} {:>10}  {}",
+                "{:<20} {:<12} {:>5} {:>10}  {:<16}  {}",
                 s(r, "name"),
                 s(r, "version"),
                 s(r, "epoch"),
                 s(r, "size"),
-                &d[..d.len().min(16)]
+                &d[..d.len().min(16)],
+                if targets.is_empty() {
+                    "-".to_owned()
+                } else {
+                    targets.join(",")
+                }
             );
         }
     }
