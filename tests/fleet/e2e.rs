@@ -260,6 +260,128 @@ fn api_roles_and_errors() {
     assert!(openapi["paths"]["/api/v1/deployments"].is_object());
 }
 
+/// API tokens carry an optional expiry, are listed without secrets and revoked by name, through the CLI and the
+/// API; only admins manage them, names are unique, and the last admin token cannot be revoked.
+#[test]
+fn api_tokens_expire_are_listed_and_revoked() {
+    let fleet = FleetBuilder::new().start().expect("hub");
+    let hub = &fleet.hub;
+    let token = hub
+        .cli(&[
+            "token",
+            "--name",
+            "ci-job",
+            "--role",
+            "operator",
+            "--ttl-secs",
+            "3600",
+        ])
+        .expect("token")
+        .trim()
+        .to_owned();
+    assert!(token.starts_with("fat_"), "{token}");
+    let ci = flotilla_hub::client::Client::new(&hub.api, &token);
+    assert!(ci.get("/api/v1/devices").is_ok());
+    // Names are unique while the token lives.
+    let dup = hub
+        .cli(&["token", "--name", "ci-job", "--role", "viewer"])
+        .expect_err("duplicate name");
+    assert!(dup.to_string().contains("exists"), "{dup}");
+    let bad = hub
+        .cli(&["token", "--name", "a/b", "--role", "viewer"])
+        .expect_err("bad name");
+    assert!(bad.to_string().contains("400"), "{bad}");
+    let bad = hub
+        .cli(&[
+            "token",
+            "--name",
+            "x",
+            "--role",
+            "viewer",
+            "--ttl-secs",
+            "0",
+        ])
+        .expect_err("zero ttl");
+    assert!(bad.to_string().contains("ttl_secs"), "{bad}");
+    assert!(hub.cli(&["token", "--role", "viewer"]).is_err());
+
+    // A short-lived token stops working by itself.
+    let brief = hub
+        .cli(&[
+            "token",
+            "--name",
+            "brief",
+            "--role",
+            "viewer",
+            "--ttl-secs",
+            "1",
+        ])
+        .expect("token")
+        .trim()
+        .to_owned();
+    let brief = flotilla_hub::client::Client::new(&hub.api, &brief);
+    let err = wait_for("the short token to expire", PATIENCE, || {
+        brief.get("/api/v1/devices").err()
+    })
+    .expect("expires");
+    assert!(
+        err.to_string().starts_with("401") && err.to_string().contains("brief has expired"),
+        "{err}"
+    );
+
+    // Listing: names, roles and expiry, never a secret.
+    let ls = hub.cli(&["token", "ls"]).expect("ls");
+    assert!(ls.contains("ci-job") && ls.contains("operator"), "{ls}");
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("brief") && l.contains("(expired)")),
+        "{ls}"
+    );
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("admin") && l.ends_with("never")),
+        "{ls}"
+    );
+    assert!(!ls.contains("fat_"), "{ls}");
+    let json = hub.client.get("/api/v1/tokens").expect("list");
+    assert!(!json.to_string().contains("fat_"), "{json}");
+    // Only admins manage tokens.
+    let err = ci.get("/api/v1/tokens").expect_err("operator");
+    assert!(err.to_string().starts_with("403"), "{err}");
+    let err = ci.delete("/api/v1/tokens/admin").expect_err("operator");
+    assert!(err.to_string().starts_with("403"), "{err}");
+
+    // Revocation ends the token at once; unknown names are 404; the last admin token stays.
+    assert!(
+        hub.cli(&["token", "revoke", "ci-job"])
+            .expect("revoke")
+            .contains("revoked ci-job")
+    );
+    let err = ci.get("/api/v1/devices").expect_err("revoked");
+    assert!(err.to_string().starts_with("401"), "{err}");
+    let err = hub
+        .client
+        .delete("/api/v1/tokens/nosuch")
+        .expect_err("unknown");
+    assert!(err.to_string().starts_with("404"), "{err}");
+    let err = hub
+        .client
+        .delete("/api/v1/tokens/admin")
+        .expect_err("last admin");
+    assert!(
+        err.to_string().starts_with("409") && err.to_string().contains("last admin"),
+        "{err}"
+    );
+    assert!(hub.client.get("/api/v1/devices").is_ok());
+    let audit = hub.client.get("/api/v1/audit").expect("audit");
+    assert!(
+        audit.as_array().is_some_and(|a| a
+            .iter()
+            .any(|e| e["action"] == "api-token-revoke" && e["detail"] == "ci-job")),
+        "{audit}"
+    );
+}
+
 /// Enrollment tokens are single-use: a second agent presenting a used token is refused and exits with the
 /// "bad configuration" code (78) instead of crash-looping.
 #[test]

@@ -13,7 +13,7 @@ mod tokens;
 use crate::hub::{Call, Hub, HubError};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use deployments::{
     apply, delete_deployment, deployment_diff, deployment_status, deployments, list_secrets,
@@ -25,7 +25,9 @@ use releases::{push_release, releases, upload_artifact};
 use rollouts::{rollout_action, rollout_report, rollout_retry, rollout_status};
 use serde_json::{Value, json};
 use telemetry::{device_telemetry, tail};
-use tokens::{audit, create_api_token, create_feed_credential, enroll_token};
+use tokens::{
+    api_tokens, audit, create_api_token, create_feed_credential, enroll_token, revoke_api_token,
+};
 use tokio::sync::{mpsc, oneshot};
 
 /// Operator roles, ordered by power.
@@ -169,7 +171,7 @@ impl ApiState {
                 )
             })?;
         let found = self.call(move |h| h.store.api_token(&token)).await?;
-        let (name, role) = found
+        let (name, role, expires_at) = found
             .map_err(|e| {
                 Problem::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -180,6 +182,13 @@ impl ApiState {
             .ok_or_else(|| {
                 Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")
             })?;
+        if expires_at.is_some_and(|at| at <= crate::hub::unix_now()) {
+            return Err(Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!("token {name} has expired"),
+            ));
+        }
         let role = Role::parse(&role).unwrap_or(Role::Viewer);
         if role < need {
             return Err(Problem::new(
@@ -231,7 +240,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/why/{device}/{workload}", get(why))
         .route("/api/v1/devices/{device}/logs/{workload}", get(logs))
         .route("/api/v1/audit", get(audit))
-        .route("/api/v1/tokens", post(create_api_token))
+        .route("/api/v1/tokens", post(create_api_token).get(api_tokens))
+        .route("/api/v1/tokens/{name}", delete(revoke_api_token))
         .route("/api/v1/rollouts/{deployment}", get(rollout_status))
         .route("/api/v1/rollouts/{deployment}/report", get(rollout_report))
         .route("/api/v1/rollouts/{deployment}/retry", post(rollout_retry))

@@ -5,7 +5,7 @@ use crate::hub::{HubError, unix_now};
 use crate::store::TokenPresets;
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
@@ -75,11 +75,17 @@ pub(super) async fn create_api_token(
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_owned();
-    if name.is_empty() || name.len() > 64 {
+    // Names are how tokens are listed, revoked (in a URL path) and named in the audit log.
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+    {
         return Err(Problem::new(
             StatusCode::BAD_REQUEST,
             "invalid request",
-            "name: 1 to 64 characters",
+            "name: 1 to 64 of letters, digits, '.', '_', '-' and '@'",
         ));
     }
     if Role::parse(&role).is_none() {
@@ -89,16 +95,100 @@ pub(super) async fn create_api_token(
             format!("role {role:?} is not viewer, operator or admin"),
         ));
     }
+    // Optional lifetime: a token for a contractor or a CI job should not outlive its purpose.
+    let ttl = match v.get("ttl_secs") {
+        None | Some(Value::Null) => None,
+        Some(t) => match t.as_u64() {
+            Some(t) if (1..=MAX_TOKEN_TTL_SECS).contains(&t) => Some(t),
+            _ => {
+                return Err(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid request",
+                    format!("ttl_secs: a whole number of seconds from 1 to {MAX_TOKEN_TTL_SECS}"),
+                ));
+            }
+        },
+    };
     let token = format!("fat_{}", flotilla_shared::trust::random_hex(20));
     let t = token.clone();
+    let now = unix_now();
+    let expires_at = ttl.map(|t| now + t);
     s.call(move |h| -> Result<(), HubError> {
-        h.store.add_api_token(&t, &name, &role)?;
-        h.store
-            .audit(unix_now(), &who, "api-token", &format!("{name} as {role}"))?;
+        // Names identify tokens for listing and revocation: one live token per name.
+        if h.store.api_tokens()?.iter().any(|(n, ..)| *n == name) {
+            return Err(HubError::Conflict(format!(
+                "a token named {name} exists; revoke it first or pick another name"
+            )));
+        }
+        h.store.add_api_token(&t, &name, &role, now, expires_at)?;
+        let until = expires_at.map_or("no expiry".to_owned(), |at| format!("expires at {at}"));
+        h.store.audit(
+            now,
+            &who,
+            "api-token",
+            &format!("{name} as {role}, {until}"),
+        )?;
         Ok(())
     })
     .await??;
-    Ok((StatusCode::CREATED, Json(json!({"token": token}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"token": token, "name": v["name"], "expires_at": expires_at})),
+    )
+        .into_response())
+}
+
+/// Ten years: longer lifetimes are "no expiry", which is said by leaving `ttl_secs` out.
+const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// `GET /api/v1/tokens`: every API token's name, role, creation and expiry (never a secret: only hashes are kept).
+pub(super) async fn api_tokens(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    s.auth(&headers, Role::Admin).await?;
+    let rows = s
+        .call(|h| h.store.api_tokens())
+        .await?
+        .map_err(HubError::from)?;
+    let now = unix_now();
+    ok(Value::Array(
+        rows.into_iter()
+            .map(|(name, role, created_at, expires_at)| {
+                json!({"name": name, "role": role, "created_at": created_at, "expires_at": expires_at,
+                       "expired": expires_at.is_some_and(|at| at <= now)})
+            })
+            .collect(),
+    ))
+}
+
+/// `DELETE /api/v1/tokens/{name}`: the token stops working at once. The last admin token cannot be revoked (the
+/// hub would have no one left to make tokens).
+pub(super) async fn revoke_api_token(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let who = s.auth(&headers, Role::Admin).await?;
+    let revoked = name.clone();
+    s.call(move |h| -> Result<(), HubError> {
+        let tokens = h.store.api_tokens()?;
+        let now = unix_now();
+        let Some((_, role, ..)) = tokens.iter().find(|(n, ..)| *n == name) else {
+            return Err(HubError::NotFound(format!("no API token named {name}")));
+        };
+        let live_admins = tokens
+            .iter()
+            .filter(|(n, r, _, exp)| r == "admin" && *n != name && exp.is_none_or(|at| at > now))
+            .count();
+        if role == "admin" && live_admins == 0 {
+            return Err(HubError::Conflict(format!(
+                "{name} is the last admin token; make another admin token before revoking it"
+            )));
+        }
+        h.store.revoke_api_token(&name)?;
+        h.store.audit(now, &who, "api-token-revoke", &name)?;
+        Ok(())
+    })
+    .await??;
+    ok(json!({"revoked": revoked}))
 }
 
 pub(super) async fn audit(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {

@@ -173,8 +173,8 @@ pub fn enroll_token(
 }
 
 /// Creates an API token for an operator or a tool.
-pub fn api_token(name: String, role: String, conn: Conn) -> Result<()> {
-    let body = serde_json::json!({"name": name, "role": role});
+pub fn api_token(name: String, role: String, ttl_secs: Option<u64>, conn: Conn) -> Result<()> {
+    let body = serde_json::json!({"name": name, "role": role, "ttl_secs": ttl_secs});
     let v = conn.client()?.post(
         "/api/v1/tokens",
         "application/json",
@@ -183,6 +183,38 @@ pub fn api_token(name: String, role: String, conn: Conn) -> Result<()> {
     )?;
     outln!("{}", s(&v, "token"));
 
+    Ok(())
+}
+
+/// Lists the API tokens (no secrets).
+pub fn api_tokens(conn: Conn) -> Result<()> {
+    let v = conn.client()?.get("/api/v1/tokens")?;
+    if conn.json() {
+        print_json(&v);
+        return Ok(());
+    }
+    outln!("{:<24} {:<9} {:>12}  EXPIRES", "NAME", "ROLE", "CREATED");
+    for t in v.as_array().into_iter().flatten() {
+        let expires = match (t["expires_at"].as_u64(), t["expired"].as_bool()) {
+            (None, _) => "never".to_owned(),
+            (Some(at), Some(true)) => format!("{at} (expired)"),
+            (Some(at), _) => at.to_string(),
+        };
+        outln!(
+            "{:<24} {:<9} {:>12}  {}",
+            s(t, "name"),
+            s(t, "role"),
+            s(t, "created_at"),
+            expires
+        );
+    }
+    Ok(())
+}
+
+/// Revokes the API token named `name`.
+pub fn revoke_api_token(name: &str, conn: Conn) -> Result<()> {
+    conn.client()?.delete(&format!("/api/v1/tokens/{name}"))?;
+    outln!("revoked {name}");
     Ok(())
 }
 

@@ -188,13 +188,20 @@ enum Cmd {
     /// Progressive rollouts: a deployment spec with a [rollout] section moves devices wave by wave.
     #[command(subcommand)]
     Rollout(RolloutCmd),
-    /// API tokens for operators and tools (admin only).
+    /// API tokens for operators and tools (admin only): `--name N --role R [--ttl-secs S]` makes one and prints
+    /// it (the only time it is shown); `ls` lists them; `revoke NAME` ends one at once.
+    #[command(args_conflicts_with_subcommands = true)]
     Token {
+        #[command(subcommand)]
+        cmd: Option<ApiTokenCmd>,
         #[arg(long)]
-        name: String,
+        name: Option<String>,
         /// viewer, operator or admin.
         #[arg(long)]
-        role: String,
+        role: Option<String>,
+        /// Lifetime in seconds; without it the token works until revoked.
+        #[arg(long)]
+        ttl_secs: Option<u64>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -368,6 +375,21 @@ enum BrokerConfigCmd {
         /// The user Mosquitto runs as (its `user` option); it must be able to read the generated files.
         #[arg(long)]
         user: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiTokenCmd {
+    /// Every API token: name, role, created, expiry (secrets are never stored, so never shown).
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Revoke the token named NAME: it stops working at once.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
     },
 }
 
@@ -593,7 +615,28 @@ fn run(cli: Cli) -> Result<()> {
             conn,
         }) => deploy::diff(&name, from, to, conn)?,
         Cmd::Rollout(cmd) => rollout::run(cmd)?,
-        Cmd::Token { name, role, conn } => devices::api_token(name, role, conn)?,
+        Cmd::Token {
+            cmd: Some(ApiTokenCmd::Ls { conn }),
+            ..
+        } => devices::api_tokens(conn)?,
+        Cmd::Token {
+            cmd: Some(ApiTokenCmd::Revoke { name, conn }),
+            ..
+        } => devices::revoke_api_token(&name, conn)?,
+        Cmd::Token {
+            cmd: None,
+            name,
+            role,
+            ttl_secs,
+            conn,
+        } => {
+            let (Some(name), Some(role)) = (name, role) else {
+                anyhow::bail!(
+                    "flotilla token needs --name and --role (or: flotilla token ls | revoke NAME)"
+                );
+            };
+            devices::api_token(name, role, ttl_secs, conn)?
+        }
         Cmd::Why {
             device,
             workload,

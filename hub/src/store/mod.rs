@@ -150,6 +150,17 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // API tokens of hubs from before token expiry: the columns are added, existing tokens never expire.
+        let token_columns: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('api_tokens')")?
+            .query_map([], |r| r.get(0))?
+            .collect::<std::result::Result<_, _>>()?;
+        if !token_columns.iter().any(|c| c == "expires_at") {
+            conn.execute_batch(
+                "ALTER TABLE api_tokens ADD COLUMN expires_at INTEGER;
+                 ALTER TABLE api_tokens ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;",
+            )?;
+        }
         // Deployments stored by hubs from before revisions were kept: their current revision is the first kept.
         conn.execute(
             "INSERT OR IGNORE INTO deployment_revisions (name, revision, source, at)
@@ -218,24 +229,68 @@ impl Store {
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
-    pub fn add_api_token(&self, token: &str, name: &str, role: &str) -> Result<()> {
+    /// Stores an API token (only its hash). `expires_at` None: until revoked.
+    pub fn add_api_token(
+        &self,
+        token: &str,
+        name: &str,
+        role: &str,
+        created_at: u64,
+        expires_at: Option<u64>,
+    ) -> Result<()> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO api_tokens (token_hash, name, role) VALUES (?1, ?2, ?3)",
-            params![hash_token(token), name, role],
+            "INSERT OR REPLACE INTO api_tokens (token_hash, name, role, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                hash_token(token),
+                name,
+                role,
+                to_i64(created_at),
+                expires_at.map(to_i64)
+            ],
         )?;
         Ok(())
     }
 
-    /// (name, role) of an API token.
-    pub fn api_token(&self, token: &str) -> Result<Option<(String, String)>> {
+    /// (name, role, expires_at) of an API token.
+    pub fn api_token(&self, token: &str) -> Result<Option<(String, String, Option<u64>)>> {
         Ok(self
             .conn
             .query_row(
-                "SELECT name, role FROM api_tokens WHERE token_hash = ?1",
+                "SELECT name, role, expires_at FROM api_tokens WHERE token_hash = ?1",
                 [hash_token(token)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get::<_, Option<i64>>(2)?.map(to_u64),
+                    ))
+                },
             )
             .optional()?)
+    }
+
+    /// Every API token as (name, role, created_at, expires_at), by name; secrets are never stored.
+    pub fn api_tokens(&self) -> Result<Vec<(String, String, u64, Option<u64>)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name, role, created_at, expires_at FROM api_tokens ORDER BY name, created_at",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                to_u64(r.get(2)?),
+                r.get::<_, Option<i64>>(3)?.map(to_u64),
+            ))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Deletes the API tokens named `name`; how many there were.
+    pub fn revoke_api_token(&self, name: &str) -> Result<usize> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM api_tokens WHERE name = ?1", [name])?)
     }
 
     /// Adds several tokens with the same presets in one transaction.
