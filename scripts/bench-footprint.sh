@@ -13,7 +13,7 @@ BIN=target/release
 # The hub's own footprint is not measured here; HUB=target/debug/flotilla saves a release build of it.
 HUB="${HUB:-$BIN/flotilla}"
 W=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; pkill -f "mender --config $W" 2>/dev/null; rm -rf "$W"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; pkill -f "mender --config $W" 2>/dev/null || true; rm -rf "$W"' EXIT
 
 mem() { # pid -> "rss_kib pss_kib"
   local rss pss
