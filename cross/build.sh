@@ -20,12 +20,13 @@ if [ "$rc" = 2 ]; then exit 0; fi
 echo "== $TARGET ($what) with $("$RUSTC" --version), target dir $CARGO_TARGET_DIR"
 case "$what" in
   release)
-    cargo build --release --target "$TARGET" -p flotilla-agent --bin flotilla-agent
     out="$CARGO_TARGET_DIR/$TARGET/release"
-    cp "$out/flotilla-agent" "$out/flotilla-agent-full"
+    # Copied out, never back: flotilla-agent is a hard link to cargo's artifact of the last build. The full agent
+    # is built last, so flotilla-agent is the full one afterwards.
     cargo build --release --target "$TARGET" -p flotilla-agent --bin flotilla-agent --no-default-features
-    cp "$out/flotilla-agent" "$out/flotilla-agent-precompiled-only"
-    cp "$out/flotilla-agent-full" "$out/flotilla-agent"
+    cp --remove-destination "$out/flotilla-agent" "$out/flotilla-agent-precompiled-only"
+    cargo build --release --target "$TARGET" -p flotilla-agent --bin flotilla-agent
+    cp --remove-destination "$out/flotilla-agent" "$out/flotilla-agent-full"
     for b in flotilla-agent-full flotilla-agent-precompiled-only; do
       echo "$b: $(stat -c %s "$out/$b") bytes; $(file -b "$out/$b" | cut -d, -f1-2)"
       $QEMU "$out/$b" --version

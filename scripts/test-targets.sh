@@ -25,11 +25,13 @@ command -v file >/dev/null || need="$need file"
 if [ -n "$need" ]; then apt-get install -y -qq $need >/dev/null; fi
 
 step "release agents for amd64, with and without the compiler"
-cargo build --release -p flotilla-agent --bin flotilla-agent
-cp target/release/flotilla-agent target/release/flotilla-agent-full
+# Copied out, never copied back: target/release/flotilla-agent is a hard link to cargo's own artifact of the last
+# build, and writing through it would corrupt that artifact. The full agent is built last, so it is what
+# target/release/flotilla-agent holds afterwards.
 cargo build --release -p flotilla-agent --bin flotilla-agent --no-default-features
-cp target/release/flotilla-agent target/release/flotilla-agent-precompiled-only
-cp target/release/flotilla-agent-full target/release/flotilla-agent
+cp --remove-destination target/release/flotilla-agent target/release/flotilla-agent-precompiled-only
+cargo build --release -p flotilla-agent --bin flotilla-agent
+cp --remove-destination target/release/flotilla-agent target/release/flotilla-agent-full
 full=$(stat -c %s target/release/flotilla-agent-full)
 pre=$(stat -c %s target/release/flotilla-agent-precompiled-only)
 awk -v f="$full" -v p="$pre" -v m="$MIB" 'BEGIN { printf "size: agent with compiler %d bytes (%.2f MiB, budget 24 MiB); precompiled-only %d bytes (%.2f MiB, budget 11 MiB)\n", f, f / m, p, p / m }'
