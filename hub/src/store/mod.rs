@@ -36,6 +36,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// (labels, region, zone, expires_at, used_by) of an enrollment token row.
 type TokenRow = (String, Option<String>, Option<String>, i64, Option<String>);
+/// (name, role, created_at, expires_at) of an API token.
+pub type ApiTokenRow = (String, String, u64, Option<u64>);
 /// (deployment, stable source, target source, snapshot) of a stored rollout.
 pub type RolloutRow = (String, String, String, Vec<u8>);
 /// (generation, content, signed, expires_at) of a published desired state.
@@ -271,7 +273,7 @@ impl Store {
     }
 
     /// Every API token as (name, role, created_at, expires_at), by name; secrets are never stored.
-    pub fn api_tokens(&self) -> Result<Vec<(String, String, u64, Option<u64>)>> {
+    pub fn api_tokens(&self) -> Result<Vec<ApiTokenRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT name, role, created_at, expires_at FROM api_tokens ORDER BY name, created_at",
         )?;
