@@ -80,7 +80,16 @@ pub fn init_with(dir: &DataDir, broker_hosts: &[String]) -> Result<String> {
     keyfile::write_signed(&dir.root(), &signed)?;
     let store = Store::open(&dir.0)?;
     let token = format!("fat_{}", trust::random_hex(20));
-    store.add_api_token(&token, "admin", "admin", crate::hub::unix_now(), None)?;
+    store.add_api_token(
+        &token,
+        &crate::store::ApiToken {
+            name: "admin".into(),
+            role: "admin".into(),
+            created_at: crate::hub::unix_now(),
+            expires_at: None,
+            regions: None,
+        },
+    )?;
     keyfile::write_private(&dir.admin_token(), &format!("{token}\n"))?;
     hub_mqtt_secret(dir)?;
     let pki = crate::pki::BrokerPki::in_dir(&dir.0);

@@ -774,3 +774,190 @@ fn device_certificates_are_issued_renewed_and_rotated() {
         .to_string();
     assert!(err.starts_with("404"), "{err}");
 }
+
+/// A deployment named `name` of release `name@VERSION` (the sensor guest) on the gateways of `regions`; with `rollout`, rolled out with
+/// manual approval.
+fn scoped_spec(name: &str, regions: &str, version: &str, rollout: bool) -> String {
+    let plan = if rollout {
+        "[rollout]\nwaves = [\"rest\"]\nmanual_approval = true\n"
+    } else {
+        ""
+    };
+    format!(
+        "name = \"{name}\"\n[target]\nselector = {{ role = \"gateway\" }}\nregions = [{regions}]\n\
+         [[workloads]]\nname = \"{name}\"\nrelease = \"{name}@{version}\"\ntick_ms = 100\nmemory_mib = 4\n\
+         cpu_ms = 20\nhealth_secs = 1\n{plan}"
+    )
+}
+
+/// A token limited to eu-west sees and acts only there, through the API and the CLI alike: the device list is
+/// filtered, a us-east device's detail, `why` and telemetry are refused, a rollout that reaches us-east can be
+/// neither watched nor commanded while an eu-west one can; calls that are not region-aware refuse scoped tokens
+/// altogether; admin tokens cannot be scoped; every refusal is a 403 with the reason and an audit entry.
+#[test]
+fn region_scoped_tokens_see_and_act_only_in_their_regions() {
+    let fleet = FleetBuilder::new()
+        .agent(AgentSpec::new("eu-1", "eu-west", 52.5, 13.4))
+        .agent(AgentSpec::new("us-1", "us-east", 40.7, -74.0))
+        .start()
+        .expect("fleet");
+    let hub = &fleet.hub;
+    for name in ["eu", "both"] {
+        for v in ["1.0.0", "2.0.0"] {
+            hub.push_release(name, v, 1, &firmware("sensor"))
+                .expect("release");
+        }
+    }
+    for (name, regions) in [("eu", "\"eu-west\""), ("both", "\"eu-west\", \"us-east\"")] {
+        hub.apply(&scoped_spec(name, regions, "1.0.0", false))
+            .expect("first version");
+    }
+    hub.wait_workload("us-1", "both", "running")
+        .expect("running");
+    hub.wait_workload("eu-1", "eu", "running").expect("running");
+    for (name, regions) in [("eu", "\"eu-west\""), ("both", "\"eu-west\", \"us-east\"")] {
+        hub.apply(&scoped_spec(name, regions, "2.0.0", true))
+            .expect("rollout starts");
+    }
+
+    let out = hub
+        .cli(&[
+            "token",
+            "--name",
+            "ops-eu",
+            "--role",
+            "operator",
+            "--regions",
+            "eu-west",
+        ])
+        .expect("scoped token");
+    let token = out.trim().to_owned();
+    let ops = flotilla_hub::client::Client::new(&hub.api, &token);
+    let forbidden = |e: anyhow::Error, needle: &str| {
+        let e = e.to_string();
+        assert!(e.starts_with("403") && e.contains(needle), "{e}");
+    };
+
+    // Devices: filtered list; the other region's device refused in every view.
+    let list = ops.get("/api/v1/devices").expect("list");
+    let ids: Vec<&str> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["eu-1"]);
+    assert!(ops.get("/api/v1/devices/eu-1").is_ok());
+    assert!(ops.get("/api/v1/why/eu-1/eu").is_ok());
+    for path in [
+        "/api/v1/devices/us-1",
+        "/api/v1/why/us-1/both",
+        "/api/v1/devices/us-1/telemetry",
+        "/api/v1/devices/us-1/logs/both",
+    ] {
+        forbidden(ops.get(path).expect_err(path), "us-east");
+    }
+    // Rollouts: one within eu-west is watched and commanded; one reaching us-east is not.
+    assert!(ops.get("/api/v1/rollouts/eu").is_ok());
+    ops.post("/api/v1/rollouts/eu/pause", "application/json", b"{}", &[])
+        .expect("pause within scope");
+    ops.post("/api/v1/rollouts/eu/resume", "application/json", b"{}", &[])
+        .expect("resume within scope");
+    for action in ["pause", "approve", "abort"] {
+        let path = format!("/api/v1/rollouts/both/{action}");
+        forbidden(
+            ops.post(&path, "application/json", b"{}", &[])
+                .expect_err(&path),
+            "the rollout of both reaches us-east",
+        );
+    }
+    forbidden(
+        ops.get("/api/v1/rollouts/both").expect_err("status"),
+        "us-east",
+    );
+    forbidden(
+        ops.post(
+            "/api/v1/rollouts/both/retry",
+            "application/json",
+            b"{}",
+            &[],
+        )
+        .expect_err("retry"),
+        "us-east",
+    );
+    let status = hub
+        .client
+        .get("/api/v1/rollouts/both")
+        .expect("admin sees it");
+    assert_eq!(status["paused"], false, "{status}");
+    // Calls that do not check regions refuse scoped tokens instead of showing the whole fleet.
+    for path in ["/api/v1/deployments", "/api/v1/releases"] {
+        forbidden(ops.get(path).expect_err(path), "limited to regions");
+    }
+    forbidden(ops.get("/api/v1/audit").expect_err("audit"), "needs Admin");
+    forbidden(
+        ops.post(
+            "/api/v1/deployments",
+            "application/toml",
+            scoped_spec("eu", "\"eu-west\"", "2.0.0", true).as_bytes(),
+            &[("x-flotilla-spec-file", "spec.toml")],
+        )
+        .expect_err("apply"),
+        "limited to regions",
+    );
+
+    // The CLI obeys the same scope.
+    let table = hub.cli(&["device", "ls", "--token", &token]).expect("ls");
+    assert!(table.contains("eu-1") && !table.contains("us-1"), "{table}");
+    let err = hub
+        .cli(&["rollout", "pause", "both", "--token", &token])
+        .expect_err("cli pause");
+    assert!(err.to_string().contains("403"), "{err}");
+    hub.cli(&["rollout", "pause", "eu", "--token", &token])
+        .expect("cli pause within scope");
+
+    // Admin tokens cannot be scoped; bad region lists are refused; ls shows the scope.
+    let err = hub
+        .cli(&[
+            "token",
+            "--name",
+            "x",
+            "--role",
+            "admin",
+            "--regions",
+            "eu-west",
+        ])
+        .expect_err("scoped admin");
+    assert!(err.to_string().contains("cannot be limited"), "{err}");
+    let err = hub
+        .client
+        .post(
+            "/api/v1/tokens",
+            "application/json",
+            br#"{"name":"y","role":"viewer","regions":[]}"#,
+            &[],
+        )
+        .expect_err("empty regions");
+    assert!(err.to_string().starts_with("400"), "{err}");
+    let ls = hub.cli(&["token", "ls"]).expect("ls");
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("ops-eu") && l.contains("eu-west")),
+        "{ls}"
+    );
+    // Every refusal is in the audit log, with its reason.
+    let audit = hub.client.get("/api/v1/audit").expect("audit");
+    let denied: Vec<&serde_json::Value> = audit
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["action"] == "denied" && e["who"] == "ops-eu")
+        .collect();
+    assert!(denied.len() >= 10, "{audit}");
+    assert!(
+        denied.iter().any(|e| e["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("the rollout of both reaches us-east"))),
+        "{audit}"
+    );
+}

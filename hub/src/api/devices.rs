@@ -210,7 +210,7 @@ pub(super) async fn devices(
     headers: HeaderMap,
     page: Result<axum::extract::Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::response::Response, Problem> {
-    s.auth(&headers, Role::Viewer).await?;
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
     let axum::extract::Query(page) =
         page.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid query", e.body_text()))?;
     if page.limit.is_some_and(|l| l == 0 || l > MAX_PAGE) {
@@ -227,7 +227,9 @@ pub(super) async fn devices(
             let mut versions = Versions::new();
             h.store
                 .with_devices(|devs| {
+                    // A region-scoped token sees only its regions' devices.
                     let mut rows = devs
+                        .filter(|d| caller.sees(d.inventory.region.as_ref().map(|r| r.as_str())))
                         .skip_while(|d| page.after.as_deref().is_some_and(|a| d.id.as_str() <= a))
                         .peekable();
                     let mut out = Vec::new();
@@ -263,8 +265,9 @@ pub(super) async fn device(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult {
-    s.auth(&headers, Role::Viewer).await?;
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
     let id = device_id(id)?;
+    s.require_device(&caller, &id).await?;
     let v = s
         .call(move |h| -> Result<Value, HubError> {
             let mut versions = Versions::new();
@@ -291,8 +294,9 @@ pub(super) async fn why(
     headers: HeaderMap,
     Path((device, workload)): Path<(String, String)>,
 ) -> ApiResult {
-    s.auth(&headers, Role::Viewer).await?;
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
     let id = device_id(device)?;
+    s.require_device(&caller, &id).await?;
     let w = workload.clone();
     let text = s.call(move |h| h.why(&id, &w)).await??;
     ok(json!({"workload": workload, "explanation": text}))
@@ -306,8 +310,9 @@ pub(super) async fn logs(
     Path((device, workload)): Path<(String, String)>,
     axum::extract::Query(q): axum::extract::Query<std::collections::BTreeMap<String, String>>,
 ) -> ApiResult {
-    s.auth(&headers, Role::Viewer).await?;
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
     let id = device_id(device)?;
+    s.require_device(&caller, &id).await?;
     let name = flotilla_shared::WorkloadName::new(workload.clone()).map_err(|e| {
         Problem::new(
             StatusCode::BAD_REQUEST,

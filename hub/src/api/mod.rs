@@ -24,6 +24,7 @@ use metrics::{metrics, openapi};
 use releases::{push_release, releases, upload_artifact};
 use rollouts::{rollout_action, rollout_report, rollout_retry, rollout_status};
 use serde_json::{Value, json};
+use std::collections::BTreeSet;
 use telemetry::{device_telemetry, tail};
 use tokens::{
     api_tokens, audit, create_api_token, create_feed_credential, enroll_token, revoke_api_token,
@@ -156,8 +157,9 @@ impl ApiState {
         })
     }
 
-    /// Checks the bearer token and the role it needs; returns the caller's name for the audit log.
-    pub(crate) async fn auth(&self, headers: &HeaderMap, need: Role) -> Result<String, Problem> {
+    /// Checks the bearer token, its expiry and the role the call needs. A denial is answered 403 with the reason
+    /// and written to the audit log.
+    async fn authenticate(&self, headers: &HeaderMap, need: Role) -> Result<Caller, Problem> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -171,7 +173,7 @@ impl ApiState {
                 )
             })?;
         let found = self.call(move |h| h.store.api_token(&token)).await?;
-        let (name, role, expires_at) = found
+        let t = found
             .map_err(|e| {
                 Problem::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -182,22 +184,141 @@ impl ApiState {
             .ok_or_else(|| {
                 Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")
             })?;
-        if expires_at.is_some_and(|at| at <= crate::hub::unix_now()) {
+        if t.expires_at.is_some_and(|at| at <= crate::hub::unix_now()) {
             return Err(Problem::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                format!("token {name} has expired"),
+                format!("token {} has expired", t.name),
             ));
         }
-        let role = Role::parse(&role).unwrap_or(Role::Viewer);
+        let role = Role::parse(&t.role).unwrap_or(Role::Viewer);
         if role < need {
-            return Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("{name} has role {role:?}; this call needs {need:?}"),
-            ));
+            return Err(self
+                .deny(
+                    &t.name,
+                    format!("{} has role {role:?}; this call needs {need:?}", t.name),
+                )
+                .await);
         }
-        Ok(name)
+        Ok(Caller {
+            name: t.name,
+            regions: t.regions.map(|r| r.into_iter().collect()),
+        })
+    }
+
+    /// For calls that are not region-aware: the caller's name, and a refusal for region-scoped tokens (they see
+    /// and act only where each call checks their regions, so a call that does not check refuses them).
+    pub(crate) async fn auth(&self, headers: &HeaderMap, need: Role) -> Result<String, Problem> {
+        let c = self.authenticate(headers, need).await?;
+        if c.regions.is_some() {
+            return Err(self
+                .deny(
+                    &c.name,
+                    format!(
+                        "{} is limited to regions; this call is for tokens of the whole fleet",
+                        c.name
+                    ),
+                )
+                .await);
+        }
+        Ok(c.name)
+    }
+
+    /// For region-aware calls: the caller with its regions, which the call checks.
+    pub(crate) async fn auth_scoped(
+        &self,
+        headers: &HeaderMap,
+        need: Role,
+    ) -> Result<Caller, Problem> {
+        self.authenticate(headers, need).await
+    }
+
+    /// Refuses `caller` when device `id` lies outside its regions (an unknown device passes: the call says 404).
+    pub(crate) async fn require_device(
+        &self,
+        caller: &Caller,
+        id: &flotilla_shared::DeviceId,
+    ) -> Result<(), Problem> {
+        if caller.regions.is_none() {
+            return Ok(());
+        }
+        let d = id.clone();
+        let region = self
+            .call(move |h| {
+                h.store
+                    .with_device(&d, |row| {
+                        row.inventory.region.as_ref().map(|r| r.as_str().to_owned())
+                    })
+                    .ok()
+                    .flatten()
+            })
+            .await?;
+        match region {
+            None => Ok(()),
+            Some(r) => {
+                self.require_regions(caller, &format!("device {id}"), [r.as_deref()])
+                    .await
+            }
+        }
+    }
+
+    /// A 403 with `reason`, written to the audit log as a denied attempt.
+    pub(crate) async fn deny(&self, who: &str, reason: String) -> Problem {
+        let (w, r) = (who.to_owned(), reason.clone());
+        let _ = self
+            .call(move |h| h.store.audit(crate::hub::unix_now(), &w, "denied", &r))
+            .await;
+        Problem::new(StatusCode::FORBIDDEN, "forbidden", reason)
+    }
+
+    /// Refuses `caller` unless every region in `regions` is within its scope (None: a device without a region,
+    /// which only whole-fleet tokens see).
+    pub(crate) async fn require_regions<'a>(
+        &self,
+        caller: &Caller,
+        what: &str,
+        regions: impl IntoIterator<Item = Option<&'a str>>,
+    ) -> Result<(), Problem> {
+        let Some(scope) = &caller.regions else {
+            return Ok(());
+        };
+        let outside: BTreeSet<String> = regions
+            .into_iter()
+            .filter(|r| r.is_none_or(|r| !scope.contains(r)))
+            .map(|r| r.unwrap_or("(no region)").to_owned())
+            .collect();
+        if outside.is_empty() {
+            return Ok(());
+        }
+        Err(self
+            .deny(
+                &caller.name,
+                format!(
+                    "{} is limited to {}; {what} reaches {}",
+                    caller.name,
+                    scope.iter().cloned().collect::<Vec<_>>().join(", "),
+                    outside.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            )
+            .await)
+    }
+}
+
+/// Who is calling: the token's name (for the audit log) and, for a region-scoped token, its regions.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    pub name: String,
+    pub regions: Option<BTreeSet<String>>,
+}
+
+impl Caller {
+    /// Whether a device in `region` is within this caller's scope.
+    pub fn sees(&self, region: Option<&str>) -> bool {
+        match (&self.regions, region) {
+            (None, _) => true,
+            (Some(scope), Some(r)) => scope.contains(r),
+            (Some(_), None) => false,
+        }
     }
 }
 

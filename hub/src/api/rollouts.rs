@@ -1,18 +1,52 @@
 //! Rollouts: status, the report, and operator commands (pause, resume, abort, approve, retry).
 
-use super::{ApiResult, ApiState, Problem, Role, ok};
+use super::{ApiResult, ApiState, Caller, Problem, Role, ok};
 use crate::hub::HubError;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
+/// Refuses a region-scoped caller unless every device of the rollout (in a wave or left out) lies in its regions:
+/// a rollout that spans other regions can be neither watched nor commanded by it.
+async fn require_rollout_scope(s: &ApiState, caller: &Caller, name: &str) -> Result<(), Problem> {
+    if caller.regions.is_none() {
+        return Ok(());
+    }
+    let n = name.to_owned();
+    let regions = s
+        .call(move |h| -> Result<Vec<Option<String>>, HubError> {
+            let r = h.rollout(&n)?;
+            Ok(r.rollout
+                .status
+                .keys()
+                .map(|d| {
+                    h.store
+                        .with_device(d, |row| {
+                            row.inventory.region.as_ref().map(|r| r.as_str().to_owned())
+                        })
+                        .ok()
+                        .flatten()
+                        .flatten()
+                })
+                .collect())
+        })
+        .await??;
+    s.require_regions(
+        caller,
+        &format!("the rollout of {name}"),
+        regions.iter().map(Option::as_deref),
+    )
+    .await
+}
+
 pub(super) async fn rollout_status(
     State(s): State<ApiState>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult {
-    s.auth(&headers, Role::Viewer).await?;
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
+    require_rollout_scope(&s, &caller, &name).await?;
     let v = s
         .call(move |h| -> Result<Value, HubError> {
             let r = h.rollout(&name)?;
@@ -91,7 +125,7 @@ pub(super) async fn rollout_action(
     Path((name, action)): Path<(String, String)>,
 ) -> ApiResult {
     use flotilla_hub_core::rollout::Command;
-    let who = s.auth(&headers, Role::Operator).await?;
+    let caller = s.auth_scoped(&headers, Role::Operator).await?;
     let cmd = match action.as_str() {
         "pause" => Command::Pause,
         "resume" => Command::Resume,
@@ -105,6 +139,8 @@ pub(super) async fn rollout_action(
             ));
         }
     };
+    require_rollout_scope(&s, &caller, &name).await?;
+    let who = caller.name;
     s.call(move |h| h.rollout_command(&name, cmd, &who))
         .await??;
     ok(json!({"ok": true}))
@@ -117,7 +153,8 @@ pub(super) async fn rollout_report(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult {
-    s.auth(&headers, Role::Viewer).await?;
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
+    require_rollout_scope(&s, &caller, &name).await?;
     let v = s
         .call(move |h| -> Result<Value, HubError> {
             let r = h.rollout(&name)?;
@@ -139,7 +176,9 @@ pub(super) async fn rollout_retry(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    let who = s.auth(&headers, Role::Operator).await?;
+    let caller = s.auth_scoped(&headers, Role::Operator).await?;
+    require_rollout_scope(&s, &caller, &name).await?;
+    let who = caller.name;
     let bad = |m: String| Problem::new(StatusCode::BAD_REQUEST, "bad request", m);
     let req: Value = if body.is_empty() {
         json!({})

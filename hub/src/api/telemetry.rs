@@ -39,8 +39,9 @@ pub(super) async fn device_telemetry(
     Path(id): Path<String>,
     params: Result<QueryString<HistoryParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
-    s.auth(&headers, Role::Viewer).await?;
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
     let id = super::devices::device_id(id)?;
+    s.require_device(&caller, &id).await?;
     let QueryString(p) = params.map_err(|e| bad(e.body_text()))?;
     let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {

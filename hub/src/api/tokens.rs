@@ -109,33 +109,86 @@ pub(super) async fn create_api_token(
             }
         },
     };
+    // Optional region scope: the token sees and acts only on devices, deployments and rollouts in these regions.
+    let regions = match v.get("regions") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => {
+            let mut out = Vec::new();
+            for r in a {
+                let Some(r) = r.as_str().filter(|r| {
+                    flotilla_shared::Label::new(r.to_string()).is_ok() && !r.contains(',')
+                }) else {
+                    return Err(Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid request",
+                        format!("regions: {r} is not a region name"),
+                    ));
+                };
+                out.push(r.to_owned());
+            }
+            if out.is_empty() {
+                return Err(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid request",
+                    "regions: name at least one region, or leave it out for the whole fleet",
+                ));
+            }
+            out.sort();
+            out.dedup();
+            Some(out)
+        }
+        Some(_) => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid request",
+                "regions: a list of region names",
+            ));
+        }
+    };
+    // An admin makes and revokes tokens and reads the whole audit log: a fleet-wide power by nature.
+    if regions.is_some() && role == "admin" {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid request",
+            "an admin token cannot be limited to regions (use operator or viewer)",
+        ));
+    }
     let token = format!("fat_{}", flotilla_shared::trust::random_hex(20));
     let t = token.clone();
     let now = unix_now();
     let expires_at = ttl.map(|t| now + t);
+    let shown = json!({"token": token, "name": name, "expires_at": expires_at, "regions": regions});
     s.call(move |h| -> Result<(), HubError> {
         // Names identify tokens for listing and revocation: one live token per name.
-        if h.store.api_tokens()?.iter().any(|(n, ..)| *n == name) {
+        if h.store.api_tokens()?.iter().any(|tok| tok.name == name) {
             return Err(HubError::Conflict(format!(
                 "a token named {name} exists; revoke it first or pick another name"
             )));
         }
-        h.store.add_api_token(&t, &name, &role, now, expires_at)?;
         let until = expires_at.map_or("no expiry".to_owned(), |at| format!("expires at {at}"));
+        let scope = regions
+            .as_ref()
+            .map_or("the whole fleet".to_owned(), |r| r.join(","));
+        h.store.add_api_token(
+            &t,
+            &crate::store::ApiToken {
+                name: name.clone(),
+                role: role.clone(),
+                created_at: now,
+                expires_at,
+                regions,
+            },
+        )?;
         h.store.audit(
             now,
             &who,
             "api-token",
-            &format!("{name} as {role}, {until}"),
+            &format!("{name} as {role} for {scope}, {until}"),
         )?;
         Ok(())
     })
     .await??;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"token": token, "name": v["name"], "expires_at": expires_at})),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, Json(shown)).into_response())
 }
 
 /// Ten years: longer lifetimes are "no expiry", which is said by leaving `ttl_secs` out.
@@ -151,9 +204,9 @@ pub(super) async fn api_tokens(State(s): State<ApiState>, headers: HeaderMap) ->
     let now = unix_now();
     ok(Value::Array(
         rows.into_iter()
-            .map(|(name, role, created_at, expires_at)| {
-                json!({"name": name, "role": role, "created_at": created_at, "expires_at": expires_at,
-                       "expired": expires_at.is_some_and(|at| at <= now)})
+            .map(|t| {
+                json!({"name": t.name, "role": t.role, "created_at": t.created_at, "expires_at": t.expires_at,
+                       "expired": t.expires_at.is_some_and(|at| at <= now), "regions": t.regions})
             })
             .collect(),
     ))
@@ -171,14 +224,16 @@ pub(super) async fn revoke_api_token(
     s.call(move |h| -> Result<(), HubError> {
         let tokens = h.store.api_tokens()?;
         let now = unix_now();
-        let Some((_, role, ..)) = tokens.iter().find(|(n, ..)| *n == name) else {
+        let Some(found) = tokens.iter().find(|t| t.name == name) else {
             return Err(HubError::NotFound(format!("no API token named {name}")));
         };
         let live_admins = tokens
             .iter()
-            .filter(|(n, r, _, exp)| r == "admin" && *n != name && exp.is_none_or(|at| at > now))
+            .filter(|t| {
+                t.role == "admin" && t.name != name && t.expires_at.is_none_or(|at| at > now)
+            })
             .count();
-        if role == "admin" && live_admins == 0 {
+        if found.role == "admin" && live_admins == 0 {
             return Err(HubError::Conflict(format!(
                 "{name} is the last admin token; make another admin token before revoking it"
             )));

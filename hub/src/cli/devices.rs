@@ -173,8 +173,16 @@ pub fn enroll_token(
 }
 
 /// Creates an API token for an operator or a tool.
-pub fn api_token(name: String, role: String, ttl_secs: Option<u64>, conn: Conn) -> Result<()> {
-    let body = serde_json::json!({"name": name, "role": role, "ttl_secs": ttl_secs});
+pub fn api_token(
+    name: String,
+    role: String,
+    ttl_secs: Option<u64>,
+    regions: Vec<String>,
+    conn: Conn,
+) -> Result<()> {
+    let regions = (!regions.is_empty()).then_some(regions);
+    let body =
+        serde_json::json!({"name": name, "role": role, "ttl_secs": ttl_secs, "regions": regions});
     let v = conn.client()?.post(
         "/api/v1/tokens",
         "application/json",
@@ -193,17 +201,30 @@ pub fn api_tokens(conn: Conn) -> Result<()> {
         print_json(&v);
         return Ok(());
     }
-    outln!("{:<24} {:<9} {:>12}  EXPIRES", "NAME", "ROLE", "CREATED");
+    outln!(
+        "{:<24} {:<9} {:<20} {:>12}  EXPIRES",
+        "NAME",
+        "ROLE",
+        "REGIONS",
+        "CREATED"
+    );
     for t in v.as_array().into_iter().flatten() {
         let expires = match (t["expires_at"].as_u64(), t["expired"].as_bool()) {
             (None, _) => "never".to_owned(),
             (Some(at), Some(true)) => format!("{at} (expired)"),
             (Some(at), _) => at.to_string(),
         };
+        let regions = t["regions"].as_array().map_or("all".to_owned(), |r| {
+            r.iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        });
         outln!(
-            "{:<24} {:<9} {:>12}  {}",
+            "{:<24} {:<9} {:<20} {:>12}  {}",
             s(t, "name"),
             s(t, "role"),
+            regions,
             s(t, "created_at"),
             expires
         );

@@ -202,6 +202,10 @@ enum Cmd {
         /// Lifetime in seconds; without it the token works until revoked.
         #[arg(long)]
         ttl_secs: Option<u64>,
+        /// Limit the token to these regions (comma-separated): it sees and acts only on their devices and on
+        /// rollouts that stay within them. Not for admin tokens.
+        #[arg(long, value_delimiter = ',')]
+        regions: Vec<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -628,6 +632,7 @@ fn run(cli: Cli) -> Result<()> {
             name,
             role,
             ttl_secs,
+            regions,
             conn,
         } => {
             let (Some(name), Some(role)) = (name, role) else {
@@ -635,7 +640,7 @@ fn run(cli: Cli) -> Result<()> {
                     "flotilla token needs --name and --role (or: flotilla token ls | revoke NAME)"
                 );
             };
-            devices::api_token(name, role, ttl_secs, conn)?
+            devices::api_token(name, role, ttl_secs, regions, conn)?
         }
         Cmd::Why {
             device,

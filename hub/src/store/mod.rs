@@ -36,8 +36,17 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// (labels, region, zone, expires_at, used_by) of an enrollment token row.
 type TokenRow = (String, Option<String>, Option<String>, i64, Option<String>);
-/// (name, role, created_at, expires_at) of an API token.
-pub type ApiTokenRow = (String, String, u64, Option<u64>);
+/// An API token as stored (its secret never is, only its hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub name: String,
+    pub role: String,
+    pub created_at: u64,
+    /// None: until revoked.
+    pub expires_at: Option<u64>,
+    /// None: the whole fleet; Some: only devices, deployments and rollouts in these regions.
+    pub regions: Option<Vec<String>>,
+}
 /// (deployment, stable source, target source, snapshot) of a stored rollout.
 pub type RolloutRow = (String, String, String, Vec<u8>);
 /// (generation, content, signed, expires_at) of a published desired state.
@@ -163,6 +172,10 @@ impl Store {
                  ALTER TABLE api_tokens ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;",
             )?;
         }
+        // Region scopes (NULL: the whole fleet), the same way.
+        if !token_columns.iter().any(|c| c == "regions") {
+            conn.execute_batch("ALTER TABLE api_tokens ADD COLUMN regions TEXT;")?;
+        }
         // Deployments stored by hubs from before revisions were kept: their current revision is the first kept.
         conn.execute(
             "INSERT OR IGNORE INTO deployment_revisions (name, revision, source, at)
@@ -231,60 +244,56 @@ impl Store {
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
-    /// Stores an API token (only its hash). `expires_at` None: until revoked.
-    pub fn add_api_token(
-        &self,
-        token: &str,
-        name: &str,
-        role: &str,
-        created_at: u64,
-        expires_at: Option<u64>,
-    ) -> Result<()> {
+    /// Stores an API token (only its hash).
+    pub fn add_api_token(&self, token: &str, t: &ApiToken) -> Result<()> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO api_tokens (token_hash, name, role, created_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT OR REPLACE INTO api_tokens (token_hash, name, role, created_at, expires_at, regions)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 hash_token(token),
-                name,
-                role,
-                to_i64(created_at),
-                expires_at.map(to_i64)
+                t.name,
+                t.role,
+                to_i64(t.created_at),
+                t.expires_at.map(to_i64),
+                t.regions.as_ref().map(|r| r.join(","))
             ],
         )?;
         Ok(())
     }
 
-    /// (name, role, expires_at) of an API token.
-    pub fn api_token(&self, token: &str) -> Result<Option<(String, String, Option<u64>)>> {
+    fn api_token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiToken> {
+        Ok(ApiToken {
+            name: r.get(0)?,
+            role: r.get(1)?,
+            created_at: to_u64(r.get(2)?),
+            expires_at: r.get::<_, Option<i64>>(3)?.map(to_u64),
+            regions: r.get::<_, Option<String>>(4)?.map(|s| {
+                s.split(',')
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }),
+        })
+    }
+
+    /// The API token whose secret is `token`.
+    pub fn api_token(&self, token: &str) -> Result<Option<ApiToken>> {
         Ok(self
             .conn
             .query_row(
-                "SELECT name, role, expires_at FROM api_tokens WHERE token_hash = ?1",
+                "SELECT name, role, created_at, expires_at, regions FROM api_tokens WHERE token_hash = ?1",
                 [hash_token(token)],
-                |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get::<_, Option<i64>>(2)?.map(to_u64),
-                    ))
-                },
+                Self::api_token_row,
             )
             .optional()?)
     }
 
-    /// Every API token as (name, role, created_at, expires_at), by name; secrets are never stored.
-    pub fn api_tokens(&self) -> Result<Vec<ApiTokenRow>> {
+    /// Every API token, by name.
+    pub fn api_tokens(&self) -> Result<Vec<ApiToken>> {
         let mut stmt = self.conn.prepare(
-            "SELECT name, role, created_at, expires_at FROM api_tokens ORDER BY name, created_at",
+            "SELECT name, role, created_at, expires_at, regions FROM api_tokens ORDER BY name, created_at",
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                to_u64(r.get(2)?),
-                r.get::<_, Option<i64>>(3)?.map(to_u64),
-            ))
-        })?;
+        let rows = stmt.query_map([], Self::api_token_row)?;
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
