@@ -4,6 +4,7 @@
 use flotilla_fleet_tests::{AgentSpec, Fleet, FleetBuilder, PATIENCE, firmware, wait_for};
 use rumqttc::mqttbytes::v4::SubscribeReasonCode;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -891,20 +892,67 @@ fn region_scoped_tokens_see_and_act_only_in_their_regions() {
         .expect("admin sees it");
     assert_eq!(status["paused"], false, "{status}");
     // Calls that do not check regions refuse scoped tokens instead of showing the whole fleet.
-    for path in ["/api/v1/deployments", "/api/v1/releases"] {
-        forbidden(ops.get(path).expect_err(path), "limited to regions");
-    }
-    forbidden(ops.get("/api/v1/audit").expect_err("audit"), "needs Admin");
     forbidden(
+        ops.get("/api/v1/releases").expect_err("releases"),
+        "limited to regions",
+    );
+    forbidden(ops.get("/api/v1/audit").expect_err("audit"), "needs Admin");
+
+    // Deployments: only those confined to eu-west are listed, read and changed; an apply must stay within it.
+    let names = |v: Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(names(ops.get("/api/v1/deployments").expect("list")), ["eu"]);
+    assert!(ops.get("/api/v1/deployments/eu").is_ok());
+    forbidden(
+        ops.get("/api/v1/deployments/both").expect_err("status"),
+        "deployment both targets eu-west, us-east",
+    );
+    forbidden(
+        ops.get("/api/v1/deployments/both/secrets")
+            .expect_err("secrets"),
+        "us-east",
+    );
+    forbidden(
+        ops.delete("/api/v1/deployments/both").expect_err("delete"),
+        "us-east",
+    );
+    hub.push_release("mine", "1.0.0", 1, &firmware("sensor"))
+        .expect("release");
+    let apply = |spec: String| {
         ops.post(
             "/api/v1/deployments",
             "application/toml",
-            scoped_spec("eu", "\"eu-west\"", "2.0.0", true).as_bytes(),
+            spec.as_bytes(),
             &[("x-flotilla-spec-file", "spec.toml")],
         )
-        .expect_err("apply"),
-        "limited to regions",
-    );
+    };
+    for (spec, why) in [
+        (
+            scoped_spec("mine", "\"eu-west\", \"us-east\"", "1.0.0", false),
+            "targets eu-west, us-east",
+        ),
+        (
+            scoped_spec("mine", "\"eu-west\"", "1.0.0", false)
+                .replace("regions = [\"eu-west\"]\n", ""),
+            "names no target regions",
+        ),
+        // Same name as a deployment that reaches us-east: no taking it over by narrowing it.
+        (
+            scoped_spec("both", "\"eu-west\"", "1.0.0", false),
+            "deployment both targets eu-west, us-east",
+        ),
+    ] {
+        forbidden(apply(spec).expect_err(why), why);
+    }
+    apply(scoped_spec("mine", "\"eu-west\"", "1.0.0", false)).expect("an apply within eu-west");
+    hub.wait_workload("eu-1", "mine", "running")
+        .expect("placed by the scoped operator");
+    assert_eq!(hub.workload_state("us-1", "mine"), None);
 
     // The CLI obeys the same scope.
     let table = hub.cli(&["device", "ls", "--token", &token]).expect("ls");
@@ -947,7 +995,7 @@ fn region_scoped_tokens_see_and_act_only_in_their_regions() {
     );
     // Every refusal is in the audit log, with its reason.
     let audit = hub.client.get("/api/v1/audit").expect("audit");
-    let denied: Vec<&serde_json::Value> = audit
+    let denied: Vec<&Value> = audit
         .as_array()
         .into_iter()
         .flatten()

@@ -1,7 +1,7 @@
 //! Deployments: apply a spec, list, status, delete.
 
 use super::devices::state_str;
-use super::{ApiResult, ApiState, Problem, Role, ok};
+use super::{ApiResult, ApiState, Caller, Problem, Role, ok};
 use crate::hub::{Hub, HubError};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -18,13 +18,60 @@ pub(super) struct ApplyParams {
     dry_run: bool,
 }
 
+/// Whether a deployment stays within `scope`: its target names regions (placement never leaves them) and all of
+/// them are in the scope. A deployment without target regions may place anywhere, so it is outside every scope.
+fn within(target_regions: &[String], scope: &std::collections::BTreeSet<String>) -> bool {
+    !target_regions.is_empty() && target_regions.iter().all(|r| scope.contains(r))
+}
+
+/// Refuses a region-scoped caller unless deployment `name` stays within its regions (an unknown name passes: the
+/// call answers 404).
+async fn require_deployment_scope(
+    s: &ApiState,
+    caller: &Caller,
+    name: &str,
+) -> Result<(), Problem> {
+    let Some(scope) = caller.regions.clone() else {
+        return Ok(());
+    };
+    let n = name.to_owned();
+    let target = s
+        .call(move |h| h.deployments().get(&n).map(|d| d.target.regions.clone()))
+        .await?;
+    match target {
+        Some(t) if !within(&t, &scope) => {
+            Err(s.deny(&caller.name, outside(caller, name, &t)).await)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The reason a deployment with `target` regions is outside `caller`'s scope.
+fn outside(caller: &Caller, name: &str, target: &[String]) -> String {
+    let scope: Vec<String> = caller.regions.iter().flatten().cloned().collect();
+    if target.is_empty() {
+        format!(
+            "{} is limited to {}; deployment {name} names no target regions, so it may place anywhere",
+            caller.name,
+            scope.join(", ")
+        )
+    } else {
+        format!(
+            "{} is limited to {}; deployment {name} targets {}",
+            caller.name,
+            scope.join(", "),
+            target.join(", ")
+        )
+    }
+}
+
 pub(super) async fn apply(
     State(s): State<ApiState>,
     headers: HeaderMap,
     params: Result<axum::extract::Query<ApplyParams>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> ApiResult {
-    let who = s.auth(&headers, Role::Operator).await?;
+    let caller = s.auth_scoped(&headers, Role::Operator).await?;
     let axum::extract::Query(params) = params
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid query", e.body_text()))?;
     let file = headers
@@ -45,6 +92,22 @@ pub(super) async fn apply(
         .get("x-flotilla-force")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v == "true");
+    // A region-scoped operator applies only specs confined to its regions, and cannot take over a deployment
+    // that is not (same name, wider target).
+    if let Some(scope) = caller.regions.clone()
+        && let Ok(d) = crate::spec::parse(&file, &text)
+    {
+        if !within(&d.target.regions, &scope) {
+            return Err(s
+                .deny(
+                    &caller.name,
+                    outside(&caller, d.name.as_str(), &d.target.regions),
+                )
+                .await);
+        }
+        require_deployment_scope(&s, &caller, d.name.as_str()).await?;
+    }
+    let who = caller.name.clone();
     if params.dry_run {
         let plan = s
             .call(move |h| h.apply_dry_run(&file, &text, force))
@@ -104,10 +167,21 @@ pub(super) fn deployment_json(h: &Hub, name: &str) -> Result<Value, HubError> {
 }
 
 pub(super) async fn deployments(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
-    s.auth(&headers, Role::Viewer).await?;
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
     let v = s
-        .call(|h| -> Result<Value, HubError> {
-            let names: Vec<String> = h.deployments().keys().cloned().collect();
+        .call(move |h| -> Result<Value, HubError> {
+            // A region-scoped token sees the deployments confined to its regions.
+            let names: Vec<String> = h
+                .deployments()
+                .iter()
+                .filter(|(_, d)| {
+                    caller
+                        .regions
+                        .as_ref()
+                        .is_none_or(|scope| within(&d.target.regions, scope))
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
             Ok(Value::Array(
                 names
                     .iter()
@@ -124,7 +198,8 @@ pub(super) async fn deployment_status(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult {
-    s.auth(&headers, Role::Viewer).await?;
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
+    require_deployment_scope(&s, &caller, &name).await?;
     let v = s.call(move |h| deployment_json(h, &name)).await??;
     ok(v)
 }
@@ -134,7 +209,9 @@ pub(super) async fn delete_deployment(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult {
-    let who = s.auth(&headers, Role::Operator).await?;
+    let caller = s.auth_scoped(&headers, Role::Operator).await?;
+    require_deployment_scope(&s, &caller, &name).await?;
+    let who = caller.name;
     s.call(move |h| h.delete_deployment(&name, &who)).await??;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -146,7 +223,9 @@ pub(super) async fn set_secret(
     Path((deployment, name)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    let who = s.auth(&headers, Role::Operator).await?;
+    let caller = s.auth_scoped(&headers, Role::Operator).await?;
+    require_deployment_scope(&s, &caller, &deployment).await?;
+    let who = caller.name;
     let (d, n) = (deployment.clone(), name.clone());
     let version = s.call(move |h| h.set_secret(&d, &n, &body, &who)).await??;
     ok(json!({"deployment": deployment, "secret": name, "version": version}))
@@ -158,7 +237,8 @@ pub(super) async fn list_secrets(
     headers: HeaderMap,
     Path(deployment): Path<String>,
 ) -> ApiResult {
-    s.auth(&headers, Role::Viewer).await?;
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
+    require_deployment_scope(&s, &caller, &deployment).await?;
     let d = deployment.clone();
     let rows = s.call(move |h| h.list_secrets(&d)).await??;
     let secrets: Vec<Value> = rows
@@ -185,7 +265,8 @@ pub(super) async fn deployment_diff(
     Path(name): Path<String>,
     query: Result<axum::extract::Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
-    s.auth(&headers, Role::Viewer).await?;
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
+    require_deployment_scope(&s, &caller, &name).await?;
     let axum::extract::Query(q) = query.map_err(|e| {
         Problem::new(
             StatusCode::BAD_REQUEST,
