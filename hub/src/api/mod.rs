@@ -243,16 +243,21 @@ impl ApiState {
             return Ok(());
         }
         let d = id.clone();
+        // A store error refuses (fail closed) rather than passing as "unknown device".
         let region = self
             .call(move |h| {
-                h.store
-                    .with_device(&d, |row| {
-                        row.inventory.region.as_ref().map(|r| r.as_str().to_owned())
-                    })
-                    .ok()
-                    .flatten()
+                h.store.with_device(&d, |row| {
+                    row.inventory.region.as_ref().map(|r| r.as_str().to_owned())
+                })
             })
-            .await?;
+            .await?
+            .map_err(|e| {
+                Problem::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error",
+                    e.to_string(),
+                )
+            })?;
         match region {
             None => Ok(()),
             Some(r) => {
