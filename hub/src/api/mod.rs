@@ -245,11 +245,7 @@ impl ApiState {
         let d = id.clone();
         // A store error refuses (fail closed) rather than passing as "unknown device".
         let region = self
-            .call(move |h| {
-                h.store.with_device(&d, |row| {
-                    row.inventory.region.as_ref().map(|r| r.as_str().to_owned())
-                })
-            })
+            .call(move |h| h.store.device_region(&d))
             .await?
             .map_err(|e| {
                 Problem::new(

@@ -20,15 +20,8 @@ async fn require_rollout_scope(s: &ApiState, caller: &Caller, name: &str) -> Res
             Ok(r.rollout
                 .status
                 .keys()
-                .map(|d| {
-                    h.store
-                        .with_device(d, |row| {
-                            row.inventory.region.as_ref().map(|r| r.as_str().to_owned())
-                        })
-                        .ok()
-                        .flatten()
-                        .flatten()
-                })
+                // Unknown, without a region, or unreadable: outside every scope.
+                .map(|d| h.store.device_region(d).ok().flatten().flatten())
                 .collect())
         })
         .await??;

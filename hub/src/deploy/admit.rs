@@ -75,10 +75,7 @@ impl Hub {
         }
         let mut regions: BTreeMap<DeviceId, Option<String>> = BTreeMap::new();
         for id in placed {
-            let region = self
-                .store
-                .with_device(id, |r| r.inventory.region.as_ref().map(|x| x.to_string()))?
-                .flatten();
+            let region = self.store.device_region(id)?.flatten();
             regions.insert(id.clone(), region);
         }
         let wave_sizes = match &d.rollout {

@@ -138,6 +138,11 @@ impl Store {
         Ok(self.device_rows()?.contains_key(id))
     }
 
+    /// The region a device enrolled in: `None` for an unknown device, `Some(None)` for one without a region.
+    pub fn device_region(&self, id: &DeviceId) -> Result<Option<Option<String>>> {
+        self.with_device(id, |r| r.inventory.region.as_ref().map(|x| x.to_string()))
+    }
+
     /// Runs `f` on one device's row without copying it (telemetry reads the region and zone per record).
     pub fn with_device<T>(
         &self,
