@@ -481,10 +481,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
          \x20 mosquitto_sub -h {} -p {} {feed_login} -t 'flotilla/v1/feed/json/eu-west/#'   # telemetry as JSON\n\
          \x20 flotilla telemetry tail --region eu-west\n\
          \x20 flotilla telemetry query berlin-gw count --since 5m\n\
+         Console: {api}/  (log in with the admin token: cat {})\n\
          API: {api}/api/v1/openapi.json   metrics: {api}/metrics   spec: {}\n",
         token_file.display(),
         mqtt.ip(),
         mqtt_url.rsplit(':').next().unwrap_or("1883"),
+        token_file.display(),
         spec_path.display(),
         logs = args.dir.display(),
         bin = std::path::absolute(&bin_dir)?.display(),

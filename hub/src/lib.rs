@@ -7,6 +7,7 @@ pub mod artifacts;
 #[macro_use]
 pub mod cli;
 pub mod client;
+pub mod console;
 pub mod demo;
 pub mod deploy;
 pub mod embedded;

@@ -468,12 +468,14 @@ impl Hub {
         }
     }
 
-    /// Pause, resume, abort or approve the rollout of `deployment`.
+    /// Pause, resume, abort or approve the rollout of `deployment`; `remark` (an approval's reason, say) goes to
+    /// the rollout's history and the audit log with the command.
     pub fn rollout_command(
         &mut self,
         deployment: &str,
         cmd: rollout::Command,
         who: &str,
+        remark: Option<&str>,
     ) -> Result<(), HubError> {
         let r = self
             .rollouts
@@ -483,8 +485,16 @@ impl Hub {
         r.rollout
             .command(now, cmd, who)
             .map_err(|e| HubError::Conflict(e.to_string()))?;
-        self.store
-            .audit(now, who, "rollout", &format!("{deployment}: {cmd:?}"))?;
+        let detail = match remark {
+            Some(m) => {
+                r.rollout
+                    .history
+                    .push((now, format!("{cmd:?} by {who}: {m}").to_lowercase()));
+                format!("{deployment}: {cmd:?} ({m})")
+            }
+            None => format!("{deployment}: {cmd:?}"),
+        };
+        self.store.audit(now, who, "rollout", &detail)?;
         self.drive_rollouts();
         self.reconcile_fleet()
             .map_err(|e| HubError::Internal(e.to_string()))?;

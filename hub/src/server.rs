@@ -235,6 +235,9 @@ pub struct ServeOptions {
     pub history: Option<crate::telemetry::history::Retention>,
     /// The admission policy file every apply is checked against.
     pub policy: Option<PathBuf>,
+    /// Mark the console's cookies `Secure` (the hub is reached over TLS through a proxy); a proxy's
+    /// `X-Forwarded-Proto: https` does the same per request.
+    pub secure_cookies: bool,
 }
 
 impl Default for ServeOptions {
@@ -246,6 +249,7 @@ impl Default for ServeOptions {
             sparkplug: false,
             history: Some(crate::telemetry::history::Retention::default()),
             policy: None,
+            secure_cookies: false,
         }
     }
 }
@@ -377,14 +381,19 @@ pub async fn serve_with(
     )?;
     let mqtts_note = mqtts.map_or(String::new(), |a| format!("  mqtts mqtts://{a}"));
     println!(
-        "flotilla hub serving: api http://{http_addr}  mqtt mqtt://{host}:{port}{mqtts_note}  data {}",
+        "flotilla hub serving: console http://{http_addr}/  api http://{http_addr}/api/v1  mqtt mqtt://{host}:{port}{mqtts_note}  data {}",
         dir.0.display()
     );
-    let app = api::router(ApiState {
+    let state = ApiState {
         calls: calls_tx,
         broker: embedded,
         slis: hub.slis.clone(),
-    });
+    };
+    let api = api::router(state.clone());
+    // The console at `/`, beside the API it calls in-process.
+    let app = api
+        .clone()
+        .merge(crate::console::router(api, state, options.secure_cookies));
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
     tokio::select! {
         r = server => r.context("http server")?,

@@ -2,6 +2,7 @@
 
 mod access;
 mod cli;
+mod console;
 mod container_updates;
 mod containers;
 mod correctness;

@@ -122,7 +122,13 @@ pub(super) async fn apply(
 
 pub(super) fn deployment_json(h: &Hub, name: &str) -> Result<Value, HubError> {
     let placed = h.store.placements(name)?;
-    let devices = h.store.devices()?;
+    // By id, so a deployment placed on 10,000 devices is one pass, not 10,000 scans of the fleet.
+    let devices: std::collections::HashMap<flotilla_shared::DeviceId, crate::store::DeviceRow> = h
+        .store
+        .devices()?
+        .into_iter()
+        .map(|d| (d.id.clone(), d))
+        .collect();
     let dep = h
         .deployments()
         .get(name)
@@ -131,7 +137,7 @@ pub(super) fn deployment_json(h: &Hub, name: &str) -> Result<Value, HubError> {
     let mut running = 0;
     let mut rows = Vec::new();
     for id in &placed {
-        let d = devices.iter().find(|d| &d.id == id);
+        let d = devices.get(id);
         let states: Vec<Value> = names
             .iter()
             .map(|n| {
@@ -278,4 +284,27 @@ pub(super) async fn deployment_diff(
         .call(move |h| h.deployment_diff(&name, q.from, q.to))
         .await??;
     ok(serde_json::to_value(v).map_err(|e| HubError::Internal(e.to_string()))?)
+}
+
+/// `GET /api/v1/deployments/{name}/revisions/{rev}`: the spec text of a kept revision.
+pub(super) async fn deployment_revision(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path((name, rev)): Path<(String, u64)>,
+) -> ApiResult {
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
+    require_deployment_scope(&s, &caller, &name).await?;
+    let n = name.clone();
+    let spec = s
+        .call(move |h| h.store.deployment_revision(&n, rev))
+        .await?
+        .map_err(HubError::from)?
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                "not found",
+                format!("deployment {name} has no kept revision {rev}"),
+            )
+        })?;
+    ok(json!({"deployment": name, "revision": rev, "spec": spec}))
 }

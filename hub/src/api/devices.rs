@@ -35,7 +35,7 @@ fn exit_json(e: &flotilla_shared::wire::ExitCause) -> Value {
 }
 
 /// Release versions by digest, looked up once per release for a whole listing (not once per device).
-type Versions = std::collections::HashMap<flotilla_shared::Digest, Option<String>>;
+pub(super) type Versions = std::collections::HashMap<flotilla_shared::Digest, Option<String>>;
 
 /// A device as the API shows it: borrowed from the cached row and serialised straight to bytes, so listing
 /// 10,000 devices on the hub loop builds no intermediate JSON tree.
@@ -192,16 +192,102 @@ fn effective_config(h: &Hub, id: &DeviceId) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// `?limit=N&after=ID`: one page of devices in id order, after device ID.
-#[derive(Debug, serde::Deserialize)]
+/// `?limit=N&after=ID`: one page of devices in id order, after device ID; or, with filters, a sort and an offset,
+/// the page the console's device list shows. Every filter narrows; the total after filtering is in the
+/// `X-Total-Count` header.
+#[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Page {
     limit: Option<usize>,
     after: Option<String>,
+    offset: Option<usize>,
+    region: Option<String>,
+    zone: Option<String>,
+    /// `key=value`, or `key` for any value.
+    label: Option<String>,
+    /// One of [`crate::fleet::summary::STATES`].
+    state: Option<String>,
+    /// Devices whose workloads run this version.
+    version: Option<String>,
+    /// Part of the device id (case-insensitive).
+    q: Option<String>,
+    sort: Option<Sort>,
+    #[serde(default)]
+    desc: bool,
+}
+
+/// Columns the device list sorts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Sort {
+    Id,
+    Region,
+    Zone,
+    LastSeen,
+    Version,
+    State,
 }
 
 /// Largest page of devices.
 const MAX_PAGE: usize = 10_000;
+
+/// Why a device row is kept or not, and the key it sorts by, without building its JSON.
+struct Row<'a> {
+    d: &'a crate::store::DeviceRow,
+    health: crate::fleet::summary::Health,
+    version: Option<String>,
+}
+
+impl Page {
+    fn keeps(&self, r: &Row<'_>) -> bool {
+        let inv = &r.d.inventory;
+        let eq = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_none_or(|w| Some(w) == have)
+        };
+        eq(&self.region, inv.region.as_ref().map(|x| x.as_str()))
+            && eq(&self.zone, inv.zone.as_ref().map(|x| x.as_str()))
+            && self
+                .label
+                .as_deref()
+                .is_none_or(|l| match l.split_once('=') {
+                    Some((k, v)) => inv
+                        .labels
+                        .iter()
+                        .any(|(lk, lv)| lk.as_str() == k && lv.as_str() == v),
+                    None => inv.labels.iter().any(|(lk, _)| lk.as_str() == l),
+                })
+            && self
+                .state
+                .as_deref()
+                .is_none_or(|s| r.health.matches(s).unwrap_or(false))
+            && self.version.as_deref().is_none_or(|v| {
+                r.version
+                    .as_deref()
+                    .is_some_and(|have| have.split('+').any(|x| x == v))
+            })
+            && self.q.as_deref().is_none_or(|q| {
+                r.d.id
+                    .as_str()
+                    .to_ascii_lowercase()
+                    .contains(&q.to_ascii_lowercase())
+            })
+    }
+}
+
+/// State rank for sorting: failing first, then held, offline, updating, converged.
+fn state_rank(h: crate::fleet::summary::Health) -> u8 {
+    if h.failing {
+        0
+    } else if h.held {
+        1
+    } else if !h.online {
+        2
+    } else if !h.converged {
+        3
+    } else {
+        4
+    }
+}
 
 /// `GET /api/v1/devices`: every device, or with `limit` one page of them; a page that is not the last has a
 /// `Link: <...>; rel="next"` header (RFC 8288), so the body stays the same JSON array either way.
@@ -213,44 +299,113 @@ pub(super) async fn devices(
     let caller = s.auth_scoped(&headers, Role::Viewer).await?;
     let axum::extract::Query(page) =
         page.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid query", e.body_text()))?;
+    let invalid = |m: String| Problem::new(StatusCode::BAD_REQUEST, "invalid query", m);
     if page.limit.is_some_and(|l| l == 0 || l > MAX_PAGE) {
-        return Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid query",
-            format!("limit must be 1..={MAX_PAGE}"),
+        return Err(invalid(format!("limit must be 1..={MAX_PAGE}")));
+    }
+    if let Some(st) = &page.state
+        && crate::fleet::summary::Health::default()
+            .matches(st)
+            .is_none()
+    {
+        return Err(invalid(format!(
+            "state {st:?}: one of {}",
+            crate::fleet::summary::STATES
+        )));
+    }
+    if page.after.is_some()
+        && (page.offset.is_some() || page.sort.is_some_and(|s| s != Sort::Id) || page.desc)
+    {
+        return Err(invalid(
+            "after pages in id order; use offset with sort".into(),
         ));
     }
     let limit = page.limit.unwrap_or(usize::MAX);
-    let (body, next) = s
-        .call(move |h| -> Result<(Vec<u8>, Option<String>), HubError> {
-            // Borrowed rows serialised straight to bytes: this runs on the hub loop, at 10,000+ devices.
-            let mut versions = Versions::new();
-            h.store
-                .with_devices(|devs| {
-                    // A region-scoped token sees only its regions' devices.
-                    let mut rows = devs
-                        .filter(|d| caller.sees(d.inventory.region.as_ref().map(|r| r.as_str())))
-                        .skip_while(|d| page.after.as_deref().is_some_and(|a| d.id.as_str() <= a))
-                        .peekable();
-                    let mut out = Vec::new();
-                    while out.len() < limit {
-                        let Some(d) = rows.next() else { break };
-                        out.push(device_out(h, d, &mut versions));
-                    }
-                    let next = rows.peek().and(out.last().map(|d| d.id.to_owned()));
-                    serde_json::to_vec(&out)
-                        .map(|b| (b, next))
-                        .map_err(|e| HubError::Internal(e.to_string()))
-                })
-                .map_err(HubError::from)?
-        })
+    // The `next` link carries only `limit` and `after`: it is given for plain id-ordered pages only (sorted or
+    // filtered pages are addressed by offset, with the total in `X-Total-Count`).
+    let plain = page.offset.is_none()
+        && page.sort.is_none()
+        && !page.desc
+        && [
+            &page.region,
+            &page.zone,
+            &page.label,
+            &page.state,
+            &page.version,
+            &page.q,
+        ]
+        .iter()
+        .all(|f| f.is_none());
+    let page_limit = page.limit;
+    let (body, next, total) = s
+        .call(
+            move |h| -> Result<(Vec<u8>, Option<String>, usize), HubError> {
+                // Borrowed rows serialised straight to bytes: this runs on the hub loop, at 10,000+ devices.
+                let mut versions = Versions::new();
+                h.store
+                    .with_devices(|devs| {
+                        // A region-scoped token sees only its regions' devices.
+                        let mut rows: Vec<Row<'_>> = devs
+                            .filter(|d| {
+                                caller.sees(d.inventory.region.as_ref().map(|r| r.as_str()))
+                            })
+                            .map(|d| Row {
+                                d,
+                                health: super::fleet::health(h, d),
+                                version: super::fleet::version_label(
+                                    h,
+                                    d.last_report.as_ref(),
+                                    &mut versions,
+                                ),
+                            })
+                            .filter(|r| page.keeps(r))
+                            .collect();
+                        let total = rows.len();
+                        // Rows come in id order; a stable sort keeps it as the tie-break.
+                        match page.sort.unwrap_or(Sort::Id) {
+                            Sort::Id => {}
+                            Sort::Region => {
+                                rows.sort_by(|a, b| a.d.inventory.region.cmp(&b.d.inventory.region))
+                            }
+                            Sort::Zone => {
+                                rows.sort_by(|a, b| a.d.inventory.zone.cmp(&b.d.inventory.zone))
+                            }
+                            Sort::LastSeen => rows.sort_by_key(|r| r.d.last_seen),
+                            Sort::Version => rows.sort_by(|a, b| a.version.cmp(&b.version)),
+                            Sort::State => rows.sort_by_key(|r| state_rank(r.health)),
+                        }
+                        if page.desc {
+                            rows.reverse();
+                        }
+                        let mut rows = rows
+                            .into_iter()
+                            .skip_while(|r| {
+                                page.after.as_deref().is_some_and(|a| r.d.id.as_str() <= a)
+                            })
+                            .skip(page.offset.unwrap_or(0))
+                            .peekable();
+                        let mut out = Vec::new();
+                        while out.len() < limit {
+                            let Some(r) = rows.next() else { break };
+                            out.push(device_out(h, r.d, &mut versions));
+                        }
+                        let next = rows.peek().and(out.last().map(|d| d.id.to_owned()));
+                        serde_json::to_vec(&out)
+                            .map(|b| (b, next, total))
+                            .map_err(|e| HubError::Internal(e.to_string()))
+                    })
+                    .map_err(HubError::from)?
+            },
+        )
         .await??;
     let mut resp = (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,
     )
         .into_response();
-    if let (Some(after), Some(limit)) = (next, page.limit)
+    resp.headers_mut()
+        .insert("x-total-count", axum::http::HeaderValue::from(total));
+    if let (Some(after), Some(limit), true) = (next, page_limit, plain)
         && let Ok(link) = axum::http::HeaderValue::from_str(&format!(
             "</api/v1/devices?limit={limit}&after={after}>; rel=\"next\""
         ))

@@ -4,6 +4,7 @@
 
 mod deployments;
 mod devices;
+mod fleet;
 mod metrics;
 mod releases;
 mod rollouts;
@@ -16,18 +17,19 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use deployments::{
-    apply, delete_deployment, deployment_diff, deployment_status, deployments, list_secrets,
-    set_secret,
+    apply, delete_deployment, deployment_diff, deployment_revision, deployment_status, deployments,
+    list_secrets, set_secret,
 };
 use devices::{device, devices, logs, revoke, rotate_credentials, why};
 use metrics::{metrics, openapi};
 use releases::{push_release, releases, upload_artifact};
-use rollouts::{rollout_action, rollout_report, rollout_retry, rollout_status};
+use rollouts::{rollout_action, rollout_report, rollout_retry, rollout_status, rollouts};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use telemetry::{device_telemetry, tail};
 use tokens::{
     api_tokens, audit, create_api_token, create_feed_credential, enroll_token, revoke_api_token,
+    whoami,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -46,6 +48,14 @@ impl Role {
             "operator" => Some(Self::Operator),
             "admin" => Some(Self::Admin),
             _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
         }
     }
 }
@@ -202,6 +212,8 @@ impl ApiState {
         }
         Ok(Caller {
             name: t.name,
+            role,
+            expires_at: t.expires_at,
             regions: t.regions.map(|r| r.into_iter().collect()),
         })
     }
@@ -309,6 +321,8 @@ impl ApiState {
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
     pub name: String,
+    pub role: Role,
+    pub expires_at: Option<u64>,
     pub regions: Option<BTreeSet<String>>,
 }
 
@@ -336,6 +350,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/devices", get(devices))
+        .route("/api/v1/fleet/summary", get(fleet::fleet_summary))
         .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
         .route("/api/v1/telemetry/tail", get(tail))
@@ -354,6 +369,10 @@ pub fn router(state: ApiState) -> Router {
             get(deployment_status).delete(delete_deployment),
         )
         .route("/api/v1/deployments/{name}/diff", get(deployment_diff))
+        .route(
+            "/api/v1/deployments/{name}/revisions/{rev}",
+            get(deployment_revision),
+        )
         .route("/api/v1/deployments/{name}/secrets", get(list_secrets))
         .route(
             "/api/v1/deployments/{name}/secrets/{secret}",
@@ -363,7 +382,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/devices/{device}/logs/{workload}", get(logs))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/tokens", post(create_api_token).get(api_tokens))
+        .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/tokens/{name}", delete(revoke_api_token))
+        .route("/api/v1/rollouts", get(rollouts))
         .route("/api/v1/rollouts/{deployment}", get(rollout_status))
         .route("/api/v1/rollouts/{deployment}/report", get(rollout_report))
         .route("/api/v1/rollouts/{deployment}/retry", post(rollout_retry))

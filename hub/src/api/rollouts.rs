@@ -33,6 +33,60 @@ async fn require_rollout_scope(s: &ApiState, caller: &Caller, name: &str) -> Res
     .await
 }
 
+/// A rollout's phase in words (`wave 2 of 3`, `awaiting approval for wave 2`, `completed`, `aborted: ...`).
+fn phase_text(ro: &flotilla_hub_core::rollout::Rollout) -> String {
+    use flotilla_hub_core::rollout::Phase;
+    match &ro.phase {
+        Phase::Wave(w) => format!("wave {} of {}", w + 1, ro.waves.len()),
+        Phase::AwaitingApproval(w) => format!("awaiting approval for wave {}", w + 1),
+        Phase::Completed => "completed".into(),
+        Phase::Aborted { reason } => format!("aborted: {reason}"),
+    }
+}
+
+/// Seconds left of the current wave's soak, while it soaks.
+fn soak_left(ro: &flotilla_hub_core::rollout::Rollout, now: u64) -> Option<u64> {
+    use flotilla_hub_core::rollout::Phase;
+    match ro.phase {
+        Phase::Wave(_) => ro
+            .soak_start
+            .map(|t| (t + ro.plan.soak_secs).saturating_sub(now)),
+        _ => None,
+    }
+}
+
+/// `GET /api/v1/rollouts`: every rollout the caller may see (a region-scoped token: those wholly within its
+/// regions), with its phase and device counts per status.
+pub(super) async fn rollouts(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    let caller = s.auth_scoped(&headers, Role::Viewer).await?;
+    let v = s
+        .call(move |h| -> Value {
+            let now = crate::hub::unix_now();
+            h.rollouts
+                .iter()
+                .filter(|(_, r)| {
+                    r.rollout
+                        .status
+                        .keys()
+                        .all(|d| caller.sees(h.store.device_region(d).ok().flatten().flatten().as_deref()))
+                })
+                .map(|(name, r)| {
+                    let ro = &r.rollout;
+                    let mut counts = std::collections::BTreeMap::<&str, u32>::new();
+                    for st in ro.status.values() {
+                        *counts.entry(st.name()).or_default() += 1;
+                    }
+                    json!({"deployment": name, "phase": phase_text(ro), "paused": ro.paused,
+                           "finished": ro.is_finished(), "waves": ro.waves.len(), "devices": ro.status.len(),
+                           "counts": counts, "started_at": ro.started_at, "finished_at": ro.finished_at,
+                           "soak_left_secs": soak_left(ro, now)})
+                })
+                .collect()
+        })
+        .await?;
+    ok(v)
+}
+
 pub(super) async fn rollout_status(
     State(s): State<ApiState>,
     headers: HeaderMap,
@@ -44,12 +98,20 @@ pub(super) async fn rollout_status(
         .call(move |h| -> Result<Value, HubError> {
             let r = h.rollout(&name)?;
             let ro = &r.rollout;
-            let phase = match &ro.phase {
-                flotilla_hub_core::rollout::Phase::Wave(w) => format!("wave {} of {}", w + 1, ro.waves.len()),
-                flotilla_hub_core::rollout::Phase::AwaitingApproval(w) => format!("awaiting approval for wave {}", w + 1),
-                flotilla_hub_core::rollout::Phase::Completed => "completed".into(),
-                flotilla_hub_core::rollout::Phase::Aborted { reason } => format!("aborted: {reason}"),
+            let phase = phase_text(ro);
+            let now = crate::hub::unix_now();
+            let current_wave = match ro.phase {
+                flotilla_hub_core::rollout::Phase::Wave(w) | flotilla_hub_core::rollout::Phase::AwaitingApproval(w) => Some(w + 1),
+                _ => None,
             };
+            // Regions of the rollout with a maintenance window, and whether it is open now (for the device's own
+            // clock where a window follows it, the hub's otherwise).
+            let windows: Vec<Value> = ro
+                .plan
+                .windows
+                .iter()
+                .map(|(region, w)| json!({"region": region, "open": w.contains(now, None)}))
+                .collect();
             // The target's releases, to read each device's staging progress from its last report.
             let target: Vec<flotilla_shared::Digest> = h
                 .deployments
@@ -105,6 +167,9 @@ pub(super) async fn rollout_status(
                 .map(|(d, st)| json!({"device": d.as_str(), "status": st.name(), "detail": st.detail()}))
                 .collect();
             Ok(json!({"deployment": name, "phase": phase, "paused": ro.paused, "finished": ro.is_finished(),
+                      "current_wave": current_wave, "soak_secs": ro.plan.soak_secs, "soak_left_secs": soak_left(ro, now),
+                      "manual_approval": ro.plan.manual_approval, "windows": windows,
+                      "max_failure_ratio": ro.plan.max_failure_ratio,
                       "on_new": ro.on_new.iter().map(|d| d.as_str()).collect::<Vec<_>>(), "waves": waves,
                       "left_out": left_out, "history": history}))
         })
@@ -112,10 +177,13 @@ pub(super) async fn rollout_status(
     ok(v)
 }
 
+/// `POST /api/v1/rollouts/{deployment}/{pause|resume|abort|approve}`, with an optional body
+/// `{"remark": "..."}` recorded in the rollout's history and the audit log.
 pub(super) async fn rollout_action(
     State(s): State<ApiState>,
     headers: HeaderMap,
     Path((name, action)): Path<(String, String)>,
+    body: Bytes,
 ) -> ApiResult {
     use flotilla_hub_core::rollout::Command;
     let caller = s.auth_scoped(&headers, Role::Operator).await?;
@@ -132,9 +200,24 @@ pub(super) async fn rollout_action(
             ));
         }
     };
+    let bad = |m: String| Problem::new(StatusCode::BAD_REQUEST, "bad request", m);
+    let remark = if body.is_empty() {
+        None
+    } else {
+        let v: Value = serde_json::from_slice(&body).map_err(|e| bad(format!("body: {e}")))?;
+        match v.get("remark") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(m))
+                if m.chars().count() <= 500 && !m.chars().any(char::is_control) =>
+            {
+                (!m.trim().is_empty()).then(|| m.trim().to_owned())
+            }
+            Some(_) => return Err(bad("remark: a line of at most 500 characters".into())),
+        }
+    };
     require_rollout_scope(&s, &caller, &name).await?;
     let who = caller.name;
-    s.call(move |h| h.rollout_command(&name, cmd, &who))
+    s.call(move |h| h.rollout_command(&name, cmd, &who, remark.as_deref()))
         .await??;
     ok(json!({"ok": true}))
 }

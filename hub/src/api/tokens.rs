@@ -246,10 +246,38 @@ pub(super) async fn revoke_api_token(
     ok(json!({"revoked": revoked}))
 }
 
-pub(super) async fn audit(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+/// `GET /api/v1/audit?who=&action=&q=&limit=`: the newest entries first (denied attempts have action `denied`).
+pub(super) async fn audit(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<std::collections::BTreeMap<String, String>>,
+) -> ApiResult {
     s.auth(&headers, Role::Admin).await?;
+    let bad = |m: String| Problem::new(StatusCode::BAD_REQUEST, "invalid query", m);
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["who", "action", "q", "limit"].contains(&k.as_str()))
+    {
+        return Err(bad(format!(
+            "unknown parameter {k:?} (who, action, q, limit)"
+        )));
+    }
+    let limit = match q.get("limit") {
+        None => 200,
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| bad("limit: 1..10000".into()))?,
+    };
+    let nonempty = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
+    let filter = crate::store::AuditFilter {
+        who: nonempty("who"),
+        action: nonempty("action"),
+        text: nonempty("q"),
+    };
     let rows = s
-        .call(|h| h.store.audit_log(200))
+        .call(move |h| h.store.audit_log(limit, &filter))
         .await?
         .map_err(HubError::from)?;
     ok(Value::Array(
@@ -282,4 +310,13 @@ pub(super) async fn create_feed_credential(
         Json(json!({"username": c.username, "password": c.password, "client_id": c.client_id})),
     )
         .into_response())
+}
+
+/// `GET /api/v1/whoami`: the calling token's name, role, expiry and regions (the console's log-in checks a token
+/// with it; the CLI shows it).
+pub(super) async fn whoami(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    let c = s.auth_scoped(&headers, Role::Viewer).await?;
+    ok(
+        json!({"name": c.name, "role": c.role.as_str(), "expires_at": c.expires_at, "regions": c.regions}),
+    )
 }

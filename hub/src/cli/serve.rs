@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// edit keeps the previous policy). See the README, "Admission policy".
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// Mark the console's session cookies `Secure`: set this when operators reach the hub over HTTPS through a
+    /// proxy (a proxy's `X-Forwarded-Proto: https` also sets it per request).
+    #[arg(long)]
+    pub secure_cookies: bool,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -89,6 +93,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         telemetry_history_mib,
         telemetry_history_total_mib,
         policy,
+        secure_cookies,
     } = args;
     let choice = match broker {
         Some(url) => {
@@ -138,6 +143,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             max_bytes_total: telemetry_history_total_mib.saturating_mul(1 << 20),
         }),
         policy,
+        secure_cookies,
     };
     rt.block_on(server::serve_with(DataDir(data_dir), http, choice, options))?;
 

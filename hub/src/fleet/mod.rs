@@ -6,6 +6,7 @@ pub mod enroll;
 pub mod logs;
 pub mod reports;
 pub mod revoke;
+pub mod summary;
 
 use crate::store::DeviceRow;
 use flotilla_hub_core::DeviceView;

@@ -120,6 +120,14 @@ pub enum TokenError {
 }
 
 /// The hub database plus blob directory.
+/// Filters of the audit log (`GET /api/v1/audit?who=&action=&q=`).
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub who: Option<String>,
+    pub action: Option<String>,
+    pub text: Option<String>,
+}
+
 #[derive(Debug)]
 pub struct Store {
     pub(super) conn: Connection,
@@ -234,11 +242,20 @@ impl Store {
         Ok(())
     }
 
-    pub fn audit_log(&self, limit: u32) -> Result<Vec<(u64, String, String, String)>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT at, who, action, detail FROM audit ORDER BY id DESC LIMIT ?1")?;
-        let rows = stmt.query_map([limit], |r| {
+    /// The newest `limit` audit entries that match `f` (each filter narrows; `text` is a case-insensitive
+    /// substring of the detail).
+    pub fn audit_log(
+        &self,
+        limit: u32,
+        f: &AuditFilter,
+    ) -> Result<Vec<(u64, String, String, String)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT at, who, action, detail FROM audit \
+             WHERE (?2 IS NULL OR who = ?2) AND (?3 IS NULL OR action = ?3) \
+               AND (?4 IS NULL OR instr(lower(detail), lower(?4)) > 0) \
+             ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit, f.who, f.action, f.text], |r| {
             Ok((to_u64(r.get(0)?), r.get(1)?, r.get(2)?, r.get(3)?))
         })?;
         Ok(rows.collect::<std::result::Result<_, _>>()?)

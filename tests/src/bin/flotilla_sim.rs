@@ -9,7 +9,9 @@
 //! [--mosquitto] [--source-addresses K] [--api-probe]`
 //!
 //! `--api-probe` also times `GET /api/v1/devices/{id}` and `GET /api/v1/devices` from another thread during the
-//! apply. `--telemetry SECS` measures telemetry ingest instead: three hubs in turn (raw feed only; JSON feed and
+//! apply. `--console-probe` times the console's pages (logged in as the admin: the overview, a filtered and sorted
+//! page of the device list, a device) and its overview event stream (time to the first event, longest silence)
+//! from other threads during the apply. `--telemetry SECS` measures telemetry ingest instead: three hubs in turn (raw feed only; JSON feed and
 //! history, the default; JSON feed, history and Sparkplug B), each with N devices sending one record a second for
 //! SECS seconds, and prints records accepted and stored per second, drops, and hub+broker CPU and RSS.
 
@@ -133,18 +135,101 @@ fn guard_main(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Page latencies by page, from the console probe's page thread.
+type PageTimes = Vec<(&'static str, Vec<f64>)>;
+
+/// `--console-probe`: logs in to the console as the admin, then times its pages every 100 ms from one thread and
+/// reads its overview event stream on another (time to the first event, number of events, longest silence
+/// between events), until `stop`.
+#[allow(clippy::type_complexity)]
+fn console_probe(
+    client: &flotilla_hub::client::Client,
+    n: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(
+    std::thread::JoinHandle<PageTimes>,
+    std::thread::JoinHandle<(f64, f64, usize)>,
+)> {
+    use flotilla_fleet_tests::browser::{console_login, request};
+    use std::io::{BufRead, BufReader, Write};
+    let base = client.server.clone();
+    let cookie = console_login(&base, &client.token)?;
+    let (b, c, st) = (base.clone(), cookie.clone(), stop.clone());
+    let pages = std::thread::spawn(move || {
+        let mut out: PageTimes = vec![
+            ("overview /", vec![]),
+            ("devices ?state=online&sort=state&page=N (50 rows)", vec![]),
+            ("device /devices/{id}", vec![]),
+        ];
+        let mut k = 0usize;
+        while !st.load(Ordering::Relaxed) {
+            let page = (k * 31) % (n / 50).max(1);
+            let paths = [
+                "/".to_owned(),
+                format!("/devices?state=online&sort=state&page={page}"),
+                format!("/devices/sim-{:05}", (k * 7_919) % n),
+            ];
+            for (i, path) in paths.iter().enumerate() {
+                let t = Instant::now();
+                if request(&b, "GET", path, Some(&c), "").is_ok_and(|r| r.status == 200) {
+                    out[i].1.push(t.elapsed().as_secs_f64());
+                }
+            }
+            k += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        out
+    });
+    let events = std::thread::spawn(move || -> (f64, f64, usize) {
+        let host = base.trim_start_matches("http://").to_owned();
+        let Ok(mut s) = std::net::TcpStream::connect(&host) else {
+            return (f64::NAN, f64::NAN, 0);
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let _ = write!(
+            s,
+            "GET /events/overview HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\nAccept: text/event-stream\r\n\r\n"
+        );
+        let started = Instant::now();
+        let (mut first, mut last, mut longest, mut count) = (f64::NAN, started, 0.0f64, 0usize);
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while !stop.load(Ordering::Relaxed) {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) => break,
+                Ok(_) if line.starts_with("event:") => {
+                    let now = Instant::now();
+                    if count == 0 {
+                        first = now.duration_since(started).as_secs_f64();
+                    } else {
+                        longest = longest.max(now.duration_since(last).as_secs_f64());
+                    }
+                    last = now;
+                    count += 1;
+                }
+                // Data lines, blank lines, keep-alives, read timeouts: keep reading.
+                _ => {}
+            }
+        }
+        (first, longest, count)
+    });
+    Ok((pages, events))
+}
+
 /// `--help` text.
 const USAGE: &str = "
 flotilla-sim: scale simulator. A hub (embedded broker, or Mosquitto) and N simulated agents in this process;
 applies a deployment to every device and measures apply -> running (p50, p99, max), hub+broker RSS and CPU.
 
-Usage: flotilla-sim [DEVICES] [--mosquitto] [--source-addresses K] [--api-probe]
+Usage: flotilla-sim [DEVICES] [--mosquitto] [--source-addresses K] [--api-probe] [--console-probe]
        flotilla-sim [DEVICES] --telemetry SECS
 
   DEVICES                 simulated devices (default 1000)
   --mosquitto             the hub uses an external Mosquitto started here instead of its embedded broker
   --source-addresses K    spread the devices' connections over K loopback source addresses
   --api-probe             time device API calls (one device, a page, the whole list) from another thread during the apply
+  --console-probe         time the console's pages and its overview event stream from other threads during the apply
   --telemetry SECS        measure telemetry ingest (one record per device per second for SECS seconds) with the raw
                           feed only, with the JSON feed and history (default hub), and with Sparkplug B too
   -h, --help              this text
@@ -472,6 +557,10 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
             (one, list, paged)
         })
     });
+    let console = std::env::args()
+        .any(|a| a == "--console-probe")
+        .then(|| console_probe(&client, n, stop_probe.clone()))
+        .transpose()?;
     sim.arm();
     let apply_at = Instant::now();
     client.post(
@@ -551,6 +640,31 @@ fn run(n: usize, hub_dir: &std::path::Path, hub_pid: u32, broker_pid: Option<u32
                 pct(v, 0.5) * 1e3,
                 pct(v, 0.95) * 1e3,
                 pct(v, 1.0) * 1e3
+            );
+        }
+    }
+    if let Some((pages, events)) = console {
+        if let Ok(mut pages) = pages.join() {
+            for (what, v) in &mut pages {
+                v.sort_by(f64::total_cmp);
+                if v.is_empty() {
+                    println!("during the apply, console {what}: no answer");
+                    continue;
+                }
+                println!(
+                    "during the apply, console {what}: n={} p50 {:.1} ms  p95 {:.1} ms  max {:.1} ms",
+                    v.len(),
+                    pct(v, 0.5) * 1e3,
+                    pct(v, 0.95) * 1e3,
+                    pct(v, 1.0) * 1e3
+                );
+            }
+        }
+        if let Ok((first, gaps, count)) = events.join() {
+            println!(
+                "during the apply, console overview stream: first event after {:.1} ms, {count} events, longest silence {:.2} s",
+                first * 1e3,
+                gaps
             );
         }
     }
