@@ -80,6 +80,8 @@ pub struct Hub {
     pub slis: crate::slis::Slis,
     /// Desired states published and not yet acknowledged or running (reconcile lag, start time).
     pub(crate) inflight: crate::slis::InFlight,
+    /// Each device's recent reports, summarised (the console's device page).
+    pub(crate) recent_reports: crate::fleet::recent::RecentReports,
     /// The MQTT credential registry the embedded broker authenticates against (shared with it).
     pub access: crate::access::Credentials,
     /// SHA-256 of the broker CA's certificate, appended to enrollment tokens (`fet_<secret>.<sha256>`) so a fresh
@@ -173,6 +175,7 @@ impl Hub {
             pending_logs: Default::default(),
             slis: Default::default(),
             inflight: Default::default(),
+            recent_reports: Default::default(),
         })
     }
 

@@ -313,6 +313,25 @@ fn console_shows_the_fleet_and_drives_a_live_rollout() {
             "no actions on a finished rollout"
         );
 
+        // The device list filtered by region (as the map's links do), and a device's page.
+        c.goto(&format!("{base}/devices?region=eu-west"))
+            .await
+            .expect("devices");
+        let list = text(&c, "table.devices tbody").await.unwrap_or_default();
+        assert!(
+            list.contains("eu-1") && list.contains("eu-2") && !list.contains("us-1"),
+            "{list}"
+        );
+        c.goto(&format!("{base}/devices/eu-1"))
+            .await
+            .expect("device");
+        let why = text(&c, "table.workloads td.why").await.unwrap_or_default();
+        assert!(!why.is_empty(), "the why sentence of the workload");
+        let reports = text(&c, "table.reports").await.unwrap_or_default();
+        assert!(reports.contains("running"), "recent reports: {reports}");
+        let shot = screenshot(&c, "device").await.expect("screenshot");
+        eprintln!("screenshot: {}", shot.display());
+
         // Log out: the session ends, in the browser and for anyone replaying its cookie.
         let cookie = session_cookie(&c).await;
         c.find(Locator::Css("form[action=\"/logout\"] button"))

@@ -10,7 +10,7 @@ use flotilla_shared::wire::WorkloadState;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
-pub(super) fn state_str(s: WorkloadState) -> &'static str {
+pub(crate) fn state_str(s: WorkloadState) -> &'static str {
     match s {
         WorkloadState::Downloading => "downloading",
         WorkloadState::Loading => "loading",
@@ -65,6 +65,9 @@ pub(super) struct DeviceOut<'a> {
     /// by region, zone, labels or device applied).
     #[serde(skip_serializing_if = "Option::is_none")]
     effective_config: Option<BTreeMap<String, String>>,
+    /// On `GET /api/v1/devices/{id}` only: its recent reports, summarised, newest first (since the hub started).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recent_reports: Option<Vec<crate::fleet::recent::ReportLine>>,
 }
 
 #[derive(serde::Serialize)]
@@ -169,6 +172,7 @@ pub(super) fn device_out<'a>(
         revoked: h.access.is_revoked(&d.id),
         workloads,
         effective_config: None,
+        recent_reports: None,
     }
 }
 
@@ -430,6 +434,7 @@ pub(super) async fn device(
                 .with_device(&id, |d| {
                     let mut out = device_out(h, d, &mut versions);
                     out.effective_config = Some(effective_config(h, &id));
+                    out.recent_reports = Some(h.recent_reports.of(&id));
                     serde_json::to_value(out).unwrap_or(Value::Null)
                 })?
                 .ok_or_else(|| HubError::NotFound(format!("no device {id}")))

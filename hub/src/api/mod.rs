@@ -11,6 +11,8 @@ mod rollouts;
 mod telemetry;
 mod tokens;
 
+pub(crate) use devices::state_str as state_name;
+
 use crate::hub::{Call, Hub, HubError};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};

@@ -279,6 +279,7 @@ pub fn router(api: Router, state: ApiState, secure_cookies: bool) -> Router {
         .route("/devices", get(devices))
         .route("/devices/{id}", get(device))
         .route("/releases", get(releases))
+        .route("/releases/{digest}", get(release))
         .route("/deployments", get(deployments).post(apply))
         .route("/deployments/{name}", get(deployment))
         .route("/rollouts", get(rollouts))
@@ -681,6 +682,42 @@ async fn releases(State(c): State<Console>, headers: HeaderMap) -> Page {
     let op = c.op(&headers)?;
     let rows: Vec<model::Release> = c.get(&op, "/api/v1/releases").await?;
     ok_page(views::releases(&op.frame(), &rows))
+}
+
+async fn release(State(c): State<Console>, headers: HeaderMap, Path(digest): Path<String>) -> Page {
+    let op = c.op(&headers)?;
+    let rows: Vec<model::Release> = c.get(&op, "/api/v1/releases").await?;
+    let Some(r) = rows.into_iter().find(|r| r.digest == digest) else {
+        return Err(page_response(
+            StatusCode::NOT_FOUND,
+            views::problem(
+                &op.frame(),
+                "/releases",
+                404,
+                &format!("no release {digest}"),
+            ),
+        ));
+    };
+    // Devices running its version, counted by the API's filter (within the caller's regions).
+    let uri = format!(
+        "/api/v1/devices?version={}&limit=1",
+        views::urlencode(&r.version)
+    );
+    let reply = c.api(&op.s.token, Method::GET, &uri, None, &[]).await;
+    let running_on = reply
+        .status
+        .is_success()
+        .then(|| {
+            reply
+                .headers
+                .get("x-total-count")?
+                .to_str()
+                .ok()?
+                .parse()
+                .ok()
+        })
+        .flatten();
+    ok_page(views::release(&op.frame(), &r, running_on))
 }
 
 async fn deployments(State(c): State<Console>, headers: HeaderMap) -> Page {

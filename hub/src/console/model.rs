@@ -100,6 +100,18 @@ pub struct Device {
     pub revoked: bool,
     pub workloads: Vec<Workload>,
     pub effective_config: Option<BTreeMap<String, String>>,
+    pub recent_reports: Vec<ReportLine>,
+}
+
+/// A device's report, summarised by the hub.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ReportLine {
+    pub at: u64,
+    pub last_at: u64,
+    pub reports: u32,
+    pub applied_generation: u64,
+    pub summary: String,
 }
 
 /// A telemetry stream of a device, with its downsampled recent values when the history has them.

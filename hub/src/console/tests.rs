@@ -155,6 +155,22 @@ fn device() -> Device {
             ]
             .into(),
         ),
+        recent_reports: vec![
+            ReportLine {
+                at: NOW - 30,
+                last_at: NOW - 12,
+                reports: 4,
+                applied_generation: 7,
+                summary: "1 of 2 running; uplink backing-off".into(),
+            },
+            ReportLine {
+                at: NOW - 300,
+                last_at: NOW - 300,
+                reports: 1,
+                applied_generation: 6,
+                summary: "2 of 2 running".into(),
+            },
+        ],
         ..Device::default()
     }
 }
@@ -370,7 +386,11 @@ fn pages() -> Vec<(&'static str, String)> {
         ),
         (
             "releases",
-            views::releases(&viewer, &[release]).into_string(),
+            views::releases(&viewer, std::slice::from_ref(&release)).into_string(),
+        ),
+        (
+            "release",
+            views::release(&viewer, &release, Some(12)).into_string(),
         ),
         (
             "deployments-refused",
@@ -449,6 +469,7 @@ fn snapshot(name: &str) -> ExpectFile {
         "devices" => expect_file!["snapshots/devices.html"],
         "device" => expect_file!["snapshots/device.html"],
         "releases" => expect_file!["snapshots/releases.html"],
+        "release" => expect_file!["snapshots/release.html"],
         "deployments-refused" => expect_file!["snapshots/deployments-refused.html"],
         "deployment-diff" => expect_file!["snapshots/deployment-diff.html"],
         "rollouts" => expect_file!["snapshots/rollouts.html"],

@@ -541,6 +541,17 @@ pub fn device(
             h3 { "Not running here" }
             ul.why { @for (n, t) in not_running { li { strong { (n) } ": " (t) } } }
         }
+        h2 { "Recent reports" }
+        @if d.recent_reports.is_empty() { p.quiet { "None since the hub started." } }
+        table.reports {
+            @for r in &d.recent_reports {
+                tr {
+                    td { (when(r.at)) @if r.reports > 1 { " … " (when(r.last_at)) " (" (r.reports) " reports)" } }
+                    td { "generation " (r.applied_generation) }
+                    td { (r.summary) }
+                }
+            }
+        }
         h2 { "Telemetry" }
         @if streams.is_empty() { p.quiet { "No telemetry from this device yet." } }
         @for s in streams {
@@ -612,7 +623,7 @@ pub fn releases(f: &Frame<'_>, rows: &[Release]) -> Markup {
             tbody {
                 @for r in rows {
                     tr {
-                        td { (r.name) } td { (r.version) } td { (r.epoch) } td { (r.size) " B" }
+                        td { a href=(format!("/releases/{}", urlencode(&r.digest))) { (r.name) } } td { (r.version) } td { (r.epoch) } td { (r.size) " B" }
                         td { @if r.precompiled.is_empty() { "—" } @else { (r.precompiled.join(", ")) } }
                         td { code title=(r.digest) { (r.digest.get(..12).unwrap_or(&r.digest)) } }
                         td { (when(r.created_at)) }
@@ -623,6 +634,32 @@ pub fn releases(f: &Frame<'_>, rows: &[Release]) -> Markup {
         @if rows.is_empty() { p.quiet { "No releases yet (" code { "flotilla release push" } ")." } }
     };
     page(f, "/releases", "Releases", None, body)
+}
+
+/// One release: what the devices verify before they run it.
+pub fn release(f: &Frame<'_>, r: &Release, running_on: Option<usize>) -> Markup {
+    let body = html! {
+        dl {
+            dt { "Name" } dd { (r.name) }
+            dt { "Version" } dd { (r.version) }
+            dt { "Epoch" } dd { (r.epoch) " (devices refuse releases below the highest epoch they have run)" }
+            dt { "Release digest" } dd { code { (r.digest) } }
+            dt { "Artifact digest" } dd { code { (r.artifact) } }
+            dt { "Artifact size" } dd { (r.size) " bytes" }
+            dt { "Precompiled for" } dd { @if r.precompiled.is_empty() { "— (devices compile the module themselves)" } @else { (r.precompiled.join(", ")) } }
+            dt { "Pushed" } dd { (when(r.created_at)) }
+            @if let Some(n) = running_on {
+                dt { "Running on" } dd { a href=(format!("/devices?version={}", urlencode(&r.version))) { (n) " devices run version " (r.version) } }
+            }
+        }
+    };
+    page(
+        f,
+        "/releases",
+        &format!("Release {} {}", r.name, r.version),
+        None,
+        body,
+    )
 }
 
 /// What an apply from the console did: the revision, or the API's refusal (shown inline, as the CLI shows it).

@@ -4,6 +4,7 @@
 pub mod credentials;
 pub mod enroll;
 pub mod logs;
+pub mod recent;
 pub mod reports;
 pub mod revoke;
 pub mod summary;

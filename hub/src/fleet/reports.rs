@@ -55,6 +55,7 @@ impl Hub {
             return Err(e.to_string());
         }
         self.metrics.reports_accepted += 1;
+        self.recent_reports.record(device, &report, now);
         self.inflight.reported(
             &self.slis,
             device,
