@@ -57,6 +57,50 @@ struct RawConfig {
     hold_file: Option<PathBuf>,
     #[serde(default)]
     container: RawContainer,
+    /// Firmware updates through the built-in A/B backend (absent: this device takes no firmware updates).
+    firmware: Option<RawFirmware>,
+}
+
+/// `[firmware]`: two slots (block devices or files) and U-Boot's environment, as RAUC's U-Boot backend uses it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFirmware {
+    slot_a: PathBuf,
+    slot_b: PathBuf,
+    /// `fw_env.config` for `fw_printenv`/`fw_setenv` (default: theirs, `/etc/fw_env.config`).
+    fw_env_config: Option<PathBuf>,
+    /// Where the booted slot is named (`rauc.slot=A` on the kernel command line).
+    #[serde(default = "default_cmdline")]
+    cmdline: PathBuf,
+    /// How long a new system has to come up healthy before its slot is marked bad.
+    #[serde(default = "default_confirm_secs")]
+    confirm_secs: u64,
+    /// Run to reboot (argv).
+    #[serde(default = "default_reboot")]
+    reboot_command: Vec<String>,
+}
+
+fn default_cmdline() -> PathBuf {
+    PathBuf::from("/proc/cmdline")
+}
+
+fn default_confirm_secs() -> u64 {
+    300
+}
+
+fn default_reboot() -> Vec<String> {
+    vec!["systemctl".into(), "reboot".into()]
+}
+
+/// The firmware backend's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareConfig {
+    /// Slot name (`A`, `B`) to its device or file.
+    pub slots: BTreeMap<String, PathBuf>,
+    pub fw_env_config: Option<PathBuf>,
+    pub cmdline: PathBuf,
+    pub confirm_secs: u64,
+    pub reboot_command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,6 +261,7 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub hold_file: Option<PathBuf>,
     pub container: ContainerConfig,
+    pub firmware: Option<FirmwareConfig>,
 }
 
 /// Command-line and environment overrides for the common settings.
@@ -425,6 +470,30 @@ impl Config {
             metrics_listen: raw.metrics_listen,
             hold_file: raw.hold_file,
             container,
+            firmware: match raw.firmware {
+                None => None,
+                Some(f) => {
+                    if f.slot_a == f.slot_b {
+                        return Err(invalid(
+                            "firmware.slot_b",
+                            "must differ from firmware.slot_a".into(),
+                        ));
+                    }
+                    if f.reboot_command.is_empty() {
+                        return Err(invalid(
+                            "firmware.reboot_command",
+                            "must name a program".into(),
+                        ));
+                    }
+                    Some(FirmwareConfig {
+                        slots: [("A".to_owned(), f.slot_a), ("B".to_owned(), f.slot_b)].into(),
+                        fw_env_config: f.fw_env_config,
+                        cmdline: f.cmdline,
+                        confirm_secs: f.confirm_secs.max(10),
+                        reboot_command: f.reboot_command,
+                    })
+                }
+            },
         })
     }
 }

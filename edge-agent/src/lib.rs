@@ -8,6 +8,7 @@ pub mod desired;
 pub mod disk;
 pub mod enroll;
 pub mod fetch;
+pub mod firmware;
 pub mod gc;
 pub mod holds;
 pub mod inventory;

@@ -35,6 +35,107 @@ struct Cli {
     /// `json` (one object per line, for journald) or `text`.
     #[arg(long, env = "FLOTILLA_LOG_FORMAT", default_value = "json")]
     log_format: String,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Firmware through the `[firmware]` A/B backend of agent.toml, by hand (the same steps the agent takes).
+    #[command(subcommand)]
+    Firmware(FirmwareCmd),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum FirmwareCmd {
+    /// The booted slot, the boot variables and any update in flight.
+    Status,
+    /// Writes IMAGE to the slot that is not running, reads it back, activates it; `--reboot` then reboots.
+    Install {
+        image: PathBuf,
+        #[arg(long)]
+        sha256: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        reboot: bool,
+    },
+    /// After a boot: what the update in flight became (confirm it, rolled back, abandoned).
+    AfterBoot,
+    /// The booted system is healthy: keep booting it.
+    MarkGood,
+    /// The booted system is not: never boot it again.
+    MarkBad,
+}
+
+/// `flotilla-agent firmware ...`: exit 0 on success, 1 with the typed reason, 78 without a `[firmware]` section.
+fn firmware(cli: &Cli, cmd: &FirmwareCmd) -> ExitCode {
+    use flotilla_agent::firmware::AbBackend;
+    let overrides = Overrides {
+        data_dir: cli.data_dir.clone(),
+        ..Overrides::default()
+    };
+    let cfg = match Config::load(&cli.config, &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(fw) = cfg.firmware.clone() else {
+        eprintln!("{}: no [firmware] section", cli.config.display());
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let b = AbBackend::new(fw, &cfg.data_dir);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let r: Result<String, flotilla_agent::firmware::FirmwareError> = match cmd {
+        FirmwareCmd::Status => (|| {
+            let env = b.env()?;
+            Ok(format!(
+                "booted {}
+boot order {}
+{}pending {:?}",
+                b.booted()?,
+                env.order.join(" "),
+                env.left
+                    .iter()
+                    .map(|(s, n)| format!("slot {s}: {n} attempts left\n"))
+                    .collect::<String>(),
+                b.pending()?
+            ))
+        })(),
+        FirmwareCmd::Install {
+            image,
+            sha256,
+            version,
+            reboot,
+        } => b.install(image, sha256, version).and_then(|(from, to)| {
+            if *reboot {
+                b.reboot(now)?;
+            }
+            Ok(format!(
+                "installed {version} into slot {to} (running {from}); boots next"
+            ))
+        }),
+        FirmwareCmd::AfterBoot => b.after_boot(now).map(|o| match o {
+            None => "nothing pending".into(),
+            Some((p, outcome)) => format!("{} -> {}: {outcome:?}", p.from, p.to),
+        }),
+        FirmwareCmd::MarkGood => b.mark_good().map(|s| format!("slot {s} marked good")),
+        FirmwareCmd::MarkBad => b.mark_bad().map(|s| format!("slot {s} marked bad")),
+    };
+    match r {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 enum Failure {
@@ -44,6 +145,9 @@ enum Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::Firmware(cmd)) = &cli.command {
+        return firmware(&cli, cmd);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only on a terminal: logs that go to journald or a file must not carry ANSI codes.

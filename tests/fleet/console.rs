@@ -143,6 +143,45 @@ fn console_shows_the_fleet_and_drives_a_live_rollout() {
         let shot = screenshot(&c, "fleet-overview").await.expect("screenshot");
         eprintln!("screenshot: {}", shot.display());
 
+        // A spec with a mistake: the API's refusal shown inline, the text kept for fixing.
+        c.goto(&format!("{base}/deployments"))
+            .await
+            .expect("deployments");
+        let broken = spec("sensor", both, "2.0.0", "").replace("tick_ms", "tick_msec");
+        c.find(Locator::Css("textarea[name=spec]"))
+            .await
+            .expect("spec box")
+            .send_keys(&broken)
+            .await
+            .expect("type");
+        c.find(Locator::Css("form.apply button[type=submit]"))
+            .await
+            .expect("apply")
+            .click()
+            .await
+            .expect("click");
+        let refusal = until("the refusal", PATIENCE, || async {
+            text(&c, "pre.error").await
+        })
+        .await
+        .expect("refused");
+        assert!(
+            refusal.contains("tick_msec"),
+            "the refusal names the field: {refusal}"
+        );
+        let kept = c
+            .find(Locator::Css("textarea[name=spec]"))
+            .await
+            .expect("box")
+            .prop("value")
+            .await
+            .expect("value");
+        assert_eq!(
+            kept.as_deref(),
+            Some(broken.as_str()),
+            "the spec is kept for fixing"
+        );
+
         // Start a rollout from the console: paste the spec, apply.
         c.goto(&format!("{base}/deployments"))
             .await
@@ -480,6 +519,41 @@ fn console_enforces_roles_regions_and_csrf() {
             "a rollout reaching us-east cannot be commanded from eu-west"
         );
         assert!(!paused("both"));
+
+        // With JavaScript off, the same operator's buttons are plain forms that work.
+        let nojs = driver
+            .session_with(false)
+            .await
+            .expect("browser without JavaScript");
+        log_in(&nojs, &base, &ops_eu)
+            .await
+            .expect("log in without JavaScript");
+        nojs.goto(&format!("{base}/rollouts/eu"))
+            .await
+            .expect("rollout");
+        nojs.find(Locator::Css("button.btn-pause"))
+            .await
+            .expect("pause")
+            .click()
+            .await
+            .expect("click");
+        until("paused without JavaScript", PATIENCE, || async {
+            paused("eu").then_some(())
+        })
+        .await
+        .expect("paused");
+        nojs.find(Locator::Css("button.btn-resume"))
+            .await
+            .expect("resume")
+            .click()
+            .await
+            .expect("click");
+        until("resumed without JavaScript", PATIENCE, || async {
+            (!paused("eu")).then_some(())
+        })
+        .await
+        .expect("resumed");
+        nojs.close().await.expect("close");
 
         // CSRF: the operator's own session, without the token, is refused; with it, the same POST works.
         let cookie = session_cookie(&o).await;

@@ -8,6 +8,7 @@ mod containers;
 mod correctness;
 mod crash;
 mod e2e;
+mod firmware;
 mod lifecycle;
 mod mosquitto;
 mod offline;

@@ -56,6 +56,11 @@ impl Driver {
 
     /// A new browser session (its own profile, so its own cookies).
     pub async fn session(&self) -> Result<Client> {
+        self.session_with(true).await
+    }
+
+    /// A new browser session with JavaScript on or off.
+    pub async fn session_with(&self, javascript: bool) -> Result<Client> {
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
@@ -63,6 +68,7 @@ impl Driver {
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
                          "--no-first-run", "--window-size=1400,1000"],
+                "prefs": { "profile.managed_default_content_settings.javascript": if javascript { 1 } else { 2 } },
             }),
         );
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();

@@ -1,0 +1,401 @@
+//! Firmware updates through the built-in A/B backend: the image is written to the slot that is not running, read
+//! back and checked against its digest, and only then is the slot activated in U-Boot's environment (RAUC's
+//! variables, through Debian's `fw_printenv`/`fw_setenv`; the decisions are `flotilla_agent_core::boot`'s). A
+//! power cut at any point before the activation leaves the old slot booting as before; the activation itself is
+//! one `fw_setenv --script` call (atomic with a redundant environment). After the reboot the new system must mark
+//! itself good within `confirm_secs`; otherwise it is marked bad and the device reboots into the old slot (and
+//! U-Boot's attempt counter does the same if the new system never gets that far).
+//!
+//! The update in flight is kept in `firmware.pending` in the data directory (written atomically) so the agent
+//! knows after a boot what it was doing.
+
+use crate::config::FirmwareConfig;
+use flotilla_agent_core::boot::{self, AfterBoot, BootEnv, Pending};
+use sha2::{Digest as _, Sha256};
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Why a firmware step failed; the running slot is untouched by every one of them.
+#[derive(Debug, thiserror::Error)]
+pub enum FirmwareError {
+    #[error("the booted slot is not named on {path} (expected rauc.slot=A or rauc.slot=B)")]
+    UnknownBootedSlot { path: PathBuf },
+    #[error("U-Boot environment: {0}")]
+    Env(#[from] boot::BootEnvError),
+    #[error("{command} failed ({status}): {stderr}")]
+    Tool {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("slot {slot} ({path}): {source}")]
+    Slot {
+        slot: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the image is {size} bytes; slot {slot} holds {capacity}")]
+    TooLarge {
+        slot: String,
+        size: u64,
+        capacity: u64,
+    },
+    #[error("image {path}: {source}")]
+    Image {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the image's SHA-256 is {actual}, not the release's {expected}")]
+    ImageDigest { expected: String, actual: String },
+    #[error(
+        "slot {slot} reads back SHA-256 {actual} after writing, not {expected}: the slot was not activated"
+    )]
+    ReadBack {
+        slot: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("an update to slot {to} is already in flight")]
+    InFlight { to: String },
+    #[error("pending update record {path}: {message}")]
+    Pending { path: PathBuf, message: String },
+}
+
+/// Where a crash is injected, for the power-cut tests (`FLOTILLA_FIRMWARE_CRASH_AT`): the process kills itself
+/// with SIGKILL at that step, as a power cut would stop it.
+fn crash_point(step: &str) {
+    if std::env::var("FLOTILLA_FIRMWARE_CRASH_AT").is_ok_and(|s| s == step) {
+        let _ = Command::new("kill")
+            .args(["-9", &std::process::id().to_string()])
+            .status();
+        // `kill` delivers before it returns; should it not, stop anyway without any cleanup.
+        std::process::abort();
+    }
+}
+
+/// The built-in A/B backend.
+#[derive(Debug, Clone)]
+pub struct AbBackend {
+    cfg: FirmwareConfig,
+    pending_path: PathBuf,
+}
+
+/// SHA-256 of the first `len` bytes of `r`.
+fn sha256_of(r: &mut impl Read, len: u64) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    let mut left = len;
+    let mut buf = vec![0u8; 1 << 16];
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = r.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "shorter than the image",
+            ));
+        }
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+impl AbBackend {
+    pub fn new(cfg: FirmwareConfig, data_dir: &Path) -> Self {
+        Self {
+            cfg,
+            pending_path: data_dir.join("firmware.pending"),
+        }
+    }
+
+    fn tool(&self, name: &str) -> Command {
+        let mut c = Command::new(name);
+        if let Some(conf) = &self.cfg.fw_env_config {
+            c.arg("-c").arg(conf);
+        }
+        c
+    }
+
+    fn run(mut c: Command, what: &str) -> Result<String, FirmwareError> {
+        let out = c.output().map_err(|e| FirmwareError::Tool {
+            command: what.to_owned(),
+            status: "not run".into(),
+            stderr: e.to_string(),
+        })?;
+        if !out.status.success() {
+            return Err(FirmwareError::Tool {
+                command: what.to_owned(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// U-Boot's boot variables, read with `fw_printenv`.
+    pub fn env(&self) -> Result<BootEnv, FirmwareError> {
+        let text = Self::run(self.tool("fw_printenv"), "fw_printenv")?;
+        let vars: BTreeMap<String, String> = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Ok(BootEnv::parse(&vars)?)
+    }
+
+    /// Writes the variables in one `fw_setenv --script` call.
+    fn write_env(&self, env: &BootEnv) -> Result<(), FirmwareError> {
+        let script = self.pending_path.with_extension("fw_setenv");
+        std::fs::write(&script, env.script()).map_err(|e| FirmwareError::Pending {
+            path: script.clone(),
+            message: e.to_string(),
+        })?;
+        let mut c = self.tool("fw_setenv");
+        c.arg("--script").arg(&script);
+        let r = Self::run(c, "fw_setenv");
+        let _ = std::fs::remove_file(&script);
+        r.map(|_| ())
+    }
+
+    /// The slot this system booted from (`rauc.slot=` on the kernel command line).
+    pub fn booted(&self) -> Result<String, FirmwareError> {
+        let unknown = || FirmwareError::UnknownBootedSlot {
+            path: self.cfg.cmdline.clone(),
+        };
+        let text = std::fs::read_to_string(&self.cfg.cmdline).map_err(|_| unknown())?;
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix("rauc.slot="))
+            .filter(|s| self.cfg.slots.contains_key(*s))
+            .map(str::to_owned)
+            .ok_or_else(unknown)
+    }
+
+    fn slot_path(&self, slot: &str) -> &Path {
+        self.cfg
+            .slots
+            .get(slot)
+            .map_or(Path::new("/nonexistent"), PathBuf::as_path)
+    }
+
+    /// The update in flight, if any.
+    pub fn pending(&self) -> Result<Option<Pending>, FirmwareError> {
+        let bad = |m: String| FirmwareError::Pending {
+            path: self.pending_path.clone(),
+            message: m,
+        };
+        let text = match std::fs::read_to_string(&self.pending_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_owned)
+        };
+        let (Some(from), Some(to), Some(version)) = (get("from"), get("to"), get("version")) else {
+            return Err(bad("missing from, to or version".into()));
+        };
+        let rebooted_at = match get("rebooted_at") {
+            None => None,
+            Some(t) => Some(t.parse().map_err(|_| bad(format!("rebooted_at {t:?}")))?),
+        };
+        Ok(Some(Pending {
+            from,
+            to,
+            version,
+            rebooted_at,
+        }))
+    }
+
+    /// Persists `p` (write to a temporary file, fsync, rename, fsync the directory).
+    fn save_pending(&self, p: &Pending) -> Result<(), FirmwareError> {
+        let bad = |e: std::io::Error| FirmwareError::Pending {
+            path: self.pending_path.clone(),
+            message: e.to_string(),
+        };
+        let mut text = format!("from={}\nto={}\nversion={}\n", p.from, p.to, p.version);
+        if let Some(t) = p.rebooted_at {
+            text.push_str(&format!("rebooted_at={t}\n"));
+        }
+        let tmp = self.pending_path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(bad)?;
+        f.write_all(text.as_bytes()).map_err(bad)?;
+        f.sync_all().map_err(bad)?;
+        std::fs::rename(&tmp, &self.pending_path).map_err(bad)?;
+        if let Some(dir) = self.pending_path.parent()
+            && let Ok(d) = std::fs::File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    fn clear_pending(&self) {
+        let _ = std::fs::remove_file(&self.pending_path);
+    }
+
+    /// Installs `image` (whose SHA-256 must be `sha256`) as `version` into the slot that is not running and
+    /// activates that slot for the next boot. Returns (from, to). Nothing is activated unless the slot reads back
+    /// exactly the image.
+    pub fn install(
+        &self,
+        image: &Path,
+        sha256: &str,
+        version: &str,
+    ) -> Result<(String, String), FirmwareError> {
+        if let Some(p) = self.pending()?
+            && p.rebooted_at.is_some()
+        {
+            return Err(FirmwareError::InFlight { to: p.to });
+        }
+        let from = self.booted()?;
+        let to = boot::other(&from).to_owned();
+        let mut env = self.env()?;
+        let img_err = |e| FirmwareError::Image {
+            path: image.to_owned(),
+            source: e,
+        };
+        let mut src = std::fs::File::open(image).map_err(img_err)?;
+        let size = src.metadata().map_err(img_err)?.len();
+        // The image is checked before a byte of the slot is touched.
+        let actual = sha256_of(&mut src, size).map_err(img_err)?;
+        if actual != sha256 {
+            return Err(FirmwareError::ImageDigest {
+                expected: sha256.to_owned(),
+                actual,
+            });
+        }
+        src.seek(SeekFrom::Start(0)).map_err(img_err)?;
+        let path = self.slot_path(&to).to_owned();
+        let slot_err = |e| FirmwareError::Slot {
+            slot: to.clone(),
+            path: path.clone(),
+            source: e,
+        };
+        // A block device has a capacity; a slot file grows.
+        let mut dst = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create(!path.starts_with("/dev"))
+            .truncate(false)
+            .open(&path)
+            .map_err(slot_err)?;
+        let meta = dst.metadata().map_err(slot_err)?;
+        if !meta.is_file() {
+            let capacity = dst.seek(SeekFrom::End(0)).map_err(slot_err)?;
+            if size > capacity {
+                return Err(FirmwareError::TooLarge {
+                    slot: to.clone(),
+                    size,
+                    capacity,
+                });
+            }
+        }
+        // From here the inactive slot is being changed: record it, so a boot that finds the record knows the slot
+        // holds no trustworthy system until the update is activated.
+        self.save_pending(&Pending {
+            from: from.clone(),
+            to: to.clone(),
+            version: version.to_owned(),
+            rebooted_at: None,
+        })?;
+        // The slot must not stay bootable with half an image: it is taken out of the boot order first.
+        env.mark_bad(&to);
+        self.write_env(&env)?;
+        crash_point("before-write");
+        dst.seek(SeekFrom::Start(0)).map_err(slot_err)?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut written = 0u64;
+        loop {
+            let n = src.read(&mut buf).map_err(img_err)?;
+            if n == 0 {
+                break;
+            }
+            dst.write_all(&buf[..n]).map_err(slot_err)?;
+            written += n as u64;
+            if written >= size / 2 && written - (n as u64) < size / 2 {
+                crash_point("mid-write");
+            }
+        }
+        if meta.is_file() {
+            dst.set_len(size).map_err(slot_err)?;
+        }
+        dst.sync_all().map_err(slot_err)?;
+        crash_point("written");
+        // Read back what the slot now holds.
+        dst.seek(SeekFrom::Start(0)).map_err(slot_err)?;
+        let back = sha256_of(&mut dst, size).map_err(slot_err)?;
+        if back != sha256 {
+            return Err(FirmwareError::ReadBack {
+                slot: to,
+                expected: sha256.to_owned(),
+                actual: back,
+            });
+        }
+        crash_point("verified");
+        env.mark_active(&to);
+        self.write_env(&env)?;
+        crash_point("activated");
+        Ok((from, to))
+    }
+
+    /// Records that the reboot into the new slot is being asked for, then runs the reboot command.
+    pub fn reboot(&self, now: u64) -> Result<(), FirmwareError> {
+        if let Some(mut p) = self.pending()? {
+            p.rebooted_at = Some(now);
+            self.save_pending(&p)?;
+        }
+        crash_point("rebooting");
+        let (prog, args) = self
+            .cfg
+            .reboot_command
+            .split_first()
+            .map_or(("true", &[][..]), |(p, a)| (p.as_str(), a));
+        let mut c = Command::new(prog);
+        c.args(args);
+        Self::run(c, &self.cfg.reboot_command.join(" ")).map(|_| ())
+    }
+
+    /// At boot: what the pending update became (none: nothing pending).
+    pub fn after_boot(&self, now: u64) -> Result<Option<(Pending, AfterBoot)>, FirmwareError> {
+        let Some(p) = self.pending()? else {
+            return Ok(None);
+        };
+        let booted = self.booted()?;
+        let outcome = boot::after_boot(&p, &booted, now, self.cfg.confirm_secs);
+        match &outcome {
+            AfterBoot::RolledBack { .. } | AfterBoot::Abandoned => {
+                // The new slot stays out of the boot order; the record is done with once reported.
+                let mut env = self.env()?;
+                env.mark_bad(&p.to);
+                env.mark_good(&booted);
+                self.write_env(&env)?;
+                self.clear_pending();
+            }
+            AfterBoot::Confirm { .. } => {}
+        }
+        Ok(Some((p, outcome)))
+    }
+
+    /// The new system is healthy: keep booting it.
+    pub fn mark_good(&self) -> Result<String, FirmwareError> {
+        let booted = self.booted()?;
+        let mut env = self.env()?;
+        env.mark_good(&booted);
+        self.write_env(&env)?;
+        self.clear_pending();
+        Ok(booted)
+    }
+
+    /// The new system did not come up healthy in time: never boot it again, and go back to the other slot.
+    pub fn mark_bad(&self) -> Result<String, FirmwareError> {
+        let booted = self.booted()?;
+        let mut env = self.env()?;
+        env.mark_bad(&booted);
+        self.write_env(&env)?;
+        Ok(booted)
+    }
+}

@@ -1,0 +1,334 @@
+//! Firmware A/B updates through the agent's built-in backend against Debian's real `fw_printenv`/`fw_setenv` and
+//! a redundant U-Boot environment in files: a good update confirmed, a bad one (never healthy, or out of boot
+//! attempts) back on the old slot, a power cut (SIGKILL) at every step of the install leaving a bootable old slot,
+//! and bad images refused with nothing written to the running slot. U-Boot itself is played by the test: it runs
+//! RAUC's boot-script logic (`flotilla_agent_core::boot`) over the same environment and writes the kernel command
+//! line the booted system sees.
+
+use flotilla_agent_core::boot::BootEnv;
+use flotilla_fleet_tests::bin_dir;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A device's boot storage: two slot files, a redundant U-Boot environment, a kernel command line, agent.toml.
+struct Device {
+    dir: tempfile::TempDir,
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A system image: distinct bytes per version, 300 KiB (several write buffers, so `mid-write` is mid-write).
+fn image(version: u8) -> Vec<u8> {
+    (0..300 * 1024u32)
+        .map(|i| (i % 251) as u8 ^ version)
+        .collect()
+}
+
+impl Device {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path();
+        std::fs::write(
+            p.join("vars.txt"),
+            "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n",
+        )
+        .expect("vars");
+        for env in ["env-a", "env-b"] {
+            let ok = Command::new("mkenvimage")
+                .args(["-s", "0x4000", "-r", "-o"])
+                .arg(p.join(env))
+                .arg(p.join("vars.txt"))
+                .status()
+                .expect("mkenvimage (apt-get install u-boot-tools)");
+            assert!(ok.success());
+        }
+        std::fs::write(
+            p.join("fw_env.config"),
+            format!(
+                "{} 0x0000 0x4000\n{} 0x0000 0x4000\n",
+                p.join("env-a").display(),
+                p.join("env-b").display()
+            ),
+        )
+        .expect("config");
+        std::fs::write(p.join("slot-a"), image(1)).expect("slot a");
+        std::fs::write(p.join("slot-b"), b"").expect("slot b");
+        std::fs::write(p.join("cmdline"), "console=ttyS0 rauc.slot=A\n").expect("cmdline");
+        std::fs::create_dir_all(p.join("data")).expect("data");
+        std::fs::write(
+            p.join("agent.toml"),
+            format!(
+                "version = 1\ndata_dir = \"{d}/data\"\nbroker = \"mqtt://127.0.0.1:1\"\n[firmware]\n\
+                 slot_a = \"{d}/slot-a\"\nslot_b = \"{d}/slot-b\"\nfw_env_config = \"{d}/fw_env.config\"\n\
+                 cmdline = \"{d}/cmdline\"\nconfirm_secs = 60\nreboot_command = [\"true\"]\n",
+                d = p.display()
+            ),
+        )
+        .expect("agent.toml");
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `flotilla-agent firmware ARGS` with optional extra environment.
+    fn agent(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        Command::new(bin_dir().join("flotilla-agent"))
+            .arg("--config")
+            .arg(self.path("agent.toml"))
+            .arg("firmware")
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("flotilla-agent")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.agent(args, &[]);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn env(&self) -> BootEnv {
+        let out = Command::new("fw_printenv")
+            .arg("-c")
+            .arg(self.path("fw_env.config"))
+            .output()
+            .expect("fw_printenv");
+        let vars: BTreeMap<String, String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        BootEnv::parse(&vars).expect("a readable boot environment")
+    }
+
+    /// Power-on: U-Boot's boot script picks the slot and counts the attempt; the kernel is told which slot.
+    fn boot(&self) -> String {
+        let mut env = self.env();
+        let slot = env.boot_or_reset();
+        std::fs::write(self.path("boot.txt"), env.script()).expect("script");
+        let ok = Command::new("fw_setenv")
+            .arg("-c")
+            .arg(self.path("fw_env.config"))
+            .arg("--script")
+            .arg(self.path("boot.txt"))
+            .status()
+            .expect("fw_setenv");
+        assert!(ok.success());
+        std::fs::write(
+            self.path("cmdline"),
+            format!("console=ttyS0 rauc.slot={slot}\n"),
+        )
+        .expect("cmdline");
+        slot
+    }
+
+    fn slot(&self, s: &str) -> Vec<u8> {
+        std::fs::read(self.path(if s == "A" { "slot-a" } else { "slot-b" })).expect("slot")
+    }
+
+    fn install(&self, version: u8, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let img = self.path(&format!("image-{version}"));
+        std::fs::write(&img, image(version)).expect("image");
+        let sum = sha256(&image(version));
+        let v = version.to_string();
+        let mut args = vec![
+            "install",
+            img.to_str().expect("path"),
+            "--sha256",
+            &sum,
+            "--version",
+            &v,
+        ];
+        args.extend_from_slice(extra);
+        self.agent(&args, env)
+    }
+}
+
+fn tools_present() -> bool {
+    Path::new("/usr/bin/fw_setenv").exists() && Path::new("/usr/bin/mkenvimage").exists()
+}
+
+/// A good update: written to B, activated, booted, confirmed; B keeps booting.
+#[test]
+fn a_good_firmware_update_is_confirmed_and_keeps_booting() {
+    assert!(
+        tools_present(),
+        "u-boot-tools missing (apt-get install u-boot-tools)"
+    );
+    let d = Device::new();
+    assert!(d.install(2, &["--reboot"], &[]).status.success());
+    assert_eq!(
+        d.slot("B"),
+        image(2),
+        "the new image is in the inactive slot"
+    );
+    assert_eq!(d.slot("A"), image(1), "the running slot is untouched");
+    assert_eq!(d.boot(), "B");
+    let out = d.ok(&["after-boot"]);
+    assert!(out.contains("A -> B: Confirm"), "{out}");
+    d.ok(&["mark-good"]);
+    for _ in 0..5 {
+        assert_eq!(d.boot(), "B", "a confirmed slot keeps booting");
+        d.ok(&["mark-good"]);
+    }
+    assert!(d.ok(&["after-boot"]).contains("nothing pending"));
+}
+
+/// A bad update ends back on the old slot, reported: marked bad after it never became healthy, or out of boot
+/// attempts when the new system never ran the agent at all.
+#[test]
+fn a_bad_firmware_update_ends_back_on_the_old_slot() {
+    assert!(
+        tools_present(),
+        "u-boot-tools missing (apt-get install u-boot-tools)"
+    );
+    // Never healthy within confirm_secs: the agent marks its slot bad and reboots.
+    let d = Device::new();
+    assert!(d.install(2, &["--reboot"], &[]).status.success());
+    assert_eq!(d.boot(), "B");
+    assert!(d.ok(&["after-boot"]).contains("Confirm"));
+    d.ok(&["mark-bad"]);
+    assert_eq!(d.boot(), "A", "marked bad: the old slot boots");
+    let out = d.ok(&["after-boot"]);
+    assert!(
+        out.contains("RolledBack") && out.contains("slot B did not boot"),
+        "{out}"
+    );
+    for _ in 0..4 {
+        assert_eq!(d.boot(), "A", "the bad slot never boots again");
+    }
+
+    // The boot count runs out: the new system never gets to confirm (it hangs before the agent runs).
+    let d = Device::new();
+    assert!(d.install(2, &["--reboot"], &[]).status.success());
+    let boots: Vec<String> = (0..4).map(|_| d.boot()).collect();
+    assert_eq!(
+        boots,
+        ["B", "B", "B", "A"],
+        "three attempts, then the old slot"
+    );
+    let out = d.ok(&["after-boot"]);
+    assert!(out.contains("RolledBack"), "{out}");
+    assert_eq!(d.slot("A"), image(1));
+    assert_eq!(d.boot(), "A");
+}
+
+/// A power cut (SIGKILL) at every step of the install: the device boots, and whatever it boots holds a whole,
+/// verified system; before the activation that is always the old slot, untouched.
+#[test]
+fn a_power_cut_at_every_step_of_the_install_leaves_a_bootable_old_slot() {
+    assert!(
+        tools_present(),
+        "u-boot-tools missing (apt-get install u-boot-tools)"
+    );
+    for (step, activated) in [
+        ("before-write", false),
+        ("mid-write", false),
+        ("written", false),
+        ("verified", false),
+        ("activated", true),
+        ("rebooting", true),
+    ] {
+        let d = Device::new();
+        let out = d.install(2, &["--reboot"], &[("FLOTILLA_FIRMWARE_CRASH_AT", step)]);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "{step}: killed at the step ({:?})",
+            out.status
+        );
+        assert_eq!(d.slot("A"), image(1), "{step}: the old slot is untouched");
+        let booted = d.boot();
+        if activated {
+            assert_eq!(booted, "B", "{step}");
+            assert_eq!(
+                d.slot("B"),
+                image(2),
+                "{step}: only a whole, verified image is ever activated"
+            );
+            assert!(d.ok(&["after-boot"]).contains("Confirm"), "{step}");
+        } else {
+            assert_eq!(booted, "A", "{step}: the half-written slot is not booted");
+            let out = d.ok(&["after-boot"]);
+            assert!(out.contains("Abandoned"), "{step}: {out}");
+            // And the device can update again afterwards.
+            assert!(
+                d.install(3, &[], &[]).status.success(),
+                "{step}: a later update"
+            );
+            assert_eq!(d.boot(), "B");
+            assert_eq!(d.slot("B"), image(3));
+        }
+    }
+}
+
+/// Bad images are refused with typed reasons before the inactive slot is touched, and the running slot never is.
+#[test]
+fn bad_firmware_images_are_refused_and_nothing_is_written() {
+    assert!(
+        tools_present(),
+        "u-boot-tools missing (apt-get install u-boot-tools)"
+    );
+    let d = Device::new();
+    // A digest that is not the image's (a tampered or wrong image).
+    let img = d.path("image-2");
+    std::fs::write(&img, image(2)).expect("image");
+    let wrong = sha256(b"something else");
+    let out = d.agent(
+        &[
+            "install",
+            img.to_str().expect("path"),
+            "--sha256",
+            &wrong,
+            "--version",
+            "2",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SHA-256"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A truncated image: the release's digest, half the bytes.
+    std::fs::write(&img, &image(2)[..150 * 1024]).expect("truncated");
+    let full = sha256(&image(2));
+    let out = d.agent(
+        &[
+            "install",
+            img.to_str().expect("path"),
+            "--sha256",
+            &full,
+            "--version",
+            "2",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(d.slot("B"), b"", "the inactive slot was not touched");
+    assert_eq!(d.slot("A"), image(1), "the running slot was not touched");
+    assert_eq!(d.boot(), "A");
+    assert!(d.ok(&["status"]).contains("pending None"));
+    // A device without a readable booted slot refuses rather than guessing which slot is free.
+    std::fs::write(d.path("cmdline"), "console=ttyS0\n").expect("cmdline");
+    let out = d.install(2, &[], &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("booted slot"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.slot("B"), b"");
+}
