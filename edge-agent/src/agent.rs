@@ -98,6 +98,8 @@ pub struct Agent {
     /// The inventory the hub last received from this connection; a report carries the inventory whenever the
     /// current one differs (a moved device, a changed label), and always first after connecting.
     pub(crate) inventory_sent: Option<Inventory>,
+    /// A new firmware slot proving itself (`firmware.rs`): confirmed once healthy, marked bad at the deadline.
+    pub(crate) firmware_confirm: Option<crate::firmware::Confirming>,
     epoch: Instant,
     pub(crate) last_report: Instant,
     last_metrics: Instant,
@@ -221,6 +223,7 @@ impl Agent {
             connected: false,
             reconnects: 0,
             inventory_sent: None,
+            firmware_confirm: None,
             epoch: now,
             last_report: now,
             last_metrics: now,
@@ -335,6 +338,7 @@ impl Agent {
         self.metrics_tx.send_replace(self.metrics());
         self.sweep_containers();
         self.drain_actions();
+        self.firmware_at_boot();
         // Restored workloads are starting (from SQLite and the cache, no network): the service is up.
         let restored = self
             .accepted
@@ -529,6 +533,7 @@ impl Agent {
     /// Once a second: holds, position, stalled downloads, periodic reports and metrics, the outbox.
     fn on_tick(&mut self) {
         self.refresh_holds();
+        self.firmware_tick();
         if let Some(signed) = self.unpersisted.take() {
             self.on_desired(signed);
         }

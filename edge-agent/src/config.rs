@@ -78,6 +78,15 @@ struct RawFirmware {
     /// Run to reboot (argv).
     #[serde(default = "default_reboot")]
     reboot_command: Vec<String>,
+    /// A new system counts as healthy once its workloads are restored and it has sent a report to the hub
+    /// (`true`, the default), or once its workloads are restored even with the hub unreachable (`false`: for
+    /// devices that must be able to update while offline).
+    #[serde(default = "default_true")]
+    confirm_needs_hub: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_cmdline() -> PathBuf {
@@ -101,6 +110,7 @@ pub struct FirmwareConfig {
     pub cmdline: PathBuf,
     pub confirm_secs: u64,
     pub reboot_command: Vec<String>,
+    pub confirm_needs_hub: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -491,6 +501,7 @@ impl Config {
                         cmdline: f.cmdline,
                         confirm_secs: f.confirm_secs.max(10),
                         reboot_command: f.reboot_command,
+                        confirm_needs_hub: f.confirm_needs_hub,
                     })
                 }
             },

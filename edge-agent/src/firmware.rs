@@ -390,6 +390,20 @@ impl AbBackend {
         Ok(booted)
     }
 
+    /// A normal boot (no update in flight): the running slot is reset to full attempts, as RAUC systems do at
+    /// every boot, so reboots without an update (power cycles, offline or not) never use up its attempts and fall
+    /// over to the other slot. Writes the environment only when the count went down.
+    pub fn keep_booting(&self) -> Result<Option<String>, FirmwareError> {
+        let booted = self.booted()?;
+        let mut env = self.env()?;
+        if env.left.get(&booted).copied().unwrap_or(0) >= boot::ATTEMPTS {
+            return Ok(None);
+        }
+        env.mark_good(&booted);
+        self.write_env(&env)?;
+        Ok(Some(booted))
+    }
+
     /// The new system did not come up healthy in time: never boot it again, and go back to the other slot.
     pub fn mark_bad(&self) -> Result<String, FirmwareError> {
         let booted = self.booted()?;
@@ -397,5 +411,80 @@ impl AbBackend {
         env.mark_bad(&booted);
         self.write_env(&env)?;
         Ok(booted)
+    }
+}
+
+/// A new slot proving itself after an update.
+#[derive(Debug)]
+pub struct Confirming {
+    backend: AbBackend,
+    deadline: u64,
+    needs_hub: bool,
+}
+
+impl crate::agent::Agent {
+    /// At start: what a pending firmware update became (the loop confirms a new slot once healthy).
+    pub(crate) fn firmware_at_boot(&mut self) {
+        let Some(cfg) = self.cfg.firmware.clone() else {
+            return;
+        };
+        let needs_hub = cfg.confirm_needs_hub;
+        let backend = AbBackend::new(cfg, &self.cfg.data_dir);
+        match backend.after_boot(crate::agent::unix_now()) {
+            Ok(None) => match backend.keep_booting() {
+                Ok(Some(slot)) => tracing::info!(%slot, "boot attempts of the running slot reset"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "resetting the running slot's boot attempts"),
+            },
+            Ok(Some((p, AfterBoot::Confirm { deadline }))) => {
+                tracing::info!(version = %p.version, slot = %p.to, deadline, "new firmware booted; confirming once healthy");
+                self.firmware_confirm = Some(Confirming {
+                    backend,
+                    deadline,
+                    needs_hub,
+                });
+            }
+            Ok(Some((p, AfterBoot::RolledBack { reason }))) => {
+                tracing::error!(version = %p.version, slot = %p.to, %reason, "firmware update rolled back");
+            }
+            Ok(Some((p, AfterBoot::Abandoned))) => {
+                tracing::warn!(version = %p.version, slot = %p.to, "firmware update abandoned before its reboot (power cut?); the old slot runs");
+            }
+            Err(e) => tracing::error!(error = %e, "firmware state unreadable at boot"),
+        }
+    }
+
+    /// Each tick while a new slot proves itself: healthy (workloads restored, and a report delivered to the hub
+    /// unless the policy allows confirming offline) marks it good; the deadline passed marks it bad and reboots
+    /// into the old slot.
+    pub(crate) fn firmware_tick(&mut self) {
+        let Some(c) = &self.firmware_confirm else {
+            return;
+        };
+        // The loop runs only after restore, so restored workloads are a given here.
+        let healthy = !c.needs_hub || (self.connected && self.inventory_sent.is_some());
+        match boot::confirm(crate::agent::unix_now(), c.deadline, healthy) {
+            boot::Confirmation::Wait => {}
+            boot::Confirmation::MarkGood => {
+                match c.backend.mark_good() {
+                    Ok(slot) => tracing::info!(%slot, "new firmware confirmed: slot marked good"),
+                    Err(e) => tracing::error!(error = %e, "marking the new firmware good"),
+                }
+                self.firmware_confirm = None;
+            }
+            boot::Confirmation::MarkBadAndReboot => {
+                tracing::error!(
+                    "new firmware not healthy in time: marking its slot bad and rebooting into the old one"
+                );
+                let r = c
+                    .backend
+                    .mark_bad()
+                    .and_then(|_| c.backend.reboot(crate::agent::unix_now()));
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "rolling the firmware back");
+                }
+                self.firmware_confirm = None;
+            }
+        }
     }
 }

@@ -332,3 +332,120 @@ fn bad_firmware_images_are_refused_and_nothing_is_written() {
     );
     assert_eq!(d.slot("B"), b"");
 }
+
+/// The agent itself confirms a new slot: with the hub reachable it marks the slot good once it has reported;
+/// with the hub gone it never becomes healthy, so at `confirm_secs` it marks the slot bad and reboots, and the
+/// bootloader brings the old slot back, which the agent then reports as rolled back.
+#[test]
+fn the_agent_confirms_new_firmware_once_healthy_or_rolls_back_into_the_old_slot() {
+    use flotilla_fleet_tests::{AgentSpec, FleetBuilder, wait_for};
+    use std::time::Duration;
+    assert!(
+        tools_present(),
+        "u-boot-tools missing (apt-get install u-boot-tools)"
+    );
+    let mut fleet = FleetBuilder::new()
+        .agent(AgentSpec::new("fw-1", "eu-west", 50.1, 8.7))
+        .start()
+        .expect("fleet");
+    let d = Device::new();
+    let rebooted = d.path("rebooted");
+    let config = fleet.agent("fw-1").config.clone();
+    let mut toml = std::fs::read_to_string(&config).expect("agent.toml");
+    toml.push_str(&format!(
+        "\n[firmware]\nslot_a = \"{}\"\nslot_b = \"{}\"\nfw_env_config = \"{}\"\ncmdline = \"{}\"\nconfirm_secs = 10\n\
+         reboot_command = [\"touch\", \"{}\"]\n",
+        d.path("slot-a").display(),
+        d.path("slot-b").display(),
+        d.path("fw_env.config").display(),
+        d.path("cmdline").display(),
+        rebooted.display()
+    ));
+    std::fs::write(&config, toml).expect("agent.toml");
+    let install = |version: u8| {
+        let img = d.path(&format!("image-{version}"));
+        std::fs::write(&img, image(version)).expect("image");
+        let out = Command::new(bin_dir().join("flotilla-agent"))
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "firmware",
+                "install",
+                img.to_str().expect("path"),
+                "--sha256",
+                &sha256(&image(version)),
+            ])
+            .args(["--version", &version.to_string(), "--reboot"])
+            .output()
+            .expect("flotilla-agent firmware install");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let attempts = |slot: &str| d.env().left.get(slot).copied();
+
+    // A normal boot (no update in flight) resets the running slot's attempts, so power cycles never use them up.
+    let agent = fleet.agent_mut("fw-1");
+    agent.kill9();
+    for _ in 0..2 {
+        assert_eq!(d.boot(), "A");
+    }
+    assert_eq!(attempts("A"), Some(1));
+    agent.start().expect("agent");
+    wait_for("slot A's attempts reset", Duration::from_secs(60), || {
+        (attempts("A") == Some(3)).then_some(())
+    })
+    .expect("reset");
+
+    // Version 2 into slot B; "power cycle"; the agent comes up connected and confirms B.
+    agent.kill9();
+    install(2);
+    assert!(rebooted.exists(), "the reboot command ran");
+    std::fs::remove_file(&rebooted).expect("reset");
+    assert_eq!(d.boot(), "B");
+    assert_eq!(attempts("B"), Some(2), "U-Boot counted the attempt");
+    agent.start().expect("agent");
+    wait_for(
+        "slot B confirmed by the agent",
+        Duration::from_secs(60),
+        || (attempts("B") == Some(3) && !agent_pending(&config)).then_some(()),
+    )
+    .expect("confirmed");
+
+    // Version 3 into slot A, with the hub gone: the new system never reports, so it is marked bad at the deadline.
+    agent.kill9();
+    install(3);
+    std::fs::remove_file(&rebooted).expect("reset");
+    fleet.hub.proc.kill9();
+    assert_eq!(d.boot(), "A");
+    let agent = fleet.agent_mut("fw-1");
+    agent.start().expect("agent");
+    wait_for(
+        "the agent to give up on slot A and reboot",
+        Duration::from_secs(60),
+        || rebooted.exists().then_some(()),
+    )
+    .expect("rolled back");
+    assert_eq!(attempts("A"), Some(0), "slot A marked bad");
+    agent.kill9();
+    assert_eq!(d.boot(), "B", "the old slot boots again");
+    assert_eq!(d.slot("B"), image(2));
+    agent.start().expect("agent");
+    agent
+        .wait_log(&["firmware update rolled back"], 1)
+        .expect("the rollback is reported in the log");
+    assert!(!agent_pending(&config), "the update is finished with");
+}
+
+/// Whether `flotilla-agent firmware status` shows an update in flight for this agent.
+fn agent_pending(config: &Path) -> bool {
+    let out = Command::new(bin_dir().join("flotilla-agent"))
+        .arg("--config")
+        .arg(config)
+        .args(["firmware", "status"])
+        .output()
+        .expect("status");
+    !String::from_utf8_lossy(&out.stdout).contains("pending None")
+}
