@@ -37,6 +37,24 @@ fn exit_json(e: &flotilla_shared::wire::ExitCause) -> Value {
 /// Release versions by digest, looked up once per release for a whole listing (not once per device).
 pub(super) type Versions = std::collections::HashMap<flotilla_shared::Digest, Option<String>>;
 
+/// The version of release `digest`, looked up in the store once per listing.
+pub(super) fn release_version(
+    h: &Hub,
+    digest: flotilla_shared::Digest,
+    versions: &mut Versions,
+) -> Option<String> {
+    versions
+        .entry(digest)
+        .or_insert_with(|| {
+            h.store
+                .release_by_digest(&digest)
+                .ok()
+                .flatten()
+                .map(|r| r.release.version)
+        })
+        .clone()
+}
+
 /// A device as the API shows it: borrowed from the cached row and serialised straight to bytes, so listing
 /// 10,000 devices on the hub loop builds no intermediate JSON tree.
 #[derive(serde::Serialize)]
@@ -111,16 +129,7 @@ pub(super) fn device_out<'a>(
                 name: w.name.as_str(),
                 state: state_str(w.state),
                 healthy: w.healthy,
-                version: versions
-                    .entry(w.release)
-                    .or_insert_with(|| {
-                        h.store
-                            .release_by_digest(&w.release)
-                            .ok()
-                            .flatten()
-                            .map(|r| r.release.version)
-                    })
-                    .clone(),
+                version: release_version(h, w.release, versions),
                 release: w.release.to_hex(),
                 restarts: w.restarts,
                 last_error: w.last_error.as_deref(),

@@ -18,18 +18,7 @@ pub(super) fn version_label(
     let mut vs: Vec<String> = report?
         .workloads
         .iter()
-        .filter_map(|w| {
-            versions
-                .entry(w.release)
-                .or_insert_with(|| {
-                    h.store
-                        .release_by_digest(&w.release)
-                        .ok()
-                        .flatten()
-                        .map(|r| r.release.version)
-                })
-                .clone()
-        })
+        .filter_map(|w| super::devices::release_version(h, w.release, versions))
         .collect();
     vs.sort();
     vs.dedup();

@@ -389,16 +389,7 @@ async fn login(State(c): State<Console>, headers: HeaderMap, body: Bytes) -> Pag
         .find_map(|h| session::cookie_value(h, LOGIN_COOKIE))
         .unwrap_or("");
     // Double submit: the form's token must equal its cookie, which another site cannot read or set.
-    let probe = Session {
-        token: String::new(),
-        name: String::new(),
-        role: String::new(),
-        regions: None,
-        csrf: expected.to_owned(),
-        created_at: 0,
-        expires_at: 0,
-    };
-    if !session::csrf_ok(&probe, Some(&form.csrf)) {
+    if !session::tokens_match(expected, Some(&form.csrf)) {
         return login_page(
             &c,
             &headers,

@@ -123,8 +123,13 @@ impl Sessions {
 
 /// Whether a submitted CSRF token matches the session's, in time independent of where they differ.
 pub fn csrf_ok(session: &Session, submitted: Option<&str>) -> bool {
+    tokens_match(&session.csrf, submitted)
+}
+
+/// Whether a submitted token equals the expected one (non-empty), in time independent of where they differ.
+pub fn tokens_match(expected: &str, submitted: Option<&str>) -> bool {
     let Some(s) = submitted else { return false };
-    let (a, b) = (session.csrf.as_bytes(), s.as_bytes());
+    let (a, b) = (expected.as_bytes(), s.as_bytes());
     a.len() == b.len()
         && !a.is_empty()
         && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
