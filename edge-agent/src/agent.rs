@@ -100,6 +100,8 @@ pub struct Agent {
     pub(crate) inventory_sent: Option<Inventory>,
     /// A new firmware slot proving itself (`firmware.rs`): confirmed once healthy, marked bad at the deadline.
     pub(crate) firmware_confirm: Option<crate::firmware::Confirming>,
+    /// Firmware and agent releases: installs, the agent's trial, rolled-back releases (`system.rs`).
+    pub(crate) system: crate::system::SystemUpdates,
     epoch: Instant,
     pub(crate) last_report: Instant,
     last_metrics: Instant,
@@ -194,7 +196,7 @@ impl Agent {
         std::fs::create_dir_all(cfg.data_dir.join("artifacts"))?;
         std::fs::create_dir_all(cfg.data_dir.join("staging"))?;
         let now = Instant::now();
-        Ok(Self {
+        let mut agent = Self {
             cfg,
             store,
             trust,
@@ -224,6 +226,7 @@ impl Agent {
             reconnects: 0,
             inventory_sent: None,
             firmware_confirm: None,
+            system: Default::default(),
             epoch: now,
             last_report: now,
             last_metrics: now,
@@ -233,7 +236,12 @@ impl Agent {
             link_rx: None,
             renewal: crate::credentials::Renewal::default(),
             sealing,
-        })
+        };
+        // Before anything is planned: what the last firmware or agent update became, so a rolled-back release
+        // is known as such before the restored desired state could start installing it again.
+        agent.system_at_boot();
+        agent.firmware_at_boot();
+        Ok(agent)
     }
 
     pub fn device(&self) -> &DeviceId {
@@ -321,8 +329,13 @@ impl Agent {
         self.connect()
     }
 
-    /// Runs until `shutdown` resolves; then stops workloads, flushes the outbox and closes cleanly.
-    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    /// Runs until `shutdown` resolves or an update needs the agent to stop (the return value says which: reboot
+    /// into new firmware, or exit for the launcher to start a new agent); then stops workloads, flushes the
+    /// outbox and closes cleanly.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<Option<crate::system::Exit>> {
         let mut rt_rx = self.rt_rx.take().context("run called twice")?;
         let mut link_rx = self.link_rx.take();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -338,7 +351,6 @@ impl Agent {
         self.metrics_tx.send_replace(self.metrics());
         self.sweep_containers();
         self.drain_actions();
-        self.firmware_at_boot();
         // Restored workloads are starting (from SQLite and the cache, no network): the service is up.
         let restored = self
             .accepted
@@ -377,10 +389,15 @@ impl Agent {
                     self.metrics_tx.send_replace(self.metrics());
                 }
             }
+            if self.system.exit.is_some() {
+                // Tell the hub where the device is going before it goes.
+                self.send_report();
+                break;
+            }
         }
         self.notifier.stopping();
         self.shutdown(&mut rt_rx).await;
-        Ok(())
+        Ok(self.system.exit)
     }
 
     /// Talks to the service manager through this notifier (`Notifier::from_env` under systemd).
@@ -510,6 +527,9 @@ impl Agent {
             } => self.on_guest_metric(&name, metric, value),
             RuntimeEvent::Hold { name, reason, secs } => self.on_guest_hold(name, reason, secs),
             RuntimeEvent::Preloaded { artifact, result } => self.on_preloaded(artifact, result),
+            RuntimeEvent::FirmwareInstalled { release, result } => {
+                self.on_firmware_installed(release, result)
+            }
             RuntimeEvent::ImageLoaded { name, image } => {
                 if let Err(e) = self.store.record_image(name.as_str(), &image, unix_now()) {
                     tracing::warn!(error = %e, "cannot record a loaded image");
@@ -534,6 +554,7 @@ impl Agent {
     fn on_tick(&mut self) {
         self.refresh_holds();
         self.firmware_tick();
+        self.system_tick();
         if let Some(signed) = self.unpersisted.take() {
             self.on_desired(signed);
         }
@@ -612,6 +633,17 @@ impl Agent {
                     let handle = match (kind, &self.containers) {
                         (WorkloadKind::Wasm, _) => self.runtime.start(req, self.rt_tx.clone()),
                         (WorkloadKind::Container, Some(rt)) => rt.start(req, self.rt_tx.clone()),
+                        (WorkloadKind::Firmware | WorkloadKind::Agent, _) => {
+                            // Installed by the system-update concern, never planned as workloads.
+                            let now = self.millis();
+                            self.reconciler.op_finished(
+                                now,
+                                &name,
+                                op,
+                                Err("firmware and agent releases are not run as workloads".into()),
+                            );
+                            continue;
+                        }
                         (WorkloadKind::Container, None) => {
                             // Refused before planning (UnsupportedKind); reaching here is a bug, not a crash.
                             let now = self.millis();

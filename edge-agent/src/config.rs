@@ -59,12 +59,23 @@ struct RawConfig {
     container: RawContainer,
     /// Firmware updates through the built-in A/B backend (absent: this device takes no firmware updates).
     firmware: Option<RawFirmware>,
+    /// How long a new agent installed by a self-update has to come up healthy (connected, restored, reported)
+    /// before the launcher switches back to the previous one.
+    #[serde(default = "default_agent_confirm_secs")]
+    agent_confirm_secs: u64,
+}
+
+fn default_agent_confirm_secs() -> u64 {
+    120
 }
 
 /// `[firmware]`: two slots (block devices or files) and U-Boot's environment, as RAUC's U-Boot backend uses it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFirmware {
+    /// The device type firmware releases must name (RAUC's `compatible`); without it the device takes firmware
+    /// updates only by hand (`flotilla-agent firmware install`), none from the hub.
+    compatible: Option<String>,
     slot_a: PathBuf,
     slot_b: PathBuf,
     /// `fw_env.config` for `fw_printenv`/`fw_setenv` (default: theirs, `/etc/fw_env.config`).
@@ -104,6 +115,7 @@ fn default_reboot() -> Vec<String> {
 /// The firmware backend's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirmwareConfig {
+    pub compatible: Option<String>,
     /// Slot name (`A`, `B`) to its device or file.
     pub slots: BTreeMap<String, PathBuf>,
     pub fw_env_config: Option<PathBuf>,
@@ -272,6 +284,8 @@ pub struct Config {
     pub hold_file: Option<PathBuf>,
     pub container: ContainerConfig,
     pub firmware: Option<FirmwareConfig>,
+    /// At least 10 s.
+    pub agent_confirm_secs: u64,
 }
 
 /// Command-line and environment overrides for the common settings.
@@ -479,6 +493,7 @@ impl Config {
             metrics_interval_secs: raw.telemetry.metrics_interval_secs.max(1),
             metrics_listen: raw.metrics_listen,
             hold_file: raw.hold_file,
+            agent_confirm_secs: raw.agent_confirm_secs.max(10),
             container,
             firmware: match raw.firmware {
                 None => None,
@@ -496,6 +511,7 @@ impl Config {
                         ));
                     }
                     Some(FirmwareConfig {
+                        compatible: f.compatible,
                         slots: [("A".to_owned(), f.slot_a), ("B".to_owned(), f.slot_b)].into(),
                         fw_env_config: f.fw_env_config,
                         cmdline: f.cmdline,

@@ -118,7 +118,11 @@ impl Agent {
         let mut list = Vec::new();
         let mut keep = Vec::new();
         let held = self.hold_reason().is_some();
-        for spec in ds.workloads {
+        // Firmware and agent releases are installed by the system-update concern, never run as workloads.
+        let (system, workloads): (Vec<_>, Vec<_>) =
+            ds.workloads.into_iter().partition(|w| w.kind.is_system());
+        self.plan_system(&system, &mut keep);
+        for spec in workloads {
             let inside_fence = spec
                 .geofence
                 .as_ref()

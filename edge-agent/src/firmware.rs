@@ -237,6 +237,54 @@ impl AbBackend {
         let _ = std::fs::remove_file(&self.pending_path);
     }
 
+    /// Where each slot's installed release is recorded (`A=<version> <digest>` lines).
+    fn slots_path(&self) -> PathBuf {
+        self.pending_path.with_file_name("firmware.slots")
+    }
+
+    /// The release installed in `slot` by an update (version, digest hex); None for what the device shipped with.
+    pub fn installed(&self, slot: &str) -> Option<(String, String)> {
+        let text = std::fs::read_to_string(self.slots_path()).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(slot)?.strip_prefix('='))
+            .and_then(|rest| rest.split_once(' '))
+            .map(|(v, d)| (v.to_owned(), d.to_owned()))
+    }
+
+    /// Records that `slot` is being given `version` (release `digest`): written before the slot is, so a slot
+    /// that boots is never one whose record names an older release.
+    pub fn record_installed(
+        &self,
+        slot: &str,
+        version: &str,
+        digest: &str,
+    ) -> Result<(), FirmwareError> {
+        let path = self.slots_path();
+        let mut lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{slot}=")))
+            .map(str::to_owned)
+            .collect();
+        lines.push(format!("{slot}={version} {digest}"));
+        let tmp = path.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all((lines.join("\n") + "\n").as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| FirmwareError::Pending {
+            path: path.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The slot an install would write (the one not booted).
+    pub fn inactive(&self) -> Result<String, FirmwareError> {
+        Ok(boot::other(&self.booted()?).to_owned())
+    }
+
     /// Installs `image` (whose SHA-256 must be `sha256`) as `version` into the slot that is not running and
     /// activates that slot for the next boot. Returns (from, to). Nothing is activated unless the slot reads back
     /// exactly the image.
@@ -446,6 +494,7 @@ impl crate::agent::Agent {
             }
             Ok(Some((p, AfterBoot::RolledBack { reason }))) => {
                 tracing::error!(version = %p.version, slot = %p.to, %reason, "firmware update rolled back");
+                self.firmware_rolled_back(&p.to, &reason.to_string());
             }
             Ok(Some((p, AfterBoot::Abandoned))) => {
                 tracing::warn!(version = %p.version, slot = %p.to, "firmware update abandoned before its reboot (power cut?); the old slot runs");

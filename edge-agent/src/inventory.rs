@@ -30,6 +30,9 @@ pub(crate) fn inventory(
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         sealing_key,
         container_engine,
+        // Filled in by the loop (`system.rs`), which knows the booted slot and the running release.
+        firmware: None,
+        agent_release: None,
     }
 }
 

@@ -20,5 +20,6 @@ pub mod runtime;
 pub mod secrets;
 pub mod staging;
 pub mod store;
+pub mod system;
 pub mod trust;
 pub mod variant;

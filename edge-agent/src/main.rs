@@ -224,6 +224,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
     let wasm = WasmRuntime::new(&cfg.data_dir.join("modules"))
         .map_err(|e| Failure::Transient(e.to_string()))?;
+    let (firmware_cfg, data_dir) = (cfg.firmware.clone(), cfg.data_dir.clone());
     let mut agent =
         Agent::new(cfg, store, Arc::new(wasm)).map_err(|e| Failure::Transient(format!("{e:#}")))?;
     if agent.config().container.enabled {
@@ -244,8 +245,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     agent
         .connect()
         .map_err(|e| Failure::Config(format!("{e:#}")))?;
-    agent
+    let exit = agent
         .run(shutdown_signal())
         .await
-        .map_err(|e| Failure::Transient(format!("{e:#}")))
+        .map_err(|e| Failure::Transient(format!("{e:#}")))?;
+    match exit {
+        // The workloads are stopped and the hub told: now the reboot into the new slot.
+        Some(flotilla_agent::system::Exit::Reboot) => {
+            if let Some(backend) =
+                firmware_cfg.map(|f| flotilla_agent::firmware::AbBackend::new(f, &data_dir))
+            {
+                let now = flotilla_agent::agent::unix_now();
+                if let Err(e) = backend.reboot(now) {
+                    tracing::error!(error = %e, "the reboot into the new firmware failed");
+                    return Err(Failure::Transient(e.to_string()));
+                }
+                tracing::info!("rebooting into the new firmware");
+            }
+            Ok(())
+        }
+        // `current` names the new agent: the launcher starts it once this process is gone.
+        Some(flotilla_agent::system::Exit::SwitchAgent) | None => Ok(()),
+    }
 }

@@ -22,12 +22,25 @@ impl Agent {
     fn build_report_with_inventory(&mut self) -> Result<(Signed, Option<Inventory>)> {
         let counter = self.store.next_counter("report")?;
         let engine = self.containers.as_ref().and_then(|rt| rt.engine());
-        let current = inventory(
+        let mut current = inventory(
             &self.cfg,
             self.position,
             Some(self.sealing.public()),
             engine,
         );
+        current.firmware = self.firmware_inventory();
+        current.agent_release = self.running_agent_release().map(|(_, v)| v);
+        // Placement sends firmware and agent releases only to devices that can install them.
+        if current.firmware.is_some() {
+            current
+                .runtimes
+                .push(flotilla_shared::wire::WorkloadKind::Firmware);
+        }
+        if self.system.launcher.is_some() {
+            current
+                .runtimes
+                .push(flotilla_shared::wire::WorkloadKind::Agent);
+        }
         let changed = (self.inventory_sent.as_ref() != Some(&current)).then_some(current);
         let report = Report {
             device: self.trust.device.clone(),
@@ -35,7 +48,11 @@ impl Agent {
             sent_at: unix_now(),
             applied_generation: self.accepted.as_ref().map_or(0, |(_, ds)| ds.generation),
             last_rejection: self.rejection.clone(),
-            workloads: self.reconciler.status(self.millis()),
+            workloads: {
+                let mut w = self.reconciler.status(self.millis());
+                w.extend(self.system_status());
+                w
+            },
             inventory: changed.clone(),
             telemetry_dropped: self.store.counter("telemetry_dropped")?,
             hold: self.hold_reason(),

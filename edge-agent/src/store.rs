@@ -22,6 +22,15 @@ pub enum StoreError {
     Corrupt(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "the database is at schema version {db}, made by a newer agent that needs at least version \
+         {min_reader}; this agent knows version {known}"
+    )]
+    TooNew {
+        db: usize,
+        known: usize,
+        min_reader: usize,
+    },
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -50,7 +59,16 @@ const MIGRATIONS: &[&str] = &[
     // 6: container images the agent loaded, per workload: the only images its collection may remove.
     "CREATE TABLE images (workload TEXT NOT NULL, image TEXT NOT NULL, loaded_at INTEGER NOT NULL,
                           PRIMARY KEY (workload, image));",
+    // 7: firmware and agent releases that were installed and rolled back: never tried again on this device.
+    "CREATE TABLE failed_updates (release BLOB PRIMARY KEY, kind TEXT NOT NULL, reason TEXT NOT NULL,
+                                  at INTEGER NOT NULL);",
 ];
+
+/// The oldest schema version whose agent can still use a database at the current version. Migrations are
+/// additive (new tables, new nullable columns) so that an agent rolled back after a self-update opens the database
+/// the new agent migrated: raise this only for a migration older agents cannot live with, and they then refuse
+/// the file with [`StoreError::TooNew`] instead of misreading it.
+const MIN_READER: usize = 6;
 
 /// Largest the write-ahead log may stay after a checkpoint, and roughly how far it grows between automatic ones:
 /// on a small data partition an unbounded WAL (SQLite's default leaves it at its high-water mark, ~4 MiB with one
@@ -86,18 +104,52 @@ fn integrity_ok(conn: &Connection) -> bool {
         .is_ok_and(|s| s == "ok")
 }
 
-fn migrate(conn: &mut Connection) -> Result<()> {
+/// Brings the database to `migrations.len()`, recording the oldest version that can still read it. A database
+/// a newer agent migrated (a rollback after a self-update) is used as it is when this agent is at least its
+/// recorded oldest reader, and refused otherwise; it is never migrated down.
+fn migrate(conn: &mut Connection, migrations: &[&str], min_reader: usize) -> Result<()> {
     let version: usize = conn
         .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))?
         .try_into()
         .unwrap_or(0);
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+    if version > migrations.len() {
+        let recorded: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_min_reader'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        // A database without the record predates it: every migration then was additive.
+        let needed = recorded
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if needed > migrations.len() {
+            return Err(StoreError::TooNew {
+                db: version,
+                known: migrations.len(),
+                min_reader: needed,
+            });
+        }
+        tracing::info!(
+            db = version,
+            known = migrations.len(),
+            "the database was migrated by a newer agent; using it as it is"
+        );
+        return Ok(());
+    }
+    for (i, sql) in migrations.iter().enumerate().skip(version) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(
             None,
             "user_version",
             i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_min_reader', ?1)",
+            [min_reader.to_string().into_bytes()],
         )?;
         tx.commit()?;
     }
@@ -126,7 +178,7 @@ impl Store {
             quarantined = Some(aside);
         }
         let mut conn = open_conn(&path)?;
-        migrate(&mut conn)?;
+        migrate(&mut conn, MIGRATIONS, MIN_READER)?;
         // The database holds the device's signing key and MQTT secret: readable by the agent's user alone.
         for ext in ["", "-wal", "-shm"] {
             let mut p = path.clone().into_os_string();
@@ -465,6 +517,41 @@ impl Store {
         Ok(())
     }
 
+    /// Remembers a firmware or agent release that was installed and rolled back, with the reason.
+    pub fn record_failed_update(
+        &mut self,
+        release: &Digest,
+        kind: &str,
+        reason: &str,
+        now: u64,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO failed_updates (release, kind, reason, at) VALUES (?1, ?2, ?3, ?4)",
+            params![release.0.as_slice(), kind, reason, to_i64(now)],
+        )?;
+        Ok(())
+    }
+
+    /// Every firmware or agent release that was rolled back on this device, with the reason.
+    pub fn failed_updates(&self) -> Result<Vec<(Digest, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT release, reason FROM failed_updates")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (d, reason) = row?;
+            let d: [u8; 32] = d
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("failed update digest".into()))?;
+            out.push((Digest(d), reason));
+        }
+        Ok(out)
+    }
+
     /// Stores a verified release staged ahead of its cutover, leaving the epoch floor where it is.
     pub fn stage_release(&mut self, digest: &Digest, signed: &Signed) -> Result<()> {
         self.conn.execute(
@@ -724,6 +811,68 @@ fn decode_signed(bytes: &[u8]) -> Result<Signed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent rolled back after a self-update opens the database the newer agent migrated: the previous
+    /// version's code (the migrations it knew) reads and writes it as it is, and a database whose newer schema
+    /// its agent marked unreadable for older ones is refused with a typed error, untouched.
+    #[test]
+    fn a_rolled_back_agent_opens_the_database_a_newer_one_migrated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.db");
+        {
+            let mut s = Store::open(dir.path()).expect("open");
+            s.conn
+                .execute(
+                    "INSERT INTO identity (id, device_id, secret) VALUES (1, 'dev-1', 'secret')",
+                    [],
+                )
+                .expect("identity");
+            s.record_failed_update(&Digest([7; 32]), "agent", "exited", 1)
+                .expect("failed update");
+        }
+        // The previous agent knew one migration less: the current schema must be usable by it.
+        let previous = &MIGRATIONS[..MIGRATIONS.len() - 1];
+        assert!(
+            MIN_READER <= previous.len(),
+            "the newest migration must be additive"
+        );
+        let mut conn = open_conn(&path).expect("conn");
+        migrate(&mut conn, previous, MIN_READER).expect("the previous agent opens it");
+        let (id, secret): (String, String) = conn
+            .query_row("SELECT device_id, secret FROM identity", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("identity readable");
+        assert_eq!((id.as_str(), secret.as_str()), ("dev-1", "secret"));
+        // It writes with the statements it knows (they name their columns, so new ones keep their defaults).
+        conn.execute(
+            "INSERT INTO counters (name, value) VALUES ('report', 5)",
+            [],
+        )
+        .expect("the previous agent writes");
+        drop(conn);
+        // And the newer agent, once the update is tried again, still finds its own rows.
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_eq!(s.counter("report").expect("counter"), 5);
+        assert_eq!(s.failed_updates().expect("failed").len(), 1);
+        drop(s);
+
+        // A future migration that older agents cannot live with says so; they refuse the file, typed.
+        let conn = open_conn(&path).expect("conn");
+        conn.pragma_update(None, "user_version", to_i64(MIGRATIONS.len() as u64 + 1))
+            .expect("version");
+        conn.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'schema_min_reader'",
+            [(MIGRATIONS.len() + 1).to_string().into_bytes()],
+        )
+        .expect("min reader");
+        drop(conn);
+        let err = Store::open(dir.path()).expect_err("too new");
+        assert!(
+            matches!(err, StoreError::TooNew { known, .. } if known == MIGRATIONS.len()),
+            "{err}"
+        );
+    }
 
     /// The outbox keeps order and, past its byte cap, drops the oldest records and counts them.
     #[test]

@@ -62,6 +62,7 @@ mod tests {
                 })
                 .collect(),
             image: None,
+            compatible: None,
         }
     }
 

@@ -176,6 +176,7 @@ fn container_demo(
 ) -> std::result::Result<String, String> {
     let tar = busybox_image(dir)?;
     let sign = ReleaseSign {
+        compatible: None,
         artifact: tar,
         name: "ticker".into(),
         version: "1.0.0".into(),
@@ -390,6 +391,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let wasm = args.dir.join("sensor.wasm");
     std::fs::write(&wasm, SENSOR_WASM)?;
     let sign = ReleaseSign {
+        compatible: None,
         artifact: wasm.clone(),
         name: "sensor".into(),
         version: "1.0.0".into(),

@@ -91,6 +91,11 @@ pub struct ReleaseSign {
     /// built without a compiler needs one); agents of other targets compile the source module.
     #[arg(long, value_delimiter = ',')]
     pub precompile: Vec<String>,
+    /// For firmware and agent releases: the hardware it is for, signed into the release and checked by the
+    /// device before anything is written (firmware: the device type, as in the agents' `[firmware] compatible`;
+    /// agent: the CPU architecture, `x86_64`, `aarch64`, `arm`).
+    #[arg(long)]
+    pub compatible: Option<String>,
     /// Where to write the signed release. `release sign` defaults to ARTIFACT.release; `release push` writes
     /// nothing unless this is given (the artifact's directory may be read-only).
     #[arg(long)]
@@ -104,11 +109,9 @@ pub fn now() -> u64 {
 }
 
 pub fn parse_kind(s: &str) -> Result<WorkloadKind> {
-    match s {
-        "wasm" => Ok(WorkloadKind::Wasm),
-        "container" => Ok(WorkloadKind::Container),
-        other => bail!("unknown workload kind {other:?}: expected wasm or container"),
-    }
+    WorkloadKind::parse(s).with_context(|| {
+        format!("unknown release kind {s:?}: expected wasm, container, firmware or agent")
+    })
 }
 
 pub fn run_keys(cmd: KeysCmd) -> Result<()> {
@@ -164,7 +167,7 @@ pub fn sign_release(args: &ReleaseSign) -> Result<SignedRelease> {
     let file = std::fs::File::open(&args.artifact)
         .with_context(|| format!("reading {}", args.artifact.display()))?;
     let (bytes, image) = match kind {
-        WorkloadKind::Wasm => {
+        WorkloadKind::Wasm | WorkloadKind::Firmware | WorkloadKind::Agent => {
             let mut bytes = Vec::new();
             std::io::Read::read_to_end(&mut std::io::BufReader::new(file), &mut bytes)?;
             (bytes, None)
@@ -190,6 +193,21 @@ pub fn sign_release(args: &ReleaseSign) -> Result<SignedRelease> {
     if !args.precompile.is_empty() && kind != WorkloadKind::Wasm {
         bail!("--precompile is for WASM releases (--kind wasm)");
     }
+    match (kind.is_system(), &args.compatible) {
+        (true, None) => bail!(
+            "a {} release must name the hardware it is for: --compatible DEVICE_TYPE (firmware: the device type \
+             in the agents' [firmware] compatible; agent: the CPU architecture, e.g. x86_64 or aarch64)",
+            kind.name()
+        ),
+        (false, Some(_)) => bail!("--compatible is for firmware and agent releases"),
+        _ => {}
+    }
+    if kind == WorkloadKind::Agent && !bytes.starts_with(b"\x7fELF") {
+        bail!(
+            "{} is not an ELF executable; an agent release is the flotilla-agent binary",
+            args.artifact.display()
+        );
+    }
     let (precompiled, variants) = precompile(&bytes, &args.precompile)?.into_iter().unzip();
     let release = Release {
         name: WorkloadName::new(args.name.clone()).context("--name")?,
@@ -200,6 +218,7 @@ pub fn sign_release(args: &ReleaseSign) -> Result<SignedRelease> {
         artifact_size: bytes.len() as u64,
         precompiled,
         image,
+        compatible: args.compatible.clone(),
     };
     let keys = args
         .keys

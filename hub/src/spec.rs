@@ -776,14 +776,12 @@ fn validate(raw: RawSpec) -> Result<Deployment, (String, String)> {
     };
     let runtime = match raw.constraints.runtime.as_deref() {
         None => None,
-        Some("wasm") => Some(WorkloadKind::Wasm),
-        Some("container") => Some(WorkloadKind::Container),
-        Some(o) => {
-            return Err((
-                "constraints.runtime".into(),
-                format!("{o:?} is not wasm or container"),
-            ));
-        }
+        Some(s) => Some(WorkloadKind::parse(s).ok_or_else(|| {
+            (
+                "constraints.runtime".to_owned(),
+                format!("{s:?} is not wasm, container, firmware or agent"),
+            )
+        })?),
     };
     let constraints = Constraints {
         arch: raw.constraints.arch,
@@ -831,9 +829,12 @@ fn validate(raw: RawSpec) -> Result<Deployment, (String, String)> {
         };
         let kind = match w.kind.as_deref() {
             None => None,
-            Some("wasm") => Some(WorkloadKind::Wasm),
-            Some("container") => Some(WorkloadKind::Container),
-            Some(o) => return Err((f("kind"), format!("{o:?} is not wasm or container"))),
+            Some(s) => Some(WorkloadKind::parse(s).ok_or_else(|| {
+                (
+                    f("kind"),
+                    format!("{s:?} is not wasm, container, firmware or agent"),
+                )
+            })?),
         };
         let raw_container = crate::spec_container::RawContainer {
             command: w.command,
@@ -914,6 +915,37 @@ fn validate(raw: RawSpec) -> Result<Deployment, (String, String)> {
         });
     }
     let rollout = raw.rollout.map(rollout_plan).transpose()?;
+    // A firmware or agent workload goes only to devices that can install it; one deployment updates one kind of
+    // system software, so its devices are chosen by one runtime.
+    let mut constraints = constraints;
+    let system: std::collections::HashSet<WorkloadKind> = workloads
+        .iter()
+        .filter_map(|w| w.kind.filter(|k| k.is_system()))
+        .collect();
+    match (system.len(), constraints.runtime) {
+        (0, _) => {}
+        (1, None) => constraints.runtime = system.iter().next().copied(),
+        (1, Some(r)) if system.contains(&r) => {}
+        _ => {
+            return Err((
+                "workloads".into(),
+                "a deployment updates firmware, the agent or workloads, not a mix: put each in its own \
+                 deployment (constraints.runtime must match too)"
+                    .into(),
+            ));
+        }
+    }
+    if !system.is_empty()
+        && workloads
+            .iter()
+            .any(|w| !w.kind.is_some_and(|k| k.is_system()))
+    {
+        return Err((
+            "workloads".into(),
+            "a deployment updates firmware, the agent or workloads, not a mix: put each in its own deployment"
+                .into(),
+        ));
+    }
     Ok(Deployment {
         name,
         target,

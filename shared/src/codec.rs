@@ -12,7 +12,7 @@ use serde::{Serialize, de::DeserializeOwned};
 /// First byte of every envelope; lets a consumer tell Flotilla payloads from anything else on a shared broker.
 pub const MAGIC: u8 = 0xF1;
 /// Bumped on any change to a wire type.
-pub const PROTOCOL_VERSION: u8 = 7;
+pub const PROTOCOL_VERSION: u8 = 8;
 /// Largest envelope of any kind. MQTT clients set their max packet size just above this.
 pub const MAX_ENVELOPE: usize = 80 * 1024;
 /// Largest artifact chunk payload; leaves room for the chunk header inside [`MAX_ENVELOPE`].

@@ -471,9 +471,11 @@ pub fn verify_release_for(
             release: release.name,
         });
     }
-    // A container release must say which image its tarball holds; a WASM release must not claim one.
+    // A container release must say which image its tarball holds; a WASM release must not claim one. Firmware
+    // and agent releases must name the hardware they are for, and only they may.
     if release.kind != spec.kind
         || (release.kind == WorkloadKind::Container) != release.image.is_some()
+        || release.kind.is_system() != release.compatible.is_some()
     {
         return Err(ReleaseError::KindMismatch);
     }

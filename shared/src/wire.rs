@@ -51,6 +51,36 @@ pub struct Root {
 pub enum WorkloadKind {
     Wasm,
     Container,
+    /// A system image for the device's other boot slot (A/B), installed through the agent's update backend and
+    /// confirmed after a reboot. Never run as a workload; its release names the device type (`compatible`).
+    Firmware,
+    /// A new `flotilla-agent` binary, staged beside the running one and switched to under the launcher, which
+    /// switches back if it does not come up healthy. Its release names the CPU architecture (`compatible`).
+    Agent,
+}
+
+impl WorkloadKind {
+    /// `wasm`, `container`, `firmware`, `agent`: the names specs and the CLI use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Wasm => "wasm",
+            Self::Container => "container",
+            Self::Firmware => "firmware",
+            Self::Agent => "agent",
+        }
+    }
+
+    /// The inverse of [`WorkloadKind::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Wasm, Self::Container, Self::Firmware, Self::Agent]
+            .into_iter()
+            .find(|k| k.name() == s)
+    }
+
+    /// Firmware and agent releases update the device itself: one at a time, never run by the reconciler.
+    pub fn is_system(self) -> bool {
+        matches!(self, Self::Firmware | Self::Agent)
+    }
 }
 
 /// A module compiled ahead of time for one target and engine, signed as part of its [`Release`].
@@ -75,6 +105,10 @@ pub struct Release {
     pub precompiled: Vec<Precompiled>,
     /// For container releases: what the artifact (a canonical image tarball, see [`crate::image`]) must contain.
     pub image: Option<ContainerImage>,
+    /// For firmware and agent releases: what the device must be to install it (RAUC's `compatible` device type
+    /// for firmware, the CPU architecture for an agent, as `std::env::consts::ARCH` names it). Signed, so a
+    /// release built for other hardware is refused before a byte of it is written.
+    pub compatible: Option<String>,
 }
 
 /// The identity of a container image, signed in its release and checked on the device before and after the load.
@@ -339,6 +373,16 @@ pub enum RejectReason {
         target: String,
         fingerprint: String,
     },
+    /// A firmware or agent release for other hardware: the release's `compatible` against the device's.
+    Incompatible {
+        release: String,
+        device: String,
+    },
+    /// The update backend refused the update before activating it (the running system is untouched).
+    UpdateRefused(String),
+    /// The update was installed and started, did not come up healthy, and the device went back to the previous
+    /// version (it is not tried again).
+    RolledBack(String),
 }
 
 /// What is wrong with a container image tarball, found by [`crate::image::verify`] or after the load.
@@ -456,6 +500,18 @@ impl std::fmt::Display for RejectReason {
             Self::InvalidSpec(why) => write!(f, "invalid workload spec: {why}"),
             Self::BadImage(p) => write!(f, "the container image was refused before loading: {p}"),
             Self::NotAllowed(why) => write!(f, "refused by the device: {why}"),
+            Self::Incompatible { release, device } => write!(
+                f,
+                "the release is built for {release:?} and this device is {device:?}; nothing was installed"
+            ),
+            Self::UpdateRefused(why) => {
+                write!(f, "the update was refused before activation ({why}); the running system is untouched")
+            }
+            Self::RolledBack(why) => write!(
+                f,
+                "the update was installed but did not come up healthy ({why}); the device went back to the \
+                 previous version and will not try this release again"
+            ),
             Self::NoPrecompiledVariant { target, fingerprint } => write!(
                 f,
                 "this agent has no WASM compiler and the release has no module precompiled for {target} \
@@ -529,6 +585,24 @@ pub struct Inventory {
     pub sealing_key: Option<[u8; 32]>,
     /// The container engine the agent drives, when one answered its probe.
     pub container_engine: Option<ContainerEngine>,
+    /// The device's firmware, when the agent manages it (`[firmware]` in `agent.toml`).
+    pub firmware: Option<FirmwareInventory>,
+    /// The version of the signed agent release this agent was installed from by a self-update (None: the
+    /// packaged binary). `agent_version` is the version the binary was built as.
+    pub agent_release: Option<String>,
+}
+
+/// The firmware a device booted: its type, version and slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareInventory {
+    /// The device type firmware releases must name (RAUC's `compatible`).
+    pub compatible: String,
+    /// The version of the firmware release installed in the booted slot (`factory` before the first update).
+    pub version: String,
+    /// The booted slot (`A` or `B`).
+    pub slot: String,
+    /// The update backend: `ab` (built-in, U-Boot environment) or `rauc`.
+    pub backend: String,
 }
 
 /// What the device's container engine is and what it can enforce, as probed by the agent at start.

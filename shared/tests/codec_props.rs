@@ -57,6 +57,8 @@ fn inventory() -> impl Strategy<Value = Inventory> {
             agent_version: "0.1.0".into(),
             sealing_key: Some([mem as u8; 32]),
             container_engine: None,
+            firmware: None,
+            agent_release: None,
         })
 }
 

@@ -67,6 +67,7 @@ fn release(n: &str, epoch: u32, artifact: &[u8]) -> Release {
         artifact_size: artifact.len() as u64,
         precompiled: vec![],
         image: None,
+        compatible: None,
     }
 }
 

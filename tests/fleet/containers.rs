@@ -326,6 +326,7 @@ fn hub_refuses_a_legacy_tagged_tarball() {
         artifact_size: raw.len() as u64,
         precompiled: vec![],
         image: Some(image),
+        compatible: None,
     };
     let key = flotilla_hub::keyfile::read_signing_key(&fleet.hub.release_key()).expect("key");
     let signed =

@@ -17,6 +17,7 @@ mod partition;
 mod prometheus;
 mod rollout;
 mod secrets;
+mod selfupdate;
 mod sparkplug;
 mod storm;
 mod targets;

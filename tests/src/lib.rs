@@ -662,6 +662,28 @@ impl Hub {
         self.push_kind(name, version, epoch, "wasm", wasm, None, targets)
     }
 
+    /// Signs and uploads a firmware image or agent binary (`kind`) for the hardware `compatible` names.
+    pub fn push_system(
+        &self,
+        name: &str,
+        version: &str,
+        epoch: u32,
+        kind: &str,
+        path: &Path,
+        compatible: &str,
+    ) -> Result<String> {
+        self.push_signed(
+            name,
+            version,
+            epoch,
+            kind,
+            path,
+            None,
+            &[],
+            Some(compatible),
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn push_kind(
         &self,
@@ -673,7 +695,23 @@ impl Hub {
         registry: Option<&str>,
         precompile: &[&str],
     ) -> Result<String> {
+        self.push_signed(name, version, epoch, kind, path, registry, precompile, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_signed(
+        &self,
+        name: &str,
+        version: &str,
+        epoch: u32,
+        kind: &str,
+        path: &Path,
+        registry: Option<&str>,
+        precompile: &[&str],
+        compatible: Option<&str>,
+    ) -> Result<String> {
         let sign = flotilla_hub::keys_cli::ReleaseSign {
+            compatible: compatible.map(str::to_owned),
             artifact: path.to_owned(),
             name: name.into(),
             version: version.into(),

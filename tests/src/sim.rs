@@ -171,6 +171,8 @@ fn inventory(region: &str) -> Inventory {
         agent_version: "sim".into(),
         sealing_key: None,
         container_engine: None,
+        firmware: None,
+        agent_release: None,
     }
 }
 

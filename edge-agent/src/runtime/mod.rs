@@ -38,6 +38,11 @@ pub enum RuntimeEvent {
         metric: String,
         value: f64,
     },
+    /// A firmware image was written to the inactive slot, read back and activated (or why not).
+    FirmwareInstalled {
+        release: flotilla_shared::Digest,
+        result: Result<(), String>,
+    },
     /// A downloaded container tarball (in `staging`) was checked against its signed image.
     ImageChecked {
         digest: flotilla_shared::Digest,

@@ -69,6 +69,10 @@ pub(super) struct DeviceOut<'a> {
     location: Option<LatLonOut>,
     arch: &'a str,
     agent_version: &'a str,
+    /// The signed agent release the agent was installed from by a self-update (None: the packaged binary).
+    agent_release: Option<&'a str>,
+    /// The booted firmware, when the agent manages it.
+    firmware: Option<&'a flotilla_shared::wire::FirmwareInventory>,
     memory_mib: u32,
     runtimes: Vec<&'static str>,
     container_engine: Option<EngineOut<'a>>,
@@ -159,6 +163,8 @@ pub(super) fn device_out<'a>(
         }),
         arch: &inv.arch,
         agent_version: &inv.agent_version,
+        agent_release: inv.agent_release.as_deref(),
+        firmware: inv.firmware.as_ref(),
         memory_mib: inv.memory_mib,
         runtimes: inv
             .runtimes

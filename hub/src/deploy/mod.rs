@@ -57,6 +57,17 @@ impl Hub {
                 )));
             }
             let kind = row.release.kind;
+            // Placement sends firmware and agent releases only to devices that say they can install them, which
+            // needs the kind in the spec (it sets the runtime constraint).
+            if kind.is_system() && w.kind.is_none() {
+                return Err(HubError::BadRequest(format!(
+                    "workloads[{i}].kind: release {} is a{} {} release; say kind = \"{}\"",
+                    w.release,
+                    if kind == WorkloadKind::Agent { "n" } else { "" },
+                    kind.name(),
+                    kind.name()
+                )));
+            }
             if w.kind.is_some_and(|k| k != kind) {
                 return Err(HubError::BadRequest(format!(
                     "workloads[{i}].kind: the spec says {:?} but release {} is {:?}",
@@ -69,7 +80,7 @@ impl Hub {
                         .clone()
                         .unwrap_or_else(crate::spec_container::defaults),
                 )),
-                WorkloadKind::Wasm => None,
+                WorkloadKind::Wasm | WorkloadKind::Firmware | WorkloadKind::Agent => None,
             };
             out.push(WorkloadSpec {
                 name: w.name.clone(),

@@ -478,6 +478,7 @@ mod isolation {
             artifact_size: 1,
             precompiled: vec![],
             image: None,
+            compatible: None,
         };
         let signed = trust::sign(DocType::Release, &release, &[&key]);
         let digest = trust::document_digest(&signed);
@@ -501,6 +502,8 @@ mod isolation {
             agent_version: "test".into(),
             sealing_key: None,
             container_engine: None,
+            firmware: None,
+            agent_release: None,
         };
         hub.store
             .insert_device(

@@ -276,6 +276,8 @@ mod tests {
             agent_version: "test".into(),
             sealing_key: None,
             container_engine: None,
+            firmware: None,
+            agent_release: None,
         };
         hub.store
             .insert_device(&id, &SigningKey::from_seed([1; 32]).public(), &inv, 1)

@@ -17,7 +17,7 @@ use flotilla_shared::wire::Inventory;
 pub(crate) fn device_view(d: &DeviceRow) -> DeviceView {
     DeviceView {
         id: d.id.clone(),
-        labels: d.inventory.labels.iter().cloned().collect(),
+        labels: labels(&d.inventory),
         region: d.inventory.region.as_ref().map(|r| r.to_string()),
         zone: d.inventory.zone.as_ref().map(|z| z.to_string()),
         location: d.inventory.location,
@@ -27,6 +27,25 @@ pub(crate) fn device_view(d: &DeviceRow) -> DeviceView {
         online: d.online,
         offline_since: d.offline_since,
     }
+}
+
+/// A device's labels for placement: its own, and what it says about its system software under `flotilla.io/`
+/// (`device-type`, `firmware-version`, `firmware-slot`, `agent-version`), so selectors can target, say, the
+/// devices still on an old firmware.
+pub(crate) fn labels(inv: &Inventory) -> std::collections::BTreeMap<String, String> {
+    let mut out: std::collections::BTreeMap<String, String> = inv.labels.iter().cloned().collect();
+    if let Some(fw) = &inv.firmware {
+        out.insert("flotilla.io/device-type".into(), fw.compatible.clone());
+        out.insert("flotilla.io/firmware-version".into(), fw.version.clone());
+        out.insert("flotilla.io/firmware-slot".into(), fw.slot.clone());
+    }
+    out.insert(
+        "flotilla.io/agent-version".into(),
+        inv.agent_release
+            .clone()
+            .unwrap_or_else(|| inv.agent_version.clone()),
+    );
+    out
 }
 
 /// Rejects inventories that would poison placement (non-finite positions, absurd labels).
@@ -43,6 +62,13 @@ pub(crate) fn validate_inventory(inv: &Inventory) -> Result<(), String> {
             .any(|(k, v)| k.len() > 64 || v.len() > 256)
     {
         return Err("too many or too long labels".into());
+    }
+    let long = |s: &str| s.len() > 128;
+    if inv.firmware.as_ref().is_some_and(|f| {
+        long(&f.compatible) || long(&f.version) || long(&f.slot) || long(&f.backend)
+    }) || inv.agent_release.as_deref().is_some_and(long)
+    {
+        return Err("too long firmware or agent version fields".into());
     }
     if let Some(e) = &inv.container_engine
         && [&e.name, &e.api_version, &e.storage_driver]

@@ -151,10 +151,7 @@ fn to_u64(v: i64) -> u64 {
 }
 
 pub fn kind_str(k: WorkloadKind) -> &'static str {
-    match k {
-        WorkloadKind::Wasm => "wasm",
-        WorkloadKind::Container => "container",
-    }
+    k.name()
 }
 
 pub fn hash_token(token: &str) -> Vec<u8> {
@@ -492,6 +489,8 @@ mod tests {
             agent_version: "t".into(),
             sealing_key: None,
             container_engine: None,
+            firmware: None,
+            agent_release: None,
         };
         let ids: Vec<DeviceId> = ["a", "b", "c"]
             .iter()

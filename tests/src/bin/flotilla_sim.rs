@@ -461,6 +461,7 @@ fn push_app_release(
     let wasm = tempfile::NamedTempFile::new()?;
     std::fs::write(wasm.path(), b"\0asm\x01\0\0\0")?;
     let sign = flotilla_hub::keys_cli::ReleaseSign {
+        compatible: None,
         artifact: wasm.path().to_owned(),
         name: "app".into(),
         version: "1.0.0".into(),
