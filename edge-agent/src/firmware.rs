@@ -520,6 +520,9 @@ impl crate::agent::Agent {
                     Err(e) => tracing::error!(error = %e, "marking the new firmware good"),
                 }
                 self.firmware_confirm = None;
+                // The firmware workload is now running its release: say so.
+                self.refresh_desired();
+                self.send_report();
             }
             boot::Confirmation::MarkBadAndReboot => {
                 tracing::error!(

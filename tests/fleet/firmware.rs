@@ -449,3 +449,313 @@ fn agent_pending(config: &Path) -> bool {
         .expect("status");
     !String::from_utf8_lossy(&out.stdout).contains("pending None")
 }
+
+/// Finds the file named `name` under `dir` (the hub's blob store).
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(found) = find_file(&p, name) {
+                return Some(found);
+            }
+        } else if e.file_name().to_str() == Some(name) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// Firmware as a release kind, through the hub: a rollout installs it into each device's other slot, the
+/// workloads stop before the reboot and come back after it, the device confirms and reports the new version and
+/// slot (placement can select on them); an update hold makes it wait; a release for another device type and a
+/// truncated image are refused with their reasons and nothing written; a release whose system never boots far
+/// enough (U-Boot's attempts run out) is rolled back, reported, and its rollout stops after the canary.
+#[test]
+fn firmware_rolls_out_through_the_hub_and_bad_releases_stop_after_the_canary() {
+    use flotilla_fleet_tests::{AgentSpec, FleetBuilder, PATIENCE, firmware, wait_for};
+    assert!(
+        tools_present(),
+        "u-boot-tools missing (apt-get install u-boot-tools)"
+    );
+    let ids = ["fw-1", "fw-2"];
+    let holds = tempfile::tempdir().expect("tempdir");
+    let mut b = FleetBuilder::new();
+    for id in ids {
+        let mut a = AgentSpec::new(id, "eu-west", 50.1, 8.7);
+        a.extra_config = format!(
+            "hold_file = \"{}\"\n",
+            holds.path().join(format!("{id}.hold")).display()
+        );
+        b = b.agent(a);
+    }
+    let mut fleet = b.start().expect("fleet");
+    let devices: Vec<Device> = ids.iter().map(|_| Device::new()).collect();
+    for (id, d) in ids.iter().zip(&devices) {
+        let agent = fleet.agent_mut(id);
+        agent.kill9();
+        let mut toml = std::fs::read_to_string(&agent.config).expect("agent.toml");
+        toml.push_str(&format!(
+            "\n[firmware]\ncompatible = \"flotilla-gw\"\nslot_a = \"{}\"\nslot_b = \"{}\"\nfw_env_config = \"{}\"\n\
+             cmdline = \"{}\"\nconfirm_secs = 10\nreboot_command = [\"touch\", \"{}\"]\n",
+            d.path("slot-a").display(),
+            d.path("slot-b").display(),
+            d.path("fw_env.config").display(),
+            d.path("cmdline").display(),
+            d.path("rebooted").display()
+        ));
+        std::fs::write(&agent.config, toml).expect("agent.toml");
+        assert_eq!(d.boot(), "A");
+        agent.start().expect("agent");
+    }
+    let fw_row = |f: &flotilla_fleet_tests::Fleet, id: &str| -> Option<serde_json::Value> {
+        f.hub.device(id)?["workloads"]
+            .as_array()?
+            .iter()
+            .find(|w| w["name"] == "os")
+            .cloned()
+    };
+    let f = &fleet;
+    // A WASM workload runs beside, to show it is stopped before the reboot and back after it.
+    f.hub
+        .push_release("sensor", "1.0.0", 1, &firmware("sensor"))
+        .expect("sensor");
+    f.hub
+        .apply(
+            "name = \"sensors\"\n[target]\nselector = { role = \"gateway\" }\n[[workloads]]\nname = \"sensor\"\n\
+             release = \"sensor@1.0.0\"\ntick_ms = 100\nmemory_mib = 4\ncpu_ms = 20\n",
+        )
+        .expect("sensors");
+    for id in ids {
+        f.hub
+            .wait_workload(id, "sensor", "running")
+            .expect("sensor");
+        wait_for(&format!("{id} reports its firmware"), PATIENCE, || {
+            let d = f.hub.device(id)?;
+            (d["firmware"]["version"] == "factory" && d["firmware"]["slot"] == "A").then_some(())
+        })
+        .expect("firmware inventory");
+    }
+    let spec = |version: &str, rollout: &str| {
+        format!(
+            "name = \"os\"\n[target]\nselector = {{ role = \"gateway\" }}\n[[workloads]]\nname = \"os\"\n\
+             kind = \"firmware\"\nrelease = \"os@{version}\"\n{rollout}"
+        )
+    };
+    let plan = "[rollout]\nwaves = [\"canary:50\", \"rest\"]\nsoak_secs = 1\nreport_timeout_secs = 120\n\
+                max_failure_ratio = 0.0\n";
+    let push = |f: &flotilla_fleet_tests::Fleet, version: &str, bytes: &[u8], compatible: &str| {
+        let p = devices[0].path(&format!("os-{version}.img"));
+        std::fs::write(&p, bytes).expect("image");
+        f.hub
+            .push_system("os", version, 1, "firmware", &p, compatible)
+            .expect("push firmware")
+    };
+    push(f, "1.9", &image(7), "flotilla-gw");
+    push(f, "2.0", &image(2), "flotilla-gw");
+
+    // 1.9 to both, while fw-2 holds updates: fw-1 installs it; on fw-2 it waits, says why, writes nothing.
+    std::fs::write(holds.path().join("fw-2.hold"), "vehicle in motion\n").expect("hold");
+    wait_for("fw-2 reports its hold", PATIENCE, || {
+        f.hub.device("fw-2").filter(|d| !d["hold"].is_null())
+    })
+    .expect("hold reported");
+    f.hub.apply(&spec("1.9", "")).expect("1.9");
+    let held = wait_for("fw-2 waiting for its hold", PATIENCE, || {
+        fw_row(f, "fw-2").filter(|w| w["last_error"].as_str().is_some_and(|e| e.contains("held")))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", f.hub.device("fw-2")));
+    assert_eq!(held["state"], "starting");
+    assert_eq!(devices[1].slot("B"), b"", "nothing written while held");
+    // Play each device's reboot: the agent ran the reboot command after stopping its workloads; U-Boot then
+    // boots the new slot and the agent starts again.
+    let reboot = |fleet: &mut flotilla_fleet_tests::Fleet, i: usize, slot: &str| {
+        let id = ids[i];
+        let d = &devices[i];
+        wait_for(&format!("{id} asks for its reboot"), PATIENCE, || {
+            d.path("rebooted").exists().then_some(())
+        })
+        .expect("reboot asked");
+        let agent = fleet.agent_mut(id);
+        agent
+            .wait_log(&["rebooting into the new firmware"], 1)
+            .expect("the agent exited for the reboot");
+        let log = agent.log();
+        let stopped = log.find("shutting down: stopping workloads").expect("stop");
+        let rebooting = log.find("rebooting into the new firmware").expect("reboot");
+        assert!(stopped < rebooting, "workloads stopped before the reboot");
+        std::fs::remove_file(d.path("rebooted")).expect("reset");
+        agent.kill9();
+        assert_eq!(d.boot(), slot);
+        agent.start().expect("agent");
+    };
+    let confirmed =
+        |f: &flotilla_fleet_tests::Fleet, i: usize, version: &str, slot: &str, img: u8| {
+            let id = ids[i];
+            wait_for(&format!("{id} confirmed on {version}"), PATIENCE, || {
+                let d = f.hub.device(id)?;
+                let w = fw_row(f, id)?;
+                (w["state"] == "running"
+                    && w["version"] == version
+                    && d["firmware"]["version"] == version
+                    && d["firmware"]["slot"] == slot)
+                    .then_some(())
+            })
+            .unwrap_or_else(|e| panic!("{e}: {:?}", f.hub.device(id)));
+            assert_eq!(devices[i].slot(slot), image(img));
+            assert_eq!(
+                devices[i].env().left.get(slot),
+                Some(&3),
+                "{slot} marked good"
+            );
+            f.hub
+                .wait_workload(id, "sensor", "running")
+                .expect("the workload is back after the reboot");
+        };
+    reboot(&mut fleet, 0, "B");
+    confirmed(&fleet, 0, "1.9", "B", 7);
+    assert_eq!(devices[1].slot("B"), b"", "nothing written while held");
+    std::fs::remove_file(holds.path().join("fw-2.hold")).expect("lift");
+    reboot(&mut fleet, 1, "B");
+    confirmed(&fleet, 1, "1.9", "B", 7);
+
+    // Then 2.0 through a rollout's waves, canary first: into slot A on both.
+    let f = &fleet;
+    f.hub.apply(&spec("2.0", plan)).expect("rollout 2.0");
+    let first = wait_for("the canary asks for its reboot", PATIENCE, || {
+        (0..2).find(|&i| devices[i].path("rebooted").exists())
+    })
+    .expect("canary");
+    let slots = ["A", "A"];
+    reboot(&mut fleet, first, slots[first]);
+    confirmed(&fleet, first, "2.0", slots[first], 2);
+    reboot(&mut fleet, 1 - first, slots[1 - first]);
+    confirmed(&fleet, 1 - first, "2.0", slots[1 - first], 2);
+    let f = &fleet;
+    wait_for("the rollout of 2.0 completed", PATIENCE, || {
+        let v = f.hub.client.get("/api/v1/rollouts/os").ok()?;
+        v["phase"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("completed"))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", f.hub.client.get("/api/v1/rollouts/os")));
+    // Placement sees the firmware: a selector on the version the devices report places on both for 2.0, on
+    // none for 1.9 (a dry run of the sensors deployment with each selector).
+    let placed = |version: &str| {
+        let body = format!(
+            "name = \"sensors\"\n[target]\nselector = {{ \"flotilla.io/firmware-version\" = \"{version}\" }}\n\
+             [[workloads]]\nname = \"sensor\"\nrelease = \"sensor@1.0.0\"\ntick_ms = 100\nmemory_mib = 4\n\
+             cpu_ms = 20\n"
+        );
+        let dry = f
+            .hub
+            .client
+            .post(
+                "/api/v1/deployments?dry_run=true",
+                "application/toml",
+                body.as_bytes(),
+                &[("x-flotilla-force", "true")],
+            )
+            .expect("dry run");
+        dry["dry_run"]["placed"].as_u64()
+    };
+    assert_eq!(placed("2.0"), Some(2));
+    assert_eq!(placed("1.9"), Some(0));
+
+    // A release for another device type: refused, typed, nothing written.
+    let before: Vec<Vec<u8>> = devices.iter().map(|d| d.slot("A")).collect();
+    let before_b: Vec<Vec<u8>> = devices.iter().map(|d| d.slot("B")).collect();
+    push(f, "2.1-other", &image(5), "other-gw");
+    f.hub.apply(&spec("2.1-other", "")).expect("apply other");
+    for (i, id) in ids.iter().enumerate() {
+        let w = wait_for(
+            &format!("{id} refuses the other device type"),
+            PATIENCE,
+            || fw_row(f, id).filter(|w| w["version"] == "2.1-other" && !w["rejected"].is_null()),
+        )
+        .expect("refused");
+        let why = w["rejected"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("\"other-gw\"") && why.contains("\"flotilla-gw\""),
+            "{why}"
+        );
+        assert_eq!(devices[i].slot("A"), before[i], "{id}: slot A untouched");
+        assert_eq!(devices[i].slot("B"), before_b[i], "{id}: slot B untouched");
+    }
+
+    // A truncated image (the hub's copy cut short after the push): the download fails its digest check.
+    push(f, "2.2", &image(6), "flotilla-gw");
+    let blob = find_file(&f.hub.dir, &sha256(&image(6))).expect("the image blob");
+    let full = std::fs::read(&blob).expect("blob");
+    std::fs::write(&blob, &full[..full.len() / 2]).expect("truncate");
+    f.hub.apply(&spec("2.2", "")).expect("apply 2.2");
+    for (i, id) in ids.iter().enumerate() {
+        let w = wait_for(
+            &format!("{id} refuses the truncated image"),
+            PATIENCE,
+            || fw_row(f, id).filter(|w| w["version"] == "2.2" && !w["rejected"].is_null()),
+        )
+        .expect("refused");
+        let why = w["rejected"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("SHA-256") || why.contains("larger") || why.contains("stalled"),
+            "{why}"
+        );
+        assert_eq!(devices[i].slot("A"), before[i], "{id}: nothing written");
+        assert_eq!(devices[i].slot("B"), before_b[i], "{id}: nothing written");
+    }
+
+    // 3.0's system never boots far enough to start the agent: U-Boot's attempts run out and it falls back.
+    push(f, "3.0", &image(3), "flotilla-gw");
+    f.hub.apply(&spec("2.0", "")).expect("back to 2.0");
+    f.hub.apply(&spec("3.0", plan)).expect("rollout 3.0");
+    let canary = wait_for("a canary installing 3.0", PATIENCE, || {
+        (0..2).find(|&i| devices[i].path("rebooted").exists())
+    })
+    .expect("canary");
+    let (id, d) = (ids[canary], &devices[canary]);
+    // 2.0 runs from slots[canary]; 3.0 went into the other one.
+    let (old, new) = (slots[canary], if slots[canary] == "A" { "B" } else { "A" });
+    let agent = fleet.agent_mut(id);
+    agent
+        .wait_log(&["rebooting into the new firmware"], 1)
+        .expect("exited for the reboot");
+    agent.kill9();
+    std::fs::remove_file(d.path("rebooted")).expect("reset");
+    for _ in 0..3 {
+        assert_eq!(
+            d.boot(),
+            new,
+            "3.0 went into the slot 2.0 does not run from"
+        );
+    }
+    assert_eq!(
+        d.boot(),
+        old,
+        "out of attempts: U-Boot falls back to 2.0's slot"
+    );
+    agent.start().expect("agent");
+    let f = &fleet;
+    wait_for(
+        "the rollout of 3.0 aborted after its canary",
+        PATIENCE,
+        || {
+            let text = f.hub.client.get("/api/v1/rollouts/os").ok()?.to_string();
+            (text.contains("\"phase\":\"aborted") && text.contains("did not come up healthy"))
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", f.hub.client.get("/api/v1/rollouts/os")));
+    let other = 1 - canary;
+    let other_new = if slots[other] == "A" { "B" } else { "A" };
+    assert_ne!(
+        devices[other].slot(other_new),
+        image(3),
+        "the other device never installed 3.0"
+    );
+    wait_for(&format!("{id} back on 2.0"), PATIENCE, || {
+        let w = fw_row(f, id)?;
+        (w["state"] == "running" && w["version"] == "2.0").then_some(())
+    })
+    .expect("back on 2.0");
+}
