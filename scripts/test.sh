@@ -9,18 +9,21 @@ cd "$(dirname "$0")/.."
 # schema with Python's jsonschema.
 # The Prometheus scrape test runs Debian's prometheus (which also brings promtool for the rule tests).
 # The console's browser tests drive Debian's chromium through chromium-driver (same source package: versions match).
-# The firmware A/B tests use u-boot-tools' fw_printenv/fw_setenv/mkenvimage on a U-Boot environment in files.
+# The firmware A/B tests use u-boot-tools' fw_printenv/fw_setenv/mkenvimage on a U-Boot environment in files; the
+# RAUC test runs Debian's rauc service on a private D-Bus bus (dbus-daemon) and builds bundles (squashfs-tools,
+# e2fsprogs, openssl for the test signing keys).
 if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_sub >/dev/null 2>&1 || [ ! -x /bin/busybox ] \
   || ! command -v docker-registry >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1 \
   || ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
-  || ! command -v fw_setenv >/dev/null 2>&1; then
+  || ! command -v fw_setenv >/dev/null 2>&1 \
+  || ! command -v rauc >/dev/null 2>&1 || ! command -v dbus-daemon >/dev/null 2>&1 || ! command -v mksquashfs >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients \
-      busybox-static docker-registry prometheus chromium chromium-driver u-boot-tools >/dev/null
+      busybox-static docker-registry prometheus chromium chromium-driver u-boot-tools rauc dbus squashfs-tools e2fsprogs openssl >/dev/null
     # The packages start system services on the ports tests might pick; tests start their own.
     (systemctl stop mosquitto docker-registry prometheus prometheus-node-exporter || true) >/dev/null 2>&1
   else
-    echo "a test dependency is missing: sudo apt-get install -y mosquitto mosquitto-clients busybox-static docker-registry prometheus chromium chromium-driver u-boot-tools" >&2
+    echo "a test dependency is missing: sudo apt-get install -y mosquitto mosquitto-clients busybox-static docker-registry prometheus chromium chromium-driver u-boot-tools rauc dbus squashfs-tools e2fsprogs openssl" >&2
     exit 1
   fi
 fi

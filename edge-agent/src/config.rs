@@ -76,8 +76,15 @@ struct RawFirmware {
     /// The device type firmware releases must name (RAUC's `compatible`); without it the device takes firmware
     /// updates only by hand (`flotilla-agent firmware install`), none from the hub.
     compatible: Option<String>,
-    slot_a: PathBuf,
-    slot_b: PathBuf,
+    /// `ab` (the built-in backend, the default) or `rauc` (hands bundles to RAUC's service over D-Bus).
+    #[serde(default)]
+    backend: FirmwareBackendKind,
+    /// The RAUC client (argv before its subcommand), for `backend = "rauc"`.
+    #[serde(default = "default_rauc")]
+    rauc_command: Vec<String>,
+    /// The two slots of the built-in backend (RAUC knows its own from its system.conf).
+    slot_a: Option<PathBuf>,
+    slot_b: Option<PathBuf>,
     /// `fw_env.config` for `fw_printenv`/`fw_setenv` (default: theirs, `/etc/fw_env.config`).
     fw_env_config: Option<PathBuf>,
     /// Where the booted slot is named (`rauc.slot=A` on the kernel command line).
@@ -94,6 +101,19 @@ struct RawFirmware {
     /// devices that must be able to update while offline).
     #[serde(default = "default_true")]
     confirm_needs_hub: bool,
+}
+
+fn default_rauc() -> Vec<String> {
+    vec!["rauc".into()]
+}
+
+/// Which firmware update backend the agent drives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FirmwareBackendKind {
+    #[default]
+    Ab,
+    Rauc,
 }
 
 fn default_true() -> bool {
@@ -116,6 +136,8 @@ fn default_reboot() -> Vec<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirmwareConfig {
     pub compatible: Option<String>,
+    pub backend: FirmwareBackendKind,
+    pub rauc_command: Vec<String>,
     /// Slot name (`A`, `B`) to its device or file.
     pub slots: BTreeMap<String, PathBuf>,
     pub fw_env_config: Option<PathBuf>,
@@ -498,10 +520,28 @@ impl Config {
             firmware: match raw.firmware {
                 None => None,
                 Some(f) => {
-                    if f.slot_a == f.slot_b {
+                    let slots = match (f.backend, f.slot_a, f.slot_b) {
+                        (FirmwareBackendKind::Rauc, _, _) => BTreeMap::new(),
+                        (FirmwareBackendKind::Ab, Some(a), Some(b)) if a != b => {
+                            [("A".to_owned(), a), ("B".to_owned(), b)].into()
+                        }
+                        (FirmwareBackendKind::Ab, Some(_), Some(_)) => {
+                            return Err(invalid(
+                                "firmware.slot_b",
+                                "must differ from firmware.slot_a".into(),
+                            ));
+                        }
+                        (FirmwareBackendKind::Ab, ..) => {
+                            return Err(invalid(
+                                "firmware.slot_a",
+                                "the built-in backend needs slot_a and slot_b".into(),
+                            ));
+                        }
+                    };
+                    if f.backend == FirmwareBackendKind::Rauc && f.rauc_command.is_empty() {
                         return Err(invalid(
-                            "firmware.slot_b",
-                            "must differ from firmware.slot_a".into(),
+                            "firmware.rauc_command",
+                            "must name a program".into(),
                         ));
                     }
                     if f.reboot_command.is_empty() {
@@ -512,7 +552,9 @@ impl Config {
                     }
                     Some(FirmwareConfig {
                         compatible: f.compatible,
-                        slots: [("A".to_owned(), f.slot_a), ("B".to_owned(), f.slot_b)].into(),
+                        backend: f.backend,
+                        rauc_command: f.rauc_command,
+                        slots,
                         fw_env_config: f.fw_env_config,
                         cmdline: f.cmdline,
                         confirm_secs: f.confirm_secs.max(10),

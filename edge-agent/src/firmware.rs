@@ -75,108 +75,20 @@ fn crash_point(step: &str) {
     }
 }
 
-/// The built-in A/B backend.
+/// What the agent keeps about firmware updates, whichever backend installs them: the update in flight
+/// (`firmware.pending`), the release installed in each slot (`firmware.slots`), and the reboot command.
 #[derive(Debug, Clone)]
-pub struct AbBackend {
-    cfg: FirmwareConfig,
+pub struct Records {
     pending_path: PathBuf,
+    reboot_command: Vec<String>,
 }
 
-/// SHA-256 of the first `len` bytes of `r`.
-fn sha256_of(r: &mut impl Read, len: u64) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    let mut left = len;
-    let mut buf = vec![0u8; 1 << 16];
-    while left > 0 {
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let n = r.read(&mut buf[..want])?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "shorter than the image",
-            ));
-        }
-        h.update(&buf[..n]);
-        left -= n as u64;
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
-impl AbBackend {
-    pub fn new(cfg: FirmwareConfig, data_dir: &Path) -> Self {
+impl Records {
+    pub fn new(cfg: &FirmwareConfig, data_dir: &Path) -> Self {
         Self {
-            cfg,
             pending_path: data_dir.join("firmware.pending"),
+            reboot_command: cfg.reboot_command.clone(),
         }
-    }
-
-    fn tool(&self, name: &str) -> Command {
-        let mut c = Command::new(name);
-        if let Some(conf) = &self.cfg.fw_env_config {
-            c.arg("-c").arg(conf);
-        }
-        c
-    }
-
-    fn run(mut c: Command, what: &str) -> Result<String, FirmwareError> {
-        let out = c.output().map_err(|e| FirmwareError::Tool {
-            command: what.to_owned(),
-            status: "not run".into(),
-            stderr: e.to_string(),
-        })?;
-        if !out.status.success() {
-            return Err(FirmwareError::Tool {
-                command: what.to_owned(),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// U-Boot's boot variables, read with `fw_printenv`.
-    pub fn env(&self) -> Result<BootEnv, FirmwareError> {
-        let text = Self::run(self.tool("fw_printenv"), "fw_printenv")?;
-        let vars: BTreeMap<String, String> = text
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Ok(BootEnv::parse(&vars)?)
-    }
-
-    /// Writes the variables in one `fw_setenv --script` call.
-    fn write_env(&self, env: &BootEnv) -> Result<(), FirmwareError> {
-        let script = self.pending_path.with_extension("fw_setenv");
-        std::fs::write(&script, env.script()).map_err(|e| FirmwareError::Pending {
-            path: script.clone(),
-            message: e.to_string(),
-        })?;
-        let mut c = self.tool("fw_setenv");
-        c.arg("--script").arg(&script);
-        let r = Self::run(c, "fw_setenv");
-        let _ = std::fs::remove_file(&script);
-        r.map(|_| ())
-    }
-
-    /// The slot this system booted from (`rauc.slot=` on the kernel command line).
-    pub fn booted(&self) -> Result<String, FirmwareError> {
-        let unknown = || FirmwareError::UnknownBootedSlot {
-            path: self.cfg.cmdline.clone(),
-        };
-        let text = std::fs::read_to_string(&self.cfg.cmdline).map_err(|_| unknown())?;
-        text.split_whitespace()
-            .find_map(|w| w.strip_prefix("rauc.slot="))
-            .filter(|s| self.cfg.slots.contains_key(*s))
-            .map(str::to_owned)
-            .ok_or_else(unknown)
-    }
-
-    fn slot_path(&self, slot: &str) -> &Path {
-        self.cfg
-            .slots
-            .get(slot)
-            .map_or(Path::new("/nonexistent"), PathBuf::as_path)
     }
 
     /// The update in flight, if any.
@@ -211,7 +123,7 @@ impl AbBackend {
     }
 
     /// Persists `p` (write to a temporary file, fsync, rename, fsync the directory).
-    fn save_pending(&self, p: &Pending) -> Result<(), FirmwareError> {
+    pub fn save_pending(&self, p: &Pending) -> Result<(), FirmwareError> {
         let bad = |e: std::io::Error| FirmwareError::Pending {
             path: self.pending_path.clone(),
             message: e.to_string(),
@@ -233,7 +145,7 @@ impl AbBackend {
         Ok(())
     }
 
-    fn clear_pending(&self) {
+    pub fn clear_pending(&self) {
         let _ = std::fs::remove_file(&self.pending_path);
     }
 
@@ -280,6 +192,136 @@ impl AbBackend {
         })
     }
 
+    /// Records that the reboot into the new slot is being asked for, then runs the reboot command.
+    pub fn reboot(&self, now: u64) -> Result<(), FirmwareError> {
+        if let Some(mut p) = self.pending()? {
+            p.rebooted_at = Some(now);
+            self.save_pending(&p)?;
+        }
+        crash_point("rebooting");
+        let (prog, args) = self
+            .reboot_command
+            .split_first()
+            .map_or(("true", &[][..]), |(p, a)| (p.as_str(), a));
+        let mut c = Command::new(prog);
+        c.args(args);
+        run(c, &self.reboot_command.join(" ")).map(|_| ())
+    }
+}
+
+/// The built-in A/B backend.
+#[derive(Debug, Clone)]
+pub struct AbBackend {
+    cfg: FirmwareConfig,
+    records: Records,
+}
+
+/// SHA-256 of the first `len` bytes of `r`.
+fn sha256_of(r: &mut impl Read, len: u64) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    let mut left = len;
+    let mut buf = vec![0u8; 1 << 16];
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = r.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "shorter than the image",
+            ));
+        }
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+impl AbBackend {
+    pub fn new(cfg: FirmwareConfig, data_dir: &Path) -> Self {
+        Self {
+            records: Records::new(&cfg, data_dir),
+            cfg,
+        }
+    }
+
+    fn tool(&self, name: &str) -> Command {
+        let mut c = Command::new(name);
+        if let Some(conf) = &self.cfg.fw_env_config {
+            c.arg("-c").arg(conf);
+        }
+        c
+    }
+
+    fn run(c: Command, what: &str) -> Result<String, FirmwareError> {
+        run(c, what)
+    }
+}
+
+/// Runs a tool; its stdout, or a typed error with its status and stderr.
+pub(crate) fn run(mut c: Command, what: &str) -> Result<String, FirmwareError> {
+    {
+        let out = c.output().map_err(|e| FirmwareError::Tool {
+            command: what.to_owned(),
+            status: "not run".into(),
+            stderr: e.to_string(),
+        })?;
+        if !out.status.success() {
+            return Err(FirmwareError::Tool {
+                command: what.to_owned(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl AbBackend {
+    /// U-Boot's boot variables, read with `fw_printenv`.
+    pub fn env(&self) -> Result<BootEnv, FirmwareError> {
+        let text = Self::run(self.tool("fw_printenv"), "fw_printenv")?;
+        let vars: BTreeMap<String, String> = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Ok(BootEnv::parse(&vars)?)
+    }
+
+    /// Writes the variables in one `fw_setenv --script` call.
+    fn write_env(&self, env: &BootEnv) -> Result<(), FirmwareError> {
+        let script = self.records.pending_path.with_extension("fw_setenv");
+        std::fs::write(&script, env.script()).map_err(|e| FirmwareError::Pending {
+            path: script.clone(),
+            message: e.to_string(),
+        })?;
+        let mut c = self.tool("fw_setenv");
+        c.arg("--script").arg(&script);
+        let r = Self::run(c, "fw_setenv");
+        let _ = std::fs::remove_file(&script);
+        r.map(|_| ())
+    }
+
+    /// The slot this system booted from (`rauc.slot=` on the kernel command line).
+    pub fn booted(&self) -> Result<String, FirmwareError> {
+        let unknown = || FirmwareError::UnknownBootedSlot {
+            path: self.cfg.cmdline.clone(),
+        };
+        let text = std::fs::read_to_string(&self.cfg.cmdline).map_err(|_| unknown())?;
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix("rauc.slot="))
+            .filter(|s| self.cfg.slots.contains_key(*s))
+            .map(str::to_owned)
+            .ok_or_else(unknown)
+    }
+
+    fn slot_path(&self, slot: &str) -> &Path {
+        self.cfg
+            .slots
+            .get(slot)
+            .map_or(Path::new("/nonexistent"), PathBuf::as_path)
+    }
+
     /// The slot an install would write (the one not booted).
     pub fn inactive(&self) -> Result<String, FirmwareError> {
         Ok(boot::other(&self.booted()?).to_owned())
@@ -294,7 +336,7 @@ impl AbBackend {
         sha256: &str,
         version: &str,
     ) -> Result<(String, String), FirmwareError> {
-        if let Some(p) = self.pending()?
+        if let Some(p) = self.records.pending()?
             && p.rebooted_at.is_some()
         {
             return Err(FirmwareError::InFlight { to: p.to });
@@ -344,7 +386,7 @@ impl AbBackend {
         }
         // From here the inactive slot is being changed: record it, so a boot that finds the record knows the slot
         // holds no trustworthy system until the update is activated.
-        self.save_pending(&Pending {
+        self.records.save_pending(&Pending {
             from: from.clone(),
             to: to.clone(),
             version: version.to_owned(),
@@ -390,26 +432,9 @@ impl AbBackend {
         Ok((from, to))
     }
 
-    /// Records that the reboot into the new slot is being asked for, then runs the reboot command.
-    pub fn reboot(&self, now: u64) -> Result<(), FirmwareError> {
-        if let Some(mut p) = self.pending()? {
-            p.rebooted_at = Some(now);
-            self.save_pending(&p)?;
-        }
-        crash_point("rebooting");
-        let (prog, args) = self
-            .cfg
-            .reboot_command
-            .split_first()
-            .map_or(("true", &[][..]), |(p, a)| (p.as_str(), a));
-        let mut c = Command::new(prog);
-        c.args(args);
-        Self::run(c, &self.cfg.reboot_command.join(" ")).map(|_| ())
-    }
-
     /// At boot: what the pending update became (none: nothing pending).
     pub fn after_boot(&self, now: u64) -> Result<Option<(Pending, AfterBoot)>, FirmwareError> {
-        let Some(p) = self.pending()? else {
+        let Some(p) = self.records.pending()? else {
             return Ok(None);
         };
         let booted = self.booted()?;
@@ -421,7 +446,7 @@ impl AbBackend {
                 env.mark_bad(&p.to);
                 env.mark_good(&booted);
                 self.write_env(&env)?;
-                self.clear_pending();
+                self.records.clear_pending();
             }
             AfterBoot::Confirm { .. } => {}
         }
@@ -434,7 +459,7 @@ impl AbBackend {
         let mut env = self.env()?;
         env.mark_good(&booted);
         self.write_env(&env)?;
-        self.clear_pending();
+        self.records.clear_pending();
         Ok(booted)
     }
 
@@ -462,10 +487,98 @@ impl AbBackend {
     }
 }
 
+/// A firmware update backend: the built-in A/B one ([`AbBackend`]) or RAUC ([`crate::rauc::RaucBackend`]). The
+/// agent's decisions (when to install, confirm, give up) are the same for both; what differs is how an image
+/// gets into the other slot and how slots are marked.
+pub trait FirmwareBackend: std::fmt::Debug + Send + Sync {
+    /// `ab` or `rauc`, as the inventory reports it.
+    fn name(&self) -> &'static str;
+    /// The update in flight and each slot's installed release.
+    fn records(&self) -> &Records;
+    /// The slot this system booted from.
+    fn booted(&self) -> Result<String, FirmwareError>;
+    /// The slot an install writes.
+    fn inactive(&self) -> Result<String, FirmwareError>;
+    /// Installs `image` (SHA-256 `sha256`) as `version` into the inactive slot and activates it for the next
+    /// boot: (from, to). Nothing is activated unless the whole image is in place and checked.
+    fn install(
+        &self,
+        image: &Path,
+        sha256: &str,
+        version: &str,
+    ) -> Result<(String, String), FirmwareError>;
+    /// At boot: what the update in flight became.
+    fn after_boot(&self, now: u64) -> Result<Option<(Pending, AfterBoot)>, FirmwareError>;
+    fn mark_good(&self) -> Result<String, FirmwareError>;
+    fn mark_bad(&self) -> Result<String, FirmwareError>;
+    /// A normal boot: keep the running slot bootable (reset its attempts).
+    fn keep_booting(&self) -> Result<Option<String>, FirmwareError>;
+    /// A few lines for `flotilla-agent firmware status`.
+    fn status(&self) -> Result<String, FirmwareError>;
+}
+
+/// The backend `[firmware]` names.
+pub fn backend(cfg: FirmwareConfig, data_dir: &Path) -> Box<dyn FirmwareBackend> {
+    match cfg.backend {
+        crate::config::FirmwareBackendKind::Ab => Box::new(AbBackend::new(cfg, data_dir)),
+        crate::config::FirmwareBackendKind::Rauc => {
+            Box::new(crate::rauc::RaucBackend::new(cfg, data_dir))
+        }
+    }
+}
+
+impl FirmwareBackend for AbBackend {
+    fn name(&self) -> &'static str {
+        "ab"
+    }
+    fn records(&self) -> &Records {
+        &self.records
+    }
+    fn booted(&self) -> Result<String, FirmwareError> {
+        AbBackend::booted(self)
+    }
+    fn inactive(&self) -> Result<String, FirmwareError> {
+        AbBackend::inactive(self)
+    }
+    fn install(
+        &self,
+        image: &Path,
+        sha256: &str,
+        version: &str,
+    ) -> Result<(String, String), FirmwareError> {
+        AbBackend::install(self, image, sha256, version)
+    }
+    fn after_boot(&self, now: u64) -> Result<Option<(Pending, AfterBoot)>, FirmwareError> {
+        AbBackend::after_boot(self, now)
+    }
+    fn mark_good(&self) -> Result<String, FirmwareError> {
+        AbBackend::mark_good(self)
+    }
+    fn mark_bad(&self) -> Result<String, FirmwareError> {
+        AbBackend::mark_bad(self)
+    }
+    fn keep_booting(&self) -> Result<Option<String>, FirmwareError> {
+        AbBackend::keep_booting(self)
+    }
+    fn status(&self) -> Result<String, FirmwareError> {
+        let env = self.env()?;
+        Ok(format!(
+            "booted {}\nboot order {}\n{}pending {:?}",
+            AbBackend::booted(self)?,
+            env.order.join(" "),
+            env.left
+                .iter()
+                .map(|(s, n)| format!("slot {s}: {n} attempts left\n"))
+                .collect::<String>(),
+            self.records.pending()?
+        ))
+    }
+}
+
 /// A new slot proving itself after an update.
 #[derive(Debug)]
 pub struct Confirming {
-    backend: AbBackend,
+    backend: Box<dyn FirmwareBackend>,
     deadline: u64,
     needs_hub: bool,
 }
@@ -477,7 +590,7 @@ impl crate::agent::Agent {
             return;
         };
         let needs_hub = cfg.confirm_needs_hub;
-        let backend = AbBackend::new(cfg, &self.cfg.data_dir);
+        let backend = backend(cfg, &self.cfg.data_dir);
         match backend.after_boot(crate::agent::unix_now()) {
             Ok(None) => match backend.keep_booting() {
                 Ok(Some(slot)) => tracing::info!(%slot, "boot attempts of the running slot reset"),
@@ -531,7 +644,7 @@ impl crate::agent::Agent {
                 let r = c
                     .backend
                     .mark_bad()
-                    .and_then(|_| c.backend.reboot(crate::agent::unix_now()));
+                    .and_then(|_| c.backend.records().reboot(crate::agent::unix_now()));
                 if let Err(e) = r {
                     tracing::error!(error = %e, "rolling the firmware back");
                 }

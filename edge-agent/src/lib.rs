@@ -15,6 +15,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod notify;
 pub mod outbox;
+pub mod rauc;
 pub mod report;
 pub mod runtime;
 pub mod secrets;

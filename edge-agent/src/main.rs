@@ -70,7 +70,6 @@ enum FirmwareCmd {
 
 /// `flotilla-agent firmware ...`: exit 0 on success, 1 with the typed reason, 78 without a `[firmware]` section.
 fn firmware(cli: &Cli, cmd: &FirmwareCmd) -> ExitCode {
-    use flotilla_agent::firmware::AbBackend;
     let overrides = Overrides {
         data_dir: cli.data_dir.clone(),
         ..Overrides::default()
@@ -86,26 +85,12 @@ fn firmware(cli: &Cli, cmd: &FirmwareCmd) -> ExitCode {
         eprintln!("{}: no [firmware] section", cli.config.display());
         return ExitCode::from(EXIT_CONFIG);
     };
-    let b = AbBackend::new(fw, &cfg.data_dir);
+    let b = flotilla_agent::firmware::backend(fw, &cfg.data_dir);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let r: Result<String, flotilla_agent::firmware::FirmwareError> = match cmd {
-        FirmwareCmd::Status => (|| {
-            let env = b.env()?;
-            Ok(format!(
-                "booted {}
-boot order {}
-{}pending {:?}",
-                b.booted()?,
-                env.order.join(" "),
-                env.left
-                    .iter()
-                    .map(|(s, n)| format!("slot {s}: {n} attempts left\n"))
-                    .collect::<String>(),
-                b.pending()?
-            ))
-        })(),
+        FirmwareCmd::Status => b.status(),
         FirmwareCmd::Install {
             image,
             sha256,
@@ -113,7 +98,7 @@ boot order {}
             reboot,
         } => b.install(image, sha256, version).and_then(|(from, to)| {
             if *reboot {
-                b.reboot(now)?;
+                b.records().reboot(now)?;
             }
             Ok(format!(
                 "installed {version} into slot {to} (running {from}); boots next"
@@ -253,10 +238,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         // The workloads are stopped and the hub told: now the reboot into the new slot.
         Some(flotilla_agent::system::Exit::Reboot) => {
             if let Some(backend) =
-                firmware_cfg.map(|f| flotilla_agent::firmware::AbBackend::new(f, &data_dir))
+                firmware_cfg.map(|f| flotilla_agent::firmware::backend(f, &data_dir))
             {
                 let now = flotilla_agent::agent::unix_now();
-                if let Err(e) = backend.reboot(now) {
+                if let Err(e) = backend.records().reboot(now) {
                     tracing::error!(error = %e, "the reboot into the new firmware failed");
                     return Err(Failure::Transient(e.to_string()));
                 }

@@ -89,11 +89,11 @@ impl Agent {
     }
 
     /// The firmware backend, when `[firmware]` is configured.
-    pub(crate) fn firmware_backend(&self) -> Option<crate::firmware::AbBackend> {
+    pub(crate) fn firmware_backend(&self) -> Option<Box<dyn crate::firmware::FirmwareBackend>> {
         self.cfg
             .firmware
             .clone()
-            .map(|f| crate::firmware::AbBackend::new(f, &self.cfg.data_dir))
+            .map(|f| crate::firmware::backend(f, &self.cfg.data_dir))
     }
 
     /// The agent release this agent was started from (digest, version), read from the `current` link.
@@ -113,10 +113,11 @@ impl Agent {
         Some(FirmwareInventory {
             compatible,
             version: b
+                .records()
                 .installed(&slot)
                 .map_or_else(|| "factory".to_owned(), |(v, _)| v),
             slot,
-            backend: "ab".into(),
+            backend: b.name().into(),
         })
     }
 
@@ -182,7 +183,10 @@ impl Agent {
 
     /// A firmware update rolled back at boot: remember the release that was in the failed slot.
     pub(crate) fn firmware_rolled_back(&mut self, slot: &str, reason: &str) {
-        let Some((_, digest)) = self.firmware_backend().and_then(|b| b.installed(slot)) else {
+        let Some((_, digest)) = self
+            .firmware_backend()
+            .and_then(|b| b.records().installed(slot))
+        else {
             return;
         };
         if let Ok(d) = Digest::from_hex(&digest) {
@@ -278,7 +282,7 @@ impl Agent {
                 WorkloadKind::Firmware => self.firmware_backend().is_some_and(|b| {
                     b.booted()
                         .ok()
-                        .and_then(|slot| b.installed(&slot))
+                        .and_then(|slot| b.records().installed(&slot))
                         .is_some_and(|(_, d)| d == spec.release.to_hex())
                 }),
                 _ => self
@@ -375,6 +379,7 @@ impl Agent {
             .inactive()
             .map_err(|e| RejectReason::UpdateRefused(e.to_string()))?;
         backend
+            .records()
             .record_installed(&to, &release.version, &spec.release.to_hex())
             .map_err(|e| RejectReason::UpdateRefused(e.to_string()))?;
         let image = self.artifact_path(&release.artifact_digest);

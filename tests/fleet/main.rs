@@ -15,6 +15,7 @@ mod offline;
 mod packaging;
 mod partition;
 mod prometheus;
+mod rauc;
 mod rollout;
 mod secrets;
 mod selfupdate;
