@@ -29,6 +29,7 @@ case "$what" in
     cp --remove-destination "$out/flotilla-agent" "$out/flotilla-agent-precompiled-only"
     cargo build --release --target "$TARGET" -p flotilla-agent --bin flotilla-agent
     cp --remove-destination "$out/flotilla-agent" "$out/flotilla-agent-full"
+    cargo build --release --target "$TARGET" -p flotilla-agent-launcher
     for b in flotilla-agent-full flotilla-agent-precompiled-only; do
       echo "$b: $(stat -c %s "$out/$b") bytes; $(file -b "$out/$b" | cut -d, -f1-2)"
       $QEMU "$out/$b" --version
@@ -36,7 +37,7 @@ case "$what" in
     ;;
   test)
     cargo test --target "$TARGET" -p flotilla-agent-core -p flotilla-shared -p flotilla-engine -p flotilla-agent --lib --tests
-    cargo build --target "$TARGET" -p flotilla-agent --bin flotilla-agent
+    cargo build --target "$TARGET" -p flotilla-agent --bin flotilla-agent -p flotilla-agent-launcher
     echo "agent for the qemu fleet test: $CARGO_TARGET_DIR/$TARGET/debug/flotilla-agent"
     ;;
   *) echo "unknown step $what (release or test)" >&2; exit 1 ;;

@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Builds the Debian packages with dpkg-deb (no debhelper needed):
-#   flotilla-agent_VERSION_ARCH.deb  /usr/bin/flotilla-agent, /etc/flotilla/agent.toml (a conffile), the systemd
+#   flotilla-agent_VERSION_ARCH.deb  /usr/bin/flotilla-agent, /usr/bin/flotilla-agent-launcher (the unit's main
+#                                    process: runs the self-updated agent and switches back from a bad one),
+#                                    /etc/flotilla/agent.toml (a conffile), the systemd
 #                                    unit, a `flotilla` system user, state in /var/lib/flotilla
 #   flotilla_VERSION_ARCH.deb        /usr/bin/flotilla (hub and operator CLI), its unit (user `flotilla`), state
 #                                    in /var/lib/flotilla-hub, which a purge keeps (the hub's keys and database)
 #
-#   cross/package.sh --arch amd64|arm64 --agent PATH [--hub PATH] [--version V] [--out DIR]
+#   cross/package.sh --arch amd64|arm64 --agent PATH --launcher PATH [--hub PATH] [--version V] [--out DIR]
 #
 # FLOTILLA_DEB_COMPRESS=gzip packs faster (the tests' debug builds). Binaries are taken as given (release builds: `cargo build --release`, or cross/build.sh ARCH release).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-arch="" agent="" hub="" out="$here/../target/debian"
+arch="" agent="" launcher="" hub="" out="$here/../target/debian"
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/../Cargo.toml" | head -n1)"
 while [ $# -gt 0 ]; do
   case "$1" in
     --arch) arch="$2"; shift 2 ;;
     --agent) agent="$2"; shift 2 ;;
+    --launcher) launcher="$2"; shift 2 ;;
     --hub) hub="$2"; shift 2 ;;
     --version) version="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
@@ -24,6 +27,7 @@ while [ $# -gt 0 ]; do
 done
 case "$arch" in amd64|arm64|armhf) ;; *) echo "--arch amd64|arm64|armhf" >&2; exit 1 ;; esac
 [ -x "$agent" ] || { echo "--agent: no executable at '$agent'" >&2; exit 1; }
+[ -x "$launcher" ] || { echo "--launcher: no executable at '$launcher'" >&2; exit 1; }
 mkdir -p "$out"
 
 # One package: $1 name, $2 staging root prepared by the caller; control fields from the rest.
@@ -55,6 +59,7 @@ trap 'rm -rf "$stage"' EXIT
 a="$stage/agent"
 install -d "$a/DEBIAN" "$a/usr/bin" "$a/etc/flotilla" "$a/lib/systemd/system" "$a/usr/share/doc/flotilla-agent"
 install -m 0755 "$agent" "$a/usr/bin/flotilla-agent"
+install -m 0755 "$launcher" "$a/usr/bin/flotilla-agent-launcher"
 install -m 0640 "$here/../edge-agent/agent.example.toml" "$a/etc/flotilla/agent.toml"
 install -m 0644 "$here/systemd/flotilla-agent.service" "$a/lib/systemd/system/"
 install -m 0644 "$here/debian/copyright" "$a/usr/share/doc/flotilla-agent/copyright"

@@ -32,6 +32,8 @@ cargo build --release -p flotilla-agent --bin flotilla-agent --no-default-featur
 cp --remove-destination target/release/flotilla-agent target/release/flotilla-agent-precompiled-only
 cargo build --release -p flotilla-agent --bin flotilla-agent
 cp --remove-destination target/release/flotilla-agent target/release/flotilla-agent-full
+# The launcher the agent's unit runs (it undoes a self-update that does not come up healthy).
+cargo build --release -p flotilla-agent-launcher
 full=$(stat -c %s target/release/flotilla-agent-full)
 pre=$(stat -c %s target/release/flotilla-agent-precompiled-only)
 awk -v f="$full" -v p="$pre" -v m="$MIB" 'BEGIN { printf "size: agent with compiler %d bytes (%.2f MiB, budget 24 MiB); precompiled-only %d bytes (%.2f MiB, budget 11 MiB)\n", f, f / m, p, p / m }'
@@ -59,10 +61,12 @@ rm -rf target/debian
 # The hub and arm64 packages carry this run's debug builds (a release hub build would add minutes); gzip packs
 # those quickly. `cross/package.sh` with release builds makes the packages to ship.
 export FLOTILLA_DEB_COMPRESS=gzip
-cross/package.sh --arch amd64 --agent target/release/flotilla-agent-full --hub target/debug/flotilla --out target/debian
-cross/package.sh --arch amd64 --agent target/release/flotilla-agent-full --version "$version+upgrade1" \
+cross/package.sh --arch amd64 --agent target/release/flotilla-agent-full --launcher target/release/flotilla-agent-launcher \
+  --hub target/debug/flotilla --out target/debian
+cross/package.sh --arch amd64 --agent target/release/flotilla-agent-full --launcher target/release/flotilla-agent-launcher \
+  --version "$version+upgrade1" \
   --out target/debian/upgrade >/dev/null
-cross/package.sh --arch arm64 --agent "$a64" --out target/debian
+cross/package.sh --arch arm64 --agent "$a64" --launcher "$(dirname "$a64")/flotilla-agent-launcher" --out target/debian
 for deb in target/debian/*.deb; do
   echo "$deb: $(dpkg-deb -f "$deb" Package Version Architecture | tr '\n' ' ')"
 done

@@ -16,8 +16,12 @@ fn unit_for_this_build(name: &str, dir: &Path) -> std::path::PathBuf {
     let bin = bin_dir();
     let text = text
         .replace(
-            "/usr/bin/flotilla-agent",
-            &bin.join("flotilla-agent").display().to_string(),
+            "/usr/bin/flotilla-agent-launcher",
+            &bin.join("flotilla-agent-launcher").display().to_string(),
+        )
+        .replace(
+            "/usr/bin/flotilla-agent ",
+            &format!("{} ", bin.join("flotilla-agent").display()),
         )
         .replace(
             "/usr/bin/flotilla ",
@@ -196,7 +200,8 @@ fn the_agent_package_installs_runs_upgrades_and_purges_in_debian() {
     exec(&c.0, "dpkg -i /debs/v1.deb");
     exec(
         &c.0,
-        "test -x /usr/bin/flotilla-agent && test -f /lib/systemd/system/flotilla-agent.service",
+        "test -x /usr/bin/flotilla-agent && test -x /usr/bin/flotilla-agent-launcher \
+         && test -f /lib/systemd/system/flotilla-agent.service",
     );
     assert!(exec(&c.0, "getent passwd flotilla").contains("/usr/sbin/nologin"));
     assert_eq!(
