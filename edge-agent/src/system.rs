@@ -52,7 +52,7 @@ pub struct SystemUpdates {
 /// cannot be part of a path.
 pub fn release_dir(version: &str, digest: &Digest) -> Option<String> {
     let name = format!("{version}-{}", &digest.to_hex()[..8]);
-    flotilla_agent_launcher::valid_dir(&name).then_some(name)
+    (!version.is_empty() && flotilla_agent_launcher::valid_dir(&name)).then_some(name)
 }
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
@@ -62,6 +62,46 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// Why a system update that is ready to install must wait, if it must: an update hold, another system update being
+/// installed or still confirming itself (one at a time: never firmware and the agent together), or an expired
+/// desired state.
+fn interlock(
+    hold: Option<&str>,
+    installing: bool,
+    confirming: bool,
+    frozen: bool,
+) -> Option<String> {
+    if let Some(h) = hold {
+        Some(format!("waiting: updates are held ({h})"))
+    } else if installing {
+        Some("waiting: another system update is being installed".to_owned())
+    } else if confirming {
+        Some("waiting: the last system update is still confirming itself".to_owned())
+    } else if frozen {
+        Some("waiting: the desired state has expired".to_owned())
+    } else {
+        None
+    }
+}
+
+/// Removes installed agent releases other than `keep` (the running one and the one before it).
+fn remove_other_releases(dir: &Path, keep: &[String]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        // The file type of the entry itself: the `current` link to a kept release is not a release directory.
+        if e.file_type().is_ok_and(|t| t.is_dir())
+            && flotilla_agent_launcher::valid_dir(&name)
+            && !keep.contains(&name)
+            && let Err(err) = std::fs::remove_dir_all(e.path())
+        {
+            tracing::warn!(dir = %name, error = %err, "cannot remove an old agent release");
+        }
+    }
 }
 
 fn status(
@@ -204,6 +244,12 @@ impl Agent {
         let version = self
             .running_agent_release()
             .map_or_else(String::new, |(_, v)| v);
+        // What stays on disk once confirmed: this agent and the one before it (to go back to by hand).
+        let keep: Vec<String> = std::fs::read_to_string(dir.join("trial"))
+            .ok()
+            .and_then(|t| flotilla_agent_launcher::Trial::parse(&t).ok())
+            .map(|t| t.from.into_iter().chain([t.to]).collect())
+            .unwrap_or_default();
         let confirmed = write_atomic(
             &dir.join("result"),
             format!("status=confirmed\nversion={version}\n").as_bytes(),
@@ -213,6 +259,9 @@ impl Agent {
             Ok(()) => {
                 tracing::info!(%version, "new agent confirmed");
                 self.system.trial = false;
+                if !keep.is_empty() {
+                    remove_other_releases(&dir, &keep);
+                }
                 self.refresh_desired();
                 self.send_report();
             }
@@ -326,17 +375,12 @@ impl Agent {
             }
         }
         // Interlocks: one system update at a time, none while a hold is on or another one proves itself.
-        let busy = if let Some(h) = self.hold_reason() {
-            Some(format!("waiting: updates are held ({h})"))
-        } else if self.system.installing.is_some() || self.system.exit.is_some() {
-            Some("waiting: another system update is being installed".to_owned())
-        } else if self.firmware_confirm.is_some() || self.system.trial {
-            Some("waiting: the last system update is still confirming itself".to_owned())
-        } else if self.frozen {
-            Some("waiting: the desired state has expired".to_owned())
-        } else {
-            None
-        };
+        let busy = interlock(
+            self.hold_reason().as_deref(),
+            self.system.installing.is_some() || self.system.exit.is_some(),
+            self.firmware_confirm.is_some() || self.system.trial,
+            self.frozen,
+        );
         for (i, (spec, release)) in ready.into_iter().enumerate() {
             if i > 0 || busy.is_some() {
                 let note = busy
@@ -482,5 +526,79 @@ impl Agent {
     /// The system workloads' statuses for the report (after the reconciler's).
     pub(crate) fn system_status(&self) -> Vec<WorkloadStatus> {
         self.system.status.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ready_system_update_waits_for_holds_and_for_any_other_system_update() {
+        let cases: &[(Option<&str>, bool, bool, bool, Option<&str>)] = &[
+            (None, false, false, false, None),
+            (
+                Some("in motion"),
+                false,
+                false,
+                false,
+                Some("held (in motion)"),
+            ),
+            // Firmware being written, or a reboot/switch under way: the agent update waits, and vice versa.
+            (None, true, false, false, Some("being installed")),
+            // A new slot or a new agent still proving itself: nothing else starts.
+            (None, false, true, false, Some("still confirming")),
+            (None, false, false, true, Some("expired")),
+            // A hold is named first: lifting it is what the operator can do.
+            (Some("in motion"), true, true, true, Some("held")),
+        ];
+        for (hold, installing, confirming, frozen, want) in cases {
+            let got = interlock(*hold, *installing, *confirming, *frozen);
+            match want {
+                None => assert_eq!(got, None),
+                Some(w) => assert!(
+                    got.as_deref().is_some_and(|g| g.contains(w)),
+                    "{got:?} for {w}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn release_directories_are_one_safe_path_component() {
+        let d = Digest([0xab; 32]);
+        assert_eq!(release_dir("1.2.0", &d).as_deref(), Some("1.2.0-abababab"));
+        for bad in ["../x", "a/b", "", "v 1", "\u{e9}"] {
+            assert_eq!(release_dir(bad, &d), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn old_agent_releases_are_removed_but_the_running_and_previous_stay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for d in ["1.0.0-aaaaaaaa", "1.1.0-bbbbbbbb", "1.2.0-cccccccc"] {
+            std::fs::create_dir_all(dir.path().join(d)).expect("dir");
+        }
+        std::fs::write(dir.path().join("trial.invalid"), "x").expect("file");
+        std::os::unix::fs::symlink("1.2.0-cccccccc", dir.path().join("current")).expect("link");
+        remove_other_releases(
+            dir.path(),
+            &["1.1.0-bbbbbbbb".into(), "1.2.0-cccccccc".into()],
+        );
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("read")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "1.1.0-bbbbbbbb",
+                "1.2.0-cccccccc",
+                "current",
+                "trial.invalid"
+            ]
+        );
     }
 }

@@ -41,11 +41,20 @@ fn wait_running(f: &Fleet, id: &str, version: &str) {
         (w["state"] == "running" && w["version"] == version && d["agent_release"] == version)
             .then_some(())
     })
-    .unwrap_or_else(|e| panic!("{e}: {:?}", f.hub.device(id)));
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", f.hub.device(id), f.agent(id).log()));
 }
 
 fn current(f: &Fleet, id: &str) -> Option<PathBuf> {
     std::fs::read_link(f.agent(id).state_dir().join("agent/current")).ok()
+}
+
+/// The release directories (and records) in a device's agent directory.
+fn agent_dirs(f: &Fleet, id: &str) -> Vec<String> {
+    std::fs::read_dir(f.agent(id).state_dir().join("agent"))
+        .expect("agent dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 /// A C program built with the machine's compiler: a real executable that behaves as a broken agent would.
@@ -101,6 +110,11 @@ fn broken_rollout_stops_after_canary(f: &Fleet, version: &str, needle: &str) {
     assert!(
         log.contains("agent update rolled back by the launcher"),
         "the old agent picked up the result to report it"
+    );
+    let dirs = agent_dirs(f, canary[0]);
+    assert!(
+        !dirs.iter().any(|d| d.starts_with(&format!("{version}-"))),
+        "the launcher removed the failed release: {dirs:?}"
     );
     // The canary runs 1.1.0 again (the rollout restored it) under the old binary; so do the others, untouched.
     for id in IDS {
@@ -217,15 +231,29 @@ fn agent_self_update_takes_over_or_is_rolled_back_by_the_launcher() {
             why.contains("\"riscv64\"") && why.contains("nothing was installed"),
             "{why}"
         );
-        let dirs: Vec<String> = std::fs::read_dir(f.agent(id).state_dir().join("agent"))
-            .expect("agent dir")
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
+        let dirs = agent_dirs(&f, id);
         assert!(!dirs.iter().any(|d| d.starts_with("2.0.0")), "{dirs:?}");
     }
-    // The agents kept running 1.1.0 throughout.
+    // Epochs apply to agent releases too: one below the epoch a device accepted is refused.
+    f.hub
+        .push_system("flotilla-agent", "1.0.9", 0, "agent", &good, arch)
+        .expect("push 1.0.9");
+    f.hub.apply(&spec("1.0.9", false)).expect("apply 1.0.9");
+    for id in IDS {
+        let w = wait_for(&format!("{id} refuses epoch 0"), PATIENCE, || {
+            agent_row(&f, id).filter(|w| w["version"] == "1.0.9" && !w["rejected"].is_null())
+        })
+        .expect("refused");
+        let why = w["rejected"].as_str().unwrap_or_default();
+        assert!(why.contains("security epoch 0, below epoch 1"), "{why}");
+    }
+    // The agents kept running 1.1.0 throughout, and only it is installed.
     for id in IDS {
         assert!(current(&f, id).is_some_and(|c| c.to_string_lossy().starts_with("1.1.0-")));
+        let dirs: Vec<String> = agent_dirs(&f, id)
+            .into_iter()
+            .filter(|d| d.contains('-'))
+            .collect();
+        assert_eq!(dirs.len(), 1, "{id}: {dirs:?}");
     }
 }

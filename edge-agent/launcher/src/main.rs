@@ -107,7 +107,7 @@ fn set_current(dir: &Path, to: Option<&str>) -> std::io::Result<()> {
 }
 
 /// Undoes a switch: the result first (so the old agent can report it even if the rest is cut short), then the
-/// link, then the trial record.
+/// link, then the trial record, then the failed release's directory.
 fn roll_back(dir: &Path, t: &Trial, reason: &str) -> std::io::Result<()> {
     log(&format!(
         "rolling back agent {} ({}): {reason}",
@@ -122,7 +122,12 @@ fn roll_back(dir: &Path, t: &Trial, reason: &str) -> std::io::Result<()> {
         ),
     )?;
     set_current(dir, t.from.as_deref())?;
-    std::fs::remove_file(dir.join("trial"))
+    std::fs::remove_file(dir.join("trial"))?;
+    // The failed release is never run again (the agent remembers it): its binary only takes space.
+    if let Err(e) = std::fs::remove_dir_all(dir.join(&t.to)) {
+        log(&format!("cannot remove {}: {e}", t.to));
+    }
+    Ok(())
 }
 
 fn ended(status: std::process::ExitStatus) -> Ended {
