@@ -535,7 +535,9 @@ mod tests {
 
     #[test]
     fn a_ready_system_update_waits_for_holds_and_for_any_other_system_update() {
-        let cases: &[(Option<&str>, bool, bool, bool, Option<&str>)] = &[
+        // (hold, installing, confirming, frozen, what the wait says)
+        type Case<'a> = (Option<&'a str>, bool, bool, bool, Option<&'a str>);
+        let cases: &[Case] = &[
             (None, false, false, false, None),
             (
                 Some("in motion"),
