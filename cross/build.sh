@@ -37,7 +37,9 @@ case "$what" in
     ;;
   test)
     cargo test --target "$TARGET" -p flotilla-agent-core -p flotilla-shared -p flotilla-engine -p flotilla-agent --lib --tests
-    cargo build --target "$TARGET" -p flotilla-agent --bin flotilla-agent -p flotilla-agent-launcher
+    cargo build --target "$TARGET" -p flotilla-agent --bin flotilla-agent
+    # Separately: with --bin, cargo would build only binaries of that name from every package named.
+    cargo build --target "$TARGET" -p flotilla-agent-launcher
     echo "agent for the qemu fleet test: $CARGO_TARGET_DIR/$TARGET/debug/flotilla-agent"
     ;;
   *) echo "unknown step $what (release or test)" >&2; exit 1 ;;

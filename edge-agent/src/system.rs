@@ -167,9 +167,17 @@ impl Agent {
             Ok(list) => self.system.failed = list.into_iter().collect(),
             Err(e) => tracing::error!(error = %e, "cannot read the failed updates"),
         }
-        self.system.launcher = std::env::var_os("FLOTILLA_LAUNCHER_STATE")
-            .map(PathBuf::from)
-            .filter(|p| p == &self.cfg.data_dir);
+        let launcher = std::env::var_os("FLOTILLA_LAUNCHER_STATE").map(PathBuf::from);
+        if let Some(state) = &launcher
+            && state != &self.cfg.data_dir
+        {
+            tracing::warn!(
+                launcher = %state.display(),
+                data_dir = %self.cfg.data_dir.display(),
+                "the launcher's --state is not this agent's data_dir: agent releases are refused until they match"
+            );
+        }
+        self.system.launcher = launcher.filter(|p| p == &self.cfg.data_dir);
         if self.system.launcher.is_none() {
             return;
         }

@@ -76,6 +76,8 @@ pub struct ReleaseSign {
     pub version: String,
     #[arg(long, default_value_t = 0)]
     pub epoch: u32,
+    /// What the artifact is: `wasm` (a module), `container` (an image tarball), `firmware` (a system image or RAUC
+    /// bundle for the device's other slot) or `agent` (a flotilla-agent binary); the last two need --compatible.
     #[arg(long, default_value = "wasm")]
     pub kind: String,
     /// Release signing keys (repeatable to meet a threshold).

@@ -1139,6 +1139,18 @@ config = { interval = "5" }
 
     /// Malformed and invalid specs are refused with the file and the line or field.
     #[test]
+    fn a_system_workload_sets_the_runtime_it_needs() {
+        for kind in [WorkloadKind::Firmware, WorkloadKind::Agent] {
+            let text = GOOD.replace(
+                "tick_ms = 1000",
+                &format!("tick_ms = 1000\nkind = \"{}\"", kind.name()),
+            );
+            let d = parse("deploy/sensors.toml", &text).expect("valid");
+            assert_eq!(d.constraints.runtime, Some(kind));
+        }
+    }
+
+    #[test]
     fn rejects_bad_specs_naming_the_place() {
         let cases: Vec<(String, &str)> = vec![
             ("name = \"x\"\n[[workloads]\n".into(), "line 2"),
@@ -1171,6 +1183,14 @@ config = { interval = "5" }
             (format!("{GOOD}{BUDGET}group_by = \"zone\"\nmax_unavailable = \"150%\"\n"), "rollout.budgets[0].max_unavailable"),
             (format!("{GOOD}{BUDGET}group_by = \"zone\"\nmax_unavailable = \"half\"\n"), "rollout.budgets[0].max_unavailable"),
             (format!("{GOOD}{BUDGET}group_by = \"zone\"\nmax_unavailable = 1\nper = \"site\"\n"), "unknown field"),
+            (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\nkind = \"kernel\""), "workloads[0].kind"),
+            // Firmware and workloads (or firmware and the agent) are updated by separate deployments.
+            (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\nkind = \"firmware\"")
+                + "[[workloads]]\nname = \"other\"\nrelease = \"other@1\"\n", "not a mix"),
+            (GOOD.replace("tick_ms = 1000", "tick_ms = 1000\nkind = \"firmware\"")
+                + "[[workloads]]\nname = \"agent\"\nrelease = \"agent@1\"\nkind = \"agent\"\n", "not a mix"),
+            (GOOD.replace("[placement]", "[constraints]\nruntime = \"container\"\n[placement]")
+                .replace("tick_ms = 1000", "tick_ms = 1000\nkind = \"firmware\""), "not a mix"),
         ];
         for (text, want) in cases {
             let err = parse("deploy/sensors.toml", &text)

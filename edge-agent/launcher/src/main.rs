@@ -28,6 +28,10 @@ fn log(msg: &str) {
     eprintln!("flotilla-agent-launcher: {msg}");
 }
 
+const USAGE: &str = "usage: flotilla-agent-launcher --state DIR --agent BINARY [AGENT ARGS...]\n\
+  Runs DIR/agent/current/flotilla-agent (else BINARY) with AGENT ARGS, and switches back to the previous agent\n\
+  when a self-updated one exits, cannot be executed or does not confirm itself in time.";
+
 struct Args {
     state: PathBuf,
     fallback: PathBuf,
@@ -42,12 +46,11 @@ fn parse_args() -> Result<Args, String> {
         match it.next().as_deref() {
             Some("--state") => state = it.next().map(PathBuf::from),
             Some("--agent") => fallback = it.next().map(PathBuf::from),
-            Some("--help" | "-h") | None => {
-                return Err(
-                    "usage: flotilla-agent-launcher --state DIR --agent BINARY [AGENT ARGS...]"
-                        .into(),
-                );
+            Some("--help" | "-h") => {
+                println!("{USAGE}");
+                std::process::exit(0);
             }
+            None => return Err(USAGE.into()),
             Some(other) => return Err(format!("unexpected argument {other:?}")),
         }
     }
