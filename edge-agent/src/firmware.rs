@@ -145,6 +145,14 @@ impl Records {
         Ok(())
     }
 
+    /// Refuses a new install while one has been rebooted into and not yet confirmed or rolled back.
+    pub fn refuse_if_in_flight(&self) -> Result<(), FirmwareError> {
+        match self.pending()? {
+            Some(p) if p.rebooted_at.is_some() => Err(FirmwareError::InFlight { to: p.to }),
+            _ => Ok(()),
+        }
+    }
+
     pub fn clear_pending(&self) {
         let _ = std::fs::remove_file(&self.pending_path);
     }
@@ -217,6 +225,27 @@ pub struct AbBackend {
 }
 
 /// SHA-256 of the first `len` bytes of `r`.
+/// Opens `image` and checks that its SHA-256 is `sha256` (the signed release's): the file and its size.
+pub(crate) fn check_image(
+    image: &Path,
+    sha256: &str,
+) -> Result<(std::fs::File, u64), FirmwareError> {
+    let img_err = |e| FirmwareError::Image {
+        path: image.to_owned(),
+        source: e,
+    };
+    let mut src = std::fs::File::open(image).map_err(img_err)?;
+    let size = src.metadata().map_err(img_err)?.len();
+    let actual = sha256_of(&mut src, size).map_err(img_err)?;
+    if actual != sha256 {
+        return Err(FirmwareError::ImageDigest {
+            expected: sha256.to_owned(),
+            actual,
+        });
+    }
+    Ok((src, size))
+}
+
 fn sha256_of(r: &mut impl Read, len: u64) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut left = len;
@@ -336,11 +365,7 @@ impl AbBackend {
         sha256: &str,
         version: &str,
     ) -> Result<(String, String), FirmwareError> {
-        if let Some(p) = self.records.pending()?
-            && p.rebooted_at.is_some()
-        {
-            return Err(FirmwareError::InFlight { to: p.to });
-        }
+        self.records.refuse_if_in_flight()?;
         let from = self.booted()?;
         let to = boot::other(&from).to_owned();
         let mut env = self.env()?;
@@ -348,16 +373,8 @@ impl AbBackend {
             path: image.to_owned(),
             source: e,
         };
-        let mut src = std::fs::File::open(image).map_err(img_err)?;
-        let size = src.metadata().map_err(img_err)?.len();
         // The image is checked before a byte of the slot is touched.
-        let actual = sha256_of(&mut src, size).map_err(img_err)?;
-        if actual != sha256 {
-            return Err(FirmwareError::ImageDigest {
-                expected: sha256.to_owned(),
-                actual,
-            });
-        }
+        let (mut src, size) = check_image(image, sha256)?;
         src.seek(SeekFrom::Start(0)).map_err(img_err)?;
         let path = self.slot_path(&to).to_owned();
         let slot_err = |e| FirmwareError::Slot {

@@ -5,7 +5,7 @@
 //! update in flight are the same as the built-in backend's (`firmware.rs`, `flotilla_agent_core::boot`).
 
 use crate::config::FirmwareConfig;
-use crate::firmware::{FirmwareBackend, FirmwareError, Records, run};
+use crate::firmware::{FirmwareBackend, FirmwareError, Records, check_image, run};
 use flotilla_agent_core::boot::{self, AfterBoot, Pending};
 use std::path::Path;
 use std::process::Command;
@@ -63,19 +63,6 @@ impl RaucBackend {
     }
 }
 
-/// SHA-256 of the file at `path`.
-fn sha256_file(path: &Path) -> Result<String, FirmwareError> {
-    use sha2::{Digest as _, Sha256};
-    let err = |e| FirmwareError::Image {
-        path: path.to_owned(),
-        source: e,
-    };
-    let mut f = std::fs::File::open(path).map_err(err)?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(err)?;
-    Ok(hex::encode(h.finalize()))
-}
-
 impl FirmwareBackend for RaucBackend {
     fn name(&self) -> &'static str {
         "rauc"
@@ -117,20 +104,10 @@ impl FirmwareBackend for RaucBackend {
         sha256: &str,
         version: &str,
     ) -> Result<(String, String), FirmwareError> {
-        if let Some(p) = self.records.pending()?
-            && p.rebooted_at.is_some()
-        {
-            return Err(FirmwareError::InFlight { to: p.to });
-        }
+        self.records.refuse_if_in_flight()?;
         // The bundle is the signed release's artifact: checked before RAUC sees it (RAUC then checks its own
         // signature, which the release's does not replace).
-        let actual = sha256_file(image)?;
-        if actual != sha256 {
-            return Err(FirmwareError::ImageDigest {
-                expected: sha256.to_owned(),
-                actual,
-            });
-        }
+        check_image(image, sha256)?;
         let (from, to) = (self.booted()?, self.inactive()?);
         self.records.save_pending(&Pending {
             from: from.clone(),

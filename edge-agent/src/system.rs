@@ -46,6 +46,9 @@ pub struct SystemUpdates {
     /// The launcher's state directory (`FLOTILLA_LAUNCHER_STATE`): set when this agent runs under the launcher,
     /// which is what makes agent releases possible.
     pub launcher: Option<PathBuf>,
+    /// The firmware slot this system booted from, once the backend has said (it cannot change while this process
+    /// runs; with RAUC each question is a D-Bus round trip, asked for every report otherwise).
+    pub booted: std::cell::OnceCell<String>,
 }
 
 /// A release directory for `version` and `digest`: `<version>-<first 8 hex digits>`, or None when the version
@@ -145,11 +148,20 @@ impl Agent {
         Some((Digest::from_hex(digest).ok()?, version.to_owned()))
     }
 
+    /// The booted firmware slot, asked of the backend until it answers once.
+    fn booted_slot(&self, b: &dyn crate::firmware::FirmwareBackend) -> Option<String> {
+        if let Some(s) = self.system.booted.get() {
+            return Some(s.clone());
+        }
+        let slot = b.booted().ok()?;
+        Some(self.system.booted.get_or_init(|| slot).clone())
+    }
+
     /// What the inventory says about the firmware.
     pub(crate) fn firmware_inventory(&self) -> Option<FirmwareInventory> {
         let b = self.firmware_backend()?;
         let compatible = self.cfg.firmware.as_ref()?.compatible.clone()?;
-        let slot = b.booted().ok()?;
+        let slot = self.booted_slot(b.as_ref())?;
         Some(FirmwareInventory {
             compatible,
             version: b
@@ -337,8 +349,7 @@ impl Agent {
             }
             let installed = match spec.kind {
                 WorkloadKind::Firmware => self.firmware_backend().is_some_and(|b| {
-                    b.booted()
-                        .ok()
+                    self.booted_slot(b.as_ref())
                         .and_then(|slot| b.records().installed(&slot))
                         .is_some_and(|(_, d)| d == spec.release.to_hex())
                 }),
