@@ -30,9 +30,9 @@ case "$arch" in amd64|arm64|armhf) ;; *) echo "--arch amd64|arm64|armhf" >&2; ex
 [ -x "$launcher" ] || { echo "--launcher: no executable at '$launcher'" >&2; exit 1; }
 mkdir -p "$out"
 
-# One package: $1 name, $2 staging root prepared by the caller; control fields from the rest.
+# One package: $1 name, $2 staging root prepared by the caller, $3 the glibc it needs, $4 the description.
 build() {
-  local name="$1" root="$2" desc="$3"
+  local name="$1" root="$2" glibc="$3" desc="$4"
   local size
   size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
   cat > "$root/DEBIAN/control" <<CTL
@@ -41,7 +41,7 @@ Version: $version
 Architecture: $arch
 Maintainer: Flotilla developers <flotilla@example.invalid>
 Installed-Size: $size
-Depends: libc6 (>= 2.34), passwd
+Depends: libc6 (>= $glibc), passwd
 Section: admin
 Priority: optional
 Homepage: https://example.invalid/flotilla
@@ -69,7 +69,9 @@ for s in postinst prerm postrm; do
     -e "s|@CONF@|/etc/flotilla|g" -e "s/@PURGE_STATE@/yes/g" "$here/debian/$s" > "$a/DEBIAN/$s"
   chmod 0755 "$a/DEBIAN/$s"
 done
-build flotilla-agent "$a" "Flotilla edge agent (offline-first WASM and container workloads)
+# amd64 needs 2.36: the agent is linked with packed relative relocations there (DT_RELR, edge-agent/build.rs).
+agent_glibc=2.34; [ "$arch" = amd64 ] && agent_glibc=2.36
+build flotilla-agent "$a" "$agent_glibc" "Flotilla edge agent (offline-first WASM and container workloads)
  Runs signed WASM and container workloads pushed by a Flotilla hub over MQTT, keeps its desired state in
  SQLite and reconciles it across reboots without the hub. Configure /etc/flotilla/agent.toml, then
  systemctl start flotilla-agent."
@@ -86,7 +88,7 @@ if [ -n "$hub" ]; then
       -e "s|@CONF@||g" -e "s/@PURGE_STATE@/no/g" "$here/debian/$s" > "$h/DEBIAN/$s"
     chmod 0755 "$h/DEBIAN/$s"
   done
-  build flotilla "$h" "Flotilla hub and operator CLI
+  build flotilla "$h" 2.34 "Flotilla hub and operator CLI
  The hub places signed workloads on edge agents by region, rolls them out in health-gated waves and serves
  the REST API, the console and the MQTT telemetry feeds. Run flotilla init --data-dir /var/lib/flotilla-hub
  as the flotilla-hub user, then systemctl start flotilla."
