@@ -5,9 +5,12 @@
 # and then starts a precompiled WASM workload. That code then shares a few hundred pages at the start of .text
 # instead of touching nearly every 64 KiB of it (the kernel maps 64 KiB around each page fault), which is most of
 # an idle agent's RSS. The traces run under valgrind's lackey, which sees every block of code the agent runs.
+# Then, as root, a native run refines each file (see "native pass" below): code that valgrind's CPU does not reach
+# (the SHA-NI, VAES and AVX2 paths chosen at run time) and the named read-only data the agent reads.
 #
 # Run it after a dependency or toolchain change (scripts/test-targets.sh reports how much of the file still
-# applies). Needs valgrind (Debian `valgrind`); builds the release agents and the debug hub.
+# applies). Needs valgrind (Debian `valgrind`) and, for the native pass, root; builds the release agents (three
+# links each) and the debug hub.
 #   scripts/gen-agent-link-order.sh [IDLE_SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +20,8 @@ command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgri
 T=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$T"' EXIT
 
+# As under systemd: with RUST_BACKTRACE set, every error would capture a backtrace and trace the unwinder.
+unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 cargo build -q -p flotilla-hub --bin flotilla
 HUB=target/debug/flotilla
 for variant in precompiled full; do
@@ -40,20 +45,29 @@ wait_for() { # pattern file: the agent's log line that ends a phase
   for _ in $(seq 1200); do grep -q "$1" "$2" && return 0; sleep 0.1; done
   echo "timed out waiting for '$1' in $2" >&2; tail -5 "$2" >&2; exit 1
 }
-for variant in precompiled full; do
-  id="order-$variant"
-  mkdir -p "$T/$id"
-  cat > "$T/$id/agent.toml" <<CFG
+config() { # id variant: a fresh device (state dir, enrollment token) for one agent
+  mkdir -p "$T/$1"
+  cat > "$T/$1/agent.toml" <<CFG
 version = 1
-device_id = "$id"
-data_dir = "$T/$id/state"
+device_id = "$1"
+data_dir = "$T/$1/state"
 broker = "$MQTT"
-enroll_token = "$("$HUB" enroll-token create --region eu-west --label "order=$variant")"
+enroll_token = "$("$HUB" enroll-token create --region eu-west --label "order=$2")"
 region = "eu-west"
 [position]
 lat = 52.5
 lon = 13.4
+# Short intervals, so that the idle window sees the periodic work too (reports, pings, metrics).
+[limits]
+keepalive_secs = 5
+report_interval_secs = 3
+[telemetry]
+metrics_interval_secs = 3
 CFG
+}
+for variant in precompiled full; do
+  id="order-$variant"
+  config "$id" "$variant"
   for round in 1 2; do
     # lackey prints "SB <address>" for every superblock the program runs; only the first sighting of each is kept.
     valgrind --tool=lackey --trace-superblocks=yes --log-fd=9 "$T/$variant" --config "$T/$id/agent.toml" \
@@ -112,4 +126,86 @@ for variant, suffix in (("precompiled", ".precompiled-only"), ("full", "")):
         f.write("\n".join(order) + "\n")
     print(f"{out}{suffix}.txt: {len(order)} symbols")
 PY
+
+# Native pass. With read-ahead off on the disk under $T and the binary evicted from the page cache, a page fault
+# reads and maps exactly the page it needs (the kernel's fault-around maps only pages already cached), so
+# /proc/PID/pagemap then lists exactly the pages of the executable the agent touched. The symbols on those pages
+# that the order lacks are appended: code first, then named read-only data (anonymous constants and strings have
+# no symbol to order by). Page-sized, so it also appends some neighbours of what ran; they cost little.
+src=$(findmnt -no SOURCE --target "$T" || true)
+disk=$(lsblk -no PKNAME "$src" 2>/dev/null || true); disk=${disk:-$(basename "$src")}
+ra=/sys/block/$disk/queue/read_ahead_kb
+if [ "$(id -u)" != 0 ] || [ ! -w "$ra" ]; then
+  echo "native pass skipped: needs root and a writable $ra"
+  echo "rebuild the release agents to link with the new order"
+  exit 0
+fi
+saved_ra=$(cat "$ra")
+trap 'echo "$saved_ra" > "$ra"; kill $(jobs -p) 2>/dev/null || true; rm -rf "$T"' EXIT
+for variant in precompiled full; do
+  features=(); suffix=""; [ "$variant" = precompiled ] && features=(--no-default-features) && suffix=.precompiled-only
+  FLOTILLA_LINK_MAP="$T/$variant.native.map" cargo build -q --release -p flotilla-agent --bin flotilla-agent "${features[@]}"
+  cp target/release/flotilla-agent "$T/$variant.native"
+  for round in 1 2; do
+    [ "$round" = 1 ] && config "native-$variant" "$variant"
+    echo 0 > "$ra"
+    python3 -c 'import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' \
+      "$T/$variant.native"
+    "$T/$variant.native" --config "$T/native-$variant/agent.toml" 2>"$T/native-$variant.log$round" &
+    pid=$!
+    wait_for '"connected"' "$T/native-$variant.log$round"
+    sleep "$IDLE"
+    python3 - "$pid" "$T/$variant.native" "$T/$variant.native.map" "$OUT$suffix.txt" <<'PY'
+"""Append the symbols on the executable's touched pages that the order file lacks."""
+import bisect, re, struct, subprocess, sys
+pid, binary, link_map, order_file = sys.argv[1:5]
+sections = []  # [start, end, first symbol or None, executable?]
+for line in open(link_map):
+    m = re.match(r"\s*([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)\s+\d+\s+(.*)$", line)
+    if not m:
+        continue
+    vma, size, rest = int(m.group(1), 16), int(m.group(2), 16), m.group(3).strip()
+    if ":(" in rest:
+        sections.append([vma, vma + size, None, rest.split(":(", 1)[1].startswith(".text")])
+    elif sections and sections[-1][2] is None and not rest.startswith("."):
+        sections[-1][2] = rest
+sections.sort()
+starts = [s[0] for s in sections]
+# File offset -> virtual address, per PT_LOAD segment.
+loads = []
+for line in subprocess.run(["readelf", "-lW", binary], capture_output=True, text=True, check=True).stdout.splitlines():
+    f = line.split()
+    if f and f[0] == "LOAD":
+        loads.append((int(f[1], 16), int(f[2], 16), int(f[4], 16)))
+order = [l.strip() for l in open(order_file) if l.strip()]
+have = set(order)
+code, data = [], []
+pagemap = open(f"/proc/{pid}/pagemap", "rb")
+for line in open(f"/proc/{pid}/maps"):
+    f = line.split()
+    if len(f) < 6 or f[5] != binary:
+        continue
+    start, end = (int(x, 16) for x in f[0].split("-"))
+    offset = int(f[2], 16)
+    delta = next((va - fo for fo, va, size in loads if fo // 4096 * 4096 <= offset < fo + size), 0)
+    pagemap.seek(start // 4096 * 8)
+    entries = pagemap.read((end - start) // 4096 * 8)
+    for i in range((end - start) // 4096):
+        if not struct.unpack_from("<Q", entries, i * 8)[0] >> 63:
+            continue
+        page = offset + i * 4096 + delta
+        j = max(bisect.bisect_right(starts, page) - 1, 0)
+        while j < len(sections) and sections[j][0] < page + 4096:
+            lo, hi, name, is_code = sections[j]
+            if hi > page and name and name not in have:
+                have.add(name)
+                (code if is_code else data).append(name)
+            j += 1
+with open(order_file, "w") as out:
+    out.write("\n".join(order + code + data) + "\n")
+print(f"{order_file}: {len(code)} functions and {len(data)} data symbols added from the native run")
+PY
+    kill -TERM "$pid"; wait "$pid" || true
+  done
+done
 echo "rebuild the release agents to link with the new order"
