@@ -1,4 +1,4 @@
-//! Link settings that shrink the agent's resident memory on gateways (BENCHMARKS.md, "where the idle memory goes").
+//! Link settings that shrink the agent's resident memory on gateways (ARCHITECTURE.md, "Agent binary layout").
 //!
 //! An idle agent's RSS is mostly its own executable, mapped from the page cache: the kernel maps the 64 KiB around
 //! every page it touches, and in a link where the code run at start and in the idle loop lies scattered among code
@@ -8,8 +8,9 @@
 //!   of ~330 KiB of `R_*_RELATIVE` entries at every start;
 //! - a symbol ordering file (`link-order/<target>[.precompiled-only].txt`, written by
 //!   `scripts/gen-agent-link-order.sh` from what the agent runs while it starts, enrolls, idles and runs a
-//!   workload), so that code is laid out together at the start of `.text`. Only LLD reads it (rustc's default linker on x86_64 Linux); names that no longer exist (a
-//!   dependency or the toolchain changed) are skipped and cost only memory, which `scripts/test-targets.sh` checks.
+//!   workload), so that code is laid out together at the start of `.text`. Only LLD reads it (rustc's default
+//!   linker on x86_64 Linux); names that no longer exist (a dependency or the toolchain changed) are skipped and
+//!   cost only memory, which `scripts/test-targets.sh` checks.
 use std::env;
 use std::path::PathBuf;
 

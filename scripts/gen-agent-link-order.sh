@@ -9,7 +9,7 @@
 # (the SHA-NI, VAES and AVX2 paths chosen at run time) and the named read-only data the agent reads.
 #
 # Run it after a dependency or toolchain change (scripts/test-targets.sh reports how much of the file still
-# applies). Needs valgrind (Debian `valgrind`) and, for the native pass, root; builds the release agents (three
+# applies). Needs valgrind (Debian `valgrind`) and, for the native pass, root; builds the release agents (two
 # links each) and the debug hub.
 #   scripts/gen-agent-link-order.sh [IDLE_SECONDS]
 set -euo pipefail
