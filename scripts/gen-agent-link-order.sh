@@ -4,9 +4,12 @@
 # it, while it starts for the first time and enrolls, connects, reports and idles; starts again from its database;
 # and then starts a precompiled WASM workload. That code then shares a few hundred pages at the start of .text
 # instead of touching nearly every 64 KiB of it (the kernel maps 64 KiB around each page fault), which is most of
-# an idle agent's RSS. The traces run under valgrind's lackey, which sees every block of code the agent runs.
-# Then, as root, a native run refines each file (see "native pass" below): code that valgrind's CPU does not reach
-# (the SHA-NI, VAES and AVX2 paths chosen at run time) and the named read-only data the agent reads.
+# an idle agent's RSS. Each idle window (IDLE_SECONDS, default 65) outlasts the agent's longest timer of its own
+# (image garbage collection and the database checkpoint, once a minute; reports, pings and metrics run on short
+# intervals here), so that an agent idling for hours runs no code the order lacks. The traces run under valgrind's
+# lackey, which sees every block of code the agent runs. Then, as root, a native run refines each file (see
+# "native pass" below): code that valgrind's CPU does not reach (the SHA-NI, VAES and AVX2 paths chosen at run
+# time) and the named read-only data the agent reads.
 #
 # Run it after a dependency or toolchain change (scripts/test-targets.sh reports how much of the file still
 # applies). Needs valgrind (Debian `valgrind`) and, for the native pass, root; builds the release agents (two
@@ -14,7 +17,7 @@
 #   scripts/gen-agent-link-order.sh [IDLE_SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-IDLE="${1:-10}"
+IDLE="${1:-65}"
 OUT=edge-agent/link-order/x86_64-unknown-linux-gnu
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 T=$(mktemp -d)

@@ -56,6 +56,16 @@ if [ "$full" -gt "$BUDGET_FULL" ] || [ "$pre" -gt "$BUDGET_PRECOMPILED" ]; then
   echo "the stripped release agent exceeds its size budget" >&2
   exit 1
 fi
+# Neither agent loads glibc's libm (edge-agent/src/libm_shim.rs): loading it costs about 330 KiB of idle RSS.
+for v in precompiled-only full; do
+  if readelf -d "target/release/flotilla-agent-$v" | grep -q 'NEEDED.*\[libm\.so'; then
+    nm -D --undefined-only "target/release/flotilla-agent-$v" | awk '{print $2}' | cut -d@ -f1 | sort > target/imports.txt
+    nm -D --defined-only "$(gcc -print-file-name=libm.so.6)" | awk '{print $3}' | cut -d@ -f1 | sort -u \
+      | comm -12 target/imports.txt - | tr '\n' ' ' > target/libm-imports.txt
+    echo "the $v agent loads libm again, for: $(cat target/libm-imports.txt)(use the libm crate instead)" >&2
+    exit 1
+  fi
+done
 
 step "aarch64: agent-core, shared, engine and agent unit tests under qemu, and the agent for the fleet test"
 cross/build.sh aarch64 test

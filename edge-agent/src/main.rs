@@ -4,6 +4,8 @@
 // scripts/test-targets.sh counts.
 #![warn(linker_messages)]
 
+mod libm_shim;
+
 use clap::Parser;
 use flotilla_agent::agent::{self, Agent, EnrollError};
 use flotilla_agent::config::{Config, Overrides};

@@ -4,13 +4,15 @@ use crate::wire::{Geofence, LatLon};
 
 const EARTH_RADIUS_M: f64 = 6_371_008.8;
 
-/// Great-circle distance in metres (haversine).
+/// Great-circle distance in metres (haversine). The trigonometry is the `libm` crate's (see Cargo.toml), so hub
+/// and agent compute the same bits on every platform.
 pub fn distance_m(a: LatLon, b: LatLon) -> f64 {
     let (p1, p2) = (a.lat.to_radians(), b.lat.to_radians());
     let dp = p2 - p1;
     let dl = (b.lon - a.lon).to_radians();
-    let h = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
-    2.0 * EARTH_RADIUS_M * h.sqrt().min(1.0).asin()
+    let h =
+        libm::sin(dp / 2.0).powi(2) + libm::cos(p1) * libm::cos(p2) * libm::sin(dl / 2.0).powi(2);
+    2.0 * EARTH_RADIUS_M * libm::asin(h.sqrt().min(1.0))
 }
 
 /// Ray casting on lat/lon treated as planar; fine for fences far smaller than a hemisphere and not crossing the
