@@ -14,12 +14,22 @@
 # Run it after a dependency or toolchain change (scripts/test-targets.sh reports how much of the file still
 # applies). Needs valgrind (Debian `valgrind`) and, for the native pass, root; builds the release agents (two
 # links each) and the debug hub.
-#   scripts/gen-agent-link-order.sh [IDLE_SECONDS]
+#   scripts/gen-agent-link-order.sh [--native-only] [--variant precompiled|full] [IDLE_SECONDS]
+# --native-only skips the traces and refines the files as they are (run it again after a first full run: each
+# native pass sees the layout the previous one made); --variant does one agent only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-IDLE="${1:-65}"
+IDLE=65 NATIVE_ONLY=0 VARIANTS="precompiled full"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --native-only) NATIVE_ONLY=1 ;;
+    --variant) VARIANTS="$2"; shift ;;
+    *) IDLE="$1" ;;
+  esac
+  shift
+done
 OUT=edge-agent/link-order/x86_64-unknown-linux-gnu
-command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+[ "$NATIVE_ONLY" = 1 ] || command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 T=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$T"' EXIT
 
@@ -27,19 +37,13 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$T"' EXIT
 unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 cargo build -q -p flotilla-hub --bin flotilla
 HUB=target/debug/flotilla
-for variant in precompiled full; do
-  features=(); [ "$variant" = precompiled ] && features=(--no-default-features)
-  # The same build as the one that ships (the order file in place, so only the link changes), plus a link map.
-  FLOTILLA_LINK_MAP="$T/$variant.map" cargo build -q --release -p flotilla-agent --bin flotilla-agent "${features[@]}"
-  cp target/release/flotilla-agent "$T/$variant"
-done
 "$HUB" init --data-dir "$T/hub" >/dev/null
 "$HUB" serve --data-dir "$T/hub" --http 127.0.0.1:0 --mqtt 127.0.0.1:0 --mqtt-tls 127.0.0.1:0 >/dev/null 2>"$T/hub.log" &
 for _ in $(seq 100); do [ -f "$T/hub/endpoints.txt" ] && break; sleep 0.1; done
 API=$(sed -n 's/^http=//p' "$T/hub/endpoints.txt"); MQTT=$(sed -n 's/^mqtt=//p' "$T/hub/endpoints.txt")
 export FLOTILLA_SERVER="$API" FLOTILLA_TOKEN_FILE="$T/hub/admin.token"
 for _ in $(seq 100); do "$HUB" device ls >/dev/null 2>&1 && break; sleep 0.1; done
-for variant in precompiled full; do
+for variant in $VARIANTS; do
   "$HUB" release push firmware-images/wasm/sensor.wasm --name "sensor-$variant" --version 1.0.0 \
     --key "$T/hub/keys/release.key" --precompile x86_64 >/dev/null
 done
@@ -68,7 +72,13 @@ report_interval_secs = 3
 metrics_interval_secs = 3
 CFG
 }
-for variant in precompiled full; do
+# The traces (skipped with --native-only).
+for variant in $VARIANTS; do
+  [ "$NATIVE_ONLY" = 1 ] && break
+  features=(); [ "$variant" = precompiled ] && features=(--no-default-features)
+  # The same build as the one that ships (the order file in place, so only the link changes), plus a link map.
+  FLOTILLA_LINK_MAP="$T/$variant.map" cargo build -q --release -p flotilla-agent --bin flotilla-agent "${features[@]}"
+  cp target/release/flotilla-agent "$T/$variant"
   id="order-$variant"
   config "$id" "$variant"
   for round in 1 2; do
@@ -92,11 +102,13 @@ for variant in precompiled full; do
   done
 done
 
-python3 - "$T" "$OUT" <<'PY'
+[ "$NATIVE_ONLY" = 1 ] || python3 - "$T" "$OUT" $VARIANTS <<'PY'
 """Map the traced addresses to the link map's input sections and write the first symbol of each, in order."""
 import bisect, re, sys
-tmp, out = sys.argv[1], sys.argv[2]
+tmp, out, variants = sys.argv[1], sys.argv[2], sys.argv[3:]
 for variant, suffix in (("precompiled", ".precompiled-only"), ("full", "")):
+    if variant not in variants:
+        continue
     order, seen = [], set()
     # LLD map lines: VMA LMA Size Align, then an output section, an input section "file:(.text.name)", or a symbol.
     sections = []  # [start, end, first symbol]
@@ -132,9 +144,13 @@ PY
 
 # Native pass. With read-ahead off on the disk under $T and the binary evicted from the page cache, a page fault
 # reads and maps exactly the page it needs (the kernel's fault-around maps only pages already cached), so
-# /proc/PID/pagemap then lists exactly the pages of the executable the agent touched. The symbols on those pages
-# that the order lacks are appended: code first, then named read-only data (anonymous constants and strings have
-# no symbol to order by). Page-sized, so it also appends some neighbours of what ran; they cost little.
+# /proc/PID/pagemap then lists exactly the pages of the executable the agent touched while it started (fresh and
+# again from its database) and idled. The order is then sorted by that: first what it has on touched pages (in its
+# order), then the symbols on touched pages that it lacks (code valgrind's CPU does not reach, such as the SHA-NI,
+# VAES and AVX2 paths chosen at run time; then named read-only data: anonymous constants and strings have no
+# symbol to order by), and last what is on untouched pages (code only a workload runs, or that ran only under
+# valgrind). Page-sized, so each pass keeps some neighbours of what ran; the next pass, on the layout this one
+# made, drops those on pages that are no longer touched.
 src=$(findmnt -no SOURCE --target "$T" || true)
 disk=$(lsblk -no PKNAME "$src" 2>/dev/null || true); disk=${disk:-$(basename "$src")}
 ra=/sys/block/$disk/queue/read_ahead_kb
@@ -145,23 +161,43 @@ if [ "$(id -u)" != 0 ] || [ ! -w "$ra" ]; then
 fi
 saved_ra=$(cat "$ra")
 trap 'echo "$saved_ra" > "$ra"; kill $(jobs -p) 2>/dev/null || true; rm -rf "$T"' EXIT
-for variant in precompiled full; do
+for variant in $VARIANTS; do
   features=(); suffix=""; [ "$variant" = precompiled ] && features=(--no-default-features) && suffix=.precompiled-only
   FLOTILLA_LINK_MAP="$T/$variant.native.map" cargo build -q --release -p flotilla-agent --bin flotilla-agent "${features[@]}"
   cp target/release/flotilla-agent "$T/$variant.native"
   for round in 1 2; do
     [ "$round" = 1 ] && config "native-$variant" "$variant"
     echo 0 > "$ra"
-    python3 -c 'import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' \
+    # Written back first: the kernel cannot drop the dirty pages of a file just copied, and their neighbours would
+    # then be mapped around every fault.
+    python3 -c 'import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' \
       "$T/$variant.native"
     "$T/$variant.native" --config "$T/native-$variant/agent.toml" 2>"$T/native-$variant.log$round" &
     pid=$!
     wait_for '"connected"' "$T/native-$variant.log$round"
     sleep "$IDLE"
-    python3 - "$pid" "$T/$variant.native" "$T/$variant.native.map" "$OUT$suffix.txt" <<'PY'
-"""Append the symbols on the executable's touched pages that the order file lacks."""
-import bisect, re, struct, subprocess, sys
-pid, binary, link_map, order_file = sys.argv[1:5]
+    python3 - "$pid" "$T/$variant.native" > "$T/native-$variant.pages$round" <<'PY'
+"""Print the file offset of each page of the executable that the process has mapped."""
+import struct, sys
+pid, binary = sys.argv[1:3]
+pagemap = open(f"/proc/{pid}/pagemap", "rb")
+for line in open(f"/proc/{pid}/maps"):
+    f = line.split()
+    if len(f) < 6 or f[5] != binary:
+        continue
+    start, end = (int(x, 16) for x in f[0].split("-"))
+    pagemap.seek(start // 4096 * 8)
+    entries = pagemap.read((end - start) // 4096 * 8)
+    for i in range((end - start) // 4096):
+        if struct.unpack_from("<Q", entries, i * 8)[0] >> 63:
+            print(int(f[2], 16) + i * 4096)
+PY
+    kill -TERM "$pid"; wait "$pid" || true
+  done
+  python3 - "$T/$variant.native" "$T/$variant.native.map" "$OUT$suffix.txt" "$T"/native-"$variant".pages* <<'PY'
+"""Sort the order file by the pages the native runs touched (see "Native pass" above)."""
+import bisect, re, subprocess, sys
+binary, link_map, order_file, page_files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 sections = []  # [start, end, first symbol or None, executable?]
 for line in open(link_map):
     m = re.match(r"\s*([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)\s+\d+\s+(.*)$", line)
@@ -173,42 +209,37 @@ for line in open(link_map):
     elif sections and sections[-1][2] is None and not rest.startswith("."):
         sections[-1][2] = rest
 sections.sort()
-starts = [s[0] for s in sections]
 # File offset -> virtual address, per PT_LOAD segment.
 loads = []
 for line in subprocess.run(["readelf", "-lW", binary], capture_output=True, text=True, check=True).stdout.splitlines():
     f = line.split()
     if f and f[0] == "LOAD":
         loads.append((int(f[1], 16), int(f[2], 16), int(f[4], 16)))
+touched = set()
+for name in page_files:
+    for line in open(name):
+        off = int(line)
+        for fo, va, size in loads:
+            if fo // 4096 * 4096 <= off < fo + size:
+                touched.add((off + va - fo) // 4096)
+hot = set()
+for lo, hi, name, _ in sections:
+    if name and hi > lo and any(p in touched for p in range(lo // 4096, (hi - 1) // 4096 + 1)):
+        hot.add(name)
 order = [l.strip() for l in open(order_file) if l.strip()]
 have = set(order)
+known = {name for _, _, name, _ in sections if name}
+kept = [n for n in order if n in hot]
+cold = [n for n in order if n not in hot and n in known]
 code, data = [], []
-pagemap = open(f"/proc/{pid}/pagemap", "rb")
-for line in open(f"/proc/{pid}/maps"):
-    f = line.split()
-    if len(f) < 6 or f[5] != binary:
-        continue
-    start, end = (int(x, 16) for x in f[0].split("-"))
-    offset = int(f[2], 16)
-    delta = next((va - fo for fo, va, size in loads if fo // 4096 * 4096 <= offset < fo + size), 0)
-    pagemap.seek(start // 4096 * 8)
-    entries = pagemap.read((end - start) // 4096 * 8)
-    for i in range((end - start) // 4096):
-        if not struct.unpack_from("<Q", entries, i * 8)[0] >> 63:
-            continue
-        page = offset + i * 4096 + delta
-        j = max(bisect.bisect_right(starts, page) - 1, 0)
-        while j < len(sections) and sections[j][0] < page + 4096:
-            lo, hi, name, is_code = sections[j]
-            if hi > page and name and name not in have:
-                have.add(name)
-                (code if is_code else data).append(name)
-            j += 1
+for lo, hi, name, is_code in sections:
+    if name in hot and name not in have:
+        have.add(name)
+        (code if is_code else data).append(name)
 with open(order_file, "w") as out:
-    out.write("\n".join(order + code + data) + "\n")
-print(f"{order_file}: {len(code)} functions and {len(data)} data symbols added from the native run")
+    out.write("\n".join(kept + code + data + cold) + "\n")
+print(f"{order_file}: {len(kept)} on touched pages, {len(code)} functions and {len(data)} data symbols added, "
+      f"{len(cold)} moved behind them, {len(order) - len(kept) - len(cold)} no longer in the binary dropped")
 PY
-    kill -TERM "$pid"; wait "$pid" || true
-  done
 done
 echo "rebuild the release agents to link with the new order"
