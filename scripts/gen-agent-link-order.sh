@@ -102,45 +102,13 @@ for variant in $VARIANTS; do
   done
 done
 
-[ "$NATIVE_ONLY" = 1 ] || python3 - "$T" "$OUT" $VARIANTS <<'PY'
-"""Map the traced addresses to the link map's input sections and write the first symbol of each, in order."""
-import bisect, re, sys
-tmp, out, variants = sys.argv[1], sys.argv[2], sys.argv[3:]
-for variant, suffix in (("precompiled", ".precompiled-only"), ("full", "")):
-    if variant not in variants:
-        continue
-    order, seen = [], set()
-    # LLD map lines: VMA LMA Size Align, then an output section, an input section "file:(.text.name)", or a symbol.
-    sections = []  # [start, end, first symbol]
-    current = None
-    for line in open(f"{tmp}/{variant}.map"):
-        m = re.match(r"\s*([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)\s+\d+\s+(.*)$", line)
-        if not m:
-            continue
-        vma, size, rest = int(m.group(1), 16), int(m.group(2), 16), m.group(3).strip()
-        if ":(" in rest:
-            current = [vma, vma + size, None] if rest.split(":(", 1)[1].startswith(".text") else None
-            if current:
-                sections.append(current)
-        elif current is not None and current[2] is None and not rest.startswith("."):
-            current[2] = rest
-    sections = [s for s in sections if s[2]]
-    sections.sort()
-    starts = [s[0] for s in sections]
-    for round_ in (1, 2):
-        base = int(open(f"{tmp}/order-{variant}.base{round_}").read().strip(), 16)
-        for line in open(f"{tmp}/order-{variant}.sb{round_}"):
-            addr = int(line, 16) - base
-            i = bisect.bisect_right(starts, addr) - 1
-            if i >= 0 and addr < sections[i][1]:
-                name = sections[i][2]
-                if name not in seen:
-                    seen.add(name)
-                    order.append(name)
-    with open(f"{out}{suffix}.txt", "w") as f:
-        f.write("\n".join(order) + "\n")
-    print(f"{out}{suffix}.txt: {len(order)} symbols")
-PY
+if [ "$NATIVE_ONLY" = 0 ]; then
+  for variant in $VARIANTS; do
+    suffix=""; [ "$variant" = precompiled ] && suffix=.precompiled-only
+    python3 scripts/link_order.py trace "$T/$variant.map" "$OUT$suffix.txt" \
+      "$T/order-$variant.base1" "$T/order-$variant.sb1" "$T/order-$variant.base2" "$T/order-$variant.sb2"
+  done
+fi
 
 # Native pass. With read-ahead off on the disk under $T and the binary evicted from the page cache, a page fault
 # reads and maps exactly the page it needs (the kernel's fault-around maps only pages already cached), so
@@ -176,70 +144,10 @@ for variant in $VARIANTS; do
     pid=$!
     wait_for '"connected"' "$T/native-$variant.log$round"
     sleep "$IDLE"
-    python3 - "$pid" "$T/$variant.native" > "$T/native-$variant.pages$round" <<'PY'
-"""Print the file offset of each page of the executable that the process has mapped."""
-import struct, sys
-pid, binary = sys.argv[1:3]
-pagemap = open(f"/proc/{pid}/pagemap", "rb")
-for line in open(f"/proc/{pid}/maps"):
-    f = line.split()
-    if len(f) < 6 or f[5] != binary:
-        continue
-    start, end = (int(x, 16) for x in f[0].split("-"))
-    pagemap.seek(start // 4096 * 8)
-    entries = pagemap.read((end - start) // 4096 * 8)
-    for i in range((end - start) // 4096):
-        if struct.unpack_from("<Q", entries, i * 8)[0] >> 63:
-            print(int(f[2], 16) + i * 4096)
-PY
+    python3 scripts/link_order.py pages "$pid" "$T/$variant.native" > "$T/native-$variant.pages$round"
     kill -TERM "$pid"; wait "$pid" || true
   done
-  python3 - "$T/$variant.native" "$T/$variant.native.map" "$OUT$suffix.txt" "$T"/native-"$variant".pages* <<'PY'
-"""Sort the order file by the pages the native runs touched (see "Native pass" above)."""
-import bisect, re, subprocess, sys
-binary, link_map, order_file, page_files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-sections = []  # [start, end, first symbol or None, executable?]
-for line in open(link_map):
-    m = re.match(r"\s*([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)\s+\d+\s+(.*)$", line)
-    if not m:
-        continue
-    vma, size, rest = int(m.group(1), 16), int(m.group(2), 16), m.group(3).strip()
-    if ":(" in rest:
-        sections.append([vma, vma + size, None, rest.split(":(", 1)[1].startswith(".text")])
-    elif sections and sections[-1][2] is None and not rest.startswith("."):
-        sections[-1][2] = rest
-sections.sort()
-# File offset -> virtual address, per PT_LOAD segment.
-loads = []
-for line in subprocess.run(["readelf", "-lW", binary], capture_output=True, text=True, check=True).stdout.splitlines():
-    f = line.split()
-    if f and f[0] == "LOAD":
-        loads.append((int(f[1], 16), int(f[2], 16), int(f[4], 16)))
-touched = set()
-for name in page_files:
-    for line in open(name):
-        off = int(line)
-        for fo, va, size in loads:
-            if fo // 4096 * 4096 <= off < fo + size:
-                touched.add((off + va - fo) // 4096)
-hot = set()
-for lo, hi, name, _ in sections:
-    if name and hi > lo and any(p in touched for p in range(lo // 4096, (hi - 1) // 4096 + 1)):
-        hot.add(name)
-order = [l.strip() for l in open(order_file) if l.strip()]
-have = set(order)
-known = {name for _, _, name, _ in sections if name}
-kept = [n for n in order if n in hot]
-cold = [n for n in order if n not in hot and n in known]
-code, data = [], []
-for lo, hi, name, is_code in sections:
-    if name in hot and name not in have:
-        have.add(name)
-        (code if is_code else data).append(name)
-with open(order_file, "w") as out:
-    out.write("\n".join(kept + code + data + cold) + "\n")
-print(f"{order_file}: {len(kept)} on touched pages, {len(code)} functions and {len(data)} data symbols added, "
-      f"{len(cold)} moved behind them, {len(order) - len(kept) - len(cold)} no longer in the binary dropped")
-PY
+  python3 scripts/link_order.py native "$T/$variant.native" "$T/$variant.native.map" "$OUT$suffix.txt" \
+    "$T"/native-"$variant".pages*
 done
 echo "rebuild the release agents to link with the new order"
